@@ -1,0 +1,37 @@
+"""d2f: pretrained diffusion models as flow-matching models (Diff2Flow, Schusterbauer et al., CVPR 2025).
+
+Conventions (``docs/conventions.md``): FM time ``t = 0`` is noise and ``t = 1`` is data; integer
+timestep ``k`` means ``alphas_cumprod[k]``.
+"""
+
+from .grids import ddim_grid, shift_grid, uniform_grid
+from .guidance import guidance
+from .loss import fm_loss
+from .parametrization import PREDICTION_TYPES, diffusion_to_velocity, velocity_coefficients, velocity_to_diffusion
+from .path import align, alpha_sigma, interpolate, scale, target_velocity
+from .schedule import Schedule
+from .solvers import SOLVERS, sample
+from .velocity import D2FVelocity
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PREDICTION_TYPES",
+    "SOLVERS",
+    "D2FVelocity",
+    "Schedule",
+    "align",
+    "alpha_sigma",
+    "ddim_grid",
+    "diffusion_to_velocity",
+    "fm_loss",
+    "guidance",
+    "interpolate",
+    "sample",
+    "scale",
+    "shift_grid",
+    "target_velocity",
+    "uniform_grid",
+    "velocity_coefficients",
+    "velocity_to_diffusion",
+]

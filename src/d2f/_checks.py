@@ -1,0 +1,104 @@
+"""Argument checks and the shared handling of FM time ``t``.
+
+Every public function funnels its ``t`` through :func:`as_time`, so the rules stated in
+``docs/conventions.md`` (a float, a 0-d tensor or a ``(B,)`` tensor, inside [0, 1]) are enforced in
+one place with one wording of the error.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+TimeLike = float | Tensor
+
+
+def describe(value: object) -> str:
+    """A short, readable rendering of ``value`` for error messages."""
+    if isinstance(value, Tensor):
+        if value.numel() <= 8:
+            return f"tensor({value.detach().cpu().tolist()}, dtype={value.dtype})"
+        return f"tensor(shape={tuple(value.shape)}, dtype={value.dtype})"
+    return repr(value)
+
+
+def check_choice(name: str, value: object, allowed: Iterable[str]) -> str:
+    allowed = tuple(allowed)
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not supported; allowed: {', '.join(map(repr, allowed))}")
+    return value  # type: ignore[return-value]
+
+
+def check_positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name}={value!r} must be a positive integer")
+    return int(value)
+
+
+def compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """float64 if any input is float64, else float32: half inputs are computed in float32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def check_same_shape(**tensors: Tensor) -> None:
+    items = list(tensors.items())
+    for name, value in items:
+        if not isinstance(value, Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    first_name, first = items[0]
+    if first.ndim < 1:
+        raise ValueError(f"{first_name} must have a batch dimension, got shape {tuple(first.shape)}")
+    for name, value in items[1:]:
+        if value.shape != first.shape:
+            raise ValueError(
+                f"{name} has shape {tuple(value.shape)} but {first_name} has shape {tuple(first.shape)}; "
+                "they must be equal"
+            )
+
+
+def as_time(t: TimeLike, *, like: Tensor | None = None, name: str = "t", check_range: bool = True) -> Tensor:
+    """``t`` as a float64 tensor of shape ``()`` or ``(B,)``, on ``like``'s device.
+
+    Per-sample coefficients are computed from this float64 copy (B numbers, so the cost is nil) and
+    only then cast to the elementwise compute dtype; that keeps the time map exact in float32 work.
+    """
+    device = like.device if like is not None else None
+    if isinstance(t, Tensor):
+        if t.is_complex():
+            raise ValueError(f"{name} must be real, got dtype {t.dtype}")
+        out = t.detach().to(device=device if device is not None else t.device, dtype=torch.float64)
+    elif isinstance(t, numbers.Real) and not isinstance(t, bool):
+        out = torch.tensor(float(t), dtype=torch.float64, device=device)
+    else:
+        raise ValueError(f"{name} must be a float or a tensor, got {type(t).__name__}")
+    if out.ndim > 1:
+        raise ValueError(f"{name} must be a scalar or a 1-D (B,) tensor, got shape {tuple(out.shape)}")
+    if like is not None and out.ndim == 1:
+        if like.ndim < 1 or out.shape[0] not in (1, like.shape[0]):
+            raise ValueError(
+                f"{name} has shape {tuple(out.shape)} but the batch has shape {tuple(like.shape)}; "
+                f"a 1-D {name} needs one entry per sample"
+            )
+    if check_range:
+        bad = ~((out >= 0) & (out <= 1))  # written this way so NaN counts as bad
+        if bool(bad.any()):
+            first = out.reshape(-1)[bad.reshape(-1)][0].item()
+            raise ValueError(f"{name} must lie in [0, 1]; got {first!r} (in {describe(t)})")
+    return out
+
+
+def time_dtype(t: TimeLike) -> torch.dtype:
+    """Result dtype for a function of ``t`` alone: Python numbers and float64 stay float64."""
+    if isinstance(t, Tensor) and t.dtype != torch.float64:
+        return torch.float32
+    return torch.float64
+
+
+def per_sample(coef: Tensor, x: Tensor) -> Tensor:
+    """Reshape a ``()`` or ``(B,)`` coefficient so it broadcasts over ``x`` of shape ``(B, ...)``."""
+    if coef.ndim == 0:
+        return coef
+    return coef.reshape(coef.shape[0], *([1] * (x.ndim - 1)))

@@ -1,0 +1,113 @@
+"""Sampling grids: FM times as float64 tensors, ``t = 0`` noise and ``t = 1`` data.
+
+A grid is a 1-D tensor of ``n + 1`` times (``n`` steps, each from ``ts[i]`` to ``ts[i+1]``), or, only
+where DDIM's own step rule demands it, an ``(n, 2)`` tensor of ``(start, end)`` per step (see
+:func:`ddim_grid`). Grids may run either way: increasing generates, decreasing inverts.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ._checks import as_time, check_choice, check_positive_int
+from .schedule import Schedule
+
+SPACINGS = ("leading", "trailing", "linspace")
+
+
+def _check_ends(t_start: float, t_end: float) -> tuple[float, float]:
+    a = float(as_time(t_start, name="t_start"))
+    b = float(as_time(t_end, name="t_end"))
+    if a == b:
+        raise ValueError(f"t_start and t_end must differ, both are {a}")
+    return a, b
+
+
+def uniform_grid(n: int, t_start: float = 0.0, t_end: float = 1.0) -> Tensor:
+    """``n`` equal steps in FM time from ``t_start`` to ``t_end``."""
+    n = check_positive_int("n", n)
+    a, b = _check_ends(t_start, t_end)
+    return torch.linspace(a, b, n + 1, dtype=torch.float64)
+
+
+def shift_grid(n: int, shift: float, t_start: float = 0.0, t_end: float = 1.0) -> Tensor:
+    """SD3's time shift on a uniform grid: the noise level ``1 - t`` becomes ``shift*s / (1 + (shift-1)*s)``.
+
+    ``shift > 1`` spends more steps at high noise; ``shift = 1`` is the uniform grid.
+    """
+    if not isinstance(shift, numbers.Real) or not np.isfinite(shift) or shift <= 0:
+        raise ValueError(f"shift={shift!r} must be a finite number > 0")
+    t = uniform_grid(n, t_start, t_end)
+    # Same map written as t / (1 + (shift-1)*(1-t)): it keeps t = 0 and t = 1 exact in floating point.
+    return t / (1 + (shift - 1) * (1 - t))
+
+
+def ddim_timesteps(num_train_timesteps: int, n: int, spacing: str = "leading", steps_offset: int = 0) -> np.ndarray:
+    """The integer timesteps diffusers' ``DDIMScheduler.set_timesteps(n)`` lists, in its order."""
+    T = num_train_timesteps
+    if spacing == "linspace":
+        return np.linspace(0, T - 1, n).round()[::-1].astype(np.int64)
+    if spacing == "leading":
+        return (np.arange(0, n) * (T // n)).round()[::-1].astype(np.int64) + steps_offset
+    return np.round(np.arange(T, 0, -T / n)).astype(np.int64) - 1
+
+
+def ddim_grid(
+    schedule: Schedule,
+    n: int,
+    spacing: str = "leading",
+    steps_offset: int = 0,
+    set_alpha_to_one: bool = True,
+) -> Tensor:
+    """The FM grid on which Euler with the converted velocity reproduces diffusers' DDIM (eta = 0).
+
+    DDIM steps from each listed timestep ``k`` to ``prev(k) = k - T // n``, and from there to alphabar = 1
+    (``set_alpha_to_one=True``, FM time 1) or to ``alphas_cumprod[0]`` (FM time ``tau_0``) once
+    ``prev(k) < 0``. Each step becomes the FM step ``tau(k) -> tau(prev(k))``.
+
+    Returns a 1-D tensor of ``n + 1`` times when every step starts where the previous one ended
+    (``leading`` spacing always; ``trailing`` when ``n`` divides ``T``). Otherwise DDIM lands at
+    ``prev(k)`` and then treats that latent as if it were at the next listed timestep; the grid is
+    then an ``(n, 2)`` tensor of ``(start, end)`` and :func:`d2f.sample` carries the state across each
+    gap by holding the network input ``scale(t) * x`` fixed, exactly as DDIM does.
+
+    A last step from timestep 0 to ``alphas_cumprod[0]`` (``set_alpha_to_one=False``) does not move, so it
+    is dropped: the grid then has ``n - 1`` steps and saves a network call.
+
+    The sampler returns the FM state ``x`` at the last time; DDIM's output latent is
+    ``scale(ts[-1]) * x`` (equal to ``x`` when ``set_alpha_to_one=True``, since ``scale(1) = 1``).
+    """
+    if not isinstance(schedule, Schedule):
+        raise ValueError(f"schedule must be a d2f.Schedule, got {type(schedule).__name__}")
+    T = schedule.num_train_timesteps
+    n = check_positive_int("n", n)
+    if n > T:
+        raise ValueError(f"n={n} cannot exceed the schedule's num_train_timesteps={T}")
+    check_choice("spacing", spacing, SPACINGS)
+    if isinstance(steps_offset, bool) or not isinstance(steps_offset, numbers.Integral) or steps_offset < 0:
+        raise ValueError(f"steps_offset={steps_offset!r} must be an integer >= 0")
+    ks = ddim_timesteps(T, n, spacing, int(steps_offset))
+    if ks.max() >= T or ks.min() < 0:
+        raise ValueError(
+            f"spacing={spacing!r} with steps_offset={steps_offset} lists timesteps {ks.tolist()} outside [0, {T - 1}]"
+        )
+    taus = schedule.taus
+    final = 1.0 if set_alpha_to_one else float(taus[0])
+    prev = ks - T // n
+    starts = taus[ks]
+    ends = np.where(prev >= 0, taus[np.clip(prev, 0, None)], final)
+    # DDIM's step from timestep 0 to alphabar_0 (set_alpha_to_one=False) is the identity: drop it.
+    moving = starts != ends
+    if not moving.any():
+        raise ValueError(
+            f"with n={n}, spacing={spacing!r}, steps_offset={steps_offset} and set_alpha_to_one=False DDIM "
+            "takes no step that moves; use more steps or set_alpha_to_one=True"
+        )
+    ks, prev, starts, ends = ks[moving], prev[moving], starts[moving], ends[moving]
+    if np.array_equal(prev[:-1], ks[1:]):
+        return torch.from_numpy(np.append(starts, ends[-1]))
+    return torch.from_numpy(np.stack([starts, ends], axis=1))

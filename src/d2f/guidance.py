@@ -1,0 +1,24 @@
+"""Classifier-free guidance."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._checks import TimeLike, as_time, check_same_shape, compute_dtype, per_sample
+
+
+def guidance(uncond: Tensor, cond: Tensor, scale: TimeLike) -> Tensor:
+    """``uncond + scale * (cond - uncond)``, on all channels; ``scale`` a float or a ``(B,)`` tensor.
+
+    Computed in at least float32.
+
+    Because the conversion to a velocity is affine in the output, guiding raw outputs and guiding
+    velocities give the same result (``docs/conventions.md`` §5).
+    """
+    check_same_shape(uncond=uncond, cond=cond)
+    g = as_time(scale, like=cond, name="scale", check_range=False)
+    if not bool(g.isfinite().all()):
+        raise ValueError(f"scale must be finite, got {scale!r}")
+    dtype = compute_dtype(uncond, cond)
+    return torch.lerp(uncond.to(dtype), cond.to(dtype), per_sample(g.to(dtype), cond))

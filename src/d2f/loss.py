@@ -1,0 +1,121 @@
+"""The flow-matching loss of a diffusion network's output (``docs/conventions.md`` §4).
+
+``L = reduce(w * (u_hat - (data - noise))^2)`` with ``u_hat = A*x + B*o`` and ``x = t*data + (1-t)*noise``.
+Substituting ``x`` gives the residual as one affine map of the three inputs,
+
+    ``r = B*o + (A*t - 1)*data + (A*(1-t) + 1)*noise``,
+
+so the torch path reads each input once and needs no ``x`` or ``u_hat`` buffer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._checks import TimeLike, as_time, check_choice, check_same_shape, compute_dtype, describe, per_sample
+from .parametrization import velocity_coefficients_of
+
+REDUCTIONS = ("mean", "sum", "none")
+BACKENDS = ("auto", "torch")
+
+
+class _FMLoss(torch.autograd.Function):
+    """Loss and ``dL/do`` in one forward sweep; backward only rescales the saved gradient.
+
+    With ``r`` the residual and ``c_b = w_b * B_b`` per sample, ``dL/do = 2 * c_b * r / N`` where ``N``
+    is the element count that ``reduction`` divides by (numel for mean, 1 for sum, per-sample numel
+    for none).
+    """
+
+    @staticmethod
+    def forward(ctx, o, data, noise, p, q, b, w, reduction):  # type: ignore[override]
+        dtype = compute_dtype(o, data, noise)
+        r = per_sample(b.to(dtype), o) * o
+        r.addcmul_(per_sample(p.to(dtype), o), data).addcmul_(per_sample(q.to(dtype), o), noise)
+        flat = r.reshape(r.shape[0], -1)
+        per_sample_sq = torch.linalg.vecdot(flat, flat)
+        if w is not None:
+            per_sample_sq = per_sample_sq * w.to(dtype)
+        n_per_sample = flat.shape[1]
+        if reduction == "mean":
+            loss, divisor = per_sample_sq.sum() / r.numel(), r.numel()
+        elif reduction == "sum":
+            loss, divisor = per_sample_sq.sum(), 1
+        else:
+            loss, divisor = per_sample_sq / n_per_sample, n_per_sample
+        coef = 2 * b / divisor if w is None else 2 * w * b / divisor
+        grad = r.mul_(per_sample(coef.to(dtype), r))  # r is a fresh buffer: reusing it is safe
+        ctx.save_for_backward(grad)
+        ctx.reduction, ctx.out_dtype = reduction, o.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):  # type: ignore[override]
+        (grad,) = ctx.saved_tensors
+        scale_ = per_sample(grad_loss, grad) if ctx.reduction == "none" else grad_loss
+        return (grad * scale_).to(ctx.out_dtype), None, None, None, None, None, None, None
+
+
+def _check_weight(weight: TimeLike | None, batch: int, like: Tensor) -> Tensor | None:
+    if weight is None:
+        return None
+    w = as_time(weight, like=like, name="weight", check_range=False)
+    if bool((~(torch.isfinite(w) & (w >= 0))).any()):
+        raise ValueError(f"weight must be finite and >= 0, got {describe(weight)}")
+    return w.expand(batch)
+
+
+def _raise_if_nonfinite(loss: Tensor, **inputs: Tensor) -> None:
+    """One check of the (small) loss; the inputs are scanned only once something is already wrong."""
+    if bool(torch.isfinite(loss).all()):
+        return
+    for name, value in inputs.items():
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"fm_loss: {name} contains NaN or inf")
+    raise ValueError(
+        "fm_loss: the loss overflowed (inputs are finite, but the squared residual is not representable); "
+        "check the magnitudes of model_output, data and noise and the loss weight"
+    )
+
+
+def fm_loss(
+    model_output: Tensor,
+    data: Tensor,
+    noise: Tensor,
+    t: TimeLike,
+    prediction_type: str,
+    weight: TimeLike | None = None,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> Tensor:
+    """Flow-matching loss of a diffusion network's output, with the gradient fused into the forward.
+
+    Args:
+        model_output: ``o``, the network's output for input ``align(x, t)`` at ``timestep(t)``; ``(B, ...)``.
+        data, noise: the pair that formed ``x = t*data + (1-t)*noise``; same shape as ``model_output``.
+        t: FM time, a float, 0-d or ``(B,)`` tensor in [0, 1] (epsilon needs t > 0, sample t < 1).
+        prediction_type: ``"epsilon"``, ``"v_prediction"``, ``"sample"`` or ``"velocity"``.
+        weight: optional per-sample weight ``w >= 0`` (float, 0-d or ``(B,)``); a weighted mean is
+            ``mean(w * r^2)``, not divided by ``sum(w)``.
+        reduction: ``"mean"`` (over all elements), ``"sum"``, or ``"none"`` (per-sample mean, shape ``(B,)``).
+        backend: ``"auto"`` or ``"torch"``.
+
+    Only ``model_output`` receives a gradient; ``data``, ``noise``, ``t`` and ``weight`` must not require
+    one. NaN or inf in any input raises a ``ValueError`` naming it. The loss is float32 (float64 if an
+    input is float64); the gradient has ``model_output``'s dtype.
+    """
+    check_same_shape(model_output=model_output, data=data, noise=noise)
+    check_choice("reduction", reduction, REDUCTIONS)
+    check_choice("backend", backend, BACKENDS)
+    for name, value in (("data", data), ("noise", noise), ("t", t), ("weight", weight)):
+        if isinstance(value, Tensor) and value.requires_grad:
+            raise ValueError(f"{name} requires grad, but fm_loss only differentiates model_output; detach it")
+    batch = data.shape[0]
+    tt = as_time(t, like=data).expand(batch)
+    a, b = velocity_coefficients_of(tt, prediction_type)
+    p, q = a * tt - 1, a * (1 - tt) + 1
+    w = _check_weight(weight, batch, data)
+    loss = _FMLoss.apply(model_output, data, noise, p, q, b, w, reduction)
+    _raise_if_nonfinite(loss, model_output=model_output, data=data, noise=noise)
+    return loss

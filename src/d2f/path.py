@@ -1,0 +1,59 @@
+"""The FM probability path and its alignment with the VP diffusion path (``docs/conventions.md`` §1, §3).
+
+FM: ``x_t = t*data + (1-t)*noise`` (t = 0 noise, t = 1 data). With ``n(t) = sqrt(t^2 + (1-t)^2)`` the VP
+coefficients of the same point are ``alpha = t/n`` and ``sigma = (1-t)/n``, so the network input for FM
+state ``x`` is ``z = scale(t) * x`` with ``scale = alpha + sigma = 1/n``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._checks import TimeLike, as_time, check_same_shape, compute_dtype, per_sample, time_dtype
+
+
+def norm(t: Tensor) -> Tensor:
+    """``n(t) = sqrt(t^2 + (1-t)^2)``, in [1/sqrt(2), 1]."""
+    return torch.sqrt(t * t + (1 - t) * (1 - t))
+
+
+def alpha_sigma(t: TimeLike) -> tuple[Tensor, Tensor]:
+    """VP coefficients of FM time ``t``: ``alpha = t/n``, ``sigma = (1-t)/n``; ``alpha^2 + sigma^2 = 1``."""
+    tt = as_time(t)
+    n = norm(tt)
+    dtype = time_dtype(t)
+    return (tt / n).to(dtype), ((1 - tt) / n).to(dtype)
+
+
+def scale(t: TimeLike) -> Tensor:
+    """``s(t) = alpha + sigma = 1/n(t)``, in [1, sqrt(2)]: the factor from FM state to network input."""
+    tt = as_time(t)
+    return (1 / norm(tt)).to(time_dtype(t))
+
+
+def align(x: Tensor, t: TimeLike) -> Tensor:
+    """Network input ``z = scale(t) * x`` for FM state ``x`` at time ``t`` (feed it at ``timestep(t)``)."""
+    check_same_shape(x=x)
+    return align_checked(x, as_time(t, like=x))
+
+
+def align_checked(x: Tensor, t: Tensor) -> Tensor:
+    """:func:`align` for a ``t`` already checked by ``as_time`` (float64)."""
+    dtype = compute_dtype(x)
+    return per_sample((1 / norm(t)).to(dtype), x) * x.to(dtype)
+
+
+def interpolate(data: Tensor, noise: Tensor, t: TimeLike) -> Tensor:
+    """``x_t = t*data + (1-t)*noise``."""
+    check_same_shape(data=data, noise=noise)
+    dtype = compute_dtype(data, noise)
+    tt = per_sample(as_time(t, like=data).to(dtype), data)
+    return torch.lerp(noise.to(dtype), data.to(dtype), tt)
+
+
+def target_velocity(data: Tensor, noise: Tensor) -> Tensor:
+    """The conditional FM velocity ``u = data - noise`` (constant along the straight path)."""
+    check_same_shape(data=data, noise=noise)
+    dtype = compute_dtype(data, noise)
+    return data.to(dtype) - noise.to(dtype)

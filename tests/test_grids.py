@@ -1,0 +1,84 @@
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from d2f import Schedule, ddim_grid, shift_grid, uniform_grid
+from strategies import NAMED_SCHEDULES
+
+
+def test_uniform_grid():
+    ts = uniform_grid(4)
+    assert ts.dtype == torch.float64
+    assert ts.tolist() == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert uniform_grid(2, 1.0, 0.5).tolist() == [1.0, 0.75, 0.5]
+
+
+@given(st.integers(1, 50), st.floats(0.1, 10.0))
+def test_shift_grid_is_sd3_shift_of_the_noise_level(n, shift):
+    ts = shift_grid(n, shift)
+    s = 1 - uniform_grid(n)
+    torch.testing.assert_close(ts, 1 - shift * s / (1 + (shift - 1) * s))
+    assert ts[0] == 0 and ts[-1] == 1 and bool((ts.diff() > 0).all())
+
+
+def test_shift_one_is_uniform_and_large_shift_spends_steps_at_high_noise():
+    torch.testing.assert_close(shift_grid(10, 1.0), uniform_grid(10))
+    assert float(shift_grid(10, 3.0)[5]) < 0.5
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize("n", [1, 3, 7, 10, 50])
+@pytest.mark.parametrize("steps_offset", [0, 1])
+@pytest.mark.parametrize("set_alpha_to_one", [True, False])
+def test_ddim_grid_follows_diffusers_timesteps(spacing, n, steps_offset, set_alpha_to_one):
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler(
+        beta_schedule="scaled_linear", timestep_spacing=spacing, steps_offset=steps_offset, set_alpha_to_one=False
+    )
+    sched.set_timesteps(n)
+    s = Schedule.from_diffusers(sched)
+    ks = sched.timesteps.numpy()
+    if ks.tolist() == [0] and not set_alpha_to_one:
+        pytest.skip("a single identity step; its refusal is tested in test_ddim_grid_errors")
+    ts = ddim_grid(s, n, spacing, steps_offset, set_alpha_to_one)
+    if not set_alpha_to_one and ks[-1] == 0:
+        ks = ks[:-1]  # DDIM's identity step from timestep 0 to alphabar_0 is dropped
+    starts = ts[:-1] if ts.ndim == 1 else ts[:, 0]
+    np.testing.assert_allclose(s.timestep(starts).numpy(), ks, atol=1e-9)
+    ends = ts[1:] if ts.ndim == 1 else ts[:, 1]
+    prev = ks - 1000 // n
+    final = 1.0 if set_alpha_to_one else s.taus[0]
+    np.testing.assert_allclose(ends.numpy(), np.where(prev >= 0, s.taus[np.clip(prev, 0, None)], final), atol=0)
+
+
+def test_ddim_grid_shape_says_whether_steps_chain():
+    s = NAMED_SCHEDULES["sd"]
+    assert ddim_grid(s, 50, "leading", 1).shape == (51,)
+    assert ddim_grid(s, 10, "trailing").shape == (11,)
+    assert ddim_grid(s, 3, "trailing").shape == (3, 2)  # 1000/3 is no integer: prev(k) skips the listed k
+    assert ddim_grid(s, 10, "linspace").shape == (10, 2)
+
+
+def test_ddim_grid_errors():
+    s = NAMED_SCHEDULES["sd"]
+    with pytest.raises(ValueError, match="n=1001 cannot exceed"):
+        ddim_grid(s, 1001)
+    with pytest.raises(ValueError, match="spacing='middle' is not supported"):
+        ddim_grid(s, 10, "middle")
+    with pytest.raises(ValueError, match="steps_offset=-1"):
+        ddim_grid(s, 10, steps_offset=-1)
+    with pytest.raises(ValueError, match="takes no step that moves"):
+        ddim_grid(s, 1, set_alpha_to_one=False)
+    with pytest.raises(ValueError, match="outside \\[0, 999\\]"):
+        ddim_grid(s, 1, steps_offset=1000)
+    with pytest.raises(ValueError, match="n=0 must be a positive integer"):
+        uniform_grid(0)
+    with pytest.raises(ValueError, match="t_start and t_end must differ"):
+        uniform_grid(3, 0.5, 0.5)
+    with pytest.raises(ValueError, match="t_end must lie in \\[0, 1\\]"):
+        uniform_grid(3, 0.0, 2.0)
+    with pytest.raises(ValueError, match="shift=0 must be a finite number > 0"):
+        shift_grid(3, 0)

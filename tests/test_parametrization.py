@@ -1,0 +1,134 @@
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from d2f import (
+    PREDICTION_TYPES,
+    align,
+    alpha_sigma,
+    diffusion_to_velocity,
+    guidance,
+    interpolate,
+    velocity_coefficients,
+    velocity_to_diffusion,
+)
+from strategies import float_dtypes, inner_times, shapes, tensor
+
+prediction_types = st.sampled_from(PREDICTION_TYPES)
+
+
+def true_output(prediction_type, data, noise, t):
+    """What a perfect network of each type outputs for the pair (data, noise) at FM time t."""
+    a, s = alpha_sigma(t)
+    return {
+        "epsilon": noise,
+        "sample": data,
+        "v_prediction": a * noise - s * data,  # diffusers' v = alpha*noise - sigma*data
+        "velocity": data - noise,
+    }[prediction_type]
+
+
+@given(prediction_types, shapes, inner_times)
+def test_every_prediction_type_recovers_the_target_velocity(prediction_type, shape, t):
+    data, noise = tensor(shape, seed=1), tensor(shape, seed=2)
+    x = interpolate(data, noise, t)
+    u = diffusion_to_velocity(true_output(prediction_type, data, noise, t), x, t, prediction_type)
+    torch.testing.assert_close(u, data - noise, rtol=1e-9, atol=1e-9)
+
+
+@given(prediction_types, shapes, inner_times, float_dtypes)
+def test_velocity_to_diffusion_inverts_diffusion_to_velocity(prediction_type, shape, t, dtype):
+    x, o = tensor(shape, dtype, 1), tensor(shape, dtype, 2)
+    u = diffusion_to_velocity(o, x, t, prediction_type)
+    back = velocity_to_diffusion(u, x, t, prediction_type)
+    # The round trip divides by B(t) (at most 1/t or 1/(1-t) = 1e3 here), so float32 loses ~3 digits.
+    tol = 1e-9 if dtype == torch.float64 else 5e-3
+    torch.testing.assert_close(back, o.to(back.dtype), rtol=tol, atol=tol)
+    torch.testing.assert_close(diffusion_to_velocity(back, x, t, prediction_type), u, rtol=tol, atol=tol)
+
+
+@given(inner_times)
+def test_coefficient_table(t):
+    n = math.sqrt(t * t + (1 - t) ** 2)
+    expected = {
+        "epsilon": (1 / t, -1 / t),
+        "sample": (-1 / (1 - t), 1 / (1 - t)),
+        "v_prediction": ((2 * t - 1) / n**2, -1 / n),
+        "velocity": (0.0, 1.0),
+    }
+    for prediction_type, (a, b) in expected.items():
+        got = velocity_coefficients(t, prediction_type)
+        assert float(got[0]) == pytest.approx(a, rel=1e-12, abs=1e-15)
+        assert float(got[1]) == pytest.approx(b, rel=1e-12)
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+@pytest.mark.parametrize("t", [0.0, 1.0])
+def test_inverse_is_finite_at_both_ends(prediction_type, t):
+    x, u = tensor((2, 3), seed=1), tensor((2, 3), seed=2)
+    assert bool(velocity_to_diffusion(u, x, t, prediction_type).isfinite().all())
+
+
+@pytest.mark.parametrize("prediction_type, t", [("epsilon", 0.0), ("sample", 1.0)])
+def test_singular_ends_raise_instead_of_returning_inf(prediction_type, t):
+    x = tensor((2, 3))
+    with pytest.raises(ValueError, match=f"prediction_type='{prediction_type}' gives no velocity at t={t}"):
+        diffusion_to_velocity(x, x, t, prediction_type)
+    with pytest.raises(ValueError, match="gives no velocity"):
+        diffusion_to_velocity(x, x, torch.tensor([0.5, t]), prediction_type)
+
+
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "velocity"])
+def test_v_and_velocity_are_finite_everywhere(prediction_type):
+    x, o = tensor((2, 3), seed=1), tensor((2, 3), seed=2)
+    for t in (0.0, 1.0):
+        assert bool(diffusion_to_velocity(o, x, t, prediction_type).isfinite().all())
+
+
+def gaussian_oracle(prediction_type, x, t, mu, S):
+    """Optimal network output for data ~ N(mu, S^2 I) at FM state x, time t (math notes §5)."""
+    a, s = alpha_sigma(t)
+    z = align(x, t)
+    D = a**2 * S**2 + s**2
+    eps = s * (z - a * mu) / D
+    x1 = mu + a * S**2 * (z - a * mu) / D
+    return {"epsilon": eps, "sample": x1, "v_prediction": a * eps - s * x1}[prediction_type]
+
+
+@given(st.sampled_from(["epsilon", "sample", "v_prediction"]), inner_times, st.floats(0.2, 3.0), st.floats(-2, 2))
+def test_gaussian_oracle_converts_to_the_optimal_velocity(prediction_type, t, S, mu):
+    x = tensor((4, 3), seed=3)
+    u = diffusion_to_velocity(gaussian_oracle(prediction_type, x, t, mu, S), x, t, prediction_type)
+    # u*(x, t) = mu + (t S^2 - (1-t)) / (t^2 S^2 + (1-t)^2) * (x - t mu)
+    expected = mu + (t * S**2 - (1 - t)) / (t**2 * S**2 + (1 - t) ** 2) * (x - t * mu)
+    torch.testing.assert_close(u, expected, rtol=1e-9, atol=1e-9)
+
+
+@given(prediction_types, inner_times, st.floats(-3, 8))
+def test_guidance_commutes_with_the_conversion(prediction_type, t, g):
+    x, o_u, o_c = tensor((3, 2, 4), seed=1), tensor((3, 2, 4), seed=2), tensor((3, 2, 4), seed=3)
+    guided_outputs = diffusion_to_velocity(guidance(o_u, o_c, g), x, t, prediction_type)
+    u_u = diffusion_to_velocity(o_u, x, t, prediction_type)
+    u_c = diffusion_to_velocity(o_c, x, t, prediction_type)
+    torch.testing.assert_close(guided_outputs, guidance(u_u, u_c, g), rtol=1e-9, atol=1e-9)
+
+
+def test_guidance_per_sample_scale_and_dtype():
+    u, c = tensor((2, 3), torch.float16, 1), tensor((2, 3), torch.float16, 2)
+    g = torch.tensor([1.0, 3.0])
+    out = guidance(u, c, g)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out[1], u[1].float() + 3 * (c[1].float() - u[1].float()))
+    with pytest.raises(ValueError, match="scale must be finite"):
+        guidance(u, c, math.inf)
+
+
+def test_unknown_prediction_type_lists_the_allowed_ones():
+    x = tensor((2, 3))
+    with pytest.raises(ValueError, match="prediction_type='eps' is not supported; allowed: 'epsilon', 'v_prediction'"):
+        diffusion_to_velocity(x, x, 0.5, "eps")
+    with pytest.raises(ValueError, match="x has shape \\(2, 3\\) but velocity has shape \\(2, 4\\)"):
+        velocity_to_diffusion(tensor((2, 4)), x, 0.5, "epsilon")

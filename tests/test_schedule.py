@@ -1,0 +1,186 @@
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from d2f import Schedule, alpha_sigma
+from strategies import NAMED_SCHEDULES, schedules, unit_times
+
+
+def test_sd_reference_values():
+    """Math notes §2: SD's scaled_linear gives tau_0 = 0.97165946 and tau_999 = 0.06404246."""
+    s = Schedule.scaled_linear()
+    assert s.taus[0] == pytest.approx(0.97165946, abs=5e-9)
+    assert s.taus[-1] == pytest.approx(0.06404246, abs=5e-9)
+    assert s.t_min == s.taus[-1]
+
+
+@given(schedules)
+def test_tau_is_sigmoid_of_half_logsnr_and_strictly_decreasing(s):
+    ac = s.alphas_cumprod
+    positive = ac > 0
+    logsnr = np.log(ac[positive] / (1 - ac[positive]))
+    np.testing.assert_allclose(s.taus[positive], 1 / (1 + np.exp(-logsnr / 2)), rtol=1e-12, atol=1e-15)
+    assert np.all(np.diff(s.taus) < 0)
+
+
+@given(schedules)
+def test_timestep_is_exact_on_the_extended_grid(s):
+    T = s.num_train_timesteps
+    k = s.timestep(torch.from_numpy(s.taus.copy()))
+    np.testing.assert_allclose(k.numpy(), np.arange(T), atol=1e-9 * T)
+    assert float(s.timestep(1.0)) == -1.0
+    assert float(s.timestep(0.0)) == (T - 1 if s.zero_terminal_snr else T)
+    assert s.zero_terminal_snr == (s.t_min == 0.0)
+
+
+@given(schedules, st.lists(unit_times, min_size=1, max_size=16))
+def test_fm_time_inverts_timestep(s, ts):
+    t = torch.tensor(ts, dtype=torch.float64)
+    np.testing.assert_allclose(s.fm_time(s.timestep(t)).numpy(), ts, atol=1e-12)
+
+
+@given(schedules, st.floats(0.0, 1.0))
+def test_timestep_inverts_fm_time(s, frac):
+    k_max = s.num_train_timesteps - (1 if s.zero_terminal_snr else 0)
+    k = -1 + frac * (k_max + 1)
+    assert float(s.timestep(s.fm_time(k))) == pytest.approx(k, abs=1e-8 * (k_max + 2))
+
+
+@given(schedules)
+def test_timestep_is_continuous_and_strictly_monotone(s):
+    t = torch.linspace(0, 1, 4001, dtype=torch.float64)
+    k = s.timestep(t)
+    assert bool((k.diff() < 0).all())
+    # Continuity: no jump larger than the steepest segment's slope allows.
+    tau_ext = np.concatenate([[1.0], s.taus, [0.0] if s.t_min > 0 else []])
+    max_slope = float(np.max(1 / -np.diff(tau_ext)))
+    assert float(k.diff().abs().max()) <= max_slope * float(t[1] - t[0]) * (1 + 1e-9)
+
+
+def test_extrapolated_ends_map_outside_the_trained_range():
+    """t below t_min maps to k in (T-1, T]; t above tau_0 maps to k in [-1, 0): not clamped."""
+    s = Schedule.scaled_linear()
+    assert 999 < float(s.timestep(s.t_min / 2)) < 1000
+    assert -1 < float(s.timestep((1 + s.taus[0]) / 2)) < 0
+
+
+@given(schedules)
+def test_alpha_sigma_equal_the_table_at_grid_points(s):
+    a, sg = alpha_sigma(torch.from_numpy(s.taus.copy()))
+    np.testing.assert_allclose(a.numpy(), np.sqrt(s.alphas_cumprod), atol=1e-12)
+    np.testing.assert_allclose(sg.numpy(), np.sqrt(1 - s.alphas_cumprod), atol=1e-12)
+
+
+@pytest.mark.parametrize("beta_schedule", ["linear", "scaled_linear", "squaredcos_cap_v2"])
+@pytest.mark.parametrize("zero_snr", [False, True])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_from_diffusers_matches_diffusers_table(beta_schedule, zero_snr, prediction_type):
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler(beta_schedule=beta_schedule, rescale_betas_zero_snr=zero_snr, prediction_type=prediction_type)
+    for source in (sched, sched.config, dict(sched.config)):
+        s = Schedule.from_diffusers(source)
+        # diffusers builds its table in float32; d2f rebuilds it in float64.
+        np.testing.assert_allclose(s.alphas_cumprod, sched.alphas_cumprod.numpy(), atol=2e-6)
+        assert s.prediction_type == prediction_type
+        assert s.zero_terminal_snr == zero_snr
+
+
+def test_from_diffusers_trained_betas_and_constructors_agree():
+    betas = np.linspace(1e-4, 0.02, 1000)
+    assert Schedule.from_diffusers({"trained_betas": betas.tolist()}) == Schedule.linear()
+    assert Schedule.from_betas(betas) == Schedule.linear()
+    sd = Schedule.from_diffusers({"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012})
+    assert sd == Schedule.scaled_linear()
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ({"_class_name": "KarrasVeScheduler", "sigma_min": 0.02, "sigma_max": 100}, "KarrasVeScheduler"),
+        ({"_class_name": "ScoreSdeVeScheduler", "sigma_max": 1348.0}, "ScoreSdeVeScheduler"),
+        ({"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0}, "already flow matching"),
+        ({"beta_schedule": "scaled_linear", "use_karras_sigmas": True}, "use_karras_sigmas"),
+        ({"beta_schedule": "sigmoid"}, "beta_schedule='sigmoid'"),
+        ({"beta_schedule": "linear", "prediction_type": "flow"}, "prediction_type='flow'"),
+    ],
+)
+def test_from_diffusers_refuses_unsupported(config, message):
+    with pytest.raises(ValueError, match=message):
+        Schedule.from_diffusers(config)
+
+
+@given(schedules)
+def test_dict_round_trip_through_json_is_exact(s):
+    again = Schedule.from_dict(json.loads(json.dumps(s.to_dict())))
+    assert again == s and hash(again) == hash(s)
+    assert np.array_equal(again.alphas_cumprod, s.alphas_cumprod)
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda d: d.update(extra=1), "unknown keys \\['extra'\\]"),
+        (lambda d: d.pop("alphas_cumprod"), "missing keys \\['alphas_cumprod'\\]"),
+        (lambda d: d.update(version=99), "version 99"),
+        (lambda d: d.update(format="other"), "'other'"),
+    ],
+)
+def test_from_dict_refuses_foreign_dicts(mutate, message):
+    d = Schedule.scaled_linear().to_dict()
+    mutate(d)
+    with pytest.raises(ValueError, match=message):
+        Schedule.from_dict(d)
+
+
+@pytest.mark.parametrize(
+    "table, message",
+    [
+        ([0.9, 0.95, 0.5], "strictly decreasing; alphas_cumprod\\[0\\]"),
+        ([1.0, 0.5], "lie in \\[0, 1\\)"),
+        ([0.9, -0.1], "lie in \\[0, 1\\)"),
+        ([0.9, math.nan], "finite; entry 1"),
+        ([[0.9, 0.5]], "1-D"),
+        ([], "non-empty"),
+    ],
+)
+def test_bad_tables_are_refused(table, message):
+    with pytest.raises(ValueError, match=message):
+        Schedule.from_alphas_cumprod(table)
+
+
+def test_bad_betas_and_times_are_refused():
+    with pytest.raises(ValueError, match="betas must be"):
+        Schedule.from_betas([0.1, 0.0])
+    s = Schedule.scaled_linear()
+    with pytest.raises(ValueError, match="t must lie in \\[0, 1\\]; got 1.5"):
+        s.timestep(1.5)
+    with pytest.raises(ValueError, match="t must lie in \\[0, 1\\]; got nan"):
+        s.timestep(torch.tensor([0.5, math.nan]))
+    with pytest.raises(ValueError, match="k must lie in \\[-1, 1000\\]"):
+        s.fm_time(1000.5)
+    with pytest.raises(ValueError, match="num_train_timesteps=0"):
+        Schedule.linear(0)
+
+
+def test_schedule_is_immutable():
+    s = NAMED_SCHEDULES["sd"]
+    with pytest.raises(AttributeError):
+        s.foo = 1
+    with pytest.raises(ValueError):
+        s.alphas_cumprod[0] = 0.5
+    assert "t_min=0.0640425" in repr(s)
+
+
+def test_dtypes_of_the_time_map():
+    s = NAMED_SCHEDULES["sd"]
+    assert s.timestep(0.5).dtype == torch.float64
+    assert s.timestep(torch.tensor([0.5], dtype=torch.float32)).dtype == torch.float32
+    assert s.timestep(torch.tensor([0.5], dtype=torch.float16)).dtype == torch.float32
+    assert s.fm_time(torch.tensor([3])).dtype == torch.float32
+    assert s.fm_time(3).dtype == torch.float64

@@ -1,0 +1,141 @@
+import math
+
+import pytest
+import torch
+
+from d2f import diffusion_to_velocity, sample, uniform_grid
+from d2f.parametrization import SINGULAR_TIMES
+from strategies import tensor
+from test_parametrization import gaussian_oracle
+
+MU, S = 0.5, 2.0
+
+
+def oracle_field(prediction_type):
+    """The exact FM velocity of N(MU, S^2) data, obtained through a diffusion oracle of each type."""
+
+    def field(x, t):
+        return diffusion_to_velocity(gaussian_oracle(prediction_type, x, t, MU, S), x, t, prediction_type)
+
+    field.singular_times = SINGULAR_TIMES[prediction_type]
+    return field
+
+
+def exact_flow(x0, t):
+    """The Gaussian flow: x_t = sqrt(t^2 S^2 + (1-t)^2) * x0 + t * MU; at t = 1 it is S*x0 + MU."""
+    return math.sqrt(t * t * S * S + (1 - t) ** 2) * x0 + t * MU
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+@pytest.mark.parametrize("solver, order", [("euler", 1), ("heun", 2), ("midpoint", 2)])
+def test_gaussian_endpoint_converges_at_the_solver_order(prediction_type, solver, order):
+    x0 = tensor((64,), seed=1)
+    t0 = 0.05  # epsilon cannot start at t = 0
+    errors = []
+    for n in (8, 16, 32, 64):
+        x = sample(oracle_field(prediction_type), exact_flow(x0, t0), uniform_grid(n, t0, 1.0), solver=solver)
+        errors.append(float((x - exact_flow(x0, 1.0)).abs().max()))
+    rates = [math.log2(a / b) for a, b in zip(errors, errors[1:])]
+    # Midpoint is superconvergent (order 3) at this endpoint for Gaussian data; "at least" is the claim.
+    assert all(r > order - 0.25 for r in rates[1:]), (errors, rates)
+    assert errors[-1] < (0.2 if order == 1 else 2e-3), errors
+
+
+@pytest.mark.parametrize("solver, order", [("euler", 1), ("heun", 2), ("midpoint", 2)])
+def test_orders_are_exact_on_a_generic_linear_ode(solver, order):
+    """dx/dt = t*x from x(0) = 1: x(1) = exp(1/2); no cancellation of the leading error term here."""
+
+    def field(x, t):
+        return t * x
+
+    field.singular_times = ()
+    errors = [
+        abs(float(sample(field, torch.ones(1, dtype=torch.float64), uniform_grid(n), solver=solver)) - math.exp(0.5))
+        for n in (16, 32, 64)
+    ]
+    rates = [math.log2(a / b) for a, b in zip(errors, errors[1:])]
+    assert all(abs(r - order) < 0.1 for r in rates), (errors, rates)
+
+
+@pytest.mark.parametrize("solver", ["heun", "midpoint"])
+def test_inversion_then_generation_returns_to_the_start(solver):
+    field = oracle_field("v_prediction")
+    data = exact_flow(tensor((32,), seed=2), 1.0)
+    ts = uniform_grid(200, 1.0, 0.0)
+    noise = sample(field, data, ts, solver=solver)
+    back = sample(field, noise, ts.flip(0), solver=solver)
+    assert float((back - data).abs().max()) < 1e-4
+
+
+class CountingField:
+    def __init__(self, singular_times):
+        self.singular_times = singular_times
+        self.times = []
+
+    def __call__(self, x, t):
+        self.times.append(t)
+        return torch.ones_like(x)
+
+
+def test_heun_skips_its_corrector_on_a_step_ending_at_a_singular_time():
+    field = CountingField(singular_times=(1.0,))
+    x = sample(field, torch.zeros(2), [0.5, 0.75, 1.0], solver="heun")
+    assert field.times == [0.5, 0.75, 0.75]  # the step ending at t = 1 has no corrector
+    torch.testing.assert_close(x, torch.full((2,), 0.5))
+
+
+def test_a_field_without_singular_times_is_not_evaluated_at_either_end():
+    field = CountingField(singular_times=())
+    del field.singular_times
+    with pytest.raises(ValueError, match="step 0 starts at t=0.0, where velocity_fn is singular"):
+        sample(field, torch.zeros(2), uniform_grid(4))
+    sample(field, torch.zeros(2), uniform_grid(4, 0.1, 1.0), solver="heun")
+    assert 1.0 not in field.times and 0.0 not in field.times
+
+
+def test_callback_sees_every_step_and_the_state_is_float32():
+    seen = []
+    x = tensor((3,), torch.float16)
+    out = sample(lambda s, t: -s, x, uniform_grid(4, 0.2, 0.9), callback=lambda *a: seen.append(a), progress=True)
+    assert [i for i, *_ in seen] == [0, 1, 2, 3]
+    assert seen[0][1] == pytest.approx(0.2)
+    assert out.dtype == torch.float32 and x.dtype == torch.float16
+    assert all(state.dtype == torch.float32 for _, _, state, _ in seen)
+
+
+def test_the_callers_state_is_not_modified():
+    x = tensor((5,))
+    before = x.clone()
+    for solver in ("euler", "heun", "midpoint"):
+        sample(lambda s, t: torch.ones_like(s), x, uniform_grid(3, 0.1, 0.9), solver=solver)
+    assert torch.equal(x, before)
+
+
+def test_step_table_carries_the_network_input_across_gaps():
+    """With an (n, 2) table the state is rescaled so that z = scale(t) * x stays fixed across a gap."""
+    from d2f import scale
+
+    ts = torch.tensor([[0.2, 0.4], [0.5, 0.7]], dtype=torch.float64)
+    x = sample(lambda s, t: torch.zeros_like(s), torch.ones(1, dtype=torch.float64), ts)
+    assert float(x) == pytest.approx(float(scale(0.4) / scale(0.5)), rel=1e-14)
+
+
+@pytest.mark.parametrize(
+    "ts, message",
+    [
+        ([0.1, 0.3, 0.2], "strictly monotone"),
+        ([0.1, 0.1], "strictly monotone"),
+        ([0.5], "1-D grid of >= 2 times"),
+        ([0.1, 1.5], "must lie in \\[0, 1\\]"),
+    ],
+)
+def test_bad_grids_are_refused(ts, message):
+    with pytest.raises(ValueError, match=message):
+        sample(lambda s, t: s, torch.zeros(2), ts)
+
+
+def test_bad_solver_and_field_output_are_refused():
+    with pytest.raises(ValueError, match="solver='rk4' is not supported"):
+        sample(lambda s, t: s, torch.zeros(2), [0.2, 0.5], solver="rk4")
+    with pytest.raises(ValueError, match="velocity_fn returned tensor\\(\\[0.0\\]"):
+        sample(lambda s, t: torch.zeros(1), torch.zeros(2), [0.2, 0.5])
