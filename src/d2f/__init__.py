@@ -8,7 +8,7 @@ from .grids import ddim_grid, shift_grid, uniform_grid
 from .guidance import guidance
 from .loss import fm_loss
 from .parametrization import PREDICTION_TYPES, diffusion_to_velocity, velocity_coefficients, velocity_to_diffusion
-from .path import align, alpha_sigma, interpolate, scale, target_velocity
+from .path import align, alpha_sigma, interpolate, network_input, scale, target_velocity
 from .schedule import Schedule
 from .solvers import SOLVERS, sample
 from .velocity import D2FVelocity
@@ -27,6 +27,7 @@ __all__ = [
     "fm_loss",
     "guidance",
     "interpolate",
+    "network_input",
     "sample",
     "scale",
     "shift_grid",

@@ -2,22 +2,22 @@
 
 ``L = reduce(w * (u_hat - (data - noise))^2)`` with ``u_hat = A*x + B*o`` and ``x = t*data + (1-t)*noise``.
 Substituting ``x`` gives the residual as one affine map of the three inputs,
-
-    ``r = B*o + (A*t - 1)*data + (A*(1-t) + 1)*noise``,
-
-so the torch path reads each input once and needs no ``x`` or ``u_hat`` buffer.
+``r = B*o + P*data + Q*noise`` (:func:`d2f.parametrization.residual_coefficients_of`), so the torch
+path reads each input once and needs no ``x`` or ``u_hat`` buffer.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
+from ._backend import kernels, use_triton
 from ._checks import TimeLike, as_time, check_choice, check_same_shape, compute_dtype, describe, per_sample
-from .parametrization import velocity_coefficients_of
+from .parametrization import check_prediction_type, residual_coefficients_of
 
 REDUCTIONS = ("mean", "sum", "none")
-BACKENDS = ("auto", "torch")
 
 
 class _FMLoss(torch.autograd.Function):
@@ -66,17 +66,51 @@ def _check_weight(weight: TimeLike | None, batch: int, like: Tensor) -> Tensor |
     return w.expand(batch)
 
 
+def _nonfinite_input(name: str) -> ValueError:
+    return ValueError(f"fm_loss: {name} contains NaN or inf")
+
+
+def _overflow() -> ValueError:
+    return ValueError(
+        "fm_loss: the loss overflowed (inputs are finite, but the squared residual is not representable); "
+        "check the magnitudes of model_output, data and noise and the loss weight"
+    )
+
+
 def _raise_if_nonfinite(loss: Tensor, **inputs: Tensor) -> None:
     """One check of the (small) loss; the inputs are scanned only once something is already wrong."""
     if bool(torch.isfinite(loss).all()):
         return
     for name, value in inputs.items():
         if not bool(torch.isfinite(value).all()):
-            raise ValueError(f"fm_loss: {name} contains NaN or inf")
-    raise ValueError(
-        "fm_loss: the loss overflowed (inputs are finite, but the squared residual is not representable); "
-        "check the magnitudes of model_output, data and noise and the loss weight"
-    )
+            raise _nonfinite_input(name)
+    raise _overflow()
+
+
+def _fm_loss_triton(model_output, data, noise, t, prediction_type, weight, reduction) -> Tensor:
+    """The fused kernel; t and weight are range-checked inside it, read back with the loss in one transfer."""
+    batch = data.shape[0]
+
+    def per_sample_f32(value: TimeLike, name: str) -> Tensor:
+        return as_time(value, like=data, name=name, check_range=False).to(torch.float32).expand(batch).contiguous()
+
+    t32 = per_sample_f32(t, "t")
+    w32 = None if weight is None else per_sample_f32(weight, "weight")
+    k = kernels()
+    loss, status = k.FMLossTriton.apply(model_output, data, noise, t32, w32, prediction_type, reduction)
+    values = status.tolist()
+    n_loss = len(values) - len(k.FLAG_NAMES)
+    flags = dict(zip(k.FLAG_NAMES, values[n_loss:]))
+    if flags["t"]:
+        residual_coefficients_of(as_time(t, like=data), prediction_type)  # raises the precise error
+    if flags["weight"]:
+        _check_weight(weight, batch, data)
+    for name in ("model_output", "data", "noise"):
+        if flags[name]:
+            raise _nonfinite_input(name)
+    if not all(map(math.isfinite, values[:n_loss])):
+        raise _overflow()
+    return loss
 
 
 def fm_loss(
@@ -99,7 +133,8 @@ def fm_loss(
         weight: optional per-sample weight ``w >= 0`` (float, 0-d or ``(B,)``); a weighted mean is
             ``mean(w * r^2)``, not divided by ``sum(w)``.
         reduction: ``"mean"`` (over all elements), ``"sum"``, or ``"none"`` (per-sample mean, shape ``(B,)``).
-        backend: ``"auto"`` or ``"torch"``.
+        backend: ``"auto"`` (the fused Triton kernel for CUDA tensors when triton is installed, else
+            torch), ``"torch"`` or ``"triton"``. float64 always takes the torch path.
 
     Only ``model_output`` receives a gradient; ``data``, ``noise``, ``t`` and ``weight`` must not require
     one. NaN or inf in any input raises a ``ValueError`` naming it. The loss is float32 (float64 if an
@@ -107,14 +142,15 @@ def fm_loss(
     """
     check_same_shape(model_output=model_output, data=data, noise=noise)
     check_choice("reduction", reduction, REDUCTIONS)
-    check_choice("backend", backend, BACKENDS)
     for name, value in (("data", data), ("noise", noise), ("t", t), ("weight", weight)):
         if isinstance(value, Tensor) and value.requires_grad:
             raise ValueError(f"{name} requires grad, but fm_loss only differentiates model_output; detach it")
+    check_prediction_type(prediction_type)
+    if use_triton(backend, model_output, data, noise):
+        return _fm_loss_triton(model_output, data, noise, t, prediction_type, weight, reduction)
     batch = data.shape[0]
     tt = as_time(t, like=data).expand(batch)
-    a, b = velocity_coefficients_of(tt, prediction_type)
-    p, q = a * tt - 1, a * (1 - tt) + 1
+    p, q, b = residual_coefficients_of(tt, prediction_type)
     w = _check_weight(weight, batch, data)
     loss = _FMLoss.apply(model_output, data, noise, p, q, b, w, reduction)
     _raise_if_nonfinite(loss, model_output=model_output, data=data, noise=noise)

@@ -57,6 +57,24 @@ def velocity_coefficients_of(tt: Tensor, prediction_type: str) -> tuple[Tensor, 
     return tt * 0, tt * 0 + 1
 
 
+def residual_coefficients_of(tt: Tensor, prediction_type: str) -> tuple[Tensor, Tensor, Tensor]:
+    """``(P, Q, B)`` with ``u_hat - (data - noise) = B*o + P*data + Q*noise`` for ``x = t*data + (1-t)*noise``.
+
+    ``P = A*t - 1`` and ``Q = A*(1-t) + 1``, simplified per type so that no cancellation is left:
+    epsilon ``(0, 1/t, -1/t)``; sample ``(-1/(1-t), 0, 1/(1-t))``; v ``((t-1)/n^2, t/n^2, -1/n)``;
+    velocity ``(-1, 1, 1)``. ``tt`` must already be checked by ``as_time``; raises where singular.
+    """
+    _, b = velocity_coefficients_of(tt, prediction_type)
+    if prediction_type == "epsilon":
+        return tt * 0, 1 / tt, b
+    if prediction_type == "sample":
+        return -1 / (1 - tt), tt * 0, b
+    if prediction_type == "v_prediction":
+        n2 = tt * tt + (1 - tt) * (1 - tt)
+        return (tt - 1) / n2, tt / n2, b
+    return tt * 0 - 1, tt * 0 + 1, b
+
+
 def output_coefficients(t: TimeLike, prediction_type: str) -> tuple[Tensor, Tensor]:
     """``(C, D)`` with ``o = C*x + D*u``: the inverse map, finite for every t in [0, 1]."""
     return output_coefficients_of(as_time(t), prediction_type)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._backend import kernels, use_triton
 from ._checks import TimeLike, as_time, check_same_shape, compute_dtype, per_sample, time_dtype
 
 
@@ -57,3 +58,22 @@ def target_velocity(data: Tensor, noise: Tensor) -> Tensor:
     check_same_shape(data=data, noise=noise)
     dtype = compute_dtype(data, noise)
     return data.to(dtype) - noise.to(dtype)
+
+
+def network_input(
+    data: Tensor, noise: Tensor, t: TimeLike, dtype: torch.dtype | None = None, backend: str = "auto"
+) -> Tensor:
+    """The training-time network input ``align(interpolate(data, noise, t), t)`` in one pass.
+
+    It equals ``alpha(t)*data + sigma(t)*noise``; feed it at ``schedule.timestep(t)``. ``dtype`` is the
+    network's (default: float32, or float64 for float64 inputs). ``backend`` as in :func:`d2f.fm_loss`.
+    """
+    check_same_shape(data=data, noise=noise)
+    tt = as_time(t, like=data).expand(data.shape[0])
+    dtype = dtype or compute_dtype(data, noise)
+    if use_triton(backend, data, noise):
+        return kernels().network_input(data, noise, tt.to(torch.float32).contiguous(), dtype)
+    work = compute_dtype(data, noise)
+    n = norm(tt)
+    z = per_sample((tt / n).to(work), data) * data
+    return z.addcmul_(per_sample(((1 - tt) / n).to(work), data), noise).to(dtype)

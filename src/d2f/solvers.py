@@ -8,6 +8,7 @@ evaluated); fields that declare nothing are treated as singular at both ends, 0 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -19,6 +20,7 @@ from .path import scale
 SOLVERS = ("euler", "heun", "midpoint")
 VelocityFn = Callable[[Tensor, float], Tensor]
 Callback = Callable[[int, float, Tensor, Tensor], None]
+State = TypeVar("State")
 
 
 def grid_steps(ts: Tensor | Sequence[float]) -> list[tuple[float, float]]:
@@ -52,6 +54,42 @@ def _evaluate(velocity_fn: VelocityFn, x: Tensor, t: float) -> Tensor:
     return u.to(x.dtype)
 
 
+def check_singular_starts(steps: list[tuple[float, float]], singular: Sequence[float]) -> None:
+    for i, (start, _) in enumerate(steps):
+        if start in singular:
+            raise ValueError(
+                f"step {i} starts at t={start}, where velocity_fn is singular (singular_times={tuple(singular)}); "
+                "start the grid inside the open interval, e.g. at schedule.t_min"
+            )
+
+
+def walk(
+    steps: list[tuple[float, float]],
+    state: State,
+    advance: Callable[[int, State, float, float], State],
+    relabel: Callable[[State, float, float], State],
+    progress: bool,
+    desc: str,
+) -> State:
+    """Run ``advance(i, state, t0, t1)`` over the steps; ``relabel(state, t_from, t_to)`` across a gap.
+
+    Gaps occur only in DDIM step tables, where DDIM keeps its latent ``z = scale(t) * x`` and relabels
+    its time; ``relabel`` does the same to the solver's state.
+    """
+    previous_end = steps[0][0]
+    for i, (t0, t1) in enumerate(tqdm(steps, disable=not progress, desc=desc, unit="step")):
+        if t0 != previous_end:
+            state = relabel(state, previous_end, t0)
+        state = advance(i, state, t0, t1)
+        previous_end = t1
+    return state
+
+
+def relabel_ratio(t_from: float, t_to: float) -> float:
+    """Factor that keeps ``scale(t) * x`` fixed when the state's time changes from ``t_from`` to ``t_to``."""
+    return float(scale(t_from) / scale(t_to))
+
+
 def sample(
     velocity_fn: VelocityFn,
     x: Tensor,
@@ -77,30 +115,19 @@ def sample(
     check_choice("solver", solver, SOLVERS)
     steps = grid_steps(ts)
     singular = tuple(getattr(velocity_fn, "singular_times", (0.0, 1.0)))
-    for i, (start, _) in enumerate(steps):
-        if start in singular:
-            raise ValueError(
-                f"step {i} starts at t={start}, where velocity_fn is singular (singular_times={singular}); "
-                "start the grid inside the open interval, e.g. at schedule.t_min"
-            )
-    # Updates are out of place, so the caller's x and any state handed to callback stay untouched.
-    x = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
-    previous_end = steps[0][0]
-    for i, (t0, t1) in enumerate(tqdm(steps, disable=not progress, desc=f"d2f {solver}", unit="step")):
-        if t0 != previous_end:
-            # A gap in a DDIM step table: DDIM keeps its latent z = scale(t) * x and relabels its time.
-            x = x * float(scale(previous_end) / scale(t0))
+    check_singular_starts(steps, singular)
+
+    def advance(i: int, x: Tensor, t0: float, t1: float) -> Tensor:
+        # Updates are out of place, so the caller's x and any state handed to callback stay untouched.
         h = t1 - t0
         u = _evaluate(velocity_fn, x, t0)
         if callback is not None:
             callback(i, t0, x, u)
         if solver == "euler" or (solver == "heun" and t1 in singular):
-            x = x.add(u, alpha=h)
-        elif solver == "heun":
-            u1 = _evaluate(velocity_fn, x.add(u, alpha=h), t1)
-            x = x.add(u + u1, alpha=h / 2)
-        else:
-            u_mid = _evaluate(velocity_fn, x.add(u, alpha=h / 2), t0 + h / 2)
-            x = x.add(u_mid, alpha=h)
-        previous_end = t1
-    return x
+            return x.add(u, alpha=h)
+        if solver == "heun":
+            return x.add(u + _evaluate(velocity_fn, x.add(u, alpha=h), t1), alpha=h / 2)
+        return x.add(_evaluate(velocity_fn, x.add(u, alpha=h / 2), t0 + h / 2), alpha=h)
+
+    x = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    return walk(steps, x, advance, lambda x, a, b: x * relabel_ratio(a, b), progress, f"d2f {solver}")

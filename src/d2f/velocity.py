@@ -10,12 +10,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._checks import TimeLike, as_time, check_same_shape, compute_dtype, describe
+from ._checks import TimeLike, as_time, check_choice, check_same_shape, compute_dtype, describe
 from .guidance import guidance
-from .parametrization import SINGULAR_TIMES, affine_combination, check_prediction_type, velocity_coefficients_of
+from .ode_step import EULER, HEUN_CORRECT, HEUN_PREDICT, ode_step
+from .parametrization import (
+    SINGULAR_TIMES,
+    affine_combination,
+    check_prediction_type,
+    velocity_coefficients,
+    velocity_coefficients_of,
+)
 from .path import align_checked, scale
 from .schedule import Schedule
-from .solvers import Callback, grid_steps
+from .solvers import SOLVERS, Callback, check_singular_starts, grid_steps, relabel_ratio, walk
 from .solvers import sample as integrate
 
 
@@ -116,27 +123,33 @@ class D2FVelocity:
         return self._model_output(x, as_time(t, like=x), cond)
 
     def _model_output(self, x: Tensor, t: Tensor, cond: dict[str, Any]) -> Tensor:
-        batch = x.shape[0]
-        tt = t.expand(batch)
-        dtype = _network_dtype(self.net, compute_dtype(x))
-        z = align_checked(x, tt).to(dtype)
+        z = align_checked(x, t.expand(x.shape[0])).to(_network_dtype(self.net, compute_dtype(x)))
+        o_u, o_c = self._network_outputs(z, t, cond)
+        return o_u.to(compute_dtype(o_u)) if o_c is None else guidance(o_u, o_c, self.guidance_scale)
+
+    def _network_outputs(self, z: Tensor, t: Tensor, cond: dict[str, Any]) -> tuple[Tensor, Tensor | None]:
+        """Raw outputs for the aligned input ``z``: ``(unconditional, conditional)`` when guided, else ``(o, None)``."""
+        batch = z.shape[0]
+        expected = tuple(z.shape)
         if self.concat is not None:
-            if self.concat.shape[0] != batch or self.concat.shape[2:] != x.shape[2:]:
+            if self.concat.shape[0] != batch or self.concat.shape[2:] != z.shape[2:]:
                 raise ValueError(
-                    f"concat has shape {tuple(self.concat.shape)}, incompatible with x of shape {tuple(x.shape)}"
+                    f"concat has shape {tuple(self.concat.shape)}, incompatible with x of shape {expected}"
                 )
-            z = torch.cat([z, self.concat.to(x.device, dtype)], dim=1)
-        k = self.schedule.timestep(tt).to(torch.float32)
+            z = torch.cat([z, self.concat.to(z.device, z.dtype)], dim=1)
+        k = self.schedule.timestep(t.expand(batch)).to(torch.float32)
         guided = self.guidance_scale != 1
         if guided:
             z, k, cond = torch.cat([z, z]), torch.cat([k, k]), _batch_conditions(self.uncond, cond, batch)
         out = _output_tensor(self.net(z, k, **cond))
-        expected = (2 * batch if guided else batch, *x.shape[1:])
+        if guided:
+            expected = (2 * batch, *expected[1:])
         if tuple(out.shape) != expected:
             raise ValueError(f"the network returned shape {tuple(out.shape)}, expected {expected}")
         if guided:
-            return guidance(*out.chunk(2), self.guidance_scale)
-        return out.to(compute_dtype(out))
+            o_u, o_c = out.chunk(2)
+            return o_u, o_c
+        return out, None
 
     def __call__(self, x: Tensor, t: TimeLike, **cond: Any) -> Tensor:
         """The FM velocity at state ``x`` and time ``t`` (a float, 0-d or ``(B,)`` tensor)."""
@@ -153,19 +166,53 @@ class D2FVelocity:
         solver: str = "euler",
         callback: Callback | None = None,
         progress: bool = False,
+        backend: str = "auto",
         **cond: Any,
     ) -> Tensor:
         """Generate from ``noise``: start at ``x = noise / scale(ts[0])`` (as DDIM does) and integrate.
 
-        Returns the FM state at ``ts[-1]`` (float32, or float64 for float64 noise); see
-        :func:`d2f.sample` for ``solver``, ``callback`` and ``progress``.
+        Returns the FM state at ``ts[-1]`` (float32, or float64 for float64 noise); ``solver``,
+        ``callback`` and ``progress`` as in :func:`d2f.sample`. Euler and Heun run one fused step per
+        network call (``backend`` as in :func:`d2f.fm_loss`): guidance, conversion, update and the next
+        network input in one pass. A ``callback`` (which needs each velocity) or ``solver="midpoint"``
+        uses the generic solver instead.
         """
         check_same_shape(noise=noise)
-        t0 = grid_steps(ts)[0][0]
-        x = noise.to(torch.float64 if noise.dtype == torch.float64 else torch.float32) / float(scale(t0))
+        check_choice("solver", solver, SOLVERS)
+        steps = grid_steps(ts)
+        state_dtype = torch.float64 if noise.dtype == torch.float64 else torch.float32
+        x = noise.to(state_dtype) / float(scale(steps[0][0]))
+        if solver == "midpoint" or callback is not None:
 
-        def field(state: Tensor, t: float) -> Tensor:
-            return self(state, t, **cond)
+            def field(state: Tensor, t: float) -> Tensor:
+                return self(state, t, **cond)
 
-        field.singular_times = self.singular_times  # type: ignore[attr-defined]
-        return integrate(field, x, ts, solver=solver, callback=callback, progress=progress)
+            field.singular_times = self.singular_times  # type: ignore[attr-defined]
+            return integrate(field, x, ts, solver=solver, callback=callback, progress=progress)
+
+        check_singular_starts(steps, self.singular_times)
+        z_dtype = _network_dtype(self.net, state_dtype)
+        g = self.guidance_scale
+
+        def outputs(z: Tensor, t: float) -> tuple[Tensor, Tensor | None]:
+            return self._network_outputs(z, torch.tensor(t, dtype=torch.float64, device=z.device), cond)
+
+        def coefficients(t: float) -> tuple[float, float]:
+            a, b = velocity_coefficients(t, self.prediction_type)
+            return float(a), float(b)
+
+        def advance(i: int, state: tuple[Tensor, Tensor], t0: float, t1: float) -> tuple[Tensor, Tensor]:
+            x, z = state
+            h, s1 = t1 - t0, float(scale(t1))
+            o_u, o_c = outputs(z, t0)
+            if solver == "euler" or t1 in self.singular_times:
+                return ode_step(EULER, x, o_u, o_c, None, *coefficients(t0), h, g, s1, z_dtype, backend)
+            u1, z_pred = ode_step(HEUN_PREDICT, x, o_u, o_c, None, *coefficients(t0), h, g, s1, z_dtype, backend)
+            o_u, o_c = outputs(z_pred, t1)
+            return ode_step(HEUN_CORRECT, x, o_u, o_c, u1, *coefficients(t1), h, g, s1, z_dtype, backend)
+
+        def relabel(state: tuple[Tensor, Tensor], t_from: float, t_to: float) -> tuple[Tensor, Tensor]:
+            return state[0] * relabel_ratio(t_from, t_to), state[1]
+
+        x, _ = walk(steps, (x, noise.to(z_dtype)), advance, relabel, progress, f"d2f {solver}")
+        return x

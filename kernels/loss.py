@@ -1,0 +1,157 @@
+"""The FM loss and its gradient in one pass over memory.
+
+Per sample ``b`` the residual is affine in the three inputs (``d2f.parametrization.residual_coefficients_of``):
+
+    r = c*o + p*data + q*noise,   with (p, q, c) = epsilon (0, 1/t, -1/t); v ((t-1)/n2, t/n2, -1/sqrt(n2));
+                                  sample (-1/(1-t), 0, 1/(1-t)); velocity (-1, 1, 1);  n2 = t^2 + (1-t)^2
+
+and the loss is ``L = sum_b w_b * sum_i r_bi^2 * s`` with ``s = 1/numel`` (mean), ``1`` (sum) or
+``1/per_sample`` (none, one value per sample). Its gradient is elementwise:
+
+    dL/do_bi = 2 * w_b * c_b * s * r_bi
+
+so each program loads its block of o, data and noise once, stores ``dL/do`` into a fresh buffer and adds
+its block's ``w*s*sum(r^2)`` to the loss accumulator. Nothing is read twice; t and w are one scalar load
+per program. The same pass raises flags (counts) for non-finite inputs and for t or w out of range; the
+launcher's caller reads them together with the loss in one host transfer.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import PREDICTION_CODES, block_size, check_device
+
+FLT_MAX = tl.constexpr(3.4028234663852886e38)
+
+# Flag slots after the loss slots in the accumulator.
+FLAG_NAMES = ("model_output", "data", "noise", "t", "weight")
+
+
+@triton.jit
+def _nonfinite_count(v, mask):
+    bad = (tl.abs(v) > FLT_MAX) | (v != v)
+    return tl.sum(tl.where(mask & bad, 1.0, 0.0), axis=0)
+
+
+@triton.jit
+def _fm_loss_kernel(
+    out_ptr,
+    data_ptr,
+    noise_ptr,
+    t_ptr,
+    w_ptr,
+    grad_ptr,
+    loss_ptr,
+    flags_ptr,
+    per_sample,
+    blocks_per_sample,
+    loss_scale,
+    PRED: tl.constexpr,
+    PER_SAMPLE_LOSS: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = pid // blocks_per_sample
+    j = pid - b * blocks_per_sample
+    t = tl.load(t_ptr + b).to(tl.float32)
+    t_ok = (t >= 0.0) & (t <= 1.0)
+    if PRED == 0:
+        p = 0.0
+        q = 1.0 / t
+        c = -1.0 / t
+        t_ok = t_ok & (t > 0.0)
+    elif PRED == 1:
+        n2 = t * t + (1.0 - t) * (1.0 - t)
+        p = (t - 1.0) / n2
+        q = t / n2
+        c = -1.0 / tl.sqrt(n2)
+    elif PRED == 2:
+        p = -1.0 / (1.0 - t)
+        q = 0.0
+        c = 1.0 / (1.0 - t)
+        t_ok = t_ok & (t < 1.0)
+    else:
+        p = -1.0
+        q = 1.0
+        c = 1.0
+    if HAS_WEIGHT:
+        w = tl.load(w_ptr + b).to(tl.float32)
+        tl.atomic_add(flags_ptr + 4, 1.0, mask=(j == 0) & ~((w >= 0.0) & (w <= FLT_MAX)))
+    else:
+        w = 1.0
+    tl.atomic_add(flags_ptr + 3, 1.0, mask=(j == 0) & ~t_ok)
+
+    offs = j * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < per_sample
+    base = b.to(tl.int64) * per_sample
+    o = tl.load(out_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    d = tl.load(data_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    n = tl.load(noise_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    r = c * o + p * d + q * n
+    tl.store(grad_ptr + base + offs, (r * (2.0 * w * c * loss_scale)).to(grad_ptr.dtype.element_ty), mask=mask)
+    partial = tl.sum(r * r, axis=0) * (w * loss_scale)
+    if PER_SAMPLE_LOSS:
+        tl.atomic_add(loss_ptr + b, partial)
+    else:
+        tl.atomic_add(loss_ptr, partial)
+
+    bad_o = _nonfinite_count(o, mask)
+    bad_d = _nonfinite_count(d, mask)
+    bad_n = _nonfinite_count(n, mask)
+    tl.atomic_add(flags_ptr + 0, bad_o, mask=bad_o > 0)
+    tl.atomic_add(flags_ptr + 1, bad_d, mask=bad_d > 0)
+    tl.atomic_add(flags_ptr + 2, bad_n, mask=bad_n > 0)
+
+
+def fm_loss_forward(
+    model_output: torch.Tensor,
+    data: torch.Tensor,
+    noise: torch.Tensor,
+    t: torch.Tensor,
+    weight: torch.Tensor | None,
+    prediction_type: str,
+    reduction: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the fused pass. Returns ``(loss, grad, status)``.
+
+    ``t`` and ``weight`` are float32 ``(B,)`` tensors on the inputs' device; the three inputs have equal
+    shapes and are made contiguous here (once). ``loss`` is float32: a scalar, or ``(B,)`` for
+    ``reduction="none"``. ``grad`` is ``dL/do`` in ``model_output``'s dtype, a fresh buffer. ``status`` is
+    the whole accumulator, loss slots then the flags, which count (in the order of ``FLAG_NAMES``)
+    non-finite inputs and out-of-range t or weight, so one host transfer reads them all.
+    """
+    check_device(model_output, data, noise)
+    out, d, n = model_output.contiguous(), data.contiguous(), noise.contiguous()
+    batch = out.shape[0]
+    per_sample = out.numel() // batch
+    if per_sample >= 2**31:
+        raise ValueError(f"the triton loss supports < 2**31 elements per sample, got {per_sample}")
+    per_sample_loss = reduction == "none"
+    n_loss = batch if per_sample_loss else 1
+    acc = torch.zeros(n_loss + len(FLAG_NAMES), device=out.device, dtype=torch.float32)
+    grad = torch.empty_like(out)
+    loss_scale = {"mean": 1.0 / out.numel(), "sum": 1.0, "none": 1.0 / per_sample}[reduction]
+    block = block_size(2048)
+    blocks_per_sample = triton.cdiv(per_sample, block)
+    _fm_loss_kernel[(batch * blocks_per_sample,)](
+        out,
+        d,
+        n,
+        t,
+        weight if weight is not None else t,
+        grad,
+        acc,
+        acc[n_loss:],
+        per_sample,
+        blocks_per_sample,
+        loss_scale,
+        PRED=PREDICTION_CODES[prediction_type],
+        PER_SAMPLE_LOSS=per_sample_loss,
+        HAS_WEIGHT=weight is not None,
+        BLOCK=block,
+        num_warps=8,
+    )
+    loss = acc[:n_loss] if per_sample_loss else acc[0]
+    return loss, grad, acc

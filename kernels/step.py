@@ -1,0 +1,111 @@
+"""One ODE step of ``D2FVelocity.sample``: guidance, conversion, update and next network input, fused.
+
+With per-step scalars ``A, B`` (the velocity coefficients at the evaluation time), the step size ``h``,
+the guidance scale ``g`` and ``s = scale(t_next)``, each program reads its block of the float32 state
+``x`` and the raw network outputs once:
+
+    o = o_u + g*(o_c - o_u)          (only when guided; else o = o_u)
+    u = A*x + B*o
+    EULER:         x' = x + h*u;                              writes x' (fp32) and z' = s*x'
+    HEUN_PREDICT:  writes u (fp32) and z_pred = s*(x + h*u)   (the predictor state is not stored)
+    HEUN_CORRECT:  x_pred = x + h*u1;  u2 = A*x_pred + B*o;  x' = x + h/2*(u1 + u2);  writes x', z'
+
+``z`` is written in the network's dtype, ready for the next call, so the sampler never rescales x in a
+separate pass.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from d2f.ode_step import EULER, HEUN_CORRECT, HEUN_PREDICT  # noqa: F401  (the MODE values below)
+
+from ._launch import block_size, check_device
+
+
+@triton.jit
+def _ode_step_kernel(
+    x_ptr,
+    ou_ptr,
+    oc_ptr,
+    u1_ptr,
+    x_out_ptr,
+    z_out_ptr,
+    u_out_ptr,
+    numel,
+    a,
+    b,
+    h,
+    g,
+    s_next,
+    MODE: tl.constexpr,
+    GUIDED: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    o = tl.load(ou_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if GUIDED:
+        oc = tl.load(oc_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        o = o + g * (oc - o)
+    if MODE == 0:
+        x_new = x + h * (a * x + b * o)
+        tl.store(x_out_ptr + offs, x_new, mask=mask)
+        tl.store(z_out_ptr + offs, (s_next * x_new).to(z_out_ptr.dtype.element_ty), mask=mask)
+    elif MODE == 1:
+        u = a * x + b * o
+        tl.store(u_out_ptr + offs, u, mask=mask)
+        tl.store(z_out_ptr + offs, (s_next * (x + h * u)).to(z_out_ptr.dtype.element_ty), mask=mask)
+    else:
+        u1 = tl.load(u1_ptr + offs, mask=mask, other=0.0)
+        u2 = a * (x + h * u1) + b * o
+        x_new = x + (0.5 * h) * (u1 + u2)
+        tl.store(x_out_ptr + offs, x_new, mask=mask)
+        tl.store(z_out_ptr + offs, (s_next * x_new).to(z_out_ptr.dtype.element_ty), mask=mask)
+
+
+def ode_step(
+    mode: int,
+    x: torch.Tensor,
+    o_u: torch.Tensor,
+    o_c: torch.Tensor | None,
+    u1: torch.Tensor | None,
+    a: float,
+    b: float,
+    h: float,
+    g: float,
+    s_next: float,
+    z_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns ``(x', z')`` for EULER and HEUN_CORRECT, ``(u, z_pred)`` for HEUN_PREDICT.
+
+    ``x`` (and ``u1``) are contiguous float32; outputs are fresh buffers.
+    """
+    check_device(x, o_u)
+    o_u = o_u.contiguous()
+    guided = o_c is not None
+    o_c = o_c.contiguous() if guided else o_u
+    first = torch.empty_like(x)  # x' or u
+    z = torch.empty(x.shape, dtype=z_dtype, device=x.device)
+    block = block_size(4096)
+    _ode_step_kernel[(triton.cdiv(x.numel(), block),)](
+        x,
+        o_u,
+        o_c,
+        u1 if u1 is not None else x,
+        first,
+        z,
+        first,
+        x.numel(),
+        a,
+        b,
+        h,
+        g,
+        s_next,
+        MODE=mode,
+        GUIDED=guided,
+        BLOCK=block,
+        num_warps=8,
+    )
+    return first, z

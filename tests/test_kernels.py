@@ -1,0 +1,192 @@
+"""The Triton kernels against plain torch references, run by Triton's interpreter on the CPU.
+
+conftest.py sets TRITON_INTERPRET=1 before anything imports d2f.kernels; GPU-only checks (bf16, large
+shapes, real compilation) are marked ``gpu`` and skip without CUDA.
+"""
+
+import math
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+import d2f  # noqa: E402
+from d2f import PREDICTION_TYPES, D2FVelocity, ddim_grid, fm_loss, network_input, uniform_grid  # noqa: E402
+from d2f._backend import use_triton  # noqa: E402
+from d2f.ode_step import EULER, HEUN_CORRECT, HEUN_PREDICT, ode_step  # noqa: E402
+from test_loss import reference_loss  # noqa: E402
+from nets import TinyNet  # noqa: E402
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Rank 2 to 5, batch 1, sizes that are no multiple of the block (64 when interpreting, 2048 on GPU).
+SHAPES = [(1, 5), (3, 130), (2, 3, 67), (4, 2, 9, 11), (2, 3, 2, 5, 7)]
+LOSS_TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-2, 2e-2)}
+
+
+def make(shape, dtype, seed, device=DEVICE, non_contiguous=False):
+    g = torch.Generator().manual_seed(seed)
+    tensors = []
+    for _ in range(3):
+        v = torch.randn(shape[::-1] if non_contiguous else shape, generator=g)
+        v = v.permute(*reversed(range(v.ndim))) if non_contiguous else v
+        tensors.append(v.to(device=device, dtype=dtype))
+    t = torch.rand(shape[0], generator=g).to(device) * 0.9 + 0.05
+    w = torch.rand(shape[0], generator=g).to(device) * 2
+    return (*tensors, t, w)
+
+
+def check_loss(shape, dtype, prediction_type, reduction, weighted, non_contiguous=False, device=DEVICE):
+    o, data, noise, t, w = make(shape, dtype, seed=len(shape), device=device, non_contiguous=non_contiguous)
+    w = w if weighted else None
+    o = o.requires_grad_(True)
+    loss = fm_loss(o, data, noise, t, prediction_type, weight=w, reduction=reduction, backend="triton")
+    o_ref = o.detach().double().requires_grad_(True)
+    ref = reference_loss(o_ref, data, noise, t, prediction_type, w, reduction)
+    rtol, atol = LOSS_TOL[dtype]
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), ref, rtol=rtol, atol=atol)
+    upstream = torch.rand(ref.shape, dtype=torch.float64, device=device) + 0.5
+    (loss * upstream.float()).sum().backward()
+    (ref * upstream).sum().backward()
+    assert o.grad.dtype == dtype and o.grad.shape == o.shape
+    scale_ = float(o_ref.grad.abs().max())
+    torch.testing.assert_close(o.grad.double(), o_ref.grad, rtol=rtol, atol=atol * scale_)
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_loss_kernel_matches_float64_reference(prediction_type, reduction, weighted, dtype):
+    for shape in SHAPES:
+        check_loss(shape, dtype, prediction_type, reduction, weighted)
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+def test_loss_kernel_non_contiguous_inputs(prediction_type):
+    check_loss((3, 4, 5, 6), torch.float32, prediction_type, "mean", True, non_contiguous=True)
+
+
+def test_loss_kernel_plain_backward_returns_the_fused_gradient():
+    o, data, noise, t, _ = make((2, 3, 40), torch.float32, seed=1)
+    o1, o2 = o.clone().requires_grad_(True), o.clone().requires_grad_(True)
+    fm_loss(o1, data, noise, t, "v_prediction", backend="triton").backward()
+    fm_loss(o2, data, noise, t, "v_prediction", backend="torch").backward()
+    torch.testing.assert_close(o1.grad, o2.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["model_output", "data", "noise"])
+@pytest.mark.parametrize("bad", [math.nan, -math.inf])
+def test_loss_kernel_flags_non_finite_inputs_by_name(name, bad):
+    o, data, noise, t, _ = make((2, 3, 70), torch.float32, seed=2)
+    tensors = {"model_output": o, "data": data, "noise": noise}
+    tensors[name][1, 2, 66] = bad
+    with pytest.raises(ValueError, match=f"fm_loss: {name} contains NaN or inf"):
+        fm_loss(*tensors.values(), t, "v_prediction", backend="triton")
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy warns on 1/0 before we raise
+def test_loss_kernel_flags_bad_t_and_weight_with_the_torch_messages():
+    o, data, noise, t, w = make((2, 10), torch.float32, seed=3)
+    with pytest.raises(ValueError, match="gives no velocity at t=0.0"):
+        fm_loss(o, data, noise, torch.tensor([0.5, 0.0]), "epsilon", backend="triton")
+    with pytest.raises(ValueError, match="gives no velocity at t=1.0"):
+        fm_loss(o, data, noise, 1.0, "sample", backend="triton")
+    with pytest.raises(ValueError, match="t must lie in \\[0, 1\\]; got 1.5"):
+        fm_loss(o, data, noise, torch.tensor([0.5, 1.5]), "velocity", backend="triton")
+    with pytest.raises(ValueError, match="weight must be finite and >= 0"):
+        fm_loss(o, data, noise, t, "velocity", weight=torch.tensor([1.0, -2.0]), backend="triton")
+    with pytest.raises(ValueError, match="noise requires grad"):
+        fm_loss(o, data, noise.requires_grad_(True), t, "velocity", backend="triton")
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_loss_kernel_reports_overflow():
+    big = torch.full((2, 8), 3e19)
+    with pytest.raises(ValueError, match="overflowed"):
+        fm_loss(big, -big, big, 0.5, "velocity", backend="triton")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16])
+def test_network_input_kernel_matches_torch(dtype, out_dtype):
+    for shape in SHAPES:
+        _, data, noise, t, _ = make(shape, dtype, seed=4)
+        got = network_input(data, noise, t, dtype=out_dtype, backend="triton")
+        ref = d2f.align(d2f.interpolate(data.double(), noise.double(), t.double()), t.double())
+        assert got.dtype == out_dtype
+        tol = 1e-6 if out_dtype == torch.float32 else 1e-3
+        torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol)
+        torch.testing.assert_close(got, network_input(data, noise, t, dtype=out_dtype, backend="torch"))
+
+
+@pytest.mark.parametrize("mode", [EULER, HEUN_PREDICT, HEUN_CORRECT])
+@pytest.mark.parametrize("guided", [False, True])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16])
+def test_ode_step_kernel_matches_the_torch_step(mode, guided, out_dtype):
+    g = torch.Generator().manual_seed(mode)
+    x, u1 = torch.randn(3, 4, 9, 7, generator=g), torch.randn(3, 4, 9, 7, generator=g)
+    o_u = torch.randn(3, 4, 9, 7, generator=g).to(out_dtype)
+    o_c = torch.randn(3, 4, 9, 7, generator=g).to(out_dtype) if guided else None
+    args = (mode, x, o_u, o_c, u1 if mode == HEUN_CORRECT else None, 1.3, -0.7, 0.05, 4.5, 1.2, out_dtype)
+    first_k, z_k = ode_step(*args, backend="triton")
+    first_t, z_t = ode_step(*args, backend="torch")
+    assert first_k.dtype == torch.float32 and z_k.dtype == out_dtype
+    torch.testing.assert_close(first_k, first_t, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(z_k, z_t, rtol=1e-3 if out_dtype == torch.float16 else 1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("solver", ["euler", "heun"])
+@pytest.mark.parametrize("grid", ["leading", "trailing3", "uniform"])
+def test_fused_sampler_equals_the_torch_sampler_and_ddim(solver, grid):
+    schedule = d2f.Schedule.scaled_linear(prediction_type="v_prediction")
+    ts = {
+        "leading": ddim_grid(schedule, 6, "leading", 1, set_alpha_to_one=False),
+        "trailing3": ddim_grid(schedule, 3, "trailing"),  # a step table with gaps
+        "uniform": uniform_grid(5, schedule.t_min, 1.0),
+    }[grid]
+    net = TinyNet()
+    label = torch.tensor([1.0, -1.0])
+    velocity = D2FVelocity(net, schedule, "v_prediction", guidance_scale=3.0, uncond={"label": torch.zeros(1)})
+    noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    fused = velocity.sample(noise, ts, solver=solver, backend="triton", label=label)
+    plain = velocity.sample(noise, ts, solver=solver, backend="torch", label=label)
+    generic = velocity.sample(noise, ts, solver=solver, callback=lambda *a: None, label=label)
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused, generic, rtol=1e-5, atol=1e-5)
+
+
+def test_dispatch():
+    cpu = torch.zeros(2)
+    assert not use_triton("auto", cpu)  # auto uses Triton on CUDA only
+    assert not use_triton("torch", cpu)
+    assert use_triton("triton", cpu)  # the interpreter is on in this suite
+    with pytest.raises(ValueError, match="backend='triton' does not run float64"):
+        use_triton("triton", cpu.double())
+    with pytest.raises(ValueError, match="backend='cuda' is not supported"):
+        use_triton("cuda", cpu)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+def test_loss_kernel_on_gpu(dtype, prediction_type):
+    for shape in [*SHAPES, (64, 4, 96, 96)]:
+        for reduction in ("mean", "none"):
+            check_loss(shape, dtype, prediction_type, reduction, True, device="cuda")
+    assert use_triton("auto", torch.zeros(1, device="cuda"))
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_ode_step_kernel_on_gpu(out_dtype):
+    for mode in (EULER, HEUN_PREDICT, HEUN_CORRECT):
+        x, u1 = torch.randn(2, 4, 96, 96, device="cuda"), torch.randn(2, 4, 96, 96, device="cuda")
+        o_u, o_c = (torch.randn(2, 4, 96, 96, device="cuda").to(out_dtype) for _ in range(2))
+        args = (mode, x, o_u, o_c, u1, 1.3, -0.7, 0.05, 4.5, 1.2, out_dtype)
+        for got, ref in zip(ode_step(*args, backend="triton"), ode_step(*args, backend="torch")):
+            torch.testing.assert_close(got.float(), ref.float(), rtol=1e-2, atol=1e-2)
