@@ -1,50 +1,76 @@
-"""fm_loss forward + backward: d2f's torch path against the naive reference port.
+"""fm_loss forward + backward (v-prediction, mean): four implementations.
+
+- ``reference``: the naive eager port of the reference implementation's formulas (reference_port.py);
+- ``torch``: d2f's torch path (gradient computed in the forward sweep);
+- ``compile``: torch.compile of the same math written as plain differentiable ops;
+- ``triton``: d2f's fused kernel (CUDA only).
 
 GB/s counts the minimal traffic: model output, data and noise read once, the gradient written once.
 """
 
 import pytest
 import torch
-
-import d2f
+from common import DEVICE, DTYPES, SHAPES, dtype_ids, needs_cuda, run, shape_ids
 from reference_port import ReferencePort
 
+import d2f
+from d2f.parametrization import residual_coefficients_of
+
 SCHEDULE = d2f.Schedule.scaled_linear()
-SHAPES = [(16, 4, 32, 32), (64, 4, 96, 96)]
 
 
-def _inputs(shape):
+def inputs(shape, dtype):
     g = torch.Generator().manual_seed(0)
-    data, noise, out = (torch.randn(shape, generator=g) for _ in range(3))
-    t = torch.rand(shape[0], generator=g) * 0.9 + 0.07  # inside [t_min, tau_0], where the port is defined
+    data, noise, out = (torch.randn(shape, generator=g).to(DEVICE, dtype) for _ in range(3))
+    t = (torch.rand(shape[0], generator=g) * 0.9 + 0.07).to(DEVICE)  # inside [t_min, tau_0]
     return out.requires_grad_(True), data, noise, t
 
 
-def _run(benchmark, shape, step):
-    out, data, noise, t = _inputs(shape)
+@torch.compile(dynamic=False)
+def compiled_loss(o, data, noise, p, q, b):
+    view = (-1,) + (1,) * (o.ndim - 1)
+    r = b.view(view) * o.float() + p.view(view) * data.float() + q.view(view) * noise.float()
+    return (r * r).mean()
+
+
+def make_step(impl, o, data, noise, t):
+    if impl == "reference":
+        port = ReferencePort(SCHEDULE.alphas_cumprod)
+        port_t = t.to(torch.float32)
+        port.to(DEVICE)
+        return lambda: port.v_loss(o, data, noise, port_t).backward()
+    if impl == "compile":
+        p, q, b = (c.float() for c in residual_coefficients_of(t.double(), "v_prediction"))
+        return lambda: compiled_loss(o, data, noise, p, q, b).backward()
+    return lambda: d2f.fm_loss(o, data, noise, t, "v_prediction", backend=impl).backward()
+
+
+IMPLS = ["reference", "torch", "compile", pytest.param("triton", marks=needs_cuda)]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_ids)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_ids)
+def test_fm_loss_fwd_bwd(benchmark, impl, dtype, shape):
+    o, data, noise, t = inputs(shape, dtype)
+    step = make_step(impl, o, data, noise, t)
+    benchmark.group = f"fm_loss fwd+bwd {shape_ids[SHAPES.index(shape)]} {dtype_ids[DTYPES.index(dtype)]}"
 
     def once():
-        out.grad = None
-        step(out, data, noise, t).backward()
+        o.grad = None
+        step()
 
-    benchmark(once)
-    seconds = benchmark.stats.stats.median
-    benchmark.extra_info["GB/s"] = round(4 * out.numel() * out.element_size() / seconds / 1e9, 2)
+    run(benchmark, once, 4 * o.numel() * o.element_size())
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_reference_port(benchmark, shape):
-    port = ReferencePort(SCHEDULE.alphas_cumprod)
-    _run(benchmark, shape, port.v_loss)
-
-
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_d2f_torch(benchmark, shape):
-    _run(benchmark, shape, lambda o, d, n, t: d2f.fm_loss(o, d, n, t, "v_prediction", backend="torch"))
-
-
-def test_the_port_computes_the_same_loss():
-    """The baseline is only a baseline if it computes the same number."""
-    out, data, noise, t = _inputs(SHAPES[0])
-    port = ReferencePort(SCHEDULE.alphas_cumprod)
-    torch.testing.assert_close(port.v_loss(out, data, noise, t), d2f.fm_loss(out, data, noise, t, "v_prediction"))
+@pytest.mark.parametrize("impl", ["reference", "compile"])
+def test_baselines_compute_the_same_loss(impl):
+    """A baseline is only a baseline if it computes the same number."""
+    o, data, noise, t = inputs((4, 4, 16, 16), torch.float32)
+    expected = d2f.fm_loss(o, data, noise, t, "v_prediction", backend="torch")
+    if impl == "reference":
+        got = ReferencePort(SCHEDULE.alphas_cumprod).to(DEVICE).v_loss(o, data, noise, t)
+    else:
+        p, q, b = (c.float() for c in residual_coefficients_of(t.double(), "v_prediction"))
+        got = compiled_loss(o, data, noise, p, q, b)
+    torch.testing.assert_close(got, expected)

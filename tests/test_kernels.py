@@ -15,8 +15,8 @@ import d2f  # noqa: E402
 from d2f import PREDICTION_TYPES, D2FVelocity, ddim_grid, fm_loss, network_input, uniform_grid  # noqa: E402
 from d2f._backend import use_triton  # noqa: E402
 from d2f.ode_step import EULER, HEUN_CORRECT, HEUN_PREDICT, ode_step  # noqa: E402
-from test_loss import reference_loss  # noqa: E402
 from nets import TinyNet  # noqa: E402
+from test_loss import reference_loss  # noqa: E402
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

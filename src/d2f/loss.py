@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ._backend import kernels, use_triton
+from ._chunks import row_chunks
 from ._checks import TimeLike, as_time, check_choice, check_same_shape, compute_dtype, describe, per_sample
 from .parametrization import check_prediction_type, residual_coefficients_of
 
@@ -31,30 +32,33 @@ class _FMLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, o, data, noise, p, q, b, w, reduction):  # type: ignore[override]
         dtype = compute_dtype(o, data, noise)
-        r = per_sample(b.to(dtype), o) * o
-        r.addcmul_(per_sample(p.to(dtype), o), data).addcmul_(per_sample(q.to(dtype), o), noise)
-        flat = r.reshape(r.shape[0], -1)
-        per_sample_sq = torch.linalg.vecdot(flat, flat)
-        if w is not None:
-            per_sample_sq = per_sample_sq * w.to(dtype)
-        n_per_sample = flat.shape[1]
-        if reduction == "mean":
-            loss, divisor = per_sample_sq.sum() / r.numel(), r.numel()
-        elif reduction == "sum":
-            loss, divisor = per_sample_sq.sum(), 1
-        else:
-            loss, divisor = per_sample_sq / n_per_sample, n_per_sample
+        batch, sample_numel = o.shape[0], o[0].numel()
+        divisor = {"mean": o.numel(), "sum": 1, "none": sample_numel}[reduction]
         coef = 2 * b / divisor if w is None else 2 * w * b / divisor
-        grad = r.mul_(per_sample(coef.to(dtype), r))  # r is a fresh buffer: reusing it is safe
+        p, q, b, coef = (per_sample(v.to(dtype), o) for v in (p, q, b, coef))
+        grad = torch.empty(o.shape, dtype=o.dtype, device=o.device)
+        sq = torch.empty(batch, dtype=dtype, device=o.device)
+        for rows_ in row_chunks(o):  # the residual's passes run in cache (see d2f._chunks)
+            r = torch.mul(o[rows_], b[rows_])
+            r.addcmul_(p[rows_], data[rows_]).addcmul_(q[rows_], noise[rows_])
+            flat = r.reshape(r.shape[0], -1)
+            torch.linalg.vecdot(flat, flat, out=sq[rows_])
+            torch.mul(r, coef[rows_], out=grad[rows_])
+        if w is not None:
+            sq = sq * w.to(dtype)
+        loss = sq / sample_numel if reduction == "none" else sq.sum() / divisor
         ctx.save_for_backward(grad)
-        ctx.reduction, ctx.out_dtype = reduction, o.dtype
+        ctx.per_sample = reduction == "none"
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):  # type: ignore[override]
         (grad,) = ctx.saved_tensors
-        scale_ = per_sample(grad_loss, grad) if ctx.reduction == "none" else grad_loss
-        return (grad * scale_).to(ctx.out_dtype), None, None, None, None, None, None, None
+        if ctx.per_sample:
+            return (grad * per_sample(grad_loss, grad)).to(grad.dtype), None, None, None, None, None, None, None
+        if bool(grad_loss == 1):
+            return grad, None, None, None, None, None, None, None  # loss.backward(): no pass at all
+        return grad * grad_loss, None, None, None, None, None, None, None
 
 
 def _check_weight(weight: TimeLike | None, batch: int, like: Tensor) -> Tensor | None:

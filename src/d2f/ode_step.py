@@ -2,13 +2,15 @@
 
 The torch path here is the reference for the fused kernel in ``d2f.kernels.step`` (same arguments,
 same results up to float32 rounding). With ``A, B`` the velocity coefficients at the evaluation time,
-``h`` the step, ``g`` the guidance scale and ``s`` the scale at the step's end:
+``h`` the step, ``g`` the guidance scale and ``s`` the scale at the step's end, and
+``o = o_u + g*(o_c - o_u)`` when guided (``o_c`` given), else ``o = o_u``:
 
 - ``EULER``: ``x' = x + h*(A*x + B*o)``, returns ``(x', s*x')``;
 - ``HEUN_PREDICT``: ``u = A*x + B*o``, returns ``(u, s*(x + h*u))``;
-- ``HEUN_CORRECT``: ``u2 = A*(x + h*u1) + B*o``, ``x' = x + h/2*(u1 + u2)``, returns ``(x', s*x')``;
+- ``HEUN_CORRECT``: ``u2 = A*(x + h*u1) + B*o``, ``x' = x + h/2*(u1 + u2)``, returns ``(x', s*x')``.
 
-where ``o = o_u + g*(o_c - o_u)`` when guided (``o_c`` given), else ``o = o_u``.
+Each result is a fixed linear combination of the inputs, so the torch path folds the scalars into one
+coefficient per input and forms it in one accumulation (chunked in cache on the CPU, see ``d2f._chunks``).
 """
 
 from __future__ import annotations
@@ -17,8 +19,20 @@ import torch
 from torch import Tensor
 
 from ._backend import kernels, use_triton
+from ._chunks import row_chunks
 
 EULER, HEUN_PREDICT, HEUN_CORRECT = 0, 1, 2
+
+
+def _combine(terms: list[tuple[float, Tensor]], outputs: list[tuple[float, Tensor]]) -> None:
+    """``out = s * sum(c * v for c, v in terms)`` for every ``(s, out)``, accumulated in ``terms[0]``'s dtype."""
+    first = terms[0][1]
+    for rows in row_chunks(first):
+        acc = torch.mul(first[rows], terms[0][0])
+        for c, v in terms[1:]:
+            acc.add_(v[rows], alpha=c)
+        for s, out in outputs:
+            torch.mul(acc, s, out=out[rows])
 
 
 def ode_step(
@@ -39,13 +53,16 @@ def ode_step(
     outputs = (o_u,) if o_c is None else (o_u, o_c)
     if use_triton(backend, x, *outputs):
         return kernels().ode_step(mode, x.contiguous(), o_u, o_c, u1, a, b, h, g, s_next, z_dtype)
-    o = o_u.to(x.dtype) if o_c is None else torch.lerp(o_u.to(x.dtype), o_c.to(x.dtype), g)
-    if mode == HEUN_CORRECT:
-        u2 = x.add(u1, alpha=h).mul_(a).add_(o, alpha=b)
-        x_new = x.add(u1 + u2, alpha=h / 2)
-        return x_new, (x_new * s_next).to(z_dtype)
-    u = torch.add(x * a, o, alpha=b)
-    if mode == HEUN_PREDICT:
-        return u, (x.add(u, alpha=h) * s_next).to(z_dtype)
-    x_new = x.add(u, alpha=h)
-    return x_new, (x_new * s_next).to(z_dtype)
+    # The network output as terms: o = (1-g)*o_u + g*o_c, or o_u alone.
+    o_terms = [(1.0, o_u)] if o_c is None else [(1 - g, o_u), (g, o_c)]
+    first, z = torch.empty_like(x), torch.empty(x.shape, dtype=z_dtype, device=x.device)
+    if mode == EULER:
+        _combine([(1 + h * a, x)] + [(h * b * c, v) for c, v in o_terms], [(1.0, first), (s_next, z)])
+    elif mode == HEUN_PREDICT:
+        _combine([(a, x)] + [(b * c, v) for c, v in o_terms], [(1.0, first)])
+        _combine([(1.0, x), (h, first)], [(s_next, z)])
+    else:
+        # x + h/2*(u1 + A*(x + h*u1) + B*o), expanded per input
+        terms = [(1 + h * a / 2, x), (h / 2 * (1 + h * a), u1)] + [(h * b / 2 * c, v) for c, v in o_terms]
+        _combine(terms, [(1.0, first), (s_next, z)])
+    return first, z

@@ -1,0 +1,36 @@
+"""Print one table from a pytest-benchmark JSON file: median time, GB/s, share of copy bandwidth.
+
+Usage: python benchmarks/table.py BENCH_JSON [COPY_GBPS]
+"""
+
+import json
+import sys
+from collections import defaultdict
+
+
+def main(path: str, copy_gbps: float | None) -> None:
+    with open(path) as f:
+        report = json.load(f)
+    groups = defaultdict(dict)
+    for bench in report["benchmarks"]:
+        impl = bench["params"]["impl"]
+        groups[bench["group"]][impl] = (bench["stats"]["median"], bench["extra_info"]["GB/s"])
+    machine = report.get("machine_info", {})
+    print(f"# {report.get('datetime', '')}  {machine.get('cpu', {}).get('brand_raw', '')}")
+    header = f"{'benchmark':<36} {'impl':<10} {'median':>11} {'GB/s':>8}"
+    header += f" {'% copy':>7}" if copy_gbps else ""
+    header += f" {'vs torch':>9} {'vs compile':>11}"
+    print(header)
+    for group, rows in groups.items():
+        for impl, (median, gbps) in rows.items():
+            line = f"{group:<36} {impl:<10} {median * 1e3:>8.3f} ms {gbps:>8.1f}"
+            if copy_gbps:
+                line += f" {100 * gbps / copy_gbps:>6.0f}%"
+            for base in ("torch", "compile"):
+                ref = rows.get(base)
+                line += f" {ref[0] / median:>8.2f}x" if ref else f" {'-':>9}"
+            print(line)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], float(sys.argv[2]) if len(sys.argv) > 2 else None)
