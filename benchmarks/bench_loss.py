@@ -10,11 +10,11 @@ GB/s counts the minimal traffic: model output, data and noise read once, the gra
 
 import pytest
 import torch
-from common import DEVICE, DTYPES, SHAPES, dtype_ids, needs_cuda, run, shape_ids
-from reference_port import ReferencePort
 
 import d2f
+from common import DEVICE, DTYPES, SHAPES, dtype_ids, needs_cuda, run, shape_ids
 from d2f.parametrization import residual_coefficients_of
+from reference_port import ReferencePort
 
 SCHEDULE = d2f.Schedule.scaled_linear()
 

@@ -11,11 +11,11 @@ and the next network input (in the outputs' dtype): guidance, conversion, update
 
 import pytest
 import torch
-from common import DEVICE, DTYPES, SHAPES, dtype_ids, needs_cuda, run, shape_ids
-from reference_port import ReferencePort
 
 import d2f
+from common import DEVICE, DTYPES, SHAPES, dtype_ids, needs_cuda, run, shape_ids
 from d2f.ode_step import EULER, ode_step
+from reference_port import ReferencePort
 
 SCHEDULE = d2f.Schedule.scaled_linear()
 T0, T1, G = 0.4, 0.45, 7.5

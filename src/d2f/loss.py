@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 
 from ._backend import kernels, use_triton
-from ._chunks import row_chunks
 from ._checks import TimeLike, as_time, check_choice, check_same_shape, compute_dtype, describe, per_sample
+from ._chunks import row_chunks
 from .parametrization import check_prediction_type, residual_coefficients_of
 
 REDUCTIONS = ("mean", "sum", "none")
