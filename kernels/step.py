@@ -18,8 +18,6 @@ import torch
 import triton
 import triton.language as tl
 
-from d2f.ode_step import EULER, HEUN_CORRECT, HEUN_PREDICT  # noqa: F401  (the MODE values below)
-
 from ._launch import block_size, check_device
 
 
@@ -38,7 +36,7 @@ def _ode_step_kernel(
     h,
     g,
     s_next,
-    MODE: tl.constexpr,
+    MODE: tl.constexpr,  # d2f.ode_step's EULER = 0, HEUN_PREDICT = 1, HEUN_CORRECT = 2
     GUIDED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):

@@ -15,8 +15,27 @@ from .velocity import D2FVelocity
 
 __version__ = "0.1.0"
 
+# Loaded on first use: they need the "train" extra, and `import d2f` must work without it.
+_LAZY = {
+    "train": "d2f.training.loop",
+    "TrainConfig": "d2f.training.config",
+    "load": "d2f.training.export",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'd2f' has no attribute {name!r}")
+
+
 __all__ = [
     "PREDICTION_TYPES",
+    "TrainConfig",
+    "load",
+    "train",
     "SOLVERS",
     "D2FVelocity",
     "Schedule",

@@ -17,12 +17,13 @@ import torch
 from torch import Tensor
 
 from ._checks import TimeLike, as_time, check_choice, check_positive_int, describe, time_dtype
+from ._versioned import check_document
 
 DIFFUSERS_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 _BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 _FORMAT = "d2f.Schedule"
 _FORMAT_VERSION = 1
-_DICT_KEYS = {"format", "version", "alphas_cumprod", "prediction_type"}
+_OPTIONAL_KEYS = frozenset({"prediction_type"})
 
 
 def _rescale_zero_terminal_snr(alphas_cumprod: np.ndarray) -> np.ndarray:
@@ -281,20 +282,7 @@ class Schedule:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Schedule:
-        if not isinstance(data, Mapping):
-            raise ValueError(f"data must be a mapping, got {type(data).__name__}")
-        unknown = set(data) - _DICT_KEYS
-        missing = {"format", "version", "alphas_cumprod"} - set(data)
-        if unknown or missing:
-            raise ValueError(
-                f"not a d2f Schedule dict: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}; "
-                f"allowed keys: {sorted(_DICT_KEYS)}"
-            )
-        if data["format"] != _FORMAT or data["version"] != _FORMAT_VERSION:
-            raise ValueError(
-                f"unsupported schedule format {data['format']!r} version {data['version']!r}; "
-                f"this d2f reads {_FORMAT!r} version {_FORMAT_VERSION}"
-            )
+        data = check_document(data, "schedule", _FORMAT, _FORMAT_VERSION, {"alphas_cumprod"}, _OPTIONAL_KEYS)
         return cls(data["alphas_cumprod"], data.get("prediction_type"))
 
     # ------------------------------------------------------------------------------------- dunder

@@ -87,6 +87,8 @@ class D2FVelocity:
         uncond: the unconditional conditioning kwargs (same keys as the call's), e.g. a null text
             embedding; a tensor of batch 1 is broadcast.
         concat: conditioning channels appended to the aligned input along dim 1, unscaled (image-to-X).
+        align_input: ``False`` gives the naive-FM baseline's network: it sees the FM state unscaled and
+            the raw ``t`` in [0, 1] as its timestep (use it with ``prediction_type="velocity"``).
     """
 
     def __init__(
@@ -97,6 +99,7 @@ class D2FVelocity:
         guidance_scale: float = 1.0,
         uncond: Mapping[str, Any] | None = None,
         concat: Tensor | None = None,
+        align_input: bool = True,
     ):
         if not callable(net):
             raise ValueError(f"net must be callable, got {type(net).__name__}")
@@ -115,6 +118,7 @@ class D2FVelocity:
         self.guidance_scale = float(guidance_scale)
         self.uncond = dict(uncond or {})
         self.concat = concat
+        self.align_input = bool(align_input)
         self.singular_times = SINGULAR_TIMES[prediction_type]
 
     def model_output(self, x: Tensor, t: TimeLike, **cond: Any) -> Tensor:
@@ -122,8 +126,12 @@ class D2FVelocity:
         check_same_shape(x=x)
         return self._model_output(x, as_time(t, like=x), cond)
 
+    def _scale(self, t: float) -> float:
+        return float(scale(t)) if self.align_input else 1.0
+
     def _model_output(self, x: Tensor, t: Tensor, cond: dict[str, Any]) -> Tensor:
-        z = align_checked(x, t.expand(x.shape[0])).to(_network_dtype(self.net, compute_dtype(x)))
+        z = align_checked(x, t.expand(x.shape[0])) if self.align_input else x.to(compute_dtype(x))
+        z = z.to(_network_dtype(self.net, compute_dtype(x)))
         o_u, o_c = self._network_outputs(z, t, cond)
         return o_u.to(compute_dtype(o_u)) if o_c is None else guidance(o_u, o_c, self.guidance_scale)
 
@@ -137,7 +145,8 @@ class D2FVelocity:
                     f"concat has shape {tuple(self.concat.shape)}, incompatible with x of shape {expected}"
                 )
             z = torch.cat([z, self.concat.to(z.device, z.dtype)], dim=1)
-        k = self.schedule.timestep(t.expand(batch)).to(torch.float32)
+        tt = t.expand(batch)
+        k = (self.schedule.timestep(tt) if self.align_input else tt).to(torch.float32)
         guided = self.guidance_scale != 1
         if guided:
             z, k, cond = torch.cat([z, z]), torch.cat([k, k]), _batch_conditions(self.uncond, cond, batch)
@@ -171,6 +180,8 @@ class D2FVelocity:
     ) -> Tensor:
         """Generate from ``noise``: start at ``x = noise / scale(ts[0])`` (as DDIM does) and integrate.
 
+        (Without ``align_input`` the state starts at ``noise`` itself.)
+
         Returns the FM state at ``ts[-1]`` (float32, or float64 for float64 noise); ``solver``,
         ``callback`` and ``progress`` as in :func:`d2f.sample`. Euler and Heun run one fused step per
         network call (``backend`` as in :func:`d2f.fm_loss`): guidance, conversion, update and the next
@@ -181,7 +192,7 @@ class D2FVelocity:
         check_choice("solver", solver, SOLVERS)
         steps = grid_steps(ts)
         state_dtype = torch.float64 if noise.dtype == torch.float64 else torch.float32
-        x = noise.to(state_dtype) / float(scale(steps[0][0]))
+        x = noise.to(state_dtype) / self._scale(steps[0][0])
         if solver == "midpoint" or callback is not None:
 
             def field(state: Tensor, t: float) -> Tensor:
@@ -203,7 +214,7 @@ class D2FVelocity:
 
         def advance(i: int, state: tuple[Tensor, Tensor], t0: float, t1: float) -> tuple[Tensor, Tensor]:
             x, z = state
-            h, s1 = t1 - t0, float(scale(t1))
+            h, s1 = t1 - t0, self._scale(t1)
             o_u, o_c = outputs(z, t0)
             if solver == "euler" or t1 in self.singular_times:
                 return ode_step(EULER, x, o_u, o_c, None, *coefficients(t0), h, g, s1, z_dtype, backend)
@@ -212,7 +223,7 @@ class D2FVelocity:
             return ode_step(HEUN_CORRECT, x, o_u, o_c, u1, *coefficients(t1), h, g, s1, z_dtype, backend)
 
         def relabel(state: tuple[Tensor, Tensor], t_from: float, t_to: float) -> tuple[Tensor, Tensor]:
-            return state[0] * relabel_ratio(t_from, t_to), state[1]
+            return (state[0] * relabel_ratio(t_from, t_to) if self.align_input else state[0]), state[1]
 
         x, _ = walk(steps, (x, noise.to(z_dtype)), advance, relabel, progress, f"d2f {solver}")
         return x

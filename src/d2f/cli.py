@@ -1,0 +1,182 @@
+"""The ``d2f`` command: ``d2f train``, ``d2f sample``, ``d2f teacher``.
+
+``python -m d2f`` is the same command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from .time_samplers import T_SAMPLERS
+
+
+def _train_parser(sub) -> None:
+    from .training.config import MIXED_PRECISION, OBJECTIVES, TrainConfig
+
+    defaults = TrainConfig()
+    p = sub.add_parser(
+        "train",
+        help="finetune a diffusion UNet into a flow model (no arguments: the embedded MNIST demo)",
+        description="Finetune a diffusers UNet with Diff2Flow (or naive FM / diffusion). With no arguments: "
+        "convert the embedded MNIST teacher, show zero-shot FM samples, and LoRA-finetune it to 24x24 digits.",
+    )
+    p.add_argument("--out", default=None, help="output folder (default: runs/<objective>-<data>)")
+    p.add_argument(
+        "--pretrained", default=defaults.pretrained, help="'teacher', a d2f export or a diffusers UNet folder"
+    )
+    p.add_argument("--data", default=defaults.data, help="mnist | digits | image folder | latents .safetensors/.npy")
+    p.add_argument("--resolution", type=int, default=defaults.resolution)
+    p.add_argument("--classes", type=int, nargs="+", default=None, help="keep only these labels (mnist, digits)")
+    p.add_argument("--objective", choices=OBJECTIVES, default=defaults.objective)
+    p.add_argument("--t-sampler", choices=T_SAMPLERS, default=None, help="default: uniform (d2f, fm)")
+    p.add_argument("--lora-rank", type=int, default=defaults.lora_rank, help="0 = full finetuning")
+    p.add_argument(
+        "--no-full-convs",
+        dest="lora_full_convs",
+        action="store_false",
+        help="with LoRA, keep conv_in and conv_out frozen too",
+    )
+    p.add_argument("--max-steps", type=int, default=defaults.max_steps)
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="per process")
+    p.add_argument("--grad-accum", type=int, default=defaults.grad_accum)
+    p.add_argument("--lr", type=float, default=defaults.lr)
+    p.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
+    p.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    p.add_argument("--grad-clip", type=float, default=defaults.grad_clip, help="0 = off")
+    p.add_argument("--ema-decay", type=float, default=defaults.ema_decay)
+    p.add_argument("--cond-dropout", type=float, default=defaults.cond_dropout)
+    p.add_argument("--mixed-precision", choices=MIXED_PRECISION, default=defaults.mixed_precision)
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every, help="0 = never")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=None,
+        help="continue from the latest checkpoint in --out, or from the given checkpoint folder",
+    )
+    p.add_argument("--sample-steps", type=int, default=defaults.sample_steps)
+    p.add_argument("--num-samples", type=int, default=defaults.num_samples)
+    p.add_argument("--guidance", type=float, default=defaults.guidance)
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def _sample_parser(sub) -> None:
+    p = sub.add_parser("sample", help="sample a d2f export into a PNG grid")
+    p.add_argument("--model", default="teacher", help="a d2f export folder, or 'teacher'")
+    p.add_argument("--lora", default=None, help="a LoRA export folder to apply to --model")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--solver", choices=("euler", "heun", "midpoint"), default="euler")
+    p.add_argument("--grid", choices=("ddim", "uniform", "shift"), default="ddim")
+    p.add_argument("--shift", type=float, default=3.0, help="with --grid shift")
+    p.add_argument("--guidance", type=float, default=1.0)
+    p.add_argument("--num-samples", type=int, default=40)
+    p.add_argument("--resolution", type=int, default=None, help="default: the export's training resolution")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="grid.png")
+
+
+def _teacher_parser(sub) -> None:
+    p = sub.add_parser("teacher", help="retrain the embedded MNIST teacher from scratch")
+    p.add_argument("--out", default="runs/teacher")
+    p.add_argument("--max-steps", type=int, default=3000)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="d2f", description="Diffusion models as flow-matching models (Diff2Flow).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+    _sample_parser(sub)
+    _teacher_parser(sub)
+    return parser
+
+
+def run_train(args: argparse.Namespace) -> dict:
+    from .training.config import TrainConfig
+    from .training.loop import train
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    values["classes"] = tuple(args.classes) if args.classes else None
+    values["out"] = args.out or f"runs/{args.objective}-{Path(args.data).name}"
+    return train(TrainConfig(**values), resume=args.resume, progress=args.progress)
+
+
+def teacher_config(out: str, max_steps: int, seed: int):
+    """The embedded teacher's recipe: v-prediction diffusion on 16x16 MNIST with SD's schedule."""
+    from .training.config import TrainConfig
+
+    return TrainConfig(
+        out=out,
+        init="teacher-config",
+        prediction_type="v_prediction",
+        objective="diffusion",
+        resolution=16,
+        lora_rank=0,
+        max_steps=max_steps,
+        batch_size=64,
+        lr=2e-3,
+        warmup_steps=100,
+        ema_decay=0.999,
+        cond_dropout=0.1,
+        checkpoint_every=500,
+        seed=seed,
+        guidance=1.0,
+    )
+
+
+def run_sample(args: argparse.Namespace) -> None:
+    import torch
+
+    from .grids import ddim_grid, shift_grid, uniform_grid
+    from .training.export import load, read_export
+    from .training.images import save_grid
+    from .training.models import teacher_path
+
+    model = args.lora or args.model
+    field = load(model, guidance_scale=args.guidance)
+    meta = read_export(teacher_path() if model == "teacher" else Path(model)).meta
+    if args.lora and meta["base"] != args.model:
+        raise ValueError(f"--lora {args.lora} was trained on base {meta['base']!r}, not --model {args.model!r}")
+    t_start = 0.0 if field.prediction_type != "epsilon" else field.schedule.t_min
+    if args.grid == "ddim":
+        if not field.align_input:
+            raise ValueError("--grid ddim needs a converted model; a naive-FM export samples on --grid uniform")
+        ts = ddim_grid(field.schedule, args.steps, "leading", steps_offset=1, set_alpha_to_one=True)
+    elif args.grid == "uniform":
+        ts = uniform_grid(args.steps, t_start, 1.0)
+    else:
+        ts = shift_grid(args.steps, args.shift, t_start, 1.0)
+    resolution = args.resolution or meta["resolution"]
+    channels = field.net.config.out_channels
+    noise = torch.randn(
+        args.num_samples, channels, resolution, resolution, generator=torch.Generator().manual_seed(args.seed)
+    )
+    cond = {}
+    if meta["null_class"] is not None:
+        cond["class_labels"] = torch.arange(args.num_samples) % meta["null_class"]
+    images = field.sample(noise, ts, solver=args.solver, progress=True, **cond)
+    save_grid(images, Path(args.out))
+    print(f"wrote {args.out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            metrics = run_train(args)
+            print(json.dumps(metrics, indent=1))
+        elif args.command == "sample":
+            run_sample(args)
+        else:
+            from .training.loop import train
+
+            print(json.dumps(train(teacher_config(args.out, args.max_steps, args.seed)), indent=1))
+    except (ValueError, ImportError, FileNotFoundError, FloatingPointError) as e:
+        print(f"d2f {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0

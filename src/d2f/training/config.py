@@ -1,0 +1,127 @@
+"""``TrainConfig``: every setting of a training run, validated, and stored as JSON with the run."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from ..time_samplers import T_SAMPLERS
+
+OBJECTIVES = ("d2f", "fm", "diffusion")
+MIXED_PRECISION = ("no", "bf16", "fp16")
+DEFAULT_T_SAMPLER = "uniform"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of ``d2f train`` (the CLI flags are these names with dashes)."""
+
+    out: str = "runs/default"
+    pretrained: str = "teacher"  # the embedded teacher, a d2f export, or a diffusers UNet folder
+    data: str = "mnist"  # mnist | digits | an image folder | a latents file (.safetensors / .npy)
+    resolution: int = 24  # the default task adapts the 16x16 teacher to 24x24
+    classes: tuple[int, ...] | None = None  # keep only these labels (mnist, digits)
+    objective: str = "d2f"
+    t_sampler: str | None = None  # None: uniform for d2f and fm; diffusion draws integer timesteps
+    lora_rank: int = 8  # 0 = full finetuning
+    lora_full_convs: bool = True  # with LoRA, also train conv_in and conv_out fully (the paper's best)
+    max_steps: int = 600
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float = 1e-3
+    warmup_steps: int = 50
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    cond_dropout: float = 0.1  # drop class labels to the null label, for classifier-free guidance
+    mixed_precision: str = "no"
+    seed: int = 0
+    checkpoint_every: int = 200  # 0 = never
+    sample_steps: int = 25
+    num_samples: int = 40
+    guidance: float = 1.0
+    init: str | None = None  # "teacher-config": train from scratch with the teacher's architecture
+    prediction_type: str | None = None  # from scratch only: the new model's prediction type
+
+    def __post_init__(self) -> None:
+        def fail(name: str, allowed: str) -> None:
+            raise ValueError(f"{name}={getattr(self, name)!r} is not allowed: {allowed}")
+
+        if self.objective not in OBJECTIVES:
+            fail("objective", f"one of {OBJECTIVES}")
+        if self.t_sampler is not None and self.t_sampler not in T_SAMPLERS:
+            fail("t_sampler", f"one of {T_SAMPLERS}")
+        if self.objective == "diffusion" and self.t_sampler is not None:
+            raise ValueError(
+                f"t_sampler={self.t_sampler!r} contradicts objective='diffusion', which draws integer timesteps "
+                "uniformly like the teacher's own training; drop --t-sampler or pick objective d2f or fm"
+            )
+        if self.mixed_precision not in MIXED_PRECISION:
+            fail("mixed_precision", f"one of {MIXED_PRECISION}")
+        for name in ("resolution", "max_steps", "batch_size", "grad_accum", "sample_steps", "num_samples"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                fail(name, "a positive integer")
+        for name in ("lora_rank", "warmup_steps", "checkpoint_every", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                fail(name, "an integer >= 0")
+        for name, lo, hi in (("lr", 0, math.inf), ("ema_decay", 0, 1), ("cond_dropout", 0, 1)):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not (lo <= value <= hi) or (name == "lr" and value == 0):
+                fail(name, f"a number in {'(0, inf)' if name == 'lr' else f'[{lo}, {hi}]'}")
+        for name in ("weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                fail(name, "a finite number >= 0")
+        if not isinstance(self.guidance, (int, float)) or not math.isfinite(self.guidance):
+            fail("guidance", "a finite number")
+        if self.classes is not None and (
+            not self.classes or any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in self.classes)
+        ):
+            fail("classes", "a non-empty list of labels >= 0")
+        if self.init not in (None, "teacher-config"):
+            fail("init", "None or 'teacher-config'")
+        if self.prediction_type is not None and self.init is None:
+            raise ValueError(
+                "prediction_type is only for a model trained from scratch (init='teacher-config'); a pretrained "
+                "model keeps its own"
+            )
+        if self.init is not None and self.lora_rank:
+            raise ValueError("init='teacher-config' trains a new model from scratch: it needs lora_rank=0")
+
+    @property
+    def resolved_t_sampler(self) -> str | None:
+        if self.objective == "diffusion":
+            return None
+        return self.t_sampler or DEFAULT_T_SAMPLER
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["classes"] = list(self.classes) if self.classes is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in data:
+            if key not in known:
+                hint = difflib.get_close_matches(key, known, n=1)
+                raise ValueError(f"unknown training setting {key!r}" + (f"; did you mean {hint[0]!r}?" if hint else ""))
+        values = dict(data)
+        if values.get("classes") is not None:
+            values["classes"] = tuple(values["classes"])
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+__all__ = ["MIXED_PRECISION", "OBJECTIVES", "TrainConfig", "field_names"]

@@ -1,0 +1,160 @@
+"""The export folder of a training run, and ``d2f.load``.
+
+Layout (format ``d2f.export``, version 1)::
+
+    d2f.json            what the model is: kind (full | lora), prediction_type, align_input, null_class,
+                        base (lora only), objective, resolution, the training config
+    schedule.json       the d2f Schedule (float64 alphas_cumprod)
+    scheduler/          a diffusers DDIMScheduler config of the same schedule
+    unet/               kind=full: the finetuned UNet (diffusers save_pretrained, safetensors)
+    adapter/            kind=lora: adapter_model.safetensors + adapter_config.json (peft), and
+                        full_modules.safetensors when conv_in / conv_out were trained fully
+
+Everything is safetensors or JSON; nothing pickled is written or read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .._extras import require
+from .._versioned import check_document, read_document
+from ..schedule import Schedule
+from .models import FULL_CONVS, load_network, load_unet, lora_config, teacher_path
+
+EXPORT_FORMAT, EXPORT_VERSION = "d2f.export", 1
+META_KEYS = {
+    "kind",
+    "objective",
+    "prediction_type",
+    "align_input",
+    "null_class",
+    "base",
+    "lora_rank",
+    "resolution",
+    "train_config",
+}
+
+
+@dataclass
+class Export:
+    path: Path
+    meta: dict[str, Any]
+    schedule: Schedule
+
+
+def ddim_config(schedule: Schedule, prediction_type: str) -> dict[str, Any]:
+    """A diffusers DDIMScheduler config of ``schedule`` (SD's step rule: leading spacing, offset 1)."""
+    ac = schedule.alphas_cumprod
+    betas = 1 - ac / [1.0, *ac[:-1]]
+    return {
+        "_class_name": "DDIMScheduler",
+        "num_train_timesteps": schedule.num_train_timesteps,
+        "trained_betas": betas.tolist(),
+        "prediction_type": prediction_type if prediction_type != "velocity" else "v_prediction",
+        "clip_sample": False,
+        "set_alpha_to_one": False,
+        "steps_offset": 1,
+        "timestep_spacing": "leading",
+    }
+
+
+def write_export(folder: Path, unet: torch.nn.Module, schedule: Schedule, meta: dict[str, Any], lora: bool) -> None:
+    """Write atomically: everything goes to a temporary sibling folder, renamed into place at the end."""
+    folder = Path(folder)
+    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if lora:
+        from peft.utils import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        adapter = tmp / "adapter"
+        adapter.mkdir()
+        state = {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(unet).items()}
+        save_file(state, str(adapter / "adapter_model.safetensors"))
+        lora_config(meta["lora_rank"]).save_pretrained(str(adapter))
+        full = {k: v.detach().contiguous().cpu() for k, v in unet.state_dict().items() if k.startswith(FULL_CONVS)}
+        if any(p.requires_grad for n, p in unet.named_parameters() if n.startswith(FULL_CONVS)):
+            save_file(full, str(adapter / "full_modules.safetensors"))
+    else:
+        unet.save_pretrained(str(tmp / "unet"), safe_serialization=True)
+    (tmp / "schedule.json").write_text(json.dumps(schedule.to_dict()))
+    (tmp / "scheduler").mkdir()
+    ddim = ddim_config(schedule, meta["prediction_type"])
+    (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(ddim, indent=1))
+    full_meta = check_document(
+        {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, **meta},
+        "export metadata",
+        EXPORT_FORMAT,
+        EXPORT_VERSION,
+        META_KEYS,
+    )
+    (tmp / "d2f.json").write_text(json.dumps(full_meta, indent=1))
+    old = folder.parent / f".{folder.name}.old-{os.getpid()}"
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_export(folder: Path) -> Export:
+    folder = Path(folder)
+    meta = read_document(folder / "d2f.json", EXPORT_FORMAT, EXPORT_VERSION, META_KEYS)
+    schedule = Schedule.from_dict(json.loads((folder / "schedule.json").read_text()))
+    return Export(folder, meta, schedule)
+
+
+def load(path: str | os.PathLike, guidance_scale: float = 1.0, device: str | torch.device | None = None):
+    """A d2f export (or ``"teacher"``, the embedded one) as a ready ``D2FVelocity`` in eval mode.
+
+    With ``guidance_scale != 1`` the unconditional branch uses the export's null class label.
+    """
+    from ..velocity import D2FVelocity
+
+    require("diffusers", "safetensors", "peft", extra="train", feature="d2f.load")
+    folder = teacher_path() if str(path) == "teacher" else Path(path)
+    if not (folder / "d2f.json").exists():
+        raise ValueError(f"path={str(path)!r}: no d2f.json there, so it is not a d2f export")
+    export = read_export(folder)
+    meta = export.meta
+    if meta["kind"] == "full":
+        unet = load_unet(folder / "unet")
+    else:
+        from peft import inject_adapter_in_model
+        from peft.utils import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        unet = load_network(meta["base"]).unet
+        inject_adapter_in_model(lora_config(meta["lora_rank"]), unet)
+        result = set_peft_model_state_dict(unet, load_file(str(folder / "adapter" / "adapter_model.safetensors")))
+        if getattr(result, "unexpected_keys", None):
+            raise ValueError(f"{folder}: adapter weights that fit no layer: {result.unexpected_keys[:5]}")
+        full = folder / "adapter" / "full_modules.safetensors"
+        if full.exists():
+            missing, unexpected = unet.load_state_dict(load_file(str(full)), strict=False)
+            if unexpected:
+                raise ValueError(f"{full}: weights that fit no layer: {unexpected[:5]}")
+    unet = unet.eval().requires_grad_(False)
+    if device is not None:
+        unet = unet.to(device)
+    uncond = None
+    if guidance_scale != 1:
+        if meta["null_class"] is None:
+            raise ValueError(f"guidance_scale={guidance_scale} needs a null class, and {folder} has none")
+        uncond = {"class_labels": torch.tensor([meta["null_class"]], device=device)}
+    return D2FVelocity(
+        unet,
+        export.schedule,
+        meta["prediction_type"],
+        guidance_scale=guidance_scale,
+        uncond=uncond,
+        align_input=meta["align_input"],
+    )

@@ -1,0 +1,71 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from d2f import PREDICTION_TYPES, Schedule
+from d2f.time_samplers import T_MARGIN, diffusion_matched_t, logit_normal_t, sample_t, uniform_t, valid_range
+
+N = 20000
+# Kolmogorov-Smirnov: with N = 20000 draws the 0.1 % critical value is 1.95 / sqrt(N) = 0.0138.
+KS_CRITICAL = 1.95 / math.sqrt(N)
+
+
+def ks_statistic(samples: torch.Tensor, cdf) -> float:
+    x = np.sort(samples.numpy())
+    theory = cdf(x)
+    ranks = np.arange(1, x.size + 1) / x.size
+    return float(max(np.max(ranks - theory), np.max(theory - (ranks - 1 / x.size))))
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_valid_ranges_keep_away_from_singular_ends():
+    assert valid_range("epsilon") == (T_MARGIN, 1.0)
+    assert valid_range("sample") == (0.0, 1 - T_MARGIN)
+    assert valid_range("v_prediction") == (0.0, 1.0) == valid_range("velocity")
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+def test_uniform_matches_its_density(prediction_type):
+    lo, hi = valid_range(prediction_type)
+    t = uniform_t(N, gen(), prediction_type)
+    assert t.dtype == torch.float64 and float(t.min()) >= lo and float(t.max()) <= hi
+    assert ks_statistic(t, lambda x: (x - lo) / (hi - lo)) < KS_CRITICAL
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+def test_logit_normal_matches_its_density(prediction_type):
+    lo, hi = valid_range(prediction_type)
+    t = logit_normal_t(N, gen(1), prediction_type)
+    assert float(t.min()) >= lo and float(t.max()) <= hi
+    normal_cdf = np.vectorize(lambda v: 0.5 * (1 + math.erf(v / math.sqrt(2))))
+    assert ks_statistic(t, lambda x: normal_cdf(np.log(x / (1 - x)))) < KS_CRITICAL
+
+
+@pytest.mark.parametrize("zero_snr", [False, True])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_diffusion_matched_draws_the_teachers_noise_levels_uniformly(zero_snr, prediction_type):
+    schedule = Schedule.linear(10, 0.01, 0.3, zero_terminal_snr=zero_snr)
+    t = diffusion_matched_t(N, gen(2), prediction_type, schedule)
+    support = schedule.taus if not (zero_snr and prediction_type == "epsilon") else schedule.taus[:-1]
+    values, counts = np.unique(t.numpy(), return_counts=True)
+    np.testing.assert_array_equal(np.sort(values), np.sort(support))
+    expected = N / support.size
+    # Each count is Binomial(N, 1/K): 5 standard deviations is far beyond chance.
+    assert np.all(np.abs(counts - expected) < 5 * math.sqrt(expected))
+    if prediction_type == "epsilon":
+        assert float(t.min()) > 0
+
+
+def test_sample_t_dispatch_and_errors():
+    assert sample_t("uniform", 3, gen(), "epsilon").shape == (3,)
+    with pytest.raises(ValueError, match="t_sampler='beta' is not supported"):
+        sample_t("beta", 3, gen(), "epsilon")
+    with pytest.raises(ValueError, match="needs the teacher's schedule"):
+        sample_t("diffusion-matched", 3, gen(), "epsilon")
+    with pytest.raises(ValueError, match="n=0 must be a positive integer"):
+        uniform_t(0, gen(), "epsilon")

@@ -1,0 +1,360 @@
+"""The trainer on the embedded teacher: objectives, LoRA and full, resume, data parallel, export, CLI."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("accelerate")
+pytest.importorskip("peft")
+pytest.importorskip("mlxtend")
+
+import d2f  # noqa: E402
+from d2f.cli import main  # noqa: E402
+from d2f.training.config import TrainConfig  # noqa: E402
+from d2f.training.loop import train  # noqa: E402
+from d2f.training.models import teacher_path  # noqa: E402
+
+SMALL = dict(
+    resolution=16, batch_size=4, max_steps=2, num_samples=4, sample_steps=2, checkpoint_every=0, warmup_steps=1
+)
+
+
+def config(tmp_path, name="run", **changes):
+    return TrainConfig(**{**SMALL, "out": str(tmp_path / name), **changes})
+
+
+def tensors(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+@pytest.mark.parametrize("objective", ["d2f", "fm", "diffusion"])
+@pytest.mark.parametrize("lora_rank", [4, 0], ids=["lora", "full"])
+def test_each_objective_trains_exports_and_loads(tmp_path, objective, lora_rank):
+    metrics = train(config(tmp_path, objective=objective, lora_rank=lora_rank), progress=False)
+    out = tmp_path / "run"
+    for name in ("samples.png", "loss.png", "metrics.json", "config.json", "zero_shot.png", "export/d2f.json"):
+        assert (out / name).is_file(), name
+    assert np.isfinite(metrics["final_loss"]) and metrics["steps"] == 2
+    assert metrics["zero_shot_max_abs_diff_vs_ddim"] < 1e-4  # the converted teacher *is* DDIM
+    field = d2f.load(out / "export")
+    assert field.prediction_type == ("velocity" if objective == "fm" else "v_prediction")
+    assert field.align_input == (objective != "fm")
+    x = field.sample(torch.randn(2, 1, 16, 16), d2f.uniform_grid(2, 0.0, 1.0), class_labels=torch.tensor([3, 7]))
+    assert x.shape == (2, 1, 16, 16) and bool(x.isfinite().all())
+
+
+def test_lora_export_round_trip_restores_adapter_and_full_convs(tmp_path):
+    train(config(tmp_path, lora_rank=4, max_steps=3, resolution=24), progress=False)
+    meta = json.loads((tmp_path / "run" / "export" / "d2f.json").read_text())
+    assert meta["kind"] == "lora" and meta["base"] == "teacher" and meta["resolution"] == 24
+    teacher, tuned = d2f.load("teacher"), d2f.load(tmp_path / "run" / "export")
+    assert not torch.equal(teacher.net.conv_in.weight, tuned.net.conv_in.weight)
+    assert not torch.equal(teacher.net.conv_out.weight, tuned.net.conv_out.weight)
+    assert any("lora_B" in n and p.abs().max() > 0 for n, p in tuned.net.named_parameters())
+    x, labels = torch.randn(2, 1, 24, 24), torch.tensor([1, 2])
+    assert not torch.allclose(teacher(x, 0.5, class_labels=labels), tuned(x, 0.5, class_labels=labels))
+    # The EMA weights were exported: loading twice gives the same field.
+    again = d2f.load(tmp_path / "run" / "export")
+    torch.testing.assert_close(again(x, 0.5, class_labels=labels), tuned(x, 0.5, class_labels=labels))
+
+
+@pytest.mark.parametrize("lora_rank", [4, 0], ids=["lora", "full"])
+def test_resume_is_bitwise_exact(tmp_path, lora_rank):
+    """6 steps straight == 3 steps, then --resume in a new process, 3 more: weights, EMA, optimizer, bit for bit."""
+    base = dict(lora_rank=lora_rank, max_steps=6, checkpoint_every=3, num_samples=2, sample_steps=1)
+    train(config(tmp_path, "straight", **base), progress=False)
+    train(config(tmp_path, "split", **{**base, "max_steps": 3}), progress=False)
+    flags = [
+        "--resolution",
+        "16",
+        "--batch-size",
+        "4",
+        "--warmup-steps",
+        "1",
+        "--checkpoint-every",
+        "3",
+        "--num-samples",
+        "2",
+        "--sample-steps",
+        "1",
+        "--lora-rank",
+        str(lora_rank),
+        "--max-steps",
+        "6",
+    ]
+    resumed = subprocess.run(
+        [sys.executable, "-m", "d2f", "train", *flags, "--no-progress", "--out", str(tmp_path / "split"), "--resume"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    for file in ("trainable.safetensors", "ema.safetensors", "optimizer.safetensors"):
+        a = tensors(tmp_path / "straight" / "checkpoints" / "step-00000006" / file)
+        b = tensors(tmp_path / "split" / "checkpoints" / "step-00000006" / file)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), (file, key)
+    straight = json.loads((tmp_path / "straight" / "checkpoints" / "step-00000006" / "state.json").read_text())
+    split = json.loads((tmp_path / "split" / "checkpoints" / "step-00000006" / "state.json").read_text())
+    assert straight["losses"] == split["losses"]
+
+
+@pytest.mark.slow
+def test_two_process_data_parallel_matches_one_process(tmp_path):
+    """accelerate launch, 2 CPU processes x batch 4 == 1 process x batch 8 (same samples, same draws)."""
+    common = [
+        "--max-steps",
+        "2",
+        "--resolution",
+        "16",
+        "--checkpoint-every",
+        "2",
+        "--num-samples",
+        "2",
+        "--sample-steps",
+        "1",
+        "--warmup-steps",
+        "1",
+        "--lora-rank",
+        "4",
+        "--no-progress",
+    ]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "d2f",
+        "train",
+    ]
+    dp = subprocess.run(
+        launch + common + ["--batch-size", "4", "--out", str(tmp_path / "dp")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert dp.returncode == 0, dp.stderr[-3000:]
+    assert json.loads((tmp_path / "dp" / "metrics.json").read_text())["processes"] == 2
+    train(
+        config(tmp_path, "single", lora_rank=4, batch_size=8, checkpoint_every=2, num_samples=2, sample_steps=1),
+        progress=False,
+    )
+    a = tensors(tmp_path / "dp" / "checkpoints" / "step-00000002" / "trainable.safetensors")
+    b = tensors(tmp_path / "single" / "checkpoints" / "step-00000002" / "trainable.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)  # float reduction order only
+
+
+def test_conditioned_unets_encoder_hidden_states_and_concat(tmp_path):
+    """A UNet2DConditionModel fed text embeddings, and a UNet2DModel with concat channels, from latents."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel, UNet2DModel
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    cond_unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=2,
+        out_channels=2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=6,
+        norm_num_groups=4,
+        attention_head_dim=2,
+    )
+    concat_unet = UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+    )
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", prediction_type="epsilon")
+    for name, unet in (("text", cond_unet), ("concat", concat_unet)):
+        unet.save_pretrained(tmp_path / name / "unet")
+        scheduler.save_pretrained(tmp_path / name / "scheduler")
+    n = 6
+    save_file(
+        {
+            "latents": torch.randn(n, 2, 8, 8),
+            "encoder_hidden_states": torch.randn(n, 3, 6),
+            "null_encoder_hidden_states": torch.zeros(1, 3, 6),
+        },
+        str(tmp_path / "text.safetensors"),
+    )
+    save_file(
+        {"latents": torch.randn(n, 2, 8, 8), "concat": torch.randn(n, 1, 8, 8)}, str(tmp_path / "concat.safetensors")
+    )
+    for name in ("text", "concat"):
+        metrics = train(
+            config(
+                tmp_path,
+                f"run-{name}",
+                pretrained=str(tmp_path / name),
+                resolution=8,
+                data=str(tmp_path / f"{name}.safetensors"),
+                lora_rank=0,
+                cond_dropout=0.5 if name == "text" else 0.0,
+            ),
+            progress=False,
+        )
+        assert np.isfinite(metrics["final_loss"])
+        assert metrics["zero_shot_max_abs_diff_vs_ddim"] < 1e-4
+
+
+def test_bf16_mixed_precision_keeps_trainable_weights_fp32(tmp_path):
+    metrics = train(config(tmp_path, mixed_precision="bf16", checkpoint_every=2), progress=False)
+    weights = tensors(tmp_path / "run" / "checkpoints" / "step-00000002" / "trainable.safetensors")
+    assert np.isfinite(metrics["final_loss"]) and all(w.dtype == torch.float32 for w in weights.values())
+
+
+def test_image_folder_counts_unreadable_files(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (20, 30, 3), dtype=np.uint8)).save(
+            folder / f"{i}.png"
+        )
+    (folder / "broken.png").write_bytes(b"not a png")
+    (folder / "empty.jpg").write_bytes(b"")
+    with pytest.warns(UserWarning, match="skipped 2 unreadable file"):
+        metrics = train(config(tmp_path, data=str(folder), lora_rank=0), progress=False)
+    assert np.isfinite(metrics["final_loss"])
+
+
+def test_bad_settings_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="contradicts objective='diffusion'"):
+        TrainConfig(objective="diffusion", t_sampler="uniform")
+    with pytest.raises(ValueError, match="did you mean 'max_steps'"):
+        TrainConfig.from_dict({"max_step": 3})
+    with pytest.raises(ValueError, match="lr=0 is not allowed"):
+        TrainConfig(lr=0)
+    with pytest.raises(ValueError, match="mixed_precision='fp16' is refused on the CPU"):
+        train(config(tmp_path, mixed_precision="fp16"), progress=False)
+    with pytest.raises(ValueError, match="no such file or folder"):
+        train(config(tmp_path, data=str(tmp_path / "missing")), progress=False)
+    with pytest.raises(ValueError, match="labels \\[12\\] do not occur in mnist"):
+        train(config(tmp_path, classes=(3, 12)), progress=False)
+    np.save(tmp_path / "two.npy", np.zeros((4, 2, 16, 16), dtype=np.float32))
+    with pytest.raises(ValueError, match="but the model takes 1 input channel"):
+        train(config(tmp_path, data=str(tmp_path / "two.npy")), progress=False)
+
+
+def test_checkpoints_are_protected(tmp_path):
+    train(config(tmp_path, checkpoint_every=1, num_samples=2, sample_steps=1), progress=False)
+    with pytest.raises(ValueError, match="holds checkpoints of an earlier run"):
+        train(config(tmp_path, checkpoint_every=1), progress=False)
+    with pytest.raises(ValueError, match="different lr"):
+        train(config(tmp_path, lr=0.5, max_steps=3), resume="latest", progress=False)
+    with pytest.raises(ValueError, match="no complete checkpoint"):
+        train(config(tmp_path, "fresh"), resume="latest", progress=False)
+    latest = tmp_path / "run" / "checkpoints" / "step-00000002"
+    data = (latest / "trainable.safetensors").read_bytes()
+    (latest / "trainable.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="missing or broken"):
+        train(config(tmp_path, max_steps=3), resume="latest", progress=False)
+    # A half-written checkpoint folder (no state.json) is never picked up.
+    (tmp_path / "run" / "checkpoints" / ".tmp-step-00000009-1").mkdir()
+    (tmp_path / "run" / "checkpoints" / "step-00000009").mkdir()
+    from d2f.training.checkpoint import latest_checkpoint
+
+    assert latest_checkpoint(tmp_path / "run") == latest
+
+
+def test_cli_flags_and_sample(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--bogus-flag"])
+    assert exit_info.value.code == 2 and "--bogus-flag" in capsys.readouterr().err
+    assert main(["train", "--objective", "diffusion", "--t-sampler", "uniform", "--out", str(tmp_path / "x")]) == 2
+    assert "contradicts objective='diffusion'" in capsys.readouterr().err
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "d2f",
+            "train",
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--resolution",
+            "16",
+            "--num-samples",
+            "2",
+            "--sample-steps",
+            "2",
+            "--no-progress",
+            "--out",
+            str(tmp_path / "cli"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    grid = tmp_path / "grid.png"
+    assert (
+        main(
+            [
+                "sample",
+                "--model",
+                str(tmp_path / "cli" / "export"),
+                "--steps",
+                "3",
+                "--num-samples",
+                "4",
+                "--guidance",
+                "2",
+                "--out",
+                str(grid),
+            ]
+        )
+        == 0
+    )
+    assert grid.stat().st_size > 0
+
+
+def test_embedded_teacher_is_small_and_loads():
+    weights = teacher_path() / "unet" / "diffusion_pytorch_model.safetensors"
+    assert weights.stat().st_size <= 5 * 2**20
+    field = d2f.load("teacher")
+    assert field.prediction_type == "v_prediction" and field.schedule == d2f.Schedule.scaled_linear(
+        prediction_type="v_prediction"
+    )
+
+
+def test_mnist_images_and_labels_line_up():
+    """500 digits per class; a class's mean image is that digit (1s are thin, 0s are hollow)."""
+    from d2f.training.data import mnist
+
+    data = mnist(28)
+    assert data.labels.bincount().tolist() == [500] * 10
+    ink = [(data.images[data.labels == c] > 0).float().mean().item() for c in range(10)]
+    assert ink[1] == min(ink)
+    centre = [data.images[data.labels == c][:, 0, 12:16, 12:16].mean().item() for c in range(10)]
+    assert centre[0] == min(centre)
