@@ -21,6 +21,7 @@ PINS = [
     "peft==0.21.2",
     "accelerate==1.15.0",
     "safetensors==0.8.0",
+    "transformers==5.24.0",  # peft needs it; the pipeline tests build a tiny CLIP text encoder
 ]
 
 

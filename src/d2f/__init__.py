@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 
 # Loaded on first use: they need the "train" extra, and `import d2f` must work without it.
 _LAZY = {
+    "D2FScheduler": "d2f.scheduler",
     "train": "d2f.training.loop",
     "TrainConfig": "d2f.training.config",
     "load": "d2f.training.export",
@@ -27,12 +28,20 @@ def __getattr__(name: str):
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        try:
+            module = importlib.import_module(_LAZY[name])
+        except ImportError as e:
+            raise ImportError(
+                f"d2f.{name} needs the 'train' extra ({e.name or e}): pip install 'd2f[train]' "
+                "(pin torch in the same command on a CPU machine, see the README)"
+            ) from e
+        return getattr(module, name)
     raise AttributeError(f"module 'd2f' has no attribute {name!r}")
 
 
 __all__ = [
     "PREDICTION_TYPES",
+    "D2FScheduler",
     "TrainConfig",
     "load",
     "train",

@@ -5,10 +5,14 @@ Layout (format ``d2f.export``, version 1)::
     d2f.json            what the model is: kind (full | lora), prediction_type, align_input, null_class,
                         base (lora only), objective, resolution, the training config
     schedule.json       the d2f Schedule (float64 alphas_cumprod)
-    scheduler/          a diffusers DDIMScheduler config of the same schedule
-    unet/               kind=full: the finetuned UNet (diffusers save_pretrained, safetensors)
-    adapter/            kind=lora: adapter_model.safetensors + adapter_config.json (peft), and
-                        full_modules.safetensors when conv_in / conv_out were trained fully
+    scheduler/          converted models: a d2f.D2FScheduler config of the same schedule
+                        (``D2FScheduler.from_pretrained(export / "scheduler")``)
+    unet/               kind=full: the finetuned UNet (diffusers save_pretrained, safetensors;
+                        ``UNet2DModel.from_pretrained(export / "unet")``)
+    adapter/            kind=lora: a standard peft adapter (adapter_config.json, adapter_model.safetensors)
+                        for the base model named in d2f.json; conv_in / conv_out, when trained fully,
+                        are its ``modules_to_save``. Load it with
+                        ``PeftModel.from_pretrained(base_unet, export / "adapter")``
 
 Everything is safetensors or JSON; nothing pickled is written or read.
 """
@@ -78,18 +82,22 @@ def write_export(folder: Path, unet: torch.nn.Module, schedule: Schedule, meta: 
 
         adapter = tmp / "adapter"
         adapter.mkdir()
-        state = {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(unet).items()}
+        state = dict(get_peft_model_state_dict(unet))
+        full = sorted(
+            {n.split(".")[0] for n, p in unet.named_parameters() if n.startswith(FULL_CONVS) and p.requires_grad}
+        )
+        state.update({k: v for k, v in unet.state_dict().items() if k.split(".")[0] in full})
+        # peft's own layout: keys under base_model.model., fully trained modules as modules_to_save.
+        state = {f"base_model.model.{k}": v.detach().contiguous().cpu() for k, v in state.items()}
         save_file(state, str(adapter / "adapter_model.safetensors"))
-        lora_config(meta["lora_rank"]).save_pretrained(str(adapter))
-        full = {k: v.detach().contiguous().cpu() for k, v in unet.state_dict().items() if k.startswith(FULL_CONVS)}
-        if any(p.requires_grad for n, p in unet.named_parameters() if n.startswith(FULL_CONVS)):
-            save_file(full, str(adapter / "full_modules.safetensors"))
+        lora_config(meta["lora_rank"], full or None).save_pretrained(str(adapter))
     else:
         unet.save_pretrained(str(tmp / "unet"), safe_serialization=True)
     (tmp / "schedule.json").write_text(json.dumps(schedule.to_dict()))
-    (tmp / "scheduler").mkdir()
-    ddim = ddim_config(schedule, meta["prediction_type"])
-    (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(ddim, indent=1))
+    if meta["align_input"]:
+        from ..scheduler import D2FScheduler
+
+        D2FScheduler.from_config(ddim_config(schedule, meta["prediction_type"])).save_pretrained(str(tmp / "scheduler"))
     full_meta = check_document(
         {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, **meta},
         "export metadata",
@@ -128,20 +136,11 @@ def load(path: str | os.PathLike, guidance_scale: float = 1.0, device: str | tor
     if meta["kind"] == "full":
         unet = load_unet(folder / "unet")
     else:
-        from peft import inject_adapter_in_model
-        from peft.utils import set_peft_model_state_dict
-        from safetensors.torch import load_file
+        from peft import PeftModel
 
-        unet = load_network(meta["base"]).unet
-        inject_adapter_in_model(lora_config(meta["lora_rank"]), unet)
-        result = set_peft_model_state_dict(unet, load_file(str(folder / "adapter" / "adapter_model.safetensors")))
-        if getattr(result, "unexpected_keys", None):
-            raise ValueError(f"{folder}: adapter weights that fit no layer: {result.unexpected_keys[:5]}")
-        full = folder / "adapter" / "full_modules.safetensors"
-        if full.exists():
-            missing, unexpected = unet.load_state_dict(load_file(str(full)), strict=False)
-            if unexpected:
-                raise ValueError(f"{full}: weights that fit no layer: {unexpected[:5]}")
+        # The standard peft call, as a user would make it; it restores modules_to_save (conv_in/conv_out) too.
+        base = load_network(meta["base"]).unet
+        unet = PeftModel.from_pretrained(base, str(folder / "adapter")).get_base_model()
     unet = unet.eval().requires_grad_(False)
     if device is not None:
         unet = unet.to(device)

@@ -127,10 +127,13 @@ def add_lora(unet: torch.nn.Module, rank: int, full_convs: bool) -> None:
         param.requires_grad_("lora_" in name or (full_convs and name.startswith(FULL_CONVS)))
 
 
-def lora_config(rank: int):
+def lora_config(rank: int, modules_to_save: list[str] | None = None):
+    """d2f's LoRA: attention projections and resnet convs; ``modules_to_save`` names fully trained modules."""
     from peft import LoraConfig
 
-    return LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS, init_lora_weights=True)
+    return LoraConfig(
+        r=rank, lora_alpha=rank, target_modules=LORA_TARGETS, init_lora_weights=True, modules_to_save=modules_to_save
+    )
 
 
 def trainable_parameters(unet: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

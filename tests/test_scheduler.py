@@ -1,0 +1,255 @@
+"""D2FScheduler inside diffusers pipelines: a tiny Stable Diffusion built locally from configs."""
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
+
+from d2f import D2FScheduler, Schedule  # noqa: E402
+
+SD_SCHEDULE = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+SD_CONFIG = dict(**SD_SCHEDULE, clip_sample=False)
+
+
+def tiny_pipeline(prediction_type="epsilon", **scheduler_config):
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=12,
+        norm_num_groups=4,
+        attention_head_dim=2,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8,),
+        norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        sample_size=8,
+    )
+    scheduler = DDIMScheduler(**SD_CONFIG, prediction_type=prediction_type, **scheduler_config)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=None,
+        tokenizer=None,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run(pipe, steps=10, guidance=1.0, **kwargs):
+    g = torch.Generator().manual_seed(1)
+    embeds = torch.randn(2, 3, 12, generator=g)
+    negative = torch.zeros(2, 3, 12)
+    out = pipe(
+        prompt_embeds=embeds,
+        negative_prompt_embeds=negative,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        generator=torch.Generator().manual_seed(2),
+        output_type="latent",
+        height=8,
+        width=8,
+        **kwargs,
+    )
+    return out.images
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize(
+    "spacing_config",
+    [
+        dict(timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False),  # SD 1.x / 2.x
+        dict(timestep_spacing="trailing", set_alpha_to_one=True),
+        dict(timestep_spacing="trailing", set_alpha_to_one=False),
+    ],
+    ids=["leading", "trailing-alpha1", "trailing"],
+)
+@pytest.mark.parametrize("guidance", [1.0, 5.0], ids=["no-cfg", "cfg"])
+def test_swapping_in_d2f_reproduces_ddim_in_the_pipeline(prediction_type, spacing_config, guidance):
+    pipe = tiny_pipeline(prediction_type, **spacing_config)
+    ddim = run(pipe, guidance=guidance)
+    pipe.scheduler = D2FScheduler.from_config(pipe.scheduler.config)
+    assert pipe.scheduler.config.prediction_type == prediction_type
+    d2f = run(pipe, guidance=guidance)
+    torch.testing.assert_close(d2f, ddim, rtol=1e-4, atol=1e-4)
+
+
+def test_linspace_spacing_step_table_reproduces_ddim():
+    pipe = tiny_pipeline("v_prediction", timestep_spacing="linspace", set_alpha_to_one=False)
+    ddim = run(pipe, steps=7)
+    pipe.scheduler = D2FScheduler.from_config(pipe.scheduler.config)
+    torch.testing.assert_close(run(pipe, steps=7), ddim, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("solver", ["heun", "midpoint"])
+@pytest.mark.parametrize("grid", ["ddim", "uniform", "shift"])
+def test_second_order_solvers_and_fm_grids_run_in_the_pipeline(solver, grid):
+    pipe = tiny_pipeline("v_prediction", timestep_spacing="trailing")
+    pipe.scheduler = D2FScheduler.from_config(pipe.scheduler.config, solver=solver, grid=grid)
+    scheduler = pipe.scheduler
+    scheduler.set_timesteps(4)
+    assert scheduler.order == 2 and len(scheduler.timesteps) == 8 and scheduler.timesteps.dtype == torch.float32
+    latents = run(pipe, steps=4, guidance=3.0)
+    assert latents.shape == (2, 4, 8, 8) and bool(latents.isfinite().all())
+
+
+def test_scheduler_semantics():
+    scheduler = D2FScheduler.from_config(DDIMScheduler(**SD_CONFIG, steps_offset=1, set_alpha_to_one=False).config)
+    scheduler.set_timesteps(10)
+    schedule = Schedule.scaled_linear()
+    # Network timesteps: exactly DDIM's integers, as floats.
+    assert scheduler.timesteps.tolist() == [float(k) for k in range(901, 0, -100)]
+    t0 = float(schedule.taus[901])
+    assert scheduler.init_noise_sigma == pytest.approx((t0**2 + (1 - t0) ** 2) ** 0.5)
+    x = torch.ones(1, 4, 2, 2)
+    assert float(scheduler.scale_model_input(x, scheduler.timesteps[0]).mean()) == pytest.approx(
+        1 / scheduler.init_noise_sigma
+    )
+    data, noise = torch.full((1, 4, 2, 2), 2.0), torch.zeros(1, 4, 2, 2)
+    t = float(schedule.fm_time(301))
+    noisy = scheduler.add_noise(data, noise, torch.tensor([301.0]))
+    torch.testing.assert_close(noisy, torch.full_like(data, 2 * t))
+    torch.testing.assert_close(scheduler.scale_noise(data, torch.tensor([301.0]), noise), noisy)
+    assert len(scheduler) == 1000
+
+
+def test_img2img_begins_part_way():
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    pipe = tiny_pipeline("epsilon", steps_offset=1, set_alpha_to_one=False)
+    img2img = StableDiffusionImg2ImgPipeline(**pipe.components)
+    img2img.set_progress_bar_config(disable=True)
+    image = torch.rand(2, 3, 8, 8)
+
+    def img(p):
+        return p(
+            prompt_embeds=torch.randn(2, 3, 12, generator=torch.Generator().manual_seed(1)),
+            negative_prompt_embeds=torch.zeros(2, 3, 12),
+            image=image,
+            strength=0.6,
+            num_inference_steps=10,
+            guidance_scale=1.0,
+            generator=torch.Generator().manual_seed(2),
+            output_type="latent",
+        ).images
+
+    ddim = img(img2img)
+    img2img.scheduler = D2FScheduler.from_config(img2img.scheduler.config)
+    torch.testing.assert_close(img(img2img), ddim, rtol=1e-4, atol=1e-4)
+
+
+def test_bad_configs_are_refused():
+    with pytest.raises(ValueError, match="solver='rk4' is not supported"):
+        D2FScheduler(solver="rk4")
+    with pytest.raises(ValueError, match="grid='karras' is not supported"):
+        D2FScheduler(grid="karras")
+    zero_snr_eps = D2FScheduler(**SD_SCHEDULE, rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    with pytest.raises(ValueError, match="no velocity"):
+        zero_snr_eps.set_timesteps(10)
+    scheduler = D2FScheduler(**SD_SCHEDULE)
+    with pytest.raises(ValueError, match="call set_timesteps"):
+        scheduler.scale_model_input(torch.zeros(1), 0)
+    scheduler.set_timesteps(5)
+    with pytest.raises(ValueError, match="not one of this scheduler's timesteps"):
+        scheduler.step(torch.zeros(1, 1), 3.5, torch.zeros(1, 1))
+
+
+def manual_loop(unet, scheduler, noise, steps, labels):
+    """The standard diffusers sampling loop, written out as users write it."""
+    scheduler.set_timesteps(steps)
+    x = noise * scheduler.init_noise_sigma
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            out = unet(scheduler.scale_model_input(x, t), t, class_labels=labels).sample
+            x = scheduler.step(out, t, x).prev_sample
+    return x
+
+
+def test_exports_load_with_standard_calls_and_sample_with_the_scheduler(tmp_path):
+    """LoRA: PeftModel.from_pretrained restores the adapter and the fully trained conv_in/conv_out; a full
+    finetune loads with from_pretrained; both sample with the export's D2FScheduler like d2f.load does."""
+    pytest.importorskip("peft")
+    pytest.importorskip("mlxtend")
+    from diffusers import UNet2DModel
+    from peft import PeftModel
+
+    import d2f
+    from d2f.training.config import TrainConfig
+    from d2f.training.loop import train
+    from d2f.training.models import teacher_path
+
+    small = dict(resolution=16, batch_size=4, max_steps=3, num_samples=2, sample_steps=2, warmup_steps=1)
+    train(TrainConfig(out=str(tmp_path / "lora"), lora_rank=4, **small), progress=False)
+    train(TrainConfig(out=str(tmp_path / "full"), lora_rank=0, **small), progress=False)
+    teacher = UNet2DModel.from_pretrained(teacher_path() / "unet")
+    noise, labels = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([4, 9])
+
+    lora = PeftModel.from_pretrained(
+        UNet2DModel.from_pretrained(teacher_path() / "unet"), tmp_path / "lora/export/adapter"
+    )
+    lora_unet = lora.get_base_model().eval()
+    assert not torch.equal(lora_unet.conv_in.weight, teacher.conv_in.weight)
+    assert not torch.equal(lora_unet.conv_out.weight, teacher.conv_out.weight)
+    full_unet = UNet2DModel.from_pretrained(tmp_path / "full/export/unet").eval()
+    assert not torch.equal(full_unet.conv_in.weight, teacher.conv_in.weight)
+
+    for name, unet in (("lora", lora_unet), ("full", full_unet)):
+        scheduler = D2FScheduler.from_pretrained(tmp_path / name / "export/scheduler")
+        x = manual_loop(unet, scheduler, noise, 6, labels)
+        field = d2f.load(tmp_path / name / "export")
+        ts = d2f.ddim_grid(field.schedule, 6, "leading", steps_offset=1, set_alpha_to_one=False)
+        expected = d2f.scale(float(ts[-1])) * field.sample(noise, ts, class_labels=labels)
+        torch.testing.assert_close(x, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_readme_pipeline_snippet_runs_on_a_tiny_local_pipeline(tmp_path):
+    """The README's StableDiffusionPipeline snippet, executed as written against a tiny saved pipeline."""
+    import json
+    import re
+    from pathlib import Path
+
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "a</w>": 2}
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"), model_max_length=77)
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=3,
+            hidden_size=12,
+            intermediate_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    )
+    pipe = tiny_pipeline("epsilon", steps_offset=1, set_alpha_to_one=False)
+    StableDiffusionPipeline(
+        **{**pipe.components, "text_encoder": text_encoder, "tokenizer": tokenizer}
+    ).save_pretrained(tmp_path / "sd")
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"<!-- snippet: sd-pipeline.*?-->\s*```python\n(.*?)```", readme, re.S).group(1)
+    namespace = {}
+    exec(block.replace("path/to/stable-diffusion", str(tmp_path / "sd")), namespace)
+    assert namespace["image"].size == (8, 8)
+    assert isinstance(namespace["pipe"].scheduler, D2FScheduler) and namespace["pipe"].scheduler.config.grid == "shift"
