@@ -276,8 +276,10 @@ def test_checkpoints_are_protected(tmp_path):
     latest = tmp_path / "run" / "checkpoints" / "step-00000002"
     data = (latest / "trainable.safetensors").read_bytes()
     (latest / "trainable.safetensors").write_bytes(data[: len(data) // 2])
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
     with pytest.raises(ValueError, match="missing or broken"):
         train(config(tmp_path, max_steps=3), resume="latest", progress=False)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()} == before
     # A half-written checkpoint folder (no state.json) is never picked up.
     (tmp_path / "run" / "checkpoints" / ".tmp-step-00000009-1").mkdir()
     (tmp_path / "run" / "checkpoints" / "step-00000009").mkdir()

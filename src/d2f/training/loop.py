@@ -314,7 +314,6 @@ def train(config: TrainConfig, resume: str | None = None, progress: bool = True)
     metrics: dict[str, Any] = {"objective": config.objective, "pretrained": network.source}
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
         if not config.init and checkpoint is None:
             metrics.update(_zero_shot(network, conditioning, data, config, out, device))
 
@@ -330,6 +329,8 @@ def train(config: TrainConfig, resume: str | None = None, progress: bool = True)
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, trainable, ema, optimizer)
         start, losses = state["step"], state["losses"]
+    if main:  # only now: a broken checkpoint above must leave the run folder as it was
+        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
     model, prepared_optimizer = accelerator.prepare(unet, optimizer)
     stream = Stream(len(data), config.seed)
     world, rank = accelerator.num_processes, accelerator.process_index
