@@ -1,4 +1,4 @@
-"""The ``d2f`` command: ``d2f train``, ``d2f sample``, ``d2f teacher``.
+"""The ``d2f`` command: ``d2f train``, ``d2f sample``, ``d2f eval``, ``d2f teacher``, ``d2f classifier``.
 
 ``python -m d2f`` is the same command.
 """
@@ -80,6 +80,27 @@ def _sample_parser(sub) -> None:
     p.add_argument("--out", default="grid.png")
 
 
+def _eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="FID, precision/recall and class accuracy of an export's samples")
+    p.add_argument("--model", default="teacher", help="a d2f export folder, or 'teacher'")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--solver", choices=("euler", "heun", "midpoint"), default="euler")
+    p.add_argument("--grid", choices=("ddim", "uniform", "shift"), default="ddim")
+    p.add_argument("--shift", type=float, default=3.0, help="with --grid shift")
+    p.add_argument("--guidance", type=float, default=1.0)
+    p.add_argument("--num-samples", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="also write the report to this JSON file")
+
+
+def _reproduce_parser(sub) -> None:
+    p = sub.add_parser("reproduce", help="the paper's experiments in miniature (so far: E1, zero-shot conversion)")
+    p.add_argument("--experiment", choices=("e1",), default="e1")
+    p.add_argument("--num-samples", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="results", help="folder for the JSON results")
+
+
 def _teacher_parser(sub) -> None:
     p = sub.add_parser("teacher", help="retrain the embedded MNIST teacher from scratch")
     p.add_argument("--out", default="runs/teacher")
@@ -92,7 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _sample_parser(sub)
+    _eval_parser(sub)
+    _reproduce_parser(sub)
     _teacher_parser(sub)
+    sub.add_parser("classifier", help="retrain the evaluation classifier (d2f/assets/mnist_classifier.*)")
     return parser
 
 
@@ -130,38 +154,41 @@ def teacher_config(out: str, max_steps: int, seed: int):
 
 
 def run_sample(args: argparse.Namespace) -> None:
-    import torch
-
-    from .grids import ddim_grid, shift_grid, uniform_grid
-    from .training.export import load, read_export
+    from .training.export import read_export
     from .training.images import save_grid
-    from .training.models import teacher_path
+    from .training.sampling import sample_export
 
     model = args.lora or args.model
-    field = load(model, guidance_scale=args.guidance)
-    meta = read_export(teacher_path() if model == "teacher" else Path(model)).meta
-    if args.lora and meta["base"] != args.model:
-        raise ValueError(f"--lora {args.lora} was trained on base {meta['base']!r}, not --model {args.model!r}")
-    t_start = 0.0 if field.prediction_type != "epsilon" else field.schedule.t_min
-    if args.grid == "ddim":
-        if not field.align_input:
-            raise ValueError("--grid ddim needs a converted model; a naive-FM export samples on --grid uniform")
-        ts = ddim_grid(field.schedule, args.steps, "leading", steps_offset=1, set_alpha_to_one=True)
-    elif args.grid == "uniform":
-        ts = uniform_grid(args.steps, t_start, 1.0)
-    else:
-        ts = shift_grid(args.steps, args.shift, t_start, 1.0)
-    resolution = args.resolution or meta["resolution"]
-    channels = field.net.config.out_channels
-    noise = torch.randn(
-        args.num_samples, channels, resolution, resolution, generator=torch.Generator().manual_seed(args.seed)
+    if args.lora:
+        base = read_export(Path(args.lora)).meta["base"]
+        if base != args.model and base != str(Path(args.model).resolve()):
+            raise ValueError(f"--lora {args.lora} was trained on base {base!r}, not --model {args.model!r}")
+    images, _, _ = sample_export(
+        model,
+        args.steps,
+        args.solver,
+        args.grid,
+        args.shift,
+        args.guidance,
+        args.num_samples,
+        args.resolution,
+        args.seed,
+        progress=True,
     )
-    cond = {}
-    if meta["null_class"] is not None:
-        cond["class_labels"] = torch.arange(args.num_samples) % meta["null_class"]
-    images = field.sample(noise, ts, solver=args.solver, progress=True, **cond)
     save_grid(images, Path(args.out))
     print(f"wrote {args.out}")
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    from .evaluation.evaluate import evaluate
+
+    report = evaluate(
+        args.model, args.steps, args.solver, args.grid, args.num_samples, args.seed, args.guidance, args.shift
+    )
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,6 +199,19 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(metrics, indent=1))
         elif args.command == "sample":
             run_sample(args)
+        elif args.command == "eval":
+            run_eval(args)
+        elif args.command == "reproduce":
+            from .evaluation.experiments import zero_shot
+
+            report = zero_shot(args.num_samples, seed=args.seed)
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / "zero_shot.json").write_text(json.dumps(report, indent=1))
+            print(json.dumps(report, indent=1))
+        elif args.command == "classifier":
+            from .evaluation.classifier import train_classifier
+
+            print(json.dumps(train_classifier(), indent=1))
         else:
             from .training.loop import train
 

@@ -1,0 +1,83 @@
+"""The evaluation metric: the committed classifier, FID, precision/recall, and d2f eval."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("mlxtend")
+pytest.importorskip("safetensors")
+
+from d2f.cli import main  # noqa: E402
+from d2f.evaluation.classifier import load_classifier, split  # noqa: E402
+from d2f.evaluation.metrics import class_accuracy, features, fid, precision_recall  # noqa: E402
+from d2f.training.data import mnist  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    return load_classifier()
+
+
+@pytest.mark.parametrize("resolution", [16, 24, 28])
+def test_committed_classifier_is_accurate_on_held_out_digits(classifier, resolution):
+    data = mnist(28)
+    _, held = split(data.images, data.labels)
+    accuracy = class_accuracy(classifier, data.images[held], data.labels[held], resolution)
+    assert accuracy >= 0.93, accuracy
+
+
+def test_fid_matches_the_gaussian_closed_form():
+    """Diagonal Gaussians: FID = |mu_a - mu_b|^2 + sum (s_a - s_b)^2 for standard deviations s."""
+    g = torch.Generator().manual_seed(0)
+    d, n = 8, 40000
+    s_a, s_b = torch.linspace(0.5, 2.0, d), torch.linspace(1.5, 0.7, d)
+    mu_b = torch.full((d,), 0.3)
+    a = torch.randn(n, d, generator=g, dtype=torch.float64) * s_a
+    b = torch.randn(n, d, generator=g, dtype=torch.float64) * s_b + mu_b
+    expected = float((mu_b**2).sum() + ((s_a - s_b) ** 2).sum())
+    assert fid(a, b) == pytest.approx(expected, rel=0.05)
+
+
+def test_fid_of_a_set_with_itself_is_zero_and_grows_with_noise(classifier):
+    real = mnist(16).images[::5]
+    base = features(classifier, real)
+    assert abs(fid(base, base)) < 1e-4  # float rounding of traces in the hundreds
+    g = torch.Generator().manual_seed(0)
+    scores = [
+        fid(base, features(classifier, (real + sigma * torch.randn(real.shape, generator=g)).clamp(-1, 1)))
+        for sigma in (0.05, 0.2, 0.5, 1.0)
+    ]
+    assert all(a < b for a, b in zip(scores, scores[1:])), scores
+
+
+def test_precision_and_recall(classifier):
+    real = features(classifier, mnist(16).images[::10])
+    assert precision_recall(real, real) == (1.0, 1.0)
+    far = real + 100.0
+    assert precision_recall(real, far) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        fid(real[:1], real)
+
+
+def test_eval_command_writes_a_report(tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--model", "teacher", "--steps", "2", "--num-samples", "20", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["num_samples"] == 20 and report["resolution"] == 16
+    for key in ("fid", "precision", "recall", "class_accuracy"):
+        assert math.isfinite(report[key]), key
+    assert np.isclose(json.loads(capsys.readouterr().out)["fid"], report["fid"])
+
+
+def test_e1_zero_shot_conversion_equals_ddim():
+    """E1 in miniature: the converted teacher on the DDIM grid gives DDIM's images, hence the same FID."""
+    from d2f.evaluation.experiments import E1_METHODS, zero_shot
+
+    report = zero_shot(num_samples=20, steps=(3,))
+    row = report["steps"]["3"]
+    assert set(E1_METHODS) <= set(row)
+    assert row["max_abs_diff_d2f_euler_vs_teacher_ddim"] < 1e-4
+    assert row["d2f_euler"]["fid"] == pytest.approx(row["teacher_ddim"]["fid"], rel=1e-4)
