@@ -81,3 +81,22 @@ def test_e1_zero_shot_conversion_equals_ddim():
     assert set(E1_METHODS) <= set(row)
     assert row["max_abs_diff_d2f_euler_vs_teacher_ddim"] < 1e-4
     assert row["d2f_euler"]["fid"] == pytest.approx(row["teacher_ddim"]["fid"], rel=1e-4)
+
+
+def test_e2_finetuning_scores_every_checkpoint(tmp_path):
+    """E2 in miniature: each objective, LoRA and full, scored at step 0 and at each checkpoint."""
+    from d2f.evaluation.experiments import E2_OBJECTIVES, finetune
+
+    report = finetune(
+        str(tmp_path), max_steps=2, every=1, lora_seeds=(0,), full_seeds=(0,), num_samples=10, sample_steps=2
+    )
+    assert report["steps"] == [0, 1, 2]
+    for kind in ("lora", "full"):
+        for objective in E2_OBJECTIVES:
+            entry = report[kind][objective]
+            assert len(entry["fid"]) == 1 and len(entry["fid"][0]) == 3
+            assert all(math.isfinite(v) for v in entry["fid"][0])
+    # At step 0 d2f and diffusion both are the unchanged teacher; d2f on the DDIM grid then *is* DDIM.
+    assert report["lora"]["d2f"]["fid_ddim_grid"][0][0] == pytest.approx(
+        report["lora"]["diffusion"]["fid"][0][0], rel=1e-4
+    )
