@@ -65,31 +65,32 @@ def _train_parser(sub) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
 
-def _sample_parser(sub) -> None:
-    p = sub.add_parser("sample", help="sample a d2f export into a PNG grid")
+def _sampling_arguments(p: argparse.ArgumentParser, num_samples: int) -> None:
+    """The flags ``d2f sample`` and ``d2f eval`` share (see d2f.training.sampling.sample_export)."""
+    from .solvers import SOLVERS
+    from .training.sampling import SAMPLE_GRIDS
+
     p.add_argument("--model", default="teacher", help="a d2f export folder, or 'teacher'")
-    p.add_argument("--lora", default=None, help="a LoRA export folder to apply to --model")
     p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--solver", choices=("euler", "heun", "midpoint"), default="euler")
-    p.add_argument("--grid", choices=("ddim", "uniform", "shift"), default="ddim")
+    p.add_argument("--solver", choices=SOLVERS, default="euler")
+    p.add_argument("--grid", choices=SAMPLE_GRIDS, default="ddim")
     p.add_argument("--shift", type=float, default=3.0, help="with --grid shift")
     p.add_argument("--guidance", type=float, default=1.0)
-    p.add_argument("--num-samples", type=int, default=40)
-    p.add_argument("--resolution", type=int, default=None, help="default: the export's training resolution")
+    p.add_argument("--num-samples", type=int, default=num_samples)
     p.add_argument("--seed", type=int, default=0)
+
+
+def _sample_parser(sub) -> None:
+    p = sub.add_parser("sample", help="sample a d2f export into a PNG grid")
+    _sampling_arguments(p, num_samples=40)
+    p.add_argument("--lora", default=None, help="a LoRA export folder to apply to --model")
+    p.add_argument("--resolution", type=int, default=None, help="default: the export's training resolution")
     p.add_argument("--out", default="grid.png")
 
 
 def _eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="FID, precision/recall and class accuracy of an export's samples")
-    p.add_argument("--model", default="teacher", help="a d2f export folder, or 'teacher'")
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--solver", choices=("euler", "heun", "midpoint"), default="euler")
-    p.add_argument("--grid", choices=("ddim", "uniform", "shift"), default="ddim")
-    p.add_argument("--shift", type=float, default=3.0, help="with --grid shift")
-    p.add_argument("--guidance", type=float, default=1.0)
-    p.add_argument("--num-samples", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
+    _sampling_arguments(p, num_samples=1000)
     p.add_argument("--out", default=None, help="also write the report to this JSON file")
 
 
