@@ -75,13 +75,11 @@ def residual_coefficients_of(tt: Tensor, prediction_type: str) -> tuple[Tensor, 
     return tt * 0 - 1, tt * 0 + 1, b
 
 
-def output_coefficients(t: TimeLike, prediction_type: str) -> tuple[Tensor, Tensor]:
-    """``(C, D)`` with ``o = C*x + D*u``: the inverse map, finite for every t in [0, 1]."""
-    return output_coefficients_of(as_time(t), prediction_type)
-
-
 def output_coefficients_of(tt: Tensor, prediction_type: str) -> tuple[Tensor, Tensor]:
-    """:func:`output_coefficients` for a ``t`` already checked by ``as_time`` (float64)."""
+    """``(C, D)`` with ``o = C*x + D*u``: the inverse map, finite for every t in [0, 1].
+
+    ``tt`` must already be checked by ``as_time`` (float64).
+    """
     check_prediction_type(prediction_type)
     if prediction_type == "epsilon":
         return tt * 0 + 1, -tt

@@ -25,7 +25,8 @@ import torch
 from ..grids import ddim_grid, uniform_grid
 from ..path import scale
 from ..training.data import mnist
-from ..training.export import ddim_config, load
+from ..training.export import ddim_config, ddim_reference, load
+from ..training.sampling import export_grid
 from ..velocity import D2FVelocity
 from .classifier import load_classifier
 from .metrics import class_accuracy, features, fid
@@ -33,21 +34,11 @@ from .metrics import class_accuracy, features, fid
 E1_METHODS = ("teacher_ddim", "d2f_euler", "d2f_uniform", "naive_fm")
 
 
-@torch.no_grad()
-def _ddim(field: D2FVelocity, noise: torch.Tensor, labels: torch.Tensor, steps: int) -> torch.Tensor:
-    from diffusers import DDIMScheduler
-
-    scheduler = DDIMScheduler.from_config(ddim_config(field.schedule, field.prediction_type))
-    scheduler.set_timesteps(steps)
-    z = noise
-    for k in scheduler.timesteps:
-        z = scheduler.step(field.net(z, k, class_labels=labels).sample, k, z).prev_sample
-    return z
-
-
 def _sample(method: str, teacher: D2FVelocity, noise: torch.Tensor, labels: torch.Tensor, steps: int) -> torch.Tensor:
     if method == "teacher_ddim":
-        return _ddim(teacher, noise, labels, steps)
+        return ddim_reference(
+            teacher.net, teacher.schedule, teacher.prediction_type, noise, steps, {"class_labels": labels}
+        )
     if method == "d2f_euler":
         rule = ddim_config(teacher.schedule, teacher.prediction_type)
         ts = ddim_grid(
@@ -169,16 +160,12 @@ def finetune(
                 fids, accs, ddim_fids = [], [], []
                 for step in steps:
                     field = _checkpoint_field(config, step, data)
-                    grid = (
-                        uniform_grid(sample_steps)
-                        if objective != "diffusion"
-                        else ddim_grid(field.schedule, sample_steps, "leading", 1, set_alpha_to_one=True)
-                    )
+                    grid = export_grid(field, "ddim" if objective == "diffusion" else "uniform", sample_steps)
                     images = field.sample(noise, grid, class_labels=labels)
                     fids.append(fid(real, features(classifier, images)))
                     accs.append(class_accuracy(classifier, images, labels))
                     if objective == "d2f":
-                        grid = ddim_grid(field.schedule, sample_steps, "leading", 1, set_alpha_to_one=True)
+                        grid = export_grid(field, "ddim", sample_steps)
                         ddim_fids.append(
                             fid(real, features(classifier, field.sample(noise, grid, class_labels=labels)))
                         )

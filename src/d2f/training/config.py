@@ -120,8 +120,4 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
-def field_names() -> list[str]:
-    return [f.name for f in dataclasses.fields(TrainConfig)]
-
-
-__all__ = ["MIXED_PRECISION", "OBJECTIVES", "TrainConfig", "field_names"]
+__all__ = ["MIXED_PRECISION", "OBJECTIVES", "TrainConfig"]

@@ -70,6 +70,30 @@ def ddim_config(schedule: Schedule, prediction_type: str) -> dict[str, Any]:
     }
 
 
+@torch.no_grad()
+def ddim_reference(
+    unet: torch.nn.Module,
+    schedule: Schedule,
+    prediction_type: str,
+    noise: torch.Tensor,
+    steps: int,
+    cond: dict[str, torch.Tensor],
+    concat: torch.Tensor | None = None,
+    **rule: Any,
+) -> torch.Tensor:
+    """diffusers' own DDIMScheduler loop on ``schedule`` (``rule`` overrides the step rule of ``ddim_config``),
+    the baseline that converted sampling is checked against."""
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler.from_config({**ddim_config(schedule, prediction_type), **rule})
+    scheduler.set_timesteps(steps)
+    z = noise
+    for k in scheduler.timesteps:
+        z_in = z if concat is None else torch.cat([z, concat.to(z.dtype)], dim=1)
+        z = scheduler.step(unet(z_in, k.to(noise.device), **cond).sample, k, z).prev_sample
+    return z
+
+
 def write_export(folder: Path, unet: torch.nn.Module, schedule: Schedule, meta: dict[str, Any], lora: bool) -> None:
     """Write atomically: everything goes to a temporary sibling folder, renamed into place at the end."""
     folder = Path(folder)

@@ -16,7 +16,6 @@ import torch
 from tqdm.auto import tqdm
 
 from .._extras import require
-from ..grids import ddim_grid, uniform_grid
 from ..loss import fm_loss
 from ..path import interpolate, network_input
 from ..time_samplers import sample_t
@@ -24,9 +23,10 @@ from ..velocity import D2FVelocity
 from .checkpoint import checkpoint_root, latest_checkpoint, load_checkpoint, read_state, save_checkpoint
 from .config import TrainConfig
 from .data import Dataset, load_dataset
-from .export import ddim_config, write_export
+from .export import ddim_reference, write_export
 from .images import save_grid, save_loss_curve
 from .models import Network, add_lora, from_scratch, load_network, trainable_parameters
+from .sampling import export_grid
 
 # Settings that may change between a run and its resumption; any other difference is refused.
 RESUMABLE_CHANGES = {"out", "max_steps", "checkpoint_every", "sample_steps", "num_samples", "guidance"}
@@ -234,24 +234,23 @@ def _save_images(images: torch.Tensor, path: Path) -> str | None:
 def _zero_shot(network, conditioning, data, config, out: Path, device) -> dict:
     """The converted teacher before any finetuning, at its own resolution: FM Euler on the DDIM grid, and
     the same steps of diffusers' DDIMScheduler for comparison (they agree to float rounding)."""
-    from diffusers import DDIMScheduler
-
     unet = network.unet
     size = unet.config.sample_size
     size = (size, size) if isinstance(size, int) else tuple(size)
     request = SampleRequest.make(conditioning, data, min(config.num_samples, 40), size, device)
     field = velocity_field(network, "d2f", 1.0, conditioning, request.concat)
     noise = _noise(request, unet.config.out_channels, config.seed + 1, device)
-    ts = ddim_grid(network.schedule, config.sample_steps, "leading", steps_offset=1, set_alpha_to_one=True)
-    x = field.sample(noise, ts, **request.cond)
-    ddim = DDIMScheduler.from_config(
-        {**ddim_config(network.schedule, network.prediction_type), "set_alpha_to_one": True}
+    x = field.sample(noise, export_grid(field, "ddim", config.sample_steps), **request.cond)
+    z = ddim_reference(
+        unet,
+        network.schedule,
+        network.prediction_type,
+        noise,
+        config.sample_steps,
+        request.cond,
+        request.concat,
+        set_alpha_to_one=True,
     )
-    ddim.set_timesteps(config.sample_steps)
-    z = noise
-    for k in ddim.timesteps:
-        z_in = z if request.concat is None else torch.cat([z, request.concat.to(z.dtype)], dim=1)
-        z = ddim.step(unet(z_in, k.to(device), **request.cond).sample, k, z).prev_sample
     return {
         "zero_shot_png": _save_images(x, out / "zero_shot.png"),
         "zero_shot_max_abs_diff_vs_ddim": float((x - z).abs().max()),
@@ -261,10 +260,7 @@ def _zero_shot(network, conditioning, data, config, out: Path, device) -> dict:
 @torch.no_grad()
 def sample_images(field: D2FVelocity, objective: str, steps: int, request: SampleRequest, seed: int, device):
     """The natural sampler: FM Euler on the DDIM grid (to t = 1) for converted models, uniform for naive FM."""
-    if objective == "fm":
-        ts = uniform_grid(steps)
-    else:
-        ts = ddim_grid(field.schedule, steps, "leading", steps_offset=1, set_alpha_to_one=True)
+    ts = export_grid(field, "uniform" if objective == "fm" else "ddim", steps)
     return field.sample(_noise(request, field.net.config.out_channels, seed, device), ts, **request.cond)
 
 
