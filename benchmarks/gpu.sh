@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The GPU check: copy bandwidth, the GPU-only tests, the kernel benchmarks, one table.
+# The GPU check: copy bandwidth, tests/test_kernels.py compiled for real, the kernel benchmarks, one table.
 # For an offline host with one NVIDIA GPU and torch, triton, pytest, hypothesis and pytest-benchmark
 # preinstalled; d2f is not installed but staged on PYTHONPATH in its installed layout (src/d2f with
-# kernels/ as d2f/kernels). Whole run: under 5 minutes. Output also lands in $OUT (or a temp folder).
-set -euo pipefail
+# kernels/ as d2f/kernels). Each stage has its own time limit and its own log, so a slow stage (the
+# torch.compile baselines compile once per shape and dtype) cannot take the others' results with it.
+# Output also lands in $OUT (or a temp folder).
+set -uo pipefail
 cd "$(dirname "$0")/.."
 export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
 python -c "import pytest_benchmark" 2>/dev/null || { echo "gpu.sh needs pytest-benchmark (and py-cpuinfo)"; exit 2; }
@@ -13,8 +15,10 @@ cp -r src/d2f/. "$stage/d2f/"
 cp -r kernels "$stage/d2f/kernels"
 export PYTHONPATH="$stage${PYTHONPATH:+:$PYTHONPATH}"
 out=${OUT:-$(mktemp -d)}
+status=0
 
 copy_gbps=$(python - <<'PY'
+import sys
 import torch, triton
 x = torch.empty(256 * 2**20, device="cuda")  # 1 GiB
 y = torch.empty_like(x)
@@ -26,15 +30,27 @@ for _ in range(20):
     start.record(); y.copy_(x); end.record(); torch.cuda.synchronize()
     times.append(start.elapsed_time(end) / 1e3)
 gbps = 2 * x.numel() * 4 / sorted(times)[len(times) // 2] / 1e9
-import sys
 print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}", file=sys.stderr)
 print(f"# copy bandwidth (1 GiB copy_, median of 20): {gbps:.0f} GB/s", file=sys.stderr)
 print(f"{gbps:.1f}")
 PY
-)
+) 2> >(tee "$out/versions.txt" >&2)
 
-timeout 120 python -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels.py 2>&1 | tee "$out/gpu-tests.log" | tail -n 3
-timeout 170 python -m pytest -q -p no:cacheprovider benchmarks --benchmark-only -k "not reference or 64x4x96x96" \
-    --benchmark-max-time=0.2 --benchmark-min-rounds=10 --benchmark-json="$out/bench-gpu.json" >"$out/bench.log" 2>&1 \
-    || { tail -n 30 "$out/bench.log"; exit 1; }
-python benchmarks/table.py "$out/bench-gpu.json" "$copy_gbps" | tee "$out/table.txt"
+echo "## tests/test_kernels.py, compiled on the GPU"
+timeout 180 python -m pytest -q -p no:cacheprovider -rs tests/test_kernels.py >"$out/gpu-tests.log" 2>&1 || status=1
+tail -n 15 "$out/gpu-tests.log"
+
+bench() {  # NAME LIMIT PYTEST_ARGS...
+    local name=$1 limit=$2
+    shift 2
+    echo "## benchmarks: $name"
+    timeout "$limit" python -m pytest -q -p no:cacheprovider --benchmark-only --benchmark-max-time=0.2 \
+        --benchmark-min-rounds=10 --benchmark-json="$out/bench-$name.json" "$@" >"$out/bench-$name.log" 2>&1 \
+        || { status=1; tail -n 20 "$out/bench-$name.log"; }
+}
+bench kernels 120 benchmarks/bench_loss.py benchmarks/bench_step.py -k "triton or torch or (reference and 64x4x96x96)"
+bench compile 180 benchmarks/bench_loss.py benchmarks/bench_step.py -k "compile and not same"
+python benchmarks/table.py --copy-gbps "$copy_gbps" "$out"/bench-*.json | tee "$out/table.txt"
+echo "## wall clock against the kernels' device time"
+timeout 150 python benchmarks/device_time.py "$copy_gbps" 2>&1 | tee "$out/device-time.txt" || status=1
+exit $status

@@ -1,22 +1,27 @@
 """Print one table from a pytest-benchmark JSON file: median time, GB/s, share of copy bandwidth.
 
-Usage: python benchmarks/table.py BENCH_JSON [COPY_GBPS]
+Usage: python benchmarks/table.py [--copy-gbps GBPS] BENCH_JSON [BENCH_JSON ...]
+
+Several JSON files (say, one per gpu.sh stage) merge into one table; rows are the benchmarks with an
+``impl`` parameter (bench_loss.py, bench_step.py).
 """
 
+import argparse
 import json
-import sys
 from collections import defaultdict
 
 
-def main(path: str, copy_gbps: float | None) -> None:
-    with open(path) as f:
-        report = json.load(f)
+def main(paths: list[str], copy_gbps: float | None) -> None:
     groups = defaultdict(dict)
-    for bench in report["benchmarks"]:
-        impl = bench["params"]["impl"]
-        groups[bench["group"]][impl] = (bench["stats"]["median"], bench["extra_info"]["GB/s"])
-    machine = report.get("machine_info", {})
-    print(f"# {report.get('datetime', '')}  {machine.get('cpu', {}).get('brand_raw', '')}")
+    for path in paths:
+        with open(path) as f:
+            report = json.load(f)
+        for bench in report["benchmarks"]:
+            impl = bench["params"].get("impl")
+            if impl:
+                groups[bench["group"]][impl] = (bench["stats"]["median"], bench["extra_info"]["GB/s"])
+        machine = report.get("machine_info", {})
+        print(f"# {path}: {report.get('datetime', '')}  {machine.get('cpu', {}).get('brand_raw', '')}")
     header = f"{'benchmark':<36} {'impl':<10} {'median':>11} {'GB/s':>8}"
     header += f" {'% copy':>7}" if copy_gbps else ""
     header += f" {'vs torch':>9} {'vs compile':>11}"
@@ -33,4 +38,8 @@ def main(path: str, copy_gbps: float | None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], float(sys.argv[2]) if len(sys.argv) > 2 else None)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("paths", nargs="+", metavar="BENCH_JSON")
+    parser.add_argument("--copy-gbps", type=float, help="the card's copy bandwidth, for the '%% copy' column")
+    args = parser.parse_args()
+    main(args.paths, args.copy_gbps)
