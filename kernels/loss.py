@@ -55,22 +55,24 @@ def _fm_loss_kernel(
     pid = tl.program_id(0)
     b = pid // blocks_per_sample
     j = pid - b * blocks_per_sample
-    t = tl.load(t_ptr + b).to(tl.float32)
+    # t is float64 and so is the coefficients' arithmetic (one scalar per program); only the results are
+    # cast to float32, so that 1/(1-t) stays exact for t within float32's spacing of 1 (6e-8).
+    t = tl.load(t_ptr + b).to(tl.float64)
     t_ok = (t >= 0.0) & (t <= 1.0)
     if PRED == 0:
         p = 0.0
-        q = 1.0 / t
-        c = -1.0 / t
+        q = (1.0 / t).to(tl.float32)
+        c = (-1.0 / t).to(tl.float32)
         t_ok = t_ok & (t > 0.0)
     elif PRED == 1:
         n2 = t * t + (1.0 - t) * (1.0 - t)
-        p = (t - 1.0) / n2
-        q = t / n2
-        c = -1.0 / tl.sqrt(n2)
+        p = ((t - 1.0) / n2).to(tl.float32)
+        q = (t / n2).to(tl.float32)
+        c = (-1.0 / tl.sqrt(n2)).to(tl.float32)
     elif PRED == 2:
-        p = -1.0 / (1.0 - t)
+        p = (-1.0 / (1.0 - t)).to(tl.float32)
         q = 0.0
-        c = 1.0 / (1.0 - t)
+        c = (1.0 / (1.0 - t)).to(tl.float32)
         t_ok = t_ok & (t < 1.0)
     else:
         p = -1.0
@@ -116,7 +118,7 @@ def fm_loss_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the fused pass. Returns ``(loss, grad, status)``.
 
-    ``t`` and ``weight`` are float32 ``(B,)`` tensors on the inputs' device; the three inputs have equal
+    ``t`` is a float64 and ``weight`` a float32 ``(B,)`` tensor on the inputs' device; the three inputs have equal
     shapes and are made contiguous here (once). ``loss`` is float32: a scalar, or ``(B,)`` for
     ``reduction="none"``. ``grad`` is ``dL/do`` in ``model_output``'s dtype, a fresh buffer. ``status`` is
     the whole accumulator, loss slots then the flags, which count (in the order of ``FLAG_NAMES``)

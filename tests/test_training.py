@@ -360,3 +360,54 @@ def test_mnist_images_and_labels_line_up():
     assert ink[1] == min(ink)
     centre = [data.images[data.labels == c][:, 0, 12:16, 12:16].mean().item() for c in range(10)]
     assert centre[0] == min(centre)
+
+
+@pytest.fixture
+def nan_at_training_call():
+    """Make the UNet return NaN on its ``n``-th training forward (a diverged network, not bad data)."""
+    from diffusers.models.unets.unet_2d import UNet2DOutput
+
+    calls, handles = {"n": 0, "at": None}, []
+
+    def hook(module, args, output):
+        if type(module).__name__ != "UNet2DModel" or not module.training:
+            return None
+        calls["n"] += 1
+        return UNet2DOutput(sample=output.sample * torch.nan) if calls["n"] == calls["at"] else None
+
+    def arm(n):
+        calls["at"] = n
+        handles.append(torch.nn.modules.module.register_module_forward_hook(hook))
+
+    yield arm
+    for handle in handles:
+        handle.remove()
+
+
+@pytest.mark.parametrize("objective", ["d2f", "diffusion"])
+def test_nonfinite_loss_stops_with_step_batch_and_checkpoint(tmp_path, nan_at_training_call, objective):
+    nan_at_training_call(3)
+    with pytest.raises(FloatingPointError) as info:
+        train(config(tmp_path, objective=objective, max_steps=4, checkpoint_every=2), progress=False)
+    message = str(info.value)
+    assert "non-finite loss nan at step 3" in message
+    assert f"last good checkpoint: {tmp_path / 'run' / 'checkpoints' / 'step-00000002'}" in message
+    from d2f.training.loop import Stream
+
+    expected = Stream(5000, 0).indices(torch.arange(8, 12)).tolist()  # step 3 = stream positions 8..11
+    assert f"batch indices (into the data set) {expected}" in message
+
+
+def test_nonfinite_skip_leaves_the_weights_of_that_step_untouched(tmp_path, nan_at_training_call):
+    nan_at_training_call(2)
+    metrics = train(config(tmp_path, "skip", max_steps=3, checkpoint_every=1, on_nonfinite="skip"), progress=False)
+    assert metrics["skipped_steps"] == [2] and np.isfinite(metrics["final_loss"])
+    ckpt = tmp_path / "skip" / "checkpoints"
+    for file in ("trainable.safetensors", "ema.safetensors"):
+        a, b = tensors(ckpt / "step-00000001" / file), tensors(ckpt / "step-00000002" / file)
+        assert all(torch.equal(a[k], b[k]) for k in a), file
+    a, c = (
+        tensors(ckpt / "step-00000002" / "trainable.safetensors"),
+        tensors(ckpt / "step-00000003" / "trainable.safetensors"),
+    )
+    assert not all(torch.equal(a[k], c[k]) for k in a)  # training went on after the skipped step

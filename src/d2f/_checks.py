@@ -97,6 +97,21 @@ def time_dtype(t: TimeLike) -> torch.dtype:
     return torch.float64
 
 
+def nonfinite_input(function: str, name: str) -> ValueError:
+    return ValueError(f"{function}: {name} contains NaN or inf")
+
+
+def raise_on_nonfinite_input(function: str, **inputs: Tensor | None) -> None:
+    """Raise the error naming the first of ``inputs`` that holds NaN or inf.
+
+    For the error path only: callers check their (small or fresh) result first and scan the inputs only
+    once that result is already not finite, so the normal path reads no input twice.
+    """
+    for name, value in inputs.items():
+        if value is not None and not bool(torch.isfinite(value).all()):
+            raise nonfinite_input(function, name)
+
+
 def per_sample(coef: Tensor, x: Tensor) -> Tensor:
     """Reshape a ``()`` or ``(B,)`` coefficient so it broadcasts over ``x`` of shape ``(B, ...)``."""
     if coef.ndim == 0:

@@ -10,9 +10,18 @@ from typing import Any
 
 
 def check_document(
-    data: Any, where: str, fmt: str, version: int, required: set[str], optional: frozenset[str] = frozenset()
+    data: Any,
+    where: str,
+    fmt: str,
+    version: int,
+    required: set[str],
+    optional: frozenset[str] = frozenset(),
+    types: Mapping[str, tuple[type, ...]] | None = None,
 ) -> dict[str, Any]:
-    """Refuse anything but a ``fmt`` document of ``version`` with exactly the known keys."""
+    """Refuse anything but a ``fmt`` document of ``version`` with exactly the known keys, each of its type.
+
+    ``types`` maps a key to the JSON types it may hold (``bool`` is never accepted as an ``int``).
+    """
     if not isinstance(data, Mapping):
         raise ValueError(f"{where}: expected a JSON object, got {type(data).__name__}")
     if data.get("format") != fmt or data.get("version") != version:
@@ -28,14 +37,24 @@ def check_document(
     missing = sorted(required - set(data))
     if missing:
         raise ValueError(f"{where}: missing keys {missing}")
+    for key, allowed in (types or {}).items():
+        value = data.get(key)
+        if key in data and (not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed)):
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+            raise ValueError(f"{where}: {key}={value!r} is a {type(value).__name__}; expected {names}")
     return dict(data)
 
 
 def read_document(
-    file: Path, fmt: str, version: int, required: set[str], optional: frozenset[str] = frozenset()
+    file: Path,
+    fmt: str,
+    version: int,
+    required: set[str],
+    optional: frozenset[str] = frozenset(),
+    types: Mapping[str, tuple[type, ...]] | None = None,
 ) -> dict[str, Any]:
     try:
         data = json.loads(Path(file).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"{file}: not a readable {fmt} file ({e})") from e
-    return check_document(data, str(file), fmt, version, required, optional)
+    return check_document(data, str(file), fmt, version, required, optional, types)

@@ -1,4 +1,5 @@
-"""The ``d2f`` command: ``d2f train``, ``d2f sample``, ``d2f eval``, ``d2f teacher``, ``d2f classifier``.
+"""The ``d2f`` command: ``d2f train``, ``d2f sample``, ``d2f eval``, ``d2f pairs``, ``d2f reproduce``,
+``d2f study``, ``d2f teacher``, ``d2f classifier``.
 
 ``python -m d2f`` is the same command.
 """
@@ -15,7 +16,7 @@ from .time_samplers import T_SAMPLERS
 
 
 def _train_parser(sub) -> None:
-    from .training.config import MIXED_PRECISION, OBJECTIVES, TrainConfig
+    from .training.config import MIXED_PRECISION, OBJECTIVES, ON_NONFINITE, TrainConfig
 
     defaults = TrainConfig()
     p = sub.add_parser(
@@ -29,6 +30,9 @@ def _train_parser(sub) -> None:
         "--pretrained", default=defaults.pretrained, help="'teacher', a d2f export or a diffusers UNet folder"
     )
     p.add_argument("--data", default=defaults.data, help="mnist | digits | image folder | latents .safetensors/.npy")
+    p.add_argument(
+        "--pairs", default=None, help="reflow: train on a `d2f pairs` file (noise -> sample) instead of --data"
+    )
     p.add_argument("--resolution", type=int, default=defaults.resolution)
     p.add_argument("--classes", type=int, nargs="+", default=None, help="keep only these labels (mnist, digits)")
     p.add_argument("--objective", choices=OBJECTIVES, default=defaults.objective)
@@ -49,8 +53,19 @@ def _train_parser(sub) -> None:
     p.add_argument("--grad-clip", type=float, default=defaults.grad_clip, help="0 = off")
     p.add_argument("--ema-decay", type=float, default=defaults.ema_decay)
     p.add_argument("--cond-dropout", type=float, default=defaults.cond_dropout)
+    p.add_argument(
+        "--zero-terminal-snr",
+        action="store_true",
+        help="rescale the pretrained schedule to zero terminal SNR (Lin et al.) and train on it; v_prediction only",
+    )
     p.add_argument("--mixed-precision", choices=MIXED_PRECISION, default=defaults.mixed_precision)
     p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument(
+        "--on-nonfinite",
+        choices=ON_NONFINITE,
+        default=defaults.on_nonfinite,
+        help="a NaN/inf loss stops the run (naming the step, batch and last checkpoint), or skips that step",
+    )
     p.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every, help="0 = never")
     p.add_argument(
         "--resume",
@@ -88,6 +103,17 @@ def _sample_parser(sub) -> None:
     p.add_argument("--out", default="grid.png")
 
 
+def _pairs_parser(sub) -> None:
+    p = sub.add_parser(
+        "pairs",
+        help="sample noise -> image pairs from an export, for reflow (d2f train --pairs)",
+        description="Sample an export with many ODE steps and store each image with the noise it came from.",
+    )
+    _sampling_arguments(p, num_samples=5000)
+    p.set_defaults(steps=50, grid="uniform")
+    p.add_argument("--out", required=True, help="the pairs file to write (.safetensors)")
+
+
 def _eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="FID, precision/recall and class accuracy of an export's samples")
     _sampling_arguments(p, num_samples=1000)
@@ -95,11 +121,33 @@ def _eval_parser(sub) -> None:
 
 
 def _reproduce_parser(sub) -> None:
-    p = sub.add_parser("reproduce", help="the paper's experiments in miniature (so far: E1 zero-shot, E2 finetuning)")
-    p.add_argument("--experiment", choices=("e1", "e2"), default="e1")
-    p.add_argument("--num-samples", type=int, default=None, help="default: 1000 for e1, 300 per checkpoint for e2")
+    from .evaluation.reproduce import EXPERIMENTS
+
+    p = sub.add_parser(
+        "reproduce",
+        help="the paper's experiments in miniature: E1 zero-shot, E2 finetuning, E3 reflow, E4 terminal SNR",
+    )
+    p.add_argument("--experiment", choices=(*EXPERIMENTS, "all"), default="all")
+    p.add_argument(
+        "--num-samples", type=int, default=None, help="default: 1000 for e1, e3, e4; 300 per checkpoint for e2"
+    )
+    p.add_argument("--scale", type=float, default=1.0, help="multiply sample counts and training steps")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="results", help="folder for the JSON results")
+    p.add_argument("--out", default="results", help="folder for the JSON results and figures")
+
+
+def _study_parser(sub) -> None:
+    p = sub.add_parser(
+        "study",
+        help="when does Diff2Flow beat diffusion finetuning? lr, t-sampler, grid, steps, rank, zero SNR",
+        description="The settings study on E2's task (see d2f.evaluation.study); resumable: finished runs in "
+        "--runs are read back. Writes study.json and study_steps.png to --out.",
+    )
+    p.add_argument("--max-steps", type=int, default=400, help="finetuning steps of every run")
+    p.add_argument("--num-samples", type=int, default=300, help="samples per FID")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--runs", default="runs/study", help="folder for the training runs")
+    p.add_argument("--out", default="results", help="folder for study.json and the plot")
 
 
 def _teacher_parser(sub) -> None:
@@ -115,7 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     _train_parser(sub)
     _sample_parser(sub)
     _eval_parser(sub)
+    _pairs_parser(sub)
     _reproduce_parser(sub)
+    _study_parser(sub)
     _teacher_parser(sub)
     sub.add_parser("classifier", help="retrain the evaluation classifier (d2f/assets/mnist_classifier.*)")
     return parser
@@ -164,7 +214,7 @@ def run_sample(args: argparse.Namespace) -> None:
         base = read_export(Path(args.lora)).meta["base"]
         if base != args.model and base != str(Path(args.model).resolve()):
             raise ValueError(f"--lora {args.lora} was trained on base {base!r}, not --model {args.model!r}")
-    images, _, _ = sample_export(
+    images, _, _, _ = sample_export(
         model,
         args.steps,
         args.solver,
@@ -202,16 +252,45 @@ def main(argv: list[str] | None = None) -> int:
             run_sample(args)
         elif args.command == "eval":
             run_eval(args)
-        elif args.command == "reproduce":
-            from .evaluation.experiments import finetune, zero_shot
+        elif args.command == "pairs":
+            from .training.pairs import generate_pairs
 
-            if args.experiment == "e1":
-                name, report = "zero_shot.json", zero_shot(args.num_samples or 1000, seed=args.seed)
-            else:  # the training runs go to runs/e2 (not committed); the scores to --out
-                name, report = "finetune.json", finetune("runs/e2", num_samples=args.num_samples or 300, seed=args.seed)
+            meta = generate_pairs(
+                args.model,
+                args.out,
+                args.num_samples,
+                args.steps,
+                args.solver,
+                args.grid,
+                args.shift,
+                args.guidance,
+                args.seed,
+                progress=True,
+            )
+            print(json.dumps({"out": args.out, "num_pairs": args.num_samples, **meta}, indent=1))
+        elif args.command == "reproduce":
+            from .evaluation.reproduce import reproduce
+
+            reports = reproduce(args.experiment, args.out, args.seed, args.num_samples, args.scale)
+            print(json.dumps({name: report.get("seconds") for name, report in reports.items()}, indent=1))
+            print(f"wrote {', '.join(sorted(reports))} to {args.out}")
+        elif args.command == "study":
+            from .evaluation.study import study
+
+            for name in ("max_steps", "num_samples"):
+                if getattr(args, name) < 1:
+                    raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} is not allowed: >= 1")
             Path(args.out).mkdir(parents=True, exist_ok=True)
-            (Path(args.out) / name).write_text(json.dumps(report, indent=1))
-            print(json.dumps(report, indent=1))
+            report = study(
+                args.runs,
+                args.max_steps,
+                args.num_samples,
+                tuple(args.seeds),
+                plot_png=Path(args.out) / "study_steps.png",
+            )
+            (Path(args.out) / "study.json").write_text(json.dumps(report, indent=1))
+            print(json.dumps(report["verdicts_vs_diffusion"], indent=1))
+            print(f"wrote {Path(args.out) / 'study.json'}")
         elif args.command == "classifier":
             from .evaluation.classifier import train_classifier
 

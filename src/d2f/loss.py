@@ -16,7 +16,7 @@ from torch import Tensor
 from ._backend import kernels, use_triton
 from ._checks import TimeLike, as_time, check_choice, check_same_shape, compute_dtype, describe, per_sample
 from ._chunks import row_chunks
-from .parametrization import check_prediction_type, residual_coefficients_of
+from .parametrization import check_prediction_type, overflow_error, residual_coefficients_of
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -70,38 +70,53 @@ def _check_weight(weight: TimeLike | None, batch: int, like: Tensor) -> Tensor |
     return w.expand(batch)
 
 
-def _nonfinite_input(name: str) -> ValueError:
-    return ValueError(f"fm_loss: {name} contains NaN or inf")
+class NonFiniteError(ValueError):
+    """An input of ``fm_loss`` holds NaN or inf; ``tensor`` names it (a trainer stops or skips the step)."""
+
+    def __init__(self, tensor: str):
+        super().__init__(f"fm_loss: {tensor} contains NaN or inf")
+        self.tensor = tensor
 
 
-def _overflow() -> ValueError:
-    return ValueError(
-        "fm_loss: the loss overflowed (inputs are finite, but the squared residual is not representable); "
-        "check the magnitudes of model_output, data and noise and the loss weight"
+def _nonfinite_input(name: str) -> NonFiniteError:
+    return NonFiniteError(name)
+
+
+def _overflow(t: TimeLike, like: Tensor, prediction_type: str) -> ValueError:
+    """Inputs finite, loss not: name the t whose coefficients scale the residual most (often the cause)."""
+    message = (
+        "fm_loss: the loss overflowed float32 although the inputs are finite (the squared residual is not "
+        "representable); check t, the magnitudes of model_output, data and noise, and the loss weight"
     )
+    return overflow_error(message, as_time(t, like=like), prediction_type)
 
 
-def _raise_if_nonfinite(loss: Tensor, **inputs: Tensor) -> None:
+def _raise_if_nonfinite(loss: Tensor, t: TimeLike, prediction_type: str, **inputs: Tensor) -> None:
     """One check of the (small) loss; the inputs are scanned only once something is already wrong."""
     if bool(torch.isfinite(loss).all()):
         return
     for name, value in inputs.items():
         if not bool(torch.isfinite(value).all()):
             raise _nonfinite_input(name)
-    raise _overflow()
+    raise _overflow(t, inputs["data"], prediction_type)
 
 
 def _fm_loss_triton(model_output, data, noise, t, prediction_type, weight, reduction) -> Tensor:
-    """The fused kernel; t and weight are range-checked inside it, read back with the loss in one transfer."""
+    """The fused kernel; t and weight are range-checked inside it, read back with the loss in one transfer.
+
+    t goes in as float64 and the kernel forms its coefficients in float64, as the torch path does: from a
+    float32 t, 1/(1 - t) is wrong by O(1) once 1 - t nears float32's spacing below 1, 6e-8 (inf at
+    t = 1 - 1e-10).
+    """
     batch = data.shape[0]
 
-    def per_sample_f32(value: TimeLike, name: str) -> Tensor:
-        return as_time(value, like=data, name=name, check_range=False).to(torch.float32).expand(batch).contiguous()
+    def one_per_sample(value: TimeLike, name: str, dtype: torch.dtype) -> Tensor:
+        return as_time(value, like=data, name=name, check_range=False).to(dtype).expand(batch).contiguous()
 
-    t32 = per_sample_f32(t, "t")
-    w32 = None if weight is None else per_sample_f32(weight, "weight")
+    t64 = one_per_sample(t, "t", torch.float64)
+    w32 = None if weight is None else one_per_sample(weight, "weight", torch.float32)
     k = kernels()
-    loss, status = k.FMLossTriton.apply(model_output, data, noise, t32, w32, prediction_type, reduction)
+    loss, status = k.FMLossTriton.apply(model_output, data, noise, t64, w32, prediction_type, reduction)
     values = status.tolist()
     n_loss = len(values) - len(k.FLAG_NAMES)
     flags = dict(zip(k.FLAG_NAMES, values[n_loss:]))
@@ -113,7 +128,7 @@ def _fm_loss_triton(model_output, data, noise, t, prediction_type, weight, reduc
         if flags[name]:
             raise _nonfinite_input(name)
     if not all(map(math.isfinite, values[:n_loss])):
-        raise _overflow()
+        raise _overflow(t, data, prediction_type)
     return loss
 
 
@@ -157,5 +172,5 @@ def fm_loss(
     p, q, b = residual_coefficients_of(tt, prediction_type)
     w = _check_weight(weight, batch, data)
     loss = _FMLoss.apply(model_output, data, noise, p, q, b, w, reduction)
-    _raise_if_nonfinite(loss, model_output=model_output, data=data, noise=noise)
+    _raise_if_nonfinite(loss, t, prediction_type, model_output=model_output, data=data, noise=noise)
     return loss

@@ -15,10 +15,13 @@ coefficient per input and forms it in one accumulation (chunked in cache on the 
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from ._backend import kernels, use_triton
+from ._checks import raise_on_nonfinite_input
 from ._chunks import row_chunks
 
 EULER, HEUN_PREDICT, HEUN_CORRECT = 0, 1, 2
@@ -27,6 +30,10 @@ EULER, HEUN_PREDICT, HEUN_CORRECT = 0, 1, 2
 def _combine(terms: list[tuple[float, Tensor]], outputs: list[tuple[float, Tensor]]) -> None:
     """``out = s * sum(c * v for c, v in terms)`` for every ``(s, out)``, accumulated in ``terms[0]``'s dtype."""
     first = terms[0][1]
+    # torch refuses a Python scalar beyond the accumulator's range (a RuntimeError); round it as IEEE and the
+    # kernel do, to inf, so that ode_step's check of its result reports the overflow.
+    big = torch.finfo(first.dtype).max
+    terms = [(math.copysign(math.inf, c) if abs(c) > big else c, v) for c, v in terms]
     for rows in row_chunks(first):
         acc = torch.mul(first[rows], terms[0][0])
         for c, v in terms[1:]:
@@ -49,10 +56,29 @@ def ode_step(
     z_dtype: torch.dtype,
     backend: str = "auto",
 ) -> tuple[Tensor, Tensor]:
-    """``x`` (and ``u1``) are the float32/float64 state; returns fresh ``(x' or u, z)`` with z in ``z_dtype``."""
+    """``x`` (and ``u1``) are the float32/float64 state; returns fresh ``(x' or u, z)`` with z in ``z_dtype``.
+
+    Raises a ``ValueError`` instead of returning NaN or inf: naming ``x``, ``o_u``, ``o_c`` or ``u1`` when
+    one of them holds NaN or inf, else saying that the step overflowed.
+    """
     outputs = (o_u,) if o_c is None else (o_u, o_c)
     if use_triton(backend, x, *outputs):
-        return kernels().ode_step(mode, x.contiguous(), o_u, o_c, u1, a, b, h, g, s_next, z_dtype)
+        first, z = kernels().ode_step(mode, x.contiguous(), o_u, o_c, u1, a, b, h, g, s_next, z_dtype)
+    else:
+        first, z = _ode_step_torch(mode, x, o_u, o_c, u1, a, b, h, g, s_next, z_dtype)
+    # One check of the two fresh results (a NaN or inf input always reaches them: 0 * inf is NaN); the
+    # inputs are scanned only once something is already wrong.
+    if not bool(first.isfinite().all() & z.isfinite().all()):
+        raise_on_nonfinite_input("ode_step", x=x, o_u=o_u, o_c=o_c, u1=u1)
+        raise ValueError(
+            f"ode_step: the step overflowed (its result is not representable in {first.dtype}, or the next "
+            f"network input in {z_dtype}) although the inputs are finite; a={a!r}, b={b!r}, h={h!r}, g={g!r}, "
+            f"s_next={s_next!r}"
+        )
+    return first, z
+
+
+def _ode_step_torch(mode, x, o_u, o_c, u1, a, b, h, g, s_next, z_dtype) -> tuple[Tensor, Tensor]:
     # The network output as terms: o = (1-g)*o_u + g*o_c, or o_u alone.
     o_terms = [(1.0, o_u)] if o_c is None else [(1 - g, o_u), (g, o_c)]
     first, z = torch.empty_like(x), torch.empty(x.shape, dtype=z_dtype, device=x.device)

@@ -16,9 +16,19 @@ The inverse ``o = C(t)*x + D(t)*u`` is finite on all of [0, 1].
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
-from ._checks import TimeLike, as_time, check_choice, check_same_shape, compute_dtype, describe, per_sample
+from ._checks import (
+    TimeLike,
+    as_time,
+    check_choice,
+    check_same_shape,
+    compute_dtype,
+    describe,
+    per_sample,
+    raise_on_nonfinite_input,
+)
 from .path import norm
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "velocity")
@@ -41,20 +51,45 @@ def velocity_coefficients(t: TimeLike, prediction_type: str) -> tuple[Tensor, Te
 def velocity_coefficients_of(tt: Tensor, prediction_type: str) -> tuple[Tensor, Tensor]:
     """:func:`velocity_coefficients` for a ``t`` already checked by ``as_time`` (float64)."""
     check_prediction_type(prediction_type)
-    for end in SINGULAR_TIMES[prediction_type]:
-        if bool((tt == end).any()):
-            raise ValueError(
-                f"prediction_type={prediction_type!r} gives no velocity at t={end} (got t={describe(tt)}); "
-                f"keep t {'> 0' if end == 0 else '< 1'}: samplers should start at schedule.t_min or later"
-            )
     if prediction_type == "epsilon":
-        return 1 / tt, -1 / tt
-    if prediction_type == "sample":
-        return -1 / (1 - tt), 1 / (1 - tt)
-    if prediction_type == "v_prediction":
+        a, b = 1 / tt, -1 / tt
+    elif prediction_type == "sample":
+        a, b = -1 / (1 - tt), 1 / (1 - tt)
+    elif prediction_type == "v_prediction":
         n = norm(tt)
         return (2 * tt - 1) / (n * n), -1 / n
-    return tt * 0, tt * 0 + 1
+    else:
+        return tt * 0, tt * 0 + 1
+    # |A| = |B| = 1/t (or 1/(1-t)): inf at the singular end, and it overflows float64 just beside it too
+    # (t below 2**-1024, subnormal), so one finiteness check covers both.
+    if not bool(b.isfinite().all()):
+        (end,) = SINGULAR_TIMES[prediction_type]
+        keep = f"keep t {'> 0' if end == 0 else '< 1'}: samplers should start at schedule.t_min or later"
+        if bool((tt == end).any()):
+            raise ValueError(
+                f"prediction_type={prediction_type!r} gives no velocity at t={end} (got t={describe(tt)}); {keep}"
+            )
+        first = tt.reshape(-1)[~b.reshape(-1).isfinite()][0].item()
+        raise ValueError(
+            f"prediction_type={prediction_type!r} gives no finite velocity at t={first!r}: so close to the "
+            f"singular end t={end} its coefficient overflows float64 (got t={describe(tt)}); {keep}"
+        )
+    return a, b
+
+
+def overflow_error(message: str, tt: Tensor, prediction_type: str) -> ValueError:
+    """``message`` (a result overflowed although every input is finite) and the t that scales the most.
+
+    ``tt`` must already be checked by ``as_time`` and be non-singular (float64).
+    """
+    a, b = velocity_coefficients_of(tt.reshape(-1), prediction_type)
+    size = torch.maximum(a.abs(), b.abs())
+    i = int(size.argmax())
+    return ValueError(
+        f"{message}; prediction_type={prediction_type!r} scales by up to {size[i].item():.3g}, at "
+        f"t={tt.reshape(-1)[i].item()!r}: keep t away from a singular end (epsilon: t = 0, sample: t = 1) "
+        "or reduce the magnitudes of the inputs"
+    )
 
 
 def residual_coefficients_of(tt: Tensor, prediction_type: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -100,11 +135,21 @@ def affine_combination(a: Tensor, b: Tensor, x: Tensor, y: Tensor) -> Tensor:
 def diffusion_to_velocity(model_output: Tensor, x: Tensor, t: TimeLike, prediction_type: str) -> Tensor:
     """FM velocity ``u = A(t)*x + B(t)*model_output`` from a network fed ``align(x, t)`` at ``timestep(t)``.
 
-    ``x`` is the FM state (not the network input). Raises at epsilon/t = 0 and sample/t = 1.
+    ``x`` is the FM state (not the network input). Raises at epsilon/t = 0 and sample/t = 1, and where
+    the velocity is not finite: naming ``model_output`` or ``x`` if one holds NaN or inf, else ``t``
+    (so close to a singular end that the velocity overflows).
     """
     check_same_shape(model_output=model_output, x=x)
-    a, b = velocity_coefficients_of(as_time(t, like=x), prediction_type)
-    return affine_combination(a, b, x, model_output)
+    tt = as_time(t, like=x)
+    a, b = velocity_coefficients_of(tt, prediction_type)
+    u = affine_combination(a, b, x, model_output)
+    # Near a singular end |A|, |B| exceed what the compute dtype holds (1/t > 3.4e38 in float32 for
+    # t < 2.9e-39) or push A*x past it: never hand back that inf or NaN.
+    if not bool(u.isfinite().all()):
+        raise_on_nonfinite_input("diffusion_to_velocity", model_output=model_output, x=x)
+        message = f"diffusion_to_velocity: the velocity overflowed {u.dtype} although the inputs are finite"
+        raise overflow_error(message, tt, prediction_type)
+    return u
 
 
 def velocity_to_diffusion(velocity: Tensor, x: Tensor, t: TimeLike, prediction_type: str) -> Tensor:

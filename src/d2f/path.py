@@ -49,8 +49,10 @@ def interpolate(data: Tensor, noise: Tensor, t: TimeLike) -> Tensor:
     """``x_t = t*data + (1-t)*noise``."""
     check_same_shape(data=data, noise=noise)
     dtype = compute_dtype(data, noise)
-    tt = per_sample(as_time(t, like=data).to(dtype), data)
-    return torch.lerp(noise.to(dtype), data.to(dtype), tt)
+    tt = as_time(t, like=data)
+    # Both coefficients in float64, then cast (docs/conventions.md §6). lerp would form 1 - t from a
+    # float32 t, losing the noise term entirely for t within float32's spacing of 1 (6e-8).
+    return per_sample(tt.to(dtype), data) * data.to(dtype) + per_sample((1 - tt).to(dtype), data) * noise.to(dtype)
 
 
 def target_velocity(data: Tensor, noise: Tensor) -> Tensor:
@@ -72,7 +74,7 @@ def network_input(
     tt = as_time(t, like=data).expand(data.shape[0])
     dtype = dtype or compute_dtype(data, noise)
     if use_triton(backend, data, noise):
-        return kernels().network_input(data, noise, tt.to(torch.float32).contiguous(), dtype)
+        return kernels().network_input(data, noise, tt.contiguous(), dtype)
     work = compute_dtype(data, noise)
     n = norm(tt)
     z = per_sample((tt / n).to(work), data) * data

@@ -156,6 +156,15 @@ class Schedule:
             ac = _rescale_zero_terminal_snr(ac)
         return cls(ac, prediction_type)
 
+    def with_zero_terminal_snr(self) -> Schedule:
+        """This schedule rescaled to zero terminal SNR (Lin et al. 2024), as diffusers' ``rescale_betas_zero_snr``:
+        ``sqrt(alphabar)`` is shifted and stretched so its last entry is 0 and its first is kept."""
+        if self.zero_terminal_snr:
+            return self
+        if self.num_train_timesteps < 2:
+            raise ValueError("zero_terminal_snr needs num_train_timesteps >= 2")
+        return Schedule(_rescale_zero_terminal_snr(self.alphas_cumprod), self.prediction_type)
+
     @classmethod
     def from_diffusers(cls, scheduler_or_config: Any) -> Schedule:
         """Rebuild the table in float64 from a DDPM/DDIM-family diffusers scheduler or its config.

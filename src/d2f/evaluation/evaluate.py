@@ -27,7 +27,7 @@ def evaluate(
     the classifier's accuracy on the requested classes. Every real and generated image goes through the
     export's resolution on its way to the classifier's 28x28 input."""
     started = time.perf_counter()
-    images, labels, meta = sample_export(model, steps, solver, grid, shift, guidance, num_samples, seed=seed)
+    images, labels, _, meta = sample_export(model, steps, solver, grid, shift, guidance, num_samples, seed=seed)
     if images.shape[1] != 1:
         raise ValueError(f"d2f eval scores 1-channel MNIST models; {model} generates {images.shape[1]} channels")
     resolution = meta["resolution"]

@@ -1,4 +1,5 @@
-"""The paper's experiments in miniature (issue 5): E1 (zero-shot conversion) and E2 (finetuning).
+"""The paper's experiments in miniature, E1 (zero-shot conversion) and E2 (finetuning); E3 and E4 are in
+reflow.py and terminal_snr.py.
 
 E1, zero-shot conversion:
 
@@ -26,10 +27,11 @@ from ..grids import ddim_grid, uniform_grid
 from ..path import scale
 from ..training.data import mnist
 from ..training.export import ddim_config, ddim_reference, load
+from ..training.images import save_grid
 from ..training.sampling import export_grid
 from ..velocity import D2FVelocity
 from .classifier import load_classifier
-from .metrics import class_accuracy, features, fid
+from .metrics import features, fid, score
 
 E1_METHODS = ("teacher_ddim", "d2f_euler", "d2f_uniform", "naive_fm")
 
@@ -51,8 +53,17 @@ def _sample(method: str, teacher: D2FVelocity, noise: torch.Tensor, labels: torc
     return naive.sample(noise, uniform_grid(steps), class_labels=labels)
 
 
-def zero_shot(num_samples: int = 1000, steps: tuple[int, ...] = (10, 25, 50), seed: int = 0, batch: int = 500) -> dict:
-    """E1. Returns ``{"steps": {"10": {method: {"fid", "class_accuracy"}}, ...}, ...}``."""
+def zero_shot(
+    num_samples: int = 1000,
+    steps: tuple[int, ...] = (10, 25, 50),
+    seed: int = 0,
+    batch: int = 500,
+    grid_png: Path | None = None,
+) -> dict:
+    """E1. Returns ``{"steps": {"10": {method: {"fid", "class_accuracy"}}, ...}, ...}``.
+
+    ``grid_png``: the first 10 samples of each method (rows in ``E1_METHODS`` order) at the middle step count.
+    """
     started = time.perf_counter()
     teacher = load("teacher")
     classifier = load_classifier()
@@ -69,13 +80,12 @@ def zero_shot(num_samples: int = 1000, steps: tuple[int, ...] = (10, 25, 50), se
                     for i in range(0, num_samples, batch)
                 ]
             )
-            row[method] = {
-                "fid": fid(real, features(classifier, samples[method])),
-                "class_accuracy": class_accuracy(classifier, samples[method], labels),
-            }
+            row[method] = score(classifier, real, samples[method], labels)
         row["max_abs_diff_d2f_euler_vs_teacher_ddim"] = float(
             (samples["d2f_euler"] - samples["teacher_ddim"]).abs().max()
         )
+        if grid_png is not None and n == steps[len(steps) // 2]:
+            save_grid(torch.cat([samples[m][:10] for m in E1_METHODS]), grid_png)
         results["steps"][str(n)] = row
     results.update(
         {
@@ -162,8 +172,9 @@ def finetune(
                     field = _checkpoint_field(config, step, data)
                     grid = export_grid(field, "ddim" if objective == "diffusion" else "uniform", sample_steps)
                     images = field.sample(noise, grid, class_labels=labels)
-                    fids.append(fid(real, features(classifier, images)))
-                    accs.append(class_accuracy(classifier, images, labels))
+                    cell = score(classifier, real, images, labels)
+                    fids.append(cell["fid"])
+                    accs.append(cell["class_accuracy"])
                     if objective == "d2f":
                         grid = export_grid(field, "ddim", sample_steps)
                         ddim_fids.append(

@@ -56,3 +56,11 @@ def class_accuracy(classifier: LeNet, images: torch.Tensor, labels: torch.Tensor
         [classifier(to_input(images[i : i + 500], resolution)).argmax(1) for i in range(0, len(images), 500)]
     )
     return float((pred == labels.to(pred.device)).float().mean())
+
+
+def score(classifier: LeNet, real_features: torch.Tensor, images: torch.Tensor, labels: torch.Tensor) -> dict:
+    """The experiments' cell: FID against ``real_features`` and the classifier's accuracy on ``labels``."""
+    return {
+        "fid": fid(real_features, features(classifier, images)),
+        "class_accuracy": class_accuracy(classifier, images, labels),
+    }

@@ -29,7 +29,8 @@ import torch
 from .._versioned import read_document
 
 CHECKPOINT_FORMAT, CHECKPOINT_VERSION = "d2f.checkpoint", 1
-STATE_KEYS = {"step", "seed", "optimizer", "config", "losses"}
+STATE_TYPES = {"step": (int,), "seed": (int,), "optimizer": (list,), "config": (dict,), "losses": (list,)}
+STATE_KEYS = set(STATE_TYPES)
 _NAME = re.compile(r"^step-(\d{8})$")
 
 
@@ -106,7 +107,9 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 
 def read_state(path: Path) -> dict[str, Any]:
-    return read_document(Path(path) / "state.json", CHECKPOINT_FORMAT, CHECKPOINT_VERSION, STATE_KEYS)
+    return read_document(
+        Path(path) / "state.json", CHECKPOINT_FORMAT, CHECKPOINT_VERSION, STATE_KEYS, types=STATE_TYPES
+    )
 
 
 def load_checkpoint(

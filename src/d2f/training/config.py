@@ -12,6 +12,7 @@ from ..time_samplers import T_SAMPLERS
 
 OBJECTIVES = ("d2f", "fm", "diffusion")
 MIXED_PRECISION = ("no", "bf16", "fp16")
+ON_NONFINITE = ("stop", "skip")
 DEFAULT_T_SAMPLER = "uniform"
 
 
@@ -22,6 +23,7 @@ class TrainConfig:
     out: str = "runs/default"
     pretrained: str = "teacher"  # the embedded teacher, a d2f export, or a diffusers UNet folder
     data: str = "mnist"  # mnist | digits | an image folder | a latents file (.safetensors / .npy)
+    pairs: str | None = None  # reflow: a `d2f pairs` file, trained on instead of data
     resolution: int = 24  # the default task adapts the 16x16 teacher to 24x24
     classes: tuple[int, ...] | None = None  # keep only these labels (mnist, digits)
     objective: str = "d2f"
@@ -43,6 +45,8 @@ class TrainConfig:
     sample_steps: int = 25
     num_samples: int = 40
     guidance: float = 1.0
+    on_nonfinite: str = "stop"  # a non-finite loss stops the run (naming the step and batch), or skips the step
+    zero_terminal_snr: bool = False  # rescale the pretrained schedule to zero terminal SNR first (v_prediction)
     init: str | None = None  # "teacher-config": train from scratch with the teacher's architecture
     prediction_type: str | None = None  # from scratch only: the new model's prediction type
 
@@ -61,6 +65,8 @@ class TrainConfig:
             )
         if self.mixed_precision not in MIXED_PRECISION:
             fail("mixed_precision", f"one of {MIXED_PRECISION}")
+        if self.on_nonfinite not in ON_NONFINITE:
+            fail("on_nonfinite", f"one of {ON_NONFINITE}")
         for name in ("resolution", "max_steps", "batch_size", "grad_accum", "sample_steps", "num_samples"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -83,6 +89,16 @@ class TrainConfig:
             not self.classes or any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in self.classes)
         ):
             fail("classes", "a non-empty list of labels >= 0")
+        if not isinstance(self.zero_terminal_snr, bool):
+            fail("zero_terminal_snr", "True or False")
+        if self.pairs is not None:
+            if self.objective == "diffusion":
+                raise ValueError(
+                    f"pairs={self.pairs!r} (reflow) trains the straight path from each stored noise to its sample: "
+                    "use objective 'd2f' (or 'fm'), not 'diffusion'"
+                )
+            if self.data != "mnist" or self.classes is not None:
+                raise ValueError(f"pairs={self.pairs!r} replaces data: give data (and classes) or pairs, not both")
         if self.init not in (None, "teacher-config"):
             fail("init", "None or 'teacher-config'")
         if self.prediction_type is not None and self.init is None:
@@ -120,4 +136,4 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
-__all__ = ["MIXED_PRECISION", "OBJECTIVES", "TrainConfig"]
+__all__ = ["MIXED_PRECISION", "OBJECTIVES", "ON_NONFINITE", "TrainConfig"]

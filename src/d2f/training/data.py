@@ -34,6 +34,7 @@ class Dataset:
     encoder_hidden_states: Tensor | None = None
     null_encoder_hidden_states: Tensor | None = None
     concat: Tensor | None = None
+    noise: Tensor | None = None  # reflow pairs: the noise coupled to each image (see pairs.py)
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -90,40 +91,106 @@ def digits(resolution: int, classes: tuple[int, ...] | None = None) -> Dataset:
     return _select_classes(_resize(images, resolution), labels, classes, "digits")
 
 
-def image_folder(path: Path, resolution: int, channels: int) -> Dataset:
-    """Every PNG/JPEG under ``path`` (recursively), converted to L (1 channel) or RGB (3 channels).
+# Modes whose pixels span 0..65535. PIL opens 16-bit greyscale PNGs as "I;16" (older versions: "I"), and its
+# convert("L") clips such values at 255 instead of scaling them, so they are scaled here.
+_SIXTEEN_BIT_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N"}
 
-    Unreadable files are skipped and counted in a warning; a folder with no readable image is an error.
+
+def _pixels(im, channels: int) -> np.ndarray:
+    """A loaded PIL image as float32 ``(H, W, channels)`` in [0, 255], converted as :func:`image_folder` says."""
+    from PIL import Image, ImageOps
+
+    im = ImageOps.exif_transpose(im)  # phone photos store their rotation as an EXIF tag, not in the pixels
+    target = "L" if channels == 1 else "RGB"
+    if im.mode in _SIXTEEN_BIT_MODES:
+        raw = np.asarray(im).astype(np.float32)
+        grey = np.clip(raw, 0, 65535) * (255 / 65535)
+        if "transparency" in im.info:  # a tRNS grey value marks fully transparent pixels
+            grey[raw == im.info["transparency"]] = 255
+        return np.repeat(grey[..., None], channels, axis=2)
+    if "A" in im.getbands() or im.has_transparency_data:
+        # Without compositing, the colour stored under alpha 0 (often junk) would be trained on.
+        im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im.convert("RGBA"))
+    im = im.convert(target)
+    return np.array(im, dtype=np.float32).reshape(im.height, im.width, channels)
+
+
+def image_folder(path: Path, resolution: int, channels: int) -> Dataset:
+    """Every PNG/JPEG under ``path`` (recursively), as 1 channel (PIL "L") or 3 channels (PIL "RGB").
+
+    Conversions, all to [-1, 1], after applying the EXIF orientation tag (as photo viewers do):
+
+    - L, RGB, CMYK, YCbCr, 1-bit and palette ("P") images without transparency: PIL's own ``convert("L")`` /
+      ``convert("RGB")`` (RGB to L is ITU-R 601-2 luma, L to RGB repeats the grey value).
+    - Images with transparency (RGBA, LA, PA, palette or L/RGB PNGs with a tRNS entry): alpha-composited onto a
+      **white** background first, so a fully transparent pixel is white (+1) whatever colour it stores.
+    - 16-bit greyscale PNGs (PIL modes "I;16", "I;16B", "I"): scaled by their full range, 0..65535 to [-1, 1]
+      (32768 gives 0.0); as RGB the grey value is repeated. 16-bit colour PNGs are reduced to 8 bits by PIL.
+
+    Every image is decoded up front and the dataset lives in memory, so a bad file is found here, never
+    mid-epoch. Empty files, truncated files (``ImageFile.LOAD_TRUNCATED_IMAGES`` is held False while loading,
+    so PIL raises instead of filling the missing part with grey) and files that are not images are skipped;
+    files with other suffixes (``notes.txt``, ``.DS_Store``) are ignored. One warning counts the skipped files
+    by reason and the ignored ones. A folder with no readable image is an error.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageFile, UnidentifiedImageError
 
     if channels not in (1, 3):
-        raise ValueError(f"an image folder gives 1 or 3 channels, but the model takes {channels}")
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    images, skipped = [], []
-    for file in files:
-        try:
-            with Image.open(file) as im:
-                im = im.convert("L" if channels == 1 else "RGB")
-                array = np.asarray(im, dtype=np.float32).reshape(im.height, im.width, channels)
-        except (OSError, UnidentifiedImageError, ValueError) as e:
-            skipped.append(f"{file.name}: {e}")
-            continue
-        tensor = torch.from_numpy(array.copy()).permute(2, 0, 1).unsqueeze(0) / 127.5 - 1
-        images.append(_resize(tensor, resolution))
-    if skipped:
-        warnings.warn(f"skipped {len(skipped)} unreadable file(s) in {path}: {'; '.join(skipped[:5])}", stacklevel=2)
+        raise ValueError(f"channels={channels}: an image folder gives 1 (greyscale) or 3 (RGB) channels")
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    ignored = [p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
+    images, skipped = [], {}  # skipped: reason -> file names
+    truncated_setting = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        for file in files:
+            if file.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            try:
+                if file.stat().st_size == 0:
+                    skipped.setdefault("empty", []).append(file.name)
+                    continue
+                with Image.open(file) as im:
+                    im.load()  # open() only reads the header; truncation shows when the pixels are decoded
+                    array = _pixels(im, channels)
+            except UnidentifiedImageError:
+                skipped.setdefault("not an image", []).append(file.name)
+                continue
+            except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+                # Grouped by PIL's message only to make the summary readable.
+                reason = "truncated" if "truncated" in str(e) else "corrupt or unreadable"
+                skipped.setdefault(reason, []).append(f"{file.name} ({e})")
+                continue
+            tensor = torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0) / 127.5 - 1
+            images.append(_resize(tensor, resolution))
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = truncated_setting
+    if skipped or ignored:
+        parts = []
+        if skipped:
+            n_skipped = sum(len(names) for names in skipped.values())
+            reasons = "; ".join(f"{why}: {len(names)} ({', '.join(names[:3])})" for why, names in skipped.items())
+            parts.append(f"skipped {n_skipped} unreadable file(s) [{reasons}]")
+        if ignored:
+            examples = ", ".join(p.name for p in ignored[:3])
+            parts.append(f"ignored {len(ignored)} file(s) not .png/.jpg/.jpeg ({examples})")
+        warnings.warn(f"{path}: {'; '.join(parts)}; loaded {len(images)} image(s)", stacklevel=2)
     if not images:
         raise ValueError(f"data={str(path)!r} holds no readable PNG or JPEG image")
     return Dataset(images=torch.cat(images))
 
 
 def latents(path: Path) -> Dataset:
-    if path.suffix == ".npy":
-        return Dataset(images=torch.from_numpy(np.load(path, allow_pickle=False)).float())
+    """A latents file; ``.npy`` files are read with ``allow_pickle=False``, so an object array is refused."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    tensors = load_file(str(path))
+    try:
+        if path.suffix == ".npy":
+            return Dataset(images=torch.from_numpy(np.load(path, allow_pickle=False)).float())
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"data={str(path)!r}: not a readable latents file ({e})") from e
     unknown = set(tensors) - {"latents", "labels", "encoder_hidden_states", "null_encoder_hidden_states", "concat"}
     if "latents" not in tensors or unknown:
         raise ValueError(

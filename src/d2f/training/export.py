@@ -30,21 +30,25 @@ import torch
 
 from .._extras import require
 from .._versioned import check_document, read_document
+from ..parametrization import PREDICTION_TYPES
 from ..schedule import Schedule
+from .config import TrainConfig
 from .models import FULL_CONVS, load_network, load_unet, lora_config, teacher_path
 
 EXPORT_FORMAT, EXPORT_VERSION = "d2f.export", 1
-META_KEYS = {
-    "kind",
-    "objective",
-    "prediction_type",
-    "align_input",
-    "null_class",
-    "base",
-    "lora_rank",
-    "resolution",
-    "train_config",
+META_TYPES = {
+    "kind": (str,),
+    "objective": (str,),
+    "prediction_type": (str,),
+    "align_input": (bool,),
+    "null_class": (int, type(None)),
+    "base": (str, type(None)),
+    "lora_rank": (int,),
+    "resolution": (int,),
+    "train_config": (dict,),
 }
+META_KEYS = set(META_TYPES)
+KINDS = ("full", "lora")
 
 
 @dataclass
@@ -139,7 +143,17 @@ def write_export(folder: Path, unet: torch.nn.Module, schedule: Schedule, meta: 
 
 def read_export(folder: Path) -> Export:
     folder = Path(folder)
-    meta = read_document(folder / "d2f.json", EXPORT_FORMAT, EXPORT_VERSION, META_KEYS)
+    where = folder / "d2f.json"
+    meta = read_document(where, EXPORT_FORMAT, EXPORT_VERSION, META_KEYS, types=META_TYPES)
+    for key, allowed in (("kind", KINDS), ("prediction_type", PREDICTION_TYPES)):
+        if meta[key] not in allowed:
+            raise ValueError(f"{where}: {key}={meta[key]!r} is not one of {allowed}")
+    if meta["kind"] == "lora" and meta["base"] is None:
+        raise ValueError(f"{where}: a LoRA export must name its base model")
+    try:
+        TrainConfig.from_dict(meta["train_config"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: train_config: {e}") from e
     schedule = Schedule.from_dict(json.loads((folder / "schedule.json").read_text()))
     return Export(folder, meta, schedule)
 
@@ -162,9 +176,13 @@ def load(path: str | os.PathLike, guidance_scale: float = 1.0, device: str | tor
     else:
         from peft import PeftModel
 
+        adapter = folder / "adapter"
+        if not (adapter / "adapter_model.safetensors").is_file():
+            # peft would fall back to a pickled adapter_model.bin (or look for one on the Hub).
+            raise ValueError(f"{adapter}: no adapter_model.safetensors; d2f loads adapters from safetensors only")
         # The standard peft call, as a user would make it; it restores modules_to_save (conv_in/conv_out) too.
         base = load_network(meta["base"]).unet
-        unet = PeftModel.from_pretrained(base, str(folder / "adapter")).get_base_model()
+        unet = PeftModel.from_pretrained(base, str(adapter)).get_base_model()
     unet = unet.eval().requires_grad_(False)
     if device is not None:
         unet = unet.to(device)

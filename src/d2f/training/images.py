@@ -24,33 +24,85 @@ def save_grid(images: torch.Tensor, path: Path, columns: int = 10, upscale: int 
     picture.resize((picture.width * upscale, picture.height * upscale), Image.NEAREST).save(path)
 
 
-def save_loss_curve(losses: list[float], path: Path, title: str = "training loss", size=(640, 400)) -> None:
-    """The per-step loss (thin, grey) and its moving average (dark), on a log scale."""
+PALETTE = [
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+    (188, 189, 34),
+    (23, 190, 207),
+]
+
+
+def save_line_plot(
+    series: dict[str, tuple[list[float], list[float]]],
+    path: Path,
+    title: str,
+    xlabel: str = "",
+    log_y: bool = False,
+    size: tuple[int, int] = (640, 400),
+    colors: dict[str, tuple[int, int, int]] | None = None,
+) -> None:
+    """Lines ``name -> (xs, ys)`` on shared axes, with a legend (names starting with ``_`` get none).
+
+    Non-finite points are left out rather than drawn as zero.
+    """
     width, height = size
     left, right, top, bottom = 60, 20, 30, 40
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
     draw.text((left, 8), title, fill="black")
-    values = np.log10(np.maximum(np.asarray(losses, dtype=np.float64), 1e-12))
-    if values.size < 2:
+    prepared = {}
+    for name, (xs, ys) in series.items():
+        x, y = np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
+        y = np.log10(np.maximum(y, 1e-12)) if log_y else y
+        keep = np.isfinite(x) & np.isfinite(y)
+        prepared[name] = (x[keep], y[keep])
+    points = [v for xy in prepared.values() for v in zip(*xy)]
+    if not points:
         image.save(path)
         return
-    window = max(1, values.size // 50)
-    smooth = np.convolve(values, np.ones(window) / window, mode="valid")
-    lo, hi = float(values.min()), float(values.max())
-    hi = hi if hi > lo else lo + 1
+    (x_lo, y_lo), (x_hi, y_hi) = np.min(points, axis=0), np.max(points, axis=0)
+    x_hi, y_hi = (x_hi if x_hi > x_lo else x_lo + 1), (y_hi if y_hi > y_lo else y_lo + 1)
 
-    def xy(i: float, v: float) -> tuple[float, float]:
-        x = left + (width - left - right) * i / (values.size - 1)
-        y = top + (height - top - bottom) * (hi - v) / (hi - lo)
-        return x, y
+    def xy(x: float, y: float) -> tuple[float, float]:
+        return (
+            left + (width - left - right) * (x - x_lo) / (x_hi - x_lo),
+            top + (height - top - bottom) * (y_hi - y) / (y_hi - y_lo),
+        )
 
     draw.rectangle([left, top, width - right, height - bottom], outline="black")
-    draw.line([xy(i, v) for i, v in enumerate(values)], fill=(190, 190, 190), width=1)
-    offset = (window - 1) / 2
-    draw.line([xy(i + offset, v) for i, v in enumerate(smooth)], fill=(20, 60, 160), width=2)
-    for v in (lo, (lo + hi) / 2, hi):
-        draw.text((4, xy(0, v)[1] - 6), f"{10**v:.3g}", fill="black")
-    draw.text((left, height - bottom + 8), "step 1", fill="black")
-    draw.text((width - right - 60, height - bottom + 8), f"step {values.size}", fill="black")
+    legend_y = top + 6
+    for i, (name, (x, y)) in enumerate(prepared.items()):
+        color = (colors or {}).get(name, PALETTE[i % len(PALETTE)])
+        if x.size > 1:
+            draw.line([xy(a, b) for a, b in zip(x, y)], fill=color, width=2 if not name.startswith("_") else 1)
+        for a, b in zip(x, y) if x.size < 30 else ():
+            cx, cy = xy(a, b)
+            draw.ellipse([cx - 2, cy - 2, cx + 2, cy + 2], fill=color)
+        if not name.startswith("_"):
+            draw.line([(width - right - 150, legend_y + 6), (width - right - 130, legend_y + 6)], fill=color, width=2)
+            draw.text((width - right - 125, legend_y), name, fill="black")
+            legend_y += 14
+    for v in (y_lo, (y_lo + y_hi) / 2, y_hi):
+        draw.text((4, xy(x_lo, v)[1] - 6), f"{10**v if log_y else v:.3g}", fill="black")
+    draw.text((left, height - bottom + 8), f"{x_lo:.3g}", fill="black")
+    draw.text((width - right - 40, height - bottom + 8), f"{x_hi:.3g}", fill="black")
+    draw.text(((width - len(xlabel) * 6) / 2, height - bottom + 20), xlabel, fill="black")
     image.save(path)
+
+
+def save_loss_curve(losses: list[float], path: Path, title: str = "training loss", size=(640, 400)) -> None:
+    """The per-step loss (thin, grey) and its moving average (dark), on a log scale."""
+    values = np.asarray(losses, dtype=np.float64)
+    window = max(1, values.size // 50)
+    smooth = np.convolve(values, np.ones(window) / window, mode="valid") if values.size else values
+    steps = np.arange(1, values.size + 1)
+    offset = (window - 1) / 2
+    series = {"_loss": (steps, values), "moving average": (steps[: smooth.size] + offset, smooth)}
+    colors = {"_loss": (190, 190, 190), "moving average": (20, 60, 160)}
+    save_line_plot(series, path, title, xlabel="step", log_y=True, size=size, colors=colors)

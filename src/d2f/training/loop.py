@@ -4,9 +4,12 @@ full or LoRA, from one CPU to many GPUs through accelerate."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
+import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .._extras import require
-from ..loss import fm_loss
+from ..loss import NonFiniteError, fm_loss
 from ..path import interpolate, network_input
 from ..time_samplers import sample_t
 from ..velocity import D2FVelocity
@@ -25,11 +28,13 @@ from .config import TrainConfig
 from .data import Dataset, load_dataset
 from .export import ddim_reference, write_export
 from .images import save_grid, save_loss_curve
+from .lock import run_lock
 from .models import Network, add_lora, from_scratch, load_network, trainable_parameters
+from .pairs import load_pairs
 from .sampling import export_grid
 
 # Settings that may change between a run and its resumption; any other difference is refused.
-RESUMABLE_CHANGES = {"out", "max_steps", "checkpoint_every", "sample_steps", "num_samples", "guidance"}
+RESUMABLE_CHANGES = {"out", "max_steps", "checkpoint_every", "sample_steps", "num_samples", "guidance", "on_nonfinite"}
 
 
 def _seed(*parts: Any) -> int:
@@ -130,6 +135,8 @@ def _objective_loss(config, network, model, data, stream, conditioning, step, mi
     schedule, ptype = network.schedule, network.prediction_type
     loss_type = ptype if config.objective != "fm" else "velocity"
     noise, times, drop = _draws(config, positions, tuple(data.images.shape[1:]), loss_type, schedule)
+    if data.noise is not None:  # reflow: each image keeps the noise it was sampled from
+        noise = data.noise[indices]
     cond = conditioning.kwargs(data, indices, drop, device)
     clean, noise = data.images[indices].to(device), noise.to(device)
     concat = data.concat[indices].to(device) if data.concat is not None else None
@@ -152,6 +159,19 @@ def _objective_loss(config, network, model, data, stream, conditioning, step, mi
     else:  # naive FM: unscaled interpolant, raw t as the timestep, output read as the velocity
         out = run(interpolate(clean, noise, t).to(dtype), t)
     return fm_loss(out, clean, noise, t, loss_type)
+
+
+def _training_data(config: TrainConfig, channels: int) -> Dataset:
+    if config.pairs is None:
+        return load_dataset(config.data, config.resolution, channels, config.classes)
+    data = load_pairs(config.pairs)
+    shape = tuple(data.images.shape[1:])
+    if shape != (channels, config.resolution, config.resolution):
+        raise ValueError(
+            f"pairs={config.pairs!r} holds samples of shape {shape}; the run needs ({channels}, "
+            f"{config.resolution}, {config.resolution}): pass --resolution {shape[-1]} for pairs of this model"
+        )
+    return data
 
 
 def _lr(config: TrainConfig, step: int) -> float:
@@ -284,6 +304,41 @@ def train(config: TrainConfig, resume: str | None = None, progress: bool = True)
     # the tests) may ask for another. The process group (PartialState) is kept.
     AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    out = Path(config.out)
+    with run_lock(out) if accelerator.is_main_process else contextlib.nullcontext():
+        return _train_locked(config, resume, progress, accelerator, started)
+
+
+def _remove_leftovers(out: Path) -> None:
+    """Temporary folders of a killed run (never read: checkpoints and exports are renamed into place)."""
+    export = out / "export"
+    for old in sorted(out.glob(".export.old-*")):  # killed between the two renames of write_export
+        if not export.exists():
+            old.rename(export)
+            print(f"d2f train: restored {export} from {old.name} (an interrupted export)", file=sys.stderr)
+    leftovers = [*checkpoint_root(out).glob(".tmp-step-*"), *out.glob(".export.tmp-*"), *out.glob(".export.old-*")]
+    for path in leftovers:
+        shutil.rmtree(path, ignore_errors=True)
+    if leftovers:
+        names = ", ".join(sorted(p.name for p in leftovers))
+        print(
+            f"d2f train: removed {len(leftovers)} half-written folder(s) left by an interrupted run: {names}",
+            file=sys.stderr,
+        )
+
+
+def _nonfinite_report(config, out: Path, step: int, stream: Stream, world: int, total: float) -> str:
+    per_step = config.batch_size * config.grad_accum * world
+    indices = stream.indices(torch.arange(step * per_step, (step + 1) * per_step)).tolist()
+    last = latest_checkpoint(out)
+    return (
+        f"non-finite loss {total} at step {step + 1}; batch indices (into the data set) {indices}; last good "
+        f"checkpoint: {last if last is not None else 'none'}. Resume from it with a lower lr, or pass "
+        "--on-nonfinite skip to skip such steps"
+    )
+
+
+def _train_locked(config: TrainConfig, resume: str | None, progress: bool, accelerator, started: float) -> dict:
     device, main = accelerator.device, accelerator.is_main_process
     out = Path(config.out)
     checkpoint = None
@@ -302,10 +357,19 @@ def train(config: TrainConfig, resume: str | None = None, progress: bool = True)
             f"out={str(out)!r} holds checkpoints of an earlier run: pass --resume, or choose another --out"
         )
 
+    if main:
+        _remove_leftovers(out)
     torch.manual_seed(config.seed)  # LoRA's A matrices and from-scratch weights
     network = from_scratch(config.prediction_type or "v_prediction") if config.init else load_network(config.pretrained)
+    if config.zero_terminal_snr:
+        if network.prediction_type != "v_prediction":
+            raise ValueError(
+                f"zero_terminal_snr=True needs a v_prediction model: {network.source} predicts "
+                f"{network.prediction_type!r}, which has no velocity at the pure-noise end of a zero-SNR schedule"
+            )
+        network = dataclasses.replace(network, schedule=network.schedule.with_zero_terminal_snr())
     unet = network.unet.to(device)
-    data = load_dataset(config.data, config.resolution, unet.config.in_channels, config.classes)
+    data = _training_data(config, unet.config.in_channels)
     conditioning = Conditioning.plan(config, network, data)
     metrics: dict[str, Any] = {"objective": config.objective, "pretrained": network.source}
     if main:
@@ -341,22 +405,32 @@ def train(config: TrainConfig, resume: str | None = None, progress: bool = True)
         for micro in range(config.grad_accum):
             sync = micro == config.grad_accum - 1
             with contextlib.nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast():
-                loss = _objective_loss(
-                    config, network, model, data, stream, conditioning, step, micro, rank, world, device
-                )
+                try:
+                    loss = _objective_loss(
+                        config, network, model, data, stream, conditioning, step, micro, rank, world, device
+                    )
+                    value = loss.detach()
+                except NonFiniteError as e:
+                    if e.tensor != "model_output":
+                        raise
+                    # The network diverged. A zero loss over every trainable weight still joins the other
+                    # ranks' gradient all-reduce, and the NaN value below makes them all stop (or skip) together.
+                    loss = sum((p * 0).sum() for p in trainable.values())
+                    value = torch.tensor(math.nan, device=device)
                 accelerator.backward(loss / config.grad_accum)
             # The mean over all processes: every rank sees the same value (and stops together on a NaN).
-            total += float(accelerator.reduce(loss.detach(), reduction="mean")) / config.grad_accum
-        if not math.isfinite(total):
-            raise FloatingPointError(f"non-finite loss {total} at step {step + 1}")
-        if config.grad_clip:
-            accelerator.clip_grad_norm_(list(trainable.values()), config.grad_clip)
-        prepared_optimizer.step()
+            total += float(accelerator.reduce(value, reduction="mean")) / config.grad_accum
+        if not math.isfinite(total) and config.on_nonfinite == "stop":
+            raise FloatingPointError(_nonfinite_report(config, out, step, stream, world, total))
+        if math.isfinite(total):  # else --on-nonfinite skip: the step changes nothing
+            if config.grad_clip:
+                accelerator.clip_grad_norm_(list(trainable.values()), config.grad_clip)
+            prepared_optimizer.step()
+            decay = min(config.ema_decay, (step + 2) / (step + 11))
+            with torch.no_grad():
+                for n, p in trainable.items():
+                    ema[n].lerp_(p.detach(), 1 - decay)
         prepared_optimizer.zero_grad(set_to_none=True)
-        decay = min(config.ema_decay, (step + 2) / (step + 11))
-        with torch.no_grad():
-            for n, p in trainable.items():
-                ema[n].lerp_(p.detach(), 1 - decay)
         losses.append(total)
         bar.set_postfix(loss=f"{total:.4f}")
         if main and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
@@ -385,11 +459,12 @@ def train(config: TrainConfig, resume: str | None = None, progress: bool = True)
             }
             write_export(out / "export", unet, network.schedule, meta, lora=bool(config.lora_rank))
         save_loss_curve(losses, out / "loss.png", title=f"{config.objective} loss ({len(losses)} steps)")
-        tail = losses[-50:]
+        tail = [v for v in losses[-50:] if math.isfinite(v)]
         metrics.update(
             {
                 "steps": config.max_steps,
                 "steps_this_run": config.max_steps - start,
+                "skipped_steps": [i + 1 for i, v in enumerate(losses) if not math.isfinite(v)],
                 "final_loss": sum(tail) / max(1, len(tail)),
                 "seconds_train": round(train_seconds, 2),
                 "seconds_per_step": round(train_seconds / max(1, config.max_steps - start), 4),

@@ -57,7 +57,16 @@ def unet_class(config: dict[str, Any], where: Path) -> type:
 def load_unet(folder: Path) -> torch.nn.Module:
     config_file = folder / "config.json"
     config = json.loads(config_file.read_text())
-    # use_safetensors: never fall back to a pickled .bin file.
+    weights = [
+        folder / "diffusion_pytorch_model.safetensors",
+        folder / "diffusion_pytorch_model.safetensors.index.json",
+    ]
+    if not any(w.is_file() for w in weights):
+        raise ValueError(
+            f"{folder}: no diffusion_pytorch_model.safetensors; d2f loads weights from safetensors only, never "
+            "from a pickled .bin or .pt file (convert it once, in a process you trust)"
+        )
+    # use_safetensors: diffusers itself must never fall back to a pickled .bin file either.
     return unet_class(config, config_file).from_pretrained(folder, use_safetensors=True)
 
 

@@ -42,11 +42,12 @@ def sample_export(
     seed: int = 0,
     batch_size: int = 250,
     progress: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, dict]:
     """``num_samples`` images from an export (classes in turn when class-conditional), in batches.
 
-    Returns ``(images, labels or None, the export's metadata)``; images are at ``resolution`` (default: the
-    export's training resolution). The noise is one draw of ``torch.Generator().manual_seed(seed)``.
+    Returns ``(images, labels or None, the noise they started from, the export's metadata)``; images are
+    at ``resolution`` (default: the export's training resolution). The noise is one draw of
+    ``torch.Generator().manual_seed(seed)``.
     """
     field = load(model, guidance_scale=guidance)
     meta = read_export(teacher_path() if model == "teacher" else Path(model)).meta
@@ -59,4 +60,4 @@ def sample_export(
     for start in range(0, num_samples, batch_size):
         cond = {} if labels is None else {"class_labels": labels[start : start + batch_size]}
         images.append(field.sample(noise[start : start + batch_size], ts, solver=solver, progress=progress, **cond))
-    return torch.cat(images), labels, meta
+    return torch.cat(images), labels, noise, meta

@@ -1,0 +1,255 @@
+"""``d2f study``: when does Diff2Flow beat diffusion finetuning? A fractional design on E2's task.
+
+The task is E2's: the 16x16 MNIST teacher finetuned to 24x24 digits, batch 32, EMA 0.999, ``max_steps``
+steps. Every run is scored at the end with the same noise and labels, at 2, 4, 10 and 25 FM Euler steps on
+three grids (uniform in t, the DDIM-equivalent grid, SD3's shift 3), by FID against the 5000 real digits
+(the evaluation classifier's features, ``num_samples`` samples) and by class accuracy.
+
+The design (a full factorial would take days on 2 cores):
+
+1. **lr**: each objective (d2f, diffusion, naive fm) with LoRA rank 8 at lr 3e-4, 1e-3 and 3e-3, seed 0,
+   scored at 10 steps on its natural grid (uniform for d2f and fm, DDIM for diffusion). The best lr per
+   objective is used from then on.
+2. **time sampler and seeds**: d2f with each ``--t-sampler`` (uniform, logit-normal, diffusion-matched),
+   diffusion and fm, each with every seed.
+3. **zero terminal SNR**: the teacher finetuned for ``zsnr_steps`` on its own 16px task with its schedule
+   rescaled to zero terminal SNR, then d2f (uniform t) and diffusion from it, every seed.
+4. **capacity**: d2f (uniform t) and diffusion with LoRA rank 32 and full finetuning, every seed.
+
+Verdicts compare d2f with diffusion finetuning at the same capacity and teacher, each on its best grid at
+that step count: *win* or *lose* when the two seeds' FID ranges do not overlap, *tie* otherwise. With two
+seeds this is a coarse test; the per-seed values are in the JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..time_samplers import T_SAMPLERS
+from ..training.data import mnist
+from ..training.export import load
+from ..training.images import save_line_plot
+from ..training.sampling import export_grid
+from .classifier import load_classifier
+from .metrics import features, score
+
+STUDY_STEPS = (2, 4, 10, 25)
+STUDY_GRIDS = ("uniform", "ddim", "shift")
+LRS = (3e-4, 1e-3, 3e-3)
+NATURAL_GRID = {"d2f": "uniform", "fm": "uniform", "diffusion": "ddim"}
+
+
+@dataclass(frozen=True)
+class Cell:
+    objective: str
+    lr: float
+    seed: int = 0
+    t_sampler: str | None = None  # d2f and fm; None for diffusion
+    lora_rank: int = 8
+    teacher: str = "teacher"  # "teacher" or "zsnr" (the zero-terminal-SNR finetune)
+
+    @property
+    def name(self) -> str:
+        rank = f"r{self.lora_rank}" if self.lora_rank else "full"
+        sampler = f"-{self.t_sampler}" if self.t_sampler else ""
+        return f"{self.teacher}-{rank}-{self.objective}{sampler}-lr{self.lr:g}-seed{self.seed}"
+
+
+class Study:
+    def __init__(self, out: str, max_steps: int, num_samples: int, seeds: tuple[int, ...], zsnr_steps: int):
+        self.out, self.max_steps, self.num_samples, self.seeds = Path(out), max_steps, num_samples, seeds
+        self.zsnr_steps = zsnr_steps
+        self.classifier = load_classifier()
+        self.real = features(self.classifier, mnist(24).images)
+        self.noise = torch.randn(num_samples, 1, 24, 24, generator=torch.Generator().manual_seed(1234))
+        self.labels = torch.arange(num_samples) % 10
+        self.results: dict[str, dict] = {}
+
+    def teacher_path(self, teacher: str) -> str:
+        return "teacher" if teacher == "teacher" else str(self.out / "zsnr-teacher" / "export")
+
+    def make_zsnr_teacher(self) -> None:
+        from ..training.config import TrainConfig
+        from ..training.loop import train
+
+        if (self.out / "zsnr-teacher" / "export" / "d2f.json").is_file():
+            return
+        train(
+            TrainConfig(
+                out=str(self.out / "zsnr-teacher"),
+                objective="diffusion",
+                zero_terminal_snr=True,
+                resolution=16,
+                lora_rank=0,
+                lr=1e-4,
+                batch_size=64,
+                max_steps=self.zsnr_steps,
+                checkpoint_every=0,
+                num_samples=20,
+            ),
+            progress=False,
+        )
+
+    def run(self, cell: Cell, grids=STUDY_GRIDS, steps=STUDY_STEPS) -> dict:
+        """Train ``cell`` (unless done before) and score it on ``grids`` x ``steps``; cached in its folder."""
+        from ..training.config import TrainConfig
+        from ..training.loop import train
+
+        folder = self.out / cell.name
+        cached = folder / "scores.json"
+        if cached.is_file():
+            result = json.loads(cached.read_text())
+            if all(f"{g}/{n}" in result["scores"] for g in self._grids(cell, grids) for n in steps):
+                self.results[cell.name] = result
+                return result
+        if not (folder / "export" / "d2f.json").is_file():
+            metrics = train(
+                TrainConfig(
+                    out=str(folder),
+                    pretrained=self.teacher_path(cell.teacher),
+                    objective=cell.objective,
+                    t_sampler=cell.t_sampler,
+                    lora_rank=cell.lora_rank,
+                    lr=cell.lr,
+                    max_steps=self.max_steps,
+                    seed=cell.seed,
+                    checkpoint_every=0,
+                    num_samples=10,
+                    sample_steps=10,
+                ),
+                progress=False,
+            )
+            seconds = metrics["seconds_train"]
+        else:
+            seconds = json.loads((folder / "metrics.json").read_text())["seconds_train"]
+        field = load(str(folder / "export"))
+        scores = json.loads(cached.read_text())["scores"] if cached.is_file() else {}
+        for grid in self._grids(cell, grids):
+            for n in steps:
+                if f"{grid}/{n}" not in scores:
+                    images = field.sample(self.noise, export_grid(field, grid, n), class_labels=self.labels)
+                    scores[f"{grid}/{n}"] = score(self.classifier, self.real, images, self.labels)
+        result = {"cell": asdict(cell), "seconds_train": seconds, "scores": scores}
+        cached.write_text(json.dumps(result, indent=1))
+        self.results[cell.name] = result
+        return result
+
+    @staticmethod
+    def _grids(cell: Cell, grids) -> list[str]:
+        return [g for g in grids if not (cell.objective == "fm" and g == "ddim")]  # naive FM has no DDIM grid
+
+
+def _fid(result: dict, grid: str, n: int) -> float:
+    return result["scores"][f"{grid}/{n}"]["fid"]
+
+
+def _verdict(d2f: list[float], diffusion: list[float]) -> str:
+    if max(d2f) < min(diffusion):
+        return "win"
+    if min(d2f) > max(diffusion):
+        return "lose"
+    return "tie"
+
+
+def study(
+    out: str = "runs/study",
+    max_steps: int = 400,
+    num_samples: int = 300,
+    seeds: tuple[int, ...] = (0, 1),
+    zsnr_steps: int = 500,
+    plot_png: Path | None = None,
+) -> dict:
+    """Run the design above (resumable: finished runs are read back from ``out``); returns the report."""
+    started = time.perf_counter()
+    s = Study(out, max_steps, num_samples, seeds, zsnr_steps)
+    bar = tqdm(desc="d2f study", unit="run")
+
+    # 1. lr per objective, LoRA 8, seed 0, scored at 10 steps on the natural grid.
+    best_lr, lr_scores = {}, {}
+    for objective in ("d2f", "diffusion", "fm"):
+        sampler = None if objective == "diffusion" else "uniform"
+        fids = {}
+        for lr in LRS:
+            cell = Cell(objective, lr, seeds[0], sampler)
+            fids[lr] = _fid(s.run(cell, (NATURAL_GRID[objective],), (10,)), NATURAL_GRID[objective], 10)
+            bar.update()
+        best_lr[objective] = min(fids, key=fids.get)
+        lr_scores[objective] = {f"{lr:g}": fid for lr, fid in fids.items()}
+
+    def cells(objective: str, sampler: str | None, rank: int = 8, teacher: str = "teacher") -> list[Cell]:
+        return [Cell(objective, best_lr[objective], seed, sampler, rank, teacher) for seed in seeds]
+
+    groups: dict[str, list[Cell]] = {}
+    for sampler in T_SAMPLERS:  # 2. time samplers and seeds
+        groups[f"lora8 d2f t={sampler}"] = cells("d2f", sampler)
+    groups["lora8 diffusion"] = cells("diffusion", None)
+    groups["lora8 fm"] = cells("fm", "uniform")
+    s.make_zsnr_teacher()  # 3. zero terminal SNR
+    groups["zsnr lora8 d2f t=uniform"] = cells("d2f", "uniform", teacher="zsnr")
+    groups["zsnr lora8 diffusion"] = cells("diffusion", None, teacher="zsnr")
+    for rank, label in ((32, "lora32"), (0, "full")):  # 4. capacity
+        groups[f"{label} d2f t=uniform"] = cells("d2f", "uniform", rank)
+        groups[f"{label} diffusion"] = cells("diffusion", None, rank)
+    for group in groups.values():
+        for cell in group:
+            s.run(cell)
+            bar.update()
+    bar.close()
+
+    table = {}
+    for label, group in groups.items():
+        results = [s.results[c.name] for c in group]
+        table[label] = {
+            grid_n: {
+                "fid": [r["scores"][grid_n]["fid"] for r in results],
+                "class_accuracy": [r["scores"][grid_n]["class_accuracy"] for r in results],
+            }
+            for grid_n in results[0]["scores"]
+        }
+    verdicts = {}
+    for label in groups:
+        if " d2f " not in f" {label} ":
+            continue
+        base = label.split(" d2f")[0] + " diffusion"
+        verdicts[label] = {}
+        for n in STUDY_STEPS:
+            d2f_grid = min(STUDY_GRIDS, key=lambda g: _mean(table[label][f"{g}/{n}"]["fid"]))
+            diff_grid = min(STUDY_GRIDS, key=lambda g: _mean(table[base][f"{g}/{n}"]["fid"]))
+            d2f_fids, diff_fids = table[label][f"{d2f_grid}/{n}"]["fid"], table[base][f"{diff_grid}/{n}"]["fid"]
+            verdicts[label][str(n)] = {
+                "verdict": _verdict(d2f_fids, diff_fids),
+                "d2f": {"grid": d2f_grid, "fid": d2f_fids},
+                "diffusion": {"grid": diff_grid, "fid": diff_fids},
+            }
+    if plot_png is not None:
+        series = {}
+        for label in ("lora8 d2f t=uniform", "lora8 diffusion", "full d2f t=uniform", "full diffusion"):
+            for grid in ("uniform", "ddim"):
+                series[f"{label}, {grid}"] = (
+                    list(STUDY_STEPS),
+                    [_mean(table[label][f"{grid}/{n}"]["fid"]) for n in STUDY_STEPS],
+                )
+        save_line_plot(series, plot_png, "Study: FID (log) vs sampling steps, mean of seeds", "steps", log_y=True)
+    return {
+        "task": "the 16x16 MNIST teacher finetuned to 24x24 digits (E2's task)",
+        "max_steps": max_steps,
+        "num_samples": num_samples,
+        "seeds": list(seeds),
+        "zsnr_teacher_steps": zsnr_steps,
+        "lr_selection": {"fid_at_10_steps_natural_grid": lr_scores, "best": {k: v for k, v in best_lr.items()}},
+        "groups": table,
+        "verdicts_vs_diffusion": verdicts,
+        "verdict_rule": "win/lose: the seeds' FID ranges do not overlap (each side on its best grid); else tie",
+        "reference": "FID in the evaluation classifier's features against the 5000 real digits at 24px",
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)

@@ -1,0 +1,113 @@
+"""Reflow: ``d2f pairs`` writes noise -> sample pairs, ``d2f train --pairs`` trains on exactly those pairs."""
+
+import json
+import pickle
+
+import pytest
+import torch
+
+pytest.importorskip("accelerate")
+pytest.importorskip("peft")
+pytest.importorskip("mlxtend")
+
+from safetensors.torch import save_file  # noqa: E402
+
+import d2f  # noqa: E402
+from d2f.cli import main  # noqa: E402
+from d2f.training import loop  # noqa: E402
+from d2f.training.config import TrainConfig  # noqa: E402
+from d2f.training.pairs import PAIRS_FORMAT, PAIRS_VERSION, generate_pairs, load_pairs  # noqa: E402
+from d2f.training.sampling import export_grid  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("pairs") / "pairs.safetensors"
+    generate_pairs("teacher", path, num_pairs=12, steps=3, seed=5)
+    return path
+
+
+def test_pairs_are_the_teachers_ode_map_of_their_noise(pairs_file):
+    data = load_pairs(pairs_file)
+    assert data.images.shape == data.noise.shape == (12, 1, 16, 16)
+    torch.testing.assert_close(data.noise, torch.randn(12, 1, 16, 16, generator=torch.Generator().manual_seed(5)))
+    assert data.labels.tolist() == [i % 10 for i in range(12)]
+    field = d2f.load("teacher")
+    again = field.sample(data.noise, export_grid(field, "uniform", 3), class_labels=data.labels)
+    torch.testing.assert_close(again, data.images)
+    assert not list(pairs_file.parent.glob(".*tmp*"))  # written through a temporary file, renamed
+
+
+def test_reflow_feeds_the_stored_noise_to_the_network(pairs_file, tmp_path, monkeypatch):
+    seen = []
+    original = loop.network_input
+
+    def spy(clean, noise, t, dtype=None):
+        seen.append((clean, noise))
+        return original(clean, noise, t, dtype=dtype)
+
+    monkeypatch.setattr(loop, "network_input", spy)
+    config = TrainConfig(
+        out=str(tmp_path / "reflow"),
+        pairs=str(pairs_file),
+        resolution=16,
+        lora_rank=0,
+        max_steps=3,
+        batch_size=5,
+        num_samples=2,
+        sample_steps=1,
+        checkpoint_every=0,
+    )
+    metrics = loop.train(config, progress=False)
+    data = load_pairs(pairs_file)
+    assert len(seen) == 3 and torch.isfinite(torch.tensor(metrics["final_loss"]))
+    for clean, noise in seen:  # every image arrives with its own stored noise
+        for image, eps in zip(clean, noise):
+            index = int((data.images - image).flatten(1).abs().amax(1).argmin())
+            torch.testing.assert_close(image, data.images[index], rtol=0, atol=0)
+            torch.testing.assert_close(eps, data.noise[index], rtol=0, atol=0)
+
+
+def test_bad_pairs_are_refused(pairs_file, tmp_path, capsys):
+    with pytest.raises(ValueError, match="not 'diffusion'"):
+        TrainConfig(pairs=str(pairs_file), objective="diffusion")
+    with pytest.raises(ValueError, match="give data \\(and classes\\) or pairs, not both"):
+        TrainConfig(pairs=str(pairs_file), data="digits")
+    with pytest.raises(ValueError, match="pass --resolution 16"):
+        loop.train(TrainConfig(out=str(tmp_path / "r"), pairs=str(pairs_file)), progress=False)
+    with pytest.raises(ValueError, match="no such file"):
+        load_pairs(tmp_path / "missing.safetensors")
+    planted = tmp_path / "planted.safetensors"
+    planted.write_bytes(pickle.dumps({"noise": torch.zeros(1)}))
+    with pytest.raises(ValueError, match="not a d2f pairs file"):
+        load_pairs(planted)
+    document = json.dumps({"format": PAIRS_FORMAT, "version": PAIRS_VERSION, "model": "teacher"})
+    save_file(
+        {"noise": torch.zeros(2, 1, 4, 4), "sample": torch.zeros(2, 1, 4, 4)}, str(tmp_path / "m.st"), {"d2f": document}
+    )
+    with pytest.raises(ValueError, match="missing keys"):
+        load_pairs(tmp_path / "m.st")
+    full = json.loads(document) | {k: 0 for k in ("steps", "solver", "grid", "shift", "guidance", "seed", "seconds")}
+    bad = {"noise": torch.zeros(2, 1, 4, 4), "sample": torch.full((2, 1, 4, 4), float("nan"))}
+    save_file(bad, str(tmp_path / "nan.st"), {"d2f": json.dumps(full)})
+    with pytest.raises(ValueError, match="sample contains NaN or inf"):
+        load_pairs(tmp_path / "nan.st")
+    save_file(
+        {"noise": torch.zeros(2, 1, 4, 4), "sample": torch.zeros(3, 1, 4, 4)},
+        str(tmp_path / "s.st"),
+        {"d2f": json.dumps(full)},
+    )
+    with pytest.raises(ValueError, match="must be the same"):
+        load_pairs(tmp_path / "s.st")
+    assert main(["pairs", "--num-samples", "0", "--out", str(tmp_path / "p.safetensors")]) == 2
+    assert "num_pairs=0 is not allowed" in capsys.readouterr().err
+
+
+def test_cli_pairs_then_reflow(tmp_path, capsys):
+    pairs = tmp_path / "p.safetensors"
+    assert main(["pairs", "--num-samples", "6", "--steps", "2", "--out", str(pairs)]) == 0
+    assert json.loads(capsys.readouterr().out)["num_pairs"] == 6
+    args = ["train", "--pairs", str(pairs), "--resolution", "16", "--max-steps", "1", "--batch-size", "3"]
+    args += ["--num-samples", "2", "--sample-steps", "1", "--no-progress", "--out", str(tmp_path / "r")]
+    assert main(args) == 0
+    assert (tmp_path / "r" / "export" / "d2f.json").is_file()
