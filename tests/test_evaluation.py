@@ -155,3 +155,5 @@ def test_study_design_lr_choice_and_verdicts(monkeypatch, tmp_path):
     for verdict in verdicts.values():
         assert verdict["2"]["verdict"] == "lose" and verdict["4"]["verdict"] == "win"
     assert (tmp_path / "study.png").is_file()
+    with pytest.raises(ValueError, match="choose another --runs folder"):
+        study_module.Study(str(tmp_path), 401, 300, (0, 1), 500)  # reusing runs of another budget is refused

@@ -70,6 +70,16 @@ class Study:
         self.noise = torch.randn(num_samples, 1, 24, 24, generator=torch.Generator().manual_seed(1234))
         self.labels = torch.arange(num_samples) % 10
         self.results: dict[str, dict] = {}
+        # Finished runs are reused by name, so a runs folder must belong to one setting of the budget.
+        settings = {"max_steps": max_steps, "num_samples": num_samples, "zsnr_steps": zsnr_steps}
+        marker = self.out / "settings.json"
+        if marker.is_file() and json.loads(marker.read_text()) != settings:
+            raise ValueError(
+                f"{self.out} holds runs made with {json.loads(marker.read_text())}, not {settings}; "
+                "choose another --runs folder"
+            )
+        self.out.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps(settings))
 
     def teacher_path(self, teacher: str) -> str:
         return "teacher" if teacher == "teacher" else str(self.out / "zsnr-teacher" / "export")
