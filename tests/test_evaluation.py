@@ -146,7 +146,7 @@ def test_study_design_lr_choice_and_verdicts(monkeypatch, tmp_path):
     monkeypatch.setattr(study_module.Study, "make_zsnr_teacher", lambda self: None)
     report = study_module.study(str(tmp_path), plot_png=tmp_path / "study.png")
     assert report["lr_selection"]["best"] == {"d2f": 1e-3, "diffusion": 1e-3, "fm": 1e-3}
-    assert len({c.name for c in trained}) == 9 + 2 * 11 - 3  # 9 lr cells, 11 groups x 2 seeds, 3 of them reused
+    assert len({c.name for c in trained}) == 3 * 4 + 2 * 11 - 3  # 12 lr cells, 11 groups x 2 seeds, 3 reused
     verdicts = report["verdicts_vs_diffusion"]
     assert set(verdicts) == {
         "lora8 d2f t=uniform", "lora8 d2f t=logit-normal", "lora8 d2f t=diffusion-matched",

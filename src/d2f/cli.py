@@ -147,6 +147,7 @@ def _study_parser(sub) -> None:
     p.add_argument("--num-samples", type=int, default=300, help="samples per FID")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--runs", default="runs/study", help="folder for the training runs")
+    p.add_argument("--workers", type=int, default=1, help="runs trained at once, in separate processes")
     p.add_argument("--out", default="results", help="folder for study.json and the plot")
 
 
@@ -277,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "study":
             from .evaluation.study import study
 
-            for name in ("max_steps", "num_samples"):
+            for name in ("max_steps", "num_samples", "workers"):
                 if getattr(args, name) < 1:
                     raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} is not allowed: >= 1")
             Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -287,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.num_samples,
                 tuple(args.seeds),
                 plot_png=Path(args.out) / "study_steps.png",
+                workers=args.workers,
             )
             (Path(args.out) / "study.json").write_text(json.dumps(report, indent=1))
             print(json.dumps(report["verdicts_vs_diffusion"], indent=1))

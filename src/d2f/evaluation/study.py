@@ -7,7 +7,7 @@ three grids (uniform in t, the DDIM-equivalent grid, SD3's shift 3), by FID agai
 
 The design (a full factorial would take days on 2 cores):
 
-1. **lr**: each objective (d2f, diffusion, naive fm) with LoRA rank 8 at lr 3e-4, 1e-3 and 3e-3, seed 0,
+1. **lr**: each objective (d2f, diffusion, naive fm) with LoRA rank 8 at lr 3e-4, 1e-3, 3e-3 and 1e-2, seed 0,
    scored at 10 steps on its natural grid (uniform for d2f and fm, DDIM for diffusion). The best lr per
    objective is used from then on.
 2. **time sampler and seeds**: d2f with each ``--t-sampler`` (uniform, logit-normal, diffusion-matched),
@@ -41,7 +41,7 @@ from .metrics import features, score
 
 STUDY_STEPS = (2, 4, 10, 25)
 STUDY_GRIDS = ("uniform", "ddim", "shift")
-LRS = (3e-4, 1e-3, 3e-3)
+LRS = (3e-4, 1e-3, 3e-3, 1e-2)
 NATURAL_GRID = {"d2f": "uniform", "fm": "uniform", "diffusion": "ddim"}
 
 
@@ -116,6 +116,7 @@ class Study:
         if cached.is_file():
             result = json.loads(cached.read_text())
             if all(f"{g}/{n}" in result["scores"] for g in self._grids(cell, grids) for n in steps):
+                result.setdefault("device", json.loads((folder / "metrics.json").read_text())["device"])
                 self.results[cell.name] = result
                 return result
         if not (folder / "export" / "d2f.json").is_file():
@@ -135,9 +136,9 @@ class Study:
                 ),
                 progress=False,
             )
-            seconds = metrics["seconds_train"]
         else:
-            seconds = json.loads((folder / "metrics.json").read_text())["seconds_train"]
+            metrics = json.loads((folder / "metrics.json").read_text())
+        seconds, device = metrics["seconds_train"], metrics["device"]
         field = load(str(folder / "export"))
         scores = json.loads(cached.read_text())["scores"] if cached.is_file() else {}
         for grid in self._grids(cell, grids):
@@ -145,7 +146,7 @@ class Study:
                 if f"{grid}/{n}" not in scores:
                     images = field.sample(self.noise, export_grid(field, grid, n), class_labels=self.labels)
                     scores[f"{grid}/{n}"] = score(self.classifier, self.real, images, self.labels)
-        result = {"cell": asdict(cell), "seconds_train": seconds, "scores": scores}
+        result = {"cell": asdict(cell), "seconds_train": seconds, "device": device, "scores": scores}
         cached.write_text(json.dumps(result, indent=1))
         self.results[cell.name] = result
         return result
@@ -153,6 +154,39 @@ class Study:
     @staticmethod
     def _grids(cell: Cell, grids) -> list[str]:
         return [g for g in grids if not (cell.objective == "fm" and g == "ddim")]  # naive FM has no DDIM grid
+
+
+_WORKER: Study | None = None
+
+
+def _start_worker(args: tuple, threads: int) -> None:
+    global _WORKER
+    torch.set_num_threads(threads)
+    _WORKER = Study(*args)
+
+
+def _run_in_worker(cell: Cell, grids, steps) -> dict:
+    return _WORKER.run(cell, grids, steps)
+
+
+def _run_cells(s: Study, args: tuple, jobs: list[tuple], workers: int, bar) -> None:
+    """Run ``(cell, grids, steps)`` jobs, in ``workers`` processes when > 1 (each with its share of the cores)."""
+    if workers <= 1:
+        for job in jobs:
+            s.run(*job)
+            bar.update()
+        return
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    context = multiprocessing.get_context("spawn")  # no fork of a process that holds torch threads
+    with ProcessPoolExecutor(workers, context, _start_worker, (args, threads)) as pool:
+        futures = {pool.submit(_run_in_worker, *job): job[0] for job in jobs}
+        for future in as_completed(futures):
+            s.results[futures[future].name] = future.result()
+            bar.update()
 
 
 def _fid(result: dict, grid: str, n: int) -> float:
@@ -174,21 +208,28 @@ def study(
     seeds: tuple[int, ...] = (0, 1),
     zsnr_steps: int = 500,
     plot_png: Path | None = None,
+    workers: int = 1,
 ) -> dict:
-    """Run the design above (resumable: finished runs are read back from ``out``); returns the report."""
+    """Run the design above (resumable: finished runs are read back from ``out``); returns the report.
+
+    ``workers > 1`` trains that many runs at once in separate processes (on a GPU host they share the GPU).
+    """
     started = time.perf_counter()
-    s = Study(out, max_steps, num_samples, seeds, zsnr_steps)
-    bar = tqdm(desc="d2f study", unit="run")
+    args = (out, max_steps, num_samples, seeds, zsnr_steps)
+    s = Study(*args)
+    bar = tqdm(desc="d2f study", unit="run", total=3 * len(LRS) + 11 * len(seeds))
 
     # 1. lr per objective, LoRA 8, seed 0, scored at 10 steps on the natural grid.
+    lr_cells = {
+        (objective, lr): Cell(objective, lr, seeds[0], None if objective == "diffusion" else "uniform")
+        for objective in ("d2f", "diffusion", "fm")
+        for lr in LRS
+    }
+    jobs = [(cell, (NATURAL_GRID[cell.objective],), (10,)) for cell in lr_cells.values()]
+    _run_cells(s, args, jobs, workers, bar)
     best_lr, lr_scores = {}, {}
     for objective in ("d2f", "diffusion", "fm"):
-        sampler = None if objective == "diffusion" else "uniform"
-        fids = {}
-        for lr in LRS:
-            cell = Cell(objective, lr, seeds[0], sampler)
-            fids[lr] = _fid(s.run(cell, (NATURAL_GRID[objective],), (10,)), NATURAL_GRID[objective], 10)
-            bar.update()
+        fids = {lr: _fid(s.results[lr_cells[objective, lr].name], NATURAL_GRID[objective], 10) for lr in LRS}
         best_lr[objective] = min(fids, key=fids.get)
         lr_scores[objective] = {f"{lr:g}": fid for lr, fid in fids.items()}
 
@@ -206,10 +247,8 @@ def study(
     for rank, label in ((32, "lora32"), (0, "full")):  # 4. capacity
         groups[f"{label} d2f t=uniform"] = cells("d2f", "uniform", rank)
         groups[f"{label} diffusion"] = cells("diffusion", None, rank)
-    for group in groups.values():
-        for cell in group:
-            s.run(cell)
-            bar.update()
+    unique = {cell.name: cell for group in groups.values() for cell in group}
+    _run_cells(s, args, [(cell, STUDY_GRIDS, STUDY_STEPS) for cell in unique.values()], workers, bar)
     bar.close()
 
     table = {}
@@ -254,6 +293,9 @@ def study(
         "zsnr_teacher_steps": zsnr_steps,
         "lr_selection": {"fid_at_10_steps_natural_grid": lr_scores, "best": {k: v for k, v in best_lr.items()}},
         "groups": table,
+        "devices": {
+            label: sorted({str(s.results[c.name].get("device")) for c in group}) for label, group in groups.items()
+        },
         "verdicts_vs_diffusion": verdicts,
         "verdict_rule": "win/lose: the seeds' FID ranges do not overlap (each side on its best grid); else tie",
         "reference": "FID in the evaluation classifier's features against the 5000 real digits at 24px",
