@@ -139,6 +139,9 @@ def test_study_design_lr_choice_and_verdicts(monkeypatch, tmp_path):
             for n in steps
         }
         result = {"cell": {}, "seconds_train": 0.0, "scores": scores}
+        (self.out / cell.name).mkdir(exist_ok=True)
+        (self.out / cell.name / "scores.json").write_text(json.dumps(result))
+        (self.out / cell.name / "metrics.json").write_text(json.dumps({"device": "cpu"}))
         self.results[cell.name] = result
         return result
 
@@ -155,5 +158,13 @@ def test_study_design_lr_choice_and_verdicts(monkeypatch, tmp_path):
     for verdict in verdicts.values():
         assert verdict["2"]["verdict"] == "lose" and verdict["4"]["verdict"] == "win"
     assert (tmp_path / "study.png").is_file()
+    # Report-only: nothing is trained, and groups with an unfinished run are listed, not scored.
+    for folder in tmp_path.glob("teacher-full-*"):
+        (folder / "scores.json").unlink()
+    monkeypatch.setattr(study_module.Study, "run", None)  # would raise if called
+    partial = study_module.study(str(tmp_path), report_only=True)
+    assert partial["not_run"] == ["full d2f t=uniform", "full diffusion"]
+    assert "full d2f t=uniform" not in partial["verdicts_vs_diffusion"]
+    assert partial["groups"]["lora8 diffusion"] == report["groups"]["lora8 diffusion"]
     with pytest.raises(ValueError, match="choose another --runs folder"):
         study_module.Study(str(tmp_path), 401, 300, (0, 1), 500)  # reusing runs of another budget is refused

@@ -148,6 +148,9 @@ def _study_parser(sub) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--runs", default="runs/study", help="folder for the training runs")
     p.add_argument("--workers", type=int, default=1, help="runs trained at once, in separate processes")
+    p.add_argument(
+        "--report-only", action="store_true", help="train nothing: report the groups whose runs are finished"
+    )
     p.add_argument("--out", default="results", help="folder for study.json and the plot")
 
 
@@ -289,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
                 tuple(args.seeds),
                 plot_png=Path(args.out) / "study_steps.png",
                 workers=args.workers,
+                report_only=args.report_only,
             )
             (Path(args.out) / "study.json").write_text(json.dumps(report, indent=1))
             print(json.dumps(report["verdicts_vs_diffusion"], indent=1))

@@ -106,6 +106,18 @@ class Study:
             progress=False,
         )
 
+    def finished(self, cell: Cell, grids=STUDY_GRIDS, steps=STUDY_STEPS) -> dict | None:
+        """The cell's scores if an earlier run already scored it on ``grids`` x ``steps``, else None."""
+        folder = self.out / cell.name
+        if not (folder / "scores.json").is_file():
+            return None
+        result = json.loads((folder / "scores.json").read_text())
+        if not all(f"{g}/{n}" in result["scores"] for g in self._grids(cell, grids) for n in steps):
+            return None
+        result.setdefault("device", json.loads((folder / "metrics.json").read_text())["device"])
+        self.results[cell.name] = result
+        return result
+
     def run(self, cell: Cell, grids=STUDY_GRIDS, steps=STUDY_STEPS) -> dict:
         """Train ``cell`` (unless done before) and score it on ``grids`` x ``steps``; cached in its folder."""
         from ..training.config import TrainConfig
@@ -113,12 +125,9 @@ class Study:
 
         folder = self.out / cell.name
         cached = folder / "scores.json"
-        if cached.is_file():
-            result = json.loads(cached.read_text())
-            if all(f"{g}/{n}" in result["scores"] for g in self._grids(cell, grids) for n in steps):
-                result.setdefault("device", json.loads((folder / "metrics.json").read_text())["device"])
-                self.results[cell.name] = result
-                return result
+        result = self.finished(cell, grids, steps)
+        if result is not None:
+            return result
         if not (folder / "export" / "d2f.json").is_file():
             metrics = train(
                 TrainConfig(
@@ -169,8 +178,15 @@ def _run_in_worker(cell: Cell, grids, steps) -> dict:
     return _WORKER.run(cell, grids, steps)
 
 
-def _run_cells(s: Study, args: tuple, jobs: list[tuple], workers: int, bar) -> None:
-    """Run ``(cell, grids, steps)`` jobs, in ``workers`` processes when > 1 (each with its share of the cores)."""
+def _run_cells(s: Study, args: tuple, jobs: list[tuple], workers: int, bar, report_only: bool = False) -> None:
+    """Run ``(cell, grids, steps)`` jobs, in ``workers`` processes when > 1 (each with its share of the cores).
+
+    ``report_only``: train nothing; read back the cells that are finished."""
+    if report_only:
+        for job in jobs:
+            if s.finished(*job) is not None:
+                bar.update()
+        return
     if workers <= 1:
         for job in jobs:
             s.run(*job)
@@ -209,10 +225,13 @@ def study(
     zsnr_steps: int = 500,
     plot_png: Path | None = None,
     workers: int = 1,
+    report_only: bool = False,
 ) -> dict:
     """Run the design above (resumable: finished runs are read back from ``out``); returns the report.
 
     ``workers > 1`` trains that many runs at once in separate processes (on a GPU host they share the GPU).
+    ``report_only`` trains nothing and reports the groups whose runs are all finished (the others are listed
+    under ``not_run``).
     """
     started = time.perf_counter()
     args = (out, max_steps, num_samples, seeds, zsnr_steps)
@@ -226,7 +245,9 @@ def study(
         for lr in LRS
     }
     jobs = [(cell, (NATURAL_GRID[cell.objective],), (10,)) for cell in lr_cells.values()]
-    _run_cells(s, args, jobs, workers, bar)
+    _run_cells(s, args, jobs, workers, bar, report_only)
+    if any(cell.name not in s.results for cell in lr_cells.values()):
+        raise ValueError(f"{out}: the lr runs are not all finished; run the study without report_only first")
     best_lr, lr_scores = {}, {}
     for objective in ("d2f", "diffusion", "fm"):
         fids = {lr: _fid(s.results[lr_cells[objective, lr].name], NATURAL_GRID[objective], 10) for lr in LRS}
@@ -241,15 +262,18 @@ def study(
         groups[f"lora8 d2f t={sampler}"] = cells("d2f", sampler)
     groups["lora8 diffusion"] = cells("diffusion", None)
     groups["lora8 fm"] = cells("fm", "uniform")
-    s.make_zsnr_teacher()  # 3. zero terminal SNR
+    if not report_only:
+        s.make_zsnr_teacher()  # 3. zero terminal SNR
     groups["zsnr lora8 d2f t=uniform"] = cells("d2f", "uniform", teacher="zsnr")
     groups["zsnr lora8 diffusion"] = cells("diffusion", None, teacher="zsnr")
     for rank, label in ((32, "lora32"), (0, "full")):  # 4. capacity
         groups[f"{label} d2f t=uniform"] = cells("d2f", "uniform", rank)
         groups[f"{label} diffusion"] = cells("diffusion", None, rank)
     unique = {cell.name: cell for group in groups.values() for cell in group}
-    _run_cells(s, args, [(cell, STUDY_GRIDS, STUDY_STEPS) for cell in unique.values()], workers, bar)
+    _run_cells(s, args, [(cell, STUDY_GRIDS, STUDY_STEPS) for cell in unique.values()], workers, bar, report_only)
     bar.close()
+    not_run = [label for label, group in groups.items() if any(c.name not in s.results for c in group)]
+    groups = {label: group for label, group in groups.items() if label not in not_run}
 
     table = {}
     for label, group in groups.items():
@@ -266,6 +290,8 @@ def study(
         if " d2f " not in f" {label} ":
             continue
         base = label.split(" d2f")[0] + " diffusion"
+        if base not in table:
+            continue
         verdicts[label] = {}
         for n in STUDY_STEPS:
             d2f_grid = min(STUDY_GRIDS, key=lambda g: _mean(table[label][f"{g}/{n}"]["fid"]))
@@ -279,7 +305,7 @@ def study(
     if plot_png is not None:
         series = {}
         for label in ("lora8 d2f t=uniform", "lora8 diffusion", "full d2f t=uniform", "full diffusion"):
-            for grid in ("uniform", "ddim"):
+            for grid in ("uniform", "ddim") if label in table else ():
                 series[f"{label}, {grid}"] = (
                     list(STUDY_STEPS),
                     [_mean(table[label][f"{grid}/{n}"]["fid"]) for n in STUDY_STEPS],
@@ -297,6 +323,7 @@ def study(
             label: sorted({str(s.results[c.name].get("device")) for c in group}) for label, group in groups.items()
         },
         "verdicts_vs_diffusion": verdicts,
+        "not_run": not_run,
         "verdict_rule": "win/lose: the seeds' FID ranges do not overlap (each side on its best grid); else tie",
         "reference": "FID in the evaluation classifier's features against the 5000 real digits at 24px",
         "seconds": round(time.perf_counter() - started, 1),
