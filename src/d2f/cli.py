@@ -36,7 +36,7 @@ def _train_parser(sub) -> None:
     p.add_argument("--resolution", type=int, default=defaults.resolution)
     p.add_argument("--classes", type=int, nargs="+", default=None, help="keep only these labels (mnist, digits)")
     p.add_argument("--objective", choices=OBJECTIVES, default=defaults.objective)
-    p.add_argument("--t-sampler", choices=T_SAMPLERS, default=None, help="default: uniform (d2f, fm)")
+    p.add_argument("--t-sampler", choices=T_SAMPLERS, default=None, help="default: logit-normal (d2f, fm)")
     p.add_argument("--lora-rank", type=int, default=defaults.lora_rank, help="0 = full finetuning")
     p.add_argument(
         "--no-full-convs",
@@ -88,7 +88,9 @@ def _sampling_arguments(p: argparse.ArgumentParser, num_samples: int) -> None:
     p.add_argument("--model", default="teacher", help="a d2f export folder, or 'teacher'")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--solver", choices=SOLVERS, default="euler")
-    p.add_argument("--grid", choices=SAMPLE_GRIDS, default="ddim")
+    p.add_argument(
+        "--grid", choices=SAMPLE_GRIDS, default="uniform", help="uniform in t (default), ddim (DDIM's own), shift"
+    )
     p.add_argument("--shift", type=float, default=3.0, help="with --grid shift")
     p.add_argument("--guidance", type=float, default=1.0)
     p.add_argument("--num-samples", type=int, default=num_samples)

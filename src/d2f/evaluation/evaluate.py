@@ -16,7 +16,7 @@ def evaluate(
     model: str,
     steps: int,
     solver: str = "euler",
-    grid: str = "ddim",
+    grid: str = "uniform",
     num_samples: int = 1000,
     seed: int = 0,
     guidance: float = 1.0,

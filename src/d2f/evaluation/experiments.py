@@ -159,6 +159,8 @@ def finetune(
                 config = TrainConfig(
                     out=f"{out}/{kind}-{objective}-seed{run_seed}",
                     objective=objective,
+                    t_sampler=None if objective == "diffusion" else "uniform",
+                    lr=1e-3,  # the committed results' settings (d2f train's defaults were these then)
                     lora_rank=rank,
                     max_steps=max_steps,
                     checkpoint_every=every,

@@ -48,6 +48,8 @@ def reflow(
         pairs=str(pairs),
         resolution=16,
         objective="d2f",
+        t_sampler="uniform",
+        lr=1e-3,
         lora_rank=0,
         max_steps=max_steps,
         batch_size=64,

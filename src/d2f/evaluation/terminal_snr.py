@@ -85,6 +85,8 @@ def terminal_snr(
             data=str(data_file),
             resolution=16,
             objective=objective,
+            t_sampler=None if objective == "diffusion" else "uniform",
+            lr=1e-3,
             lora_rank=0,
             max_steps=max_steps,
             batch_size=64,

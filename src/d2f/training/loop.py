@@ -279,8 +279,9 @@ def _zero_shot(network, conditioning, data, config, out: Path, device) -> dict:
 
 @torch.no_grad()
 def sample_images(field: D2FVelocity, objective: str, steps: int, request: SampleRequest, seed: int, device):
-    """The natural sampler: FM Euler on the DDIM grid (to t = 1) for converted models, uniform for naive FM."""
-    ts = export_grid(field, "uniform" if objective == "fm" else "ddim", steps)
+    """FM Euler on a uniform grid for flow objectives (the study's best grid after finetuning), DDIM's own
+    grid for diffusion finetuning (its natural sampler)."""
+    ts = export_grid(field, "ddim" if objective == "diffusion" else "uniform", steps)
     return field.sample(_noise(request, field.net.config.out_channels, seed, device), ts, **request.cond)
 
 

@@ -34,7 +34,7 @@ def sample_export(
     model: str,
     steps: int,
     solver: str = "euler",
-    grid: str = "ddim",
+    grid: str = "uniform",
     shift: float = 3.0,
     guidance: float = 1.0,
     num_samples: int = 40,
