@@ -304,7 +304,8 @@ def study(
             }
     if plot_png is not None:
         series = {}
-        for label in ("lora8 d2f t=uniform", "lora8 diffusion", "full d2f t=uniform", "full diffusion"):
+        labels = ("lora8 d2f t=logit-normal", "lora8 d2f t=uniform", "lora8 diffusion", "full d2f t=uniform")
+        for label in (*labels, "full diffusion"):
             for grid in ("uniform", "ddim") if label in table else ():
                 series[f"{label}, {grid}"] = (
                     list(STUDY_STEPS),
