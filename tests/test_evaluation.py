@@ -123,33 +123,48 @@ def test_wasserstein_of_shifted_samples_is_the_shift():
     assert wasserstein_1d(a + 0.3, a) == pytest.approx(0.3, abs=1e-9)
 
 
-def test_study_design_lr_choice_and_verdicts(monkeypatch, tmp_path):
-    """The study's bookkeeping on fake scores: d2f beats diffusion by 10 FID except at 2 steps, where the
-    seeds overlap; lr 1e-3 scores best for every objective."""
-    from d2f.evaluation import study as study_module
-
+def _fake_study_runs(monkeypatch, study_module, fid_of) -> list:
+    """Replace training and scoring by ``fid_of(cell)`` (None: the run diverges); returns the cells trained."""
     trained = []
 
-    def fake_run(self, cell, grids=study_module.STUDY_GRIDS, steps=study_module.STUDY_STEPS):
+    def fake_train_and_score(self, cell, grids, steps):
         trained.append(cell)
-        base = {"d2f": 10.0, "diffusion": 20.0, "fm": 300.0}[cell.objective] + cell.seed + abs(cell.lr - 1e-3) * 1e3
+        fid = fid_of(cell)
+        if fid is None:
+            raise FloatingPointError(f"{cell.name}: the loss is nan at step 3\nmore")
+        (self.out / cell.name).mkdir(exist_ok=True)
         scores = {
-            f"{g}/{n}": {"fid": base + (12.0 if n == 2 and cell.objective == "d2f" else 0), "class_accuracy": 0.9}
+            f"{g}/{n}": {"fid": fid + (12.0 if n == 2 and cell.objective == "d2f" else 0), "class_accuracy": 0.9}
             for g in self._grids(cell, grids)
             for n in steps
         }
-        result = {"cell": {}, "seconds_train": 0.0, "scores": scores}
-        (self.out / cell.name).mkdir(exist_ok=True)
-        (self.out / cell.name / "scores.json").write_text(json.dumps(result))
-        (self.out / cell.name / "metrics.json").write_text(json.dumps({"device": "cpu"}))
-        self.results[cell.name] = result
-        return result
+        return {"cell": {}, "seconds_train": 0.0, "device": "cpu", "scores": scores}
 
-    monkeypatch.setattr(study_module.Study, "run", fake_run)
+    monkeypatch.setattr(study_module.Study, "_train_and_score", fake_train_and_score)
     monkeypatch.setattr(study_module.Study, "make_zsnr_teacher", lambda self: None)
-    report = study_module.study(str(tmp_path), plot_png=tmp_path / "study.png")
-    assert report["lr_selection"]["best"] == {"d2f": 1e-3, "diffusion": 1e-3, "fm": 1e-3}
-    assert len({c.name for c in trained}) == 3 * 4 + 2 * 11 - 3  # 12 lr cells, 11 groups x 2 seeds, 3 reused
+    return trained
+
+
+def test_study_design_lr_choice_and_verdicts(monkeypatch, tmp_path):
+    """The study's bookkeeping on fake scores: d2f beats diffusion by 10 FID except at 2 steps, where the
+    seeds overlap; lr 1e-3 scores best for every objective and capacity, so no lr search grows."""
+    from d2f.evaluation import study as study_module
+
+    base = {"d2f": 10.0, "diffusion": 20.0, "fm": 300.0}
+    trained = _fake_study_runs(
+        monkeypatch, study_module, lambda c: base[c.objective] + c.seed + abs(c.lr - 1e-3) * 1e3 + c.lora_rank / 1e3
+    )
+    report = study_module.study(str(tmp_path), seeds=(0, 1), plot_png=tmp_path / "study.png")
+    assert report["lr_selection"]["best"] == {
+        "lora8": {"d2f": 1e-3, "diffusion": 1e-3, "fm": 1e-3},
+        "lora32": {"d2f": 1e-3, "diffusion": 1e-3},
+        "full": {"d2f": 1e-3, "diffusion": 1e-3},
+    }
+    assert report["lr_selection"]["best_at_ladder_end"] == []
+    # 28 lr cells (4 lrs x 7 searches) and 11 groups x 2 seeds, 7 of them lr cells (LoRA 8 d2f uniform,
+    # diffusion and fm; rank 32 and full d2f and diffusion, seed 0).
+    assert len({c.name for c in trained}) == 4 * 7 + 2 * 11 - 7
+    assert report["groups"]["full diffusion"]["uniform/10"]["fid"] == [20.0, 21.0]
     verdicts = report["verdicts_vs_diffusion"]
     assert set(verdicts) == {
         "lora8 d2f t=uniform", "lora8 d2f t=logit-normal", "lora8 d2f t=diffusion-matched",
@@ -158,13 +173,94 @@ def test_study_design_lr_choice_and_verdicts(monkeypatch, tmp_path):
     for verdict in verdicts.values():
         assert verdict["2"]["verdict"] == "lose" and verdict["4"]["verdict"] == "win"
     assert (tmp_path / "study.png").is_file()
-    # Report-only: nothing is trained, and groups with an unfinished run are listed, not scored.
-    for folder in tmp_path.glob("teacher-full-*"):
+    from d2f.evaluation.study_tables import markdown
+
+    tables = markdown(report)
+    assert "| lora8 fm | 301 | **300** | 302 | 309 |" in tables  # 300 + |lr - 1e-3| * 1e3, seed 0
+    assert "| full diffusion, its own DDIM | 20 / 21 (d) | 20 / 21 (d) | 20 / 21 (d) | 20 / 21 (d) |" in tables
+    assert "| full d2f t=uniform | lose | win | win | win |" in tables
+    # Report-only: nothing is trained, and groups with an unfinished run are listed, not scored; an lr run
+    # scored only at 10 steps does not count as finished for its group.
+    for folder in tmp_path.glob("teacher-full-*-seed1"):
         (folder / "scores.json").unlink()
-    monkeypatch.setattr(study_module.Study, "run", None)  # would raise if called
-    partial = study_module.study(str(tmp_path), report_only=True)
-    assert partial["not_run"] == ["full d2f t=uniform", "full diffusion"]
+    scores = tmp_path / "teacher-r32-diffusion-lr0.001-seed0" / "scores.json"
+    lr_only = json.loads(scores.read_text())
+    lr_only["scores"] = {"ddim/10": lr_only["scores"]["ddim/10"]}
+    scores.write_text(json.dumps(lr_only))
+    monkeypatch.setattr(study_module.Study, "_train_and_score", None)  # would raise if called
+    partial = study_module.study(str(tmp_path), seeds=(0, 1), report_only=True)
+    assert partial["not_run"] == ["lora32 diffusion", "full d2f t=uniform", "full diffusion"]
     assert "full d2f t=uniform" not in partial["verdicts_vs_diffusion"]
     assert partial["groups"]["lora8 diffusion"] == report["groups"]["lora8 diffusion"]
     with pytest.raises(ValueError, match="choose another --runs folder"):
         study_module.Study(str(tmp_path), 401, 300, (0, 1), 500)  # reusing runs of another budget is refused
+
+
+def test_study_lr_search_walks_off_edges_and_records_divergence(monkeypatch, tmp_path):
+    """d2f is best at 3e-2 (off the starting grid's top), diffusion at ever lower lr (down to the ladder's end),
+    naive fm diverges from 3e-2 up; full-finetuning diffusion diverges at seed 1 of its best lr."""
+    from d2f.evaluation import study as study_module
+
+    def fid_of(cell):
+        if cell.objective == "fm" and cell.lr >= 3e-2:
+            return None
+        if cell.objective == "diffusion" and cell.lora_rank == 0 and cell.seed == 1:
+            return None
+        if cell.objective == "d2f":
+            return 10.0 + abs(math.log10(cell.lr / 3e-2)) + cell.seed
+        return {"diffusion": 20.0 + cell.lr * 1e3, "fm": 300.0 - cell.lr * 1e3}[cell.objective] + cell.seed
+
+    trained = _fake_study_runs(monkeypatch, study_module, fid_of)
+    report = study_module.study(str(tmp_path))
+    lr = report["lr_selection"]
+    assert lr["best"]["lora8"] == {"d2f": 3e-2, "diffusion": 3e-5, "fm": 1e-2}
+    assert lr["best"]["full"] == {"d2f": 3e-2, "diffusion": 3e-5}
+    assert list(lr["fid_at_10_steps_natural_grid"]["lora8"]["d2f"]) == [
+        "0.0003",
+        "0.001",
+        "0.003",
+        "0.01",
+        "0.03",
+        "0.1",
+    ]
+    assert list(lr["fid_at_10_steps_natural_grid"]["lora32"]["diffusion"])[:2] == ["3e-05", "0.0001"]
+    assert lr["fid_at_10_steps_natural_grid"]["lora8"]["fm"]["0.03"] == "diverged"
+    assert lr["best_at_ladder_end"] == ["full diffusion", "lora32 diffusion", "lora8 diffusion"]
+    assert report["diverged"] == {"full diffusion": ["teacher-full-diffusion-lr3e-05-seed1"]}
+    assert "full d2f t=uniform" not in report["verdicts_vs_diffusion"]
+    assert report["verdicts_vs_diffusion"]["lora32 d2f t=uniform"]["10"]["verdict"] == "win"
+    diverged = json.loads((tmp_path / "teacher-r8-fm-uniform-lr0.03-seed0" / "scores.json").read_text())
+    assert diverged["diverged"] == "teacher-r8-fm-uniform-lr0.03-seed0: the loss is nan at step 3"
+    # A diverged run is a result: the study run again trains nothing.
+    count = len(trained)
+    again = study_module.study(str(tmp_path))
+    assert len(trained) == count
+    assert {**again, "seconds": 0} == {**report, "seconds": 0}
+
+
+def test_defaults_follow_the_committed_study():
+    """d2f train's defaults are what results/study.json supports: the lr per capacity is the picked one or
+    within 5 % of its FID, the default t sampler's mean FID at 10 and 25 steps is within 5 % of the best
+    sampler's, and the uniform grid is d2f's best at 2 to 10 steps."""
+    from pathlib import Path
+    from statistics import fmean
+
+    from d2f.training.config import DEFAULT_LR_FULL, DEFAULT_LR_LORA, DEFAULT_T_SAMPLER
+
+    report = json.loads((Path(__file__).resolve().parents[1] / "results" / "study.json").read_text())
+    assert report["not_run"] == [] and report["diverged"] == {}
+    lr = report["lr_selection"]
+    for capacity, default in (("lora8", DEFAULT_LR_LORA), ("lora32", DEFAULT_LR_LORA), ("full", DEFAULT_LR_FULL)):
+        fids = lr["fid_at_10_steps_natural_grid"][capacity]["d2f"]
+        assert fids[f"{default:g}"] <= 1.05 * fids[f"{lr['best'][capacity]['d2f']:g}"], capacity
+    groups = report["groups"]
+    for n in (10, 25):
+        by_sampler = {
+            label.split("t=")[1]: min(fmean(groups[label][f"{g}/{n}"]["fid"]) for g in ("uniform", "ddim", "shift"))
+            for label in groups
+            if label.startswith("lora8 d2f t=")
+        }
+        assert by_sampler[DEFAULT_T_SAMPLER] <= 1.05 * min(by_sampler.values()), (n, by_sampler)
+    for n in (2, 4, 10):
+        group = groups[f"lora8 d2f t={DEFAULT_T_SAMPLER}"]
+        assert min(("uniform", "ddim", "shift"), key=lambda g: fmean(group[f"{g}/{n}"]["fid"])) == "uniform", n

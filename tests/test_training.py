@@ -265,6 +265,20 @@ def test_bad_settings_are_refused(tmp_path):
         train(config(tmp_path, data=str(tmp_path / "two.npy")), progress=False)
 
 
+def test_default_lr_depends_on_capacity():
+    """Without --lr, LoRA and full finetuning get the lr the settings study picked for each."""
+    from d2f.training.config import DEFAULT_LR_FULL, DEFAULT_LR_LORA
+    from d2f.training.loop import _lr
+
+    assert TrainConfig().resolved_lr == DEFAULT_LR_LORA
+    assert TrainConfig(lora_rank=0).resolved_lr == DEFAULT_LR_FULL != DEFAULT_LR_LORA
+    assert TrainConfig(lora_rank=0, lr=5e-4).resolved_lr == 5e-4
+    assert _lr(TrainConfig(lora_rank=0, warmup_steps=10), 4) == pytest.approx(DEFAULT_LR_FULL / 2)
+    assert TrainConfig.from_dict(TrainConfig().to_dict()).lr is None
+    with pytest.raises(ValueError, match="lr='fast' is not allowed: None"):
+        TrainConfig(lr="fast")
+
+
 def test_checkpoints_are_protected(tmp_path):
     train(config(tmp_path, checkpoint_every=1, num_samples=2, sample_steps=1), progress=False)
     with pytest.raises(ValueError, match="holds checkpoints of an earlier run"):

@@ -16,7 +16,14 @@ from .time_samplers import T_SAMPLERS
 
 
 def _train_parser(sub) -> None:
-    from .training.config import MIXED_PRECISION, OBJECTIVES, ON_NONFINITE, TrainConfig
+    from .training.config import (
+        DEFAULT_LR_FULL,
+        DEFAULT_LR_LORA,
+        MIXED_PRECISION,
+        OBJECTIVES,
+        ON_NONFINITE,
+        TrainConfig,
+    )
 
     defaults = TrainConfig()
     p = sub.add_parser(
@@ -47,7 +54,12 @@ def _train_parser(sub) -> None:
     p.add_argument("--max-steps", type=int, default=defaults.max_steps)
     p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="per process")
     p.add_argument("--grad-accum", type=int, default=defaults.grad_accum)
-    p.add_argument("--lr", type=float, default=defaults.lr)
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=defaults.lr,
+        help=f"default: {DEFAULT_LR_LORA:g} with LoRA, {DEFAULT_LR_FULL:g} for full finetuning (the settings study)",
+    )
     p.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
     p.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
     p.add_argument("--grad-clip", type=float, default=defaults.grad_clip, help="0 = off")
@@ -143,11 +155,11 @@ def _study_parser(sub) -> None:
         "study",
         help="when does Diff2Flow beat diffusion finetuning? lr, t-sampler, grid, steps, rank, zero SNR",
         description="The settings study on E2's task (see d2f.evaluation.study); resumable: finished runs in "
-        "--runs are read back. Writes study.json and study_steps.png to --out.",
+        "--runs are read back. Writes study.json, study.md (its tables) and study_steps.png to --out.",
     )
     p.add_argument("--max-steps", type=int, default=400, help="finetuning steps of every run")
     p.add_argument("--num-samples", type=int, default=300, help="samples per FID")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--runs", default="runs/study", help="folder for the training runs")
     p.add_argument("--workers", type=int, default=1, help="runs trained at once, in separate processes")
     p.add_argument(
@@ -296,9 +308,12 @@ def main(argv: list[str] | None = None) -> int:
                 workers=args.workers,
                 report_only=args.report_only,
             )
+            from .evaluation.study_tables import markdown
+
             (Path(args.out) / "study.json").write_text(json.dumps(report, indent=1))
-            print(json.dumps(report["verdicts_vs_diffusion"], indent=1))
-            print(f"wrote {Path(args.out) / 'study.json'}")
+            (Path(args.out) / "study.md").write_text(markdown(report))
+            print(markdown(report))
+            print(f"wrote {Path(args.out) / 'study.json'} and study.md")
         elif args.command == "classifier":
             from .evaluation.classifier import train_classifier
 

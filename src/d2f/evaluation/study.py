@@ -7,23 +7,31 @@ three grids (uniform in t, the DDIM-equivalent grid, SD3's shift 3), by FID agai
 
 The design (a full factorial would take days on 2 cores):
 
-1. **lr**: each objective (d2f, diffusion, naive fm) with LoRA rank 8 at lr 3e-4, 1e-3, 3e-3 and 1e-2, seed 0,
-   scored at 10 steps on its natural grid (uniform for d2f and fm, DDIM for diffusion). The best lr per
-   objective is used from then on.
+1. **lr**, tuned per objective *and* capacity (d2f, diffusion and naive fm with LoRA rank 8; d2f and diffusion
+   with LoRA rank 32 and full finetuning), seed 0, scored at 10 steps on its natural grid (uniform for d2f and
+   fm, DDIM for diffusion). Each search starts at 3e-4, 1e-3, 3e-3 and 1e-2 and, while its best lr sits at an
+   edge of what it tried, adds the next lr outward on the half-decade ladder 3e-5 ... 1e-1, so a best lr is
+   interior unless it is a ladder end (reported). A run that diverges (non-finite loss or samples) scores as
+   diverged. Each objective and capacity is used at its own best lr from then on.
 2. **time sampler and seeds**: d2f with each ``--t-sampler`` (uniform, logit-normal, diffusion-matched),
    diffusion and fm, each with every seed.
 3. **zero terminal SNR**: the teacher finetuned for ``zsnr_steps`` on its own 16px task with its schedule
    rescaled to zero terminal SNR, then d2f (uniform t) and diffusion from it, every seed.
-4. **capacity**: d2f (uniform t) and diffusion with LoRA rank 32 and full finetuning, every seed.
+4. **capacity**: d2f (uniform t) and diffusion with LoRA rank 32 and full finetuning, every seed, each at
+   its own tuned lr.
 
 Verdicts compare d2f with diffusion finetuning at the same capacity and teacher, each on its best grid at
-that step count: *win* or *lose* when the two seeds' FID ranges do not overlap, *tie* otherwise. With two
-seeds this is a coarse test; the per-seed values are in the JSON.
+that step count: *win* or *lose* when the seeds' FID ranges do not overlap, *tie* otherwise. How coarse that
+is: if seed-to-seed noise were all there is, the ranges of two seeds a side would fail to overlap by chance
+with probability 2 / C(4, 2) = 1/3, of three seeds a side 2 / C(6, 3) = 1/10. The per-seed values are in the
+JSON.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,6 +39,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..loss import NonFiniteError
 from ..time_samplers import T_SAMPLERS
 from ..training.data import mnist
 from ..training.export import load
@@ -41,7 +50,10 @@ from .metrics import features, score
 
 STUDY_STEPS = (2, 4, 10, 25)
 STUDY_GRIDS = ("uniform", "ddim", "shift")
-LRS = (3e-4, 1e-3, 3e-3, 1e-2)
+LR_LADDER = (3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+LRS = LR_LADDER[2:6]  # where every lr search starts
+CAPACITY = {8: "lora8", 32: "lora32", 0: "full"}  # LoRA rank (0: full finetuning) -> label
+LR_SEARCH = {8: ("d2f", "diffusion", "fm"), 32: ("d2f", "diffusion"), 0: ("d2f", "diffusion")}
 NATURAL_GRID = {"d2f": "uniform", "fm": "uniform", "diffusion": "ddim"}
 
 
@@ -79,7 +91,10 @@ class Study:
                 "choose another --runs folder"
             )
         self.out.mkdir(parents=True, exist_ok=True)
-        marker.write_text(json.dumps(settings))
+        if not marker.is_file():  # written whole and renamed: workers starting at once read it meanwhile
+            temporary = marker.with_name(f".settings-{os.getpid()}.tmp")
+            temporary.write_text(json.dumps(settings))
+            os.replace(temporary, marker)
 
     def teacher_path(self, teacher: str) -> str:
         return "teacher" if teacher == "teacher" else str(self.out / "zsnr-teacher" / "export")
@@ -112,22 +127,40 @@ class Study:
         if not (folder / "scores.json").is_file():
             return None
         result = json.loads((folder / "scores.json").read_text())
+        if result.get("diverged"):
+            self.results[cell.name] = result
+            return result
         if not all(f"{g}/{n}" in result["scores"] for g in self._grids(cell, grids) for n in steps):
             return None
-        result.setdefault("device", json.loads((folder / "metrics.json").read_text())["device"])
+        if "device" not in result:  # scores written before the device was recorded
+            result["device"] = json.loads((folder / "metrics.json").read_text())["device"]
         self.results[cell.name] = result
         return result
 
     def run(self, cell: Cell, grids=STUDY_GRIDS, steps=STUDY_STEPS) -> dict:
-        """Train ``cell`` (unless done before) and score it on ``grids`` x ``steps``; cached in its folder."""
+        """Train ``cell`` (unless done before) and score it on ``grids`` x ``steps``; cached in its folder.
+
+        A run whose loss or samples go non-finite is recorded as ``{"diverged": reason}`` and not retried."""
+        cached = self.out / cell.name / "scores.json"
+        result = self.finished(cell, grids, steps)
+        if result is not None:
+            return result
+        try:
+            result = self._train_and_score(cell, grids, steps)
+        except (FloatingPointError, NonFiniteError) as e:
+            # Too high an lr is a result of the lr search, not a failure of the study.
+            result = {"cell": asdict(cell), "diverged": str(e).splitlines()[0], "scores": {}}
+            cached.parent.mkdir(parents=True, exist_ok=True)
+        cached.write_text(json.dumps(result, indent=1))
+        self.results[cell.name] = result
+        return result
+
+    def _train_and_score(self, cell: Cell, grids, steps) -> dict:
         from ..training.config import TrainConfig
         from ..training.loop import train
 
         folder = self.out / cell.name
         cached = folder / "scores.json"
-        result = self.finished(cell, grids, steps)
-        if result is not None:
-            return result
         if not (folder / "export" / "d2f.json").is_file():
             metrics = train(
                 TrainConfig(
@@ -147,7 +180,6 @@ class Study:
             )
         else:
             metrics = json.loads((folder / "metrics.json").read_text())
-        seconds, device = metrics["seconds_train"], metrics["device"]
         field = load(str(folder / "export"))
         scores = json.loads(cached.read_text())["scores"] if cached.is_file() else {}
         for grid in self._grids(cell, grids):
@@ -155,10 +187,12 @@ class Study:
                 if f"{grid}/{n}" not in scores:
                     images = field.sample(self.noise, export_grid(field, grid, n), class_labels=self.labels)
                     scores[f"{grid}/{n}"] = score(self.classifier, self.real, images, self.labels)
-        result = {"cell": asdict(cell), "seconds_train": seconds, "device": device, "scores": scores}
-        cached.write_text(json.dumps(result, indent=1))
-        self.results[cell.name] = result
-        return result
+        return {
+            "cell": asdict(cell),
+            "seconds_train": metrics["seconds_train"],
+            "device": metrics["device"],
+            "scores": scores,
+        }
 
     @staticmethod
     def _grids(cell: Cell, grids) -> list[str]:
@@ -186,6 +220,8 @@ def _run_cells(s: Study, args: tuple, jobs: list[tuple], workers: int, bar, repo
         for job in jobs:
             if s.finished(*job) is not None:
                 bar.update()
+            else:  # an lr run scored on one grid only is not finished for a group
+                s.results.pop(job[0].name, None)
         return
     if workers <= 1:
         for job in jobs:
@@ -193,7 +229,6 @@ def _run_cells(s: Study, args: tuple, jobs: list[tuple], workers: int, bar, repo
             bar.update()
         return
     import multiprocessing
-    import os
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     threads = max(1, (os.cpu_count() or 1) // workers)
@@ -206,7 +241,43 @@ def _run_cells(s: Study, args: tuple, jobs: list[tuple], workers: int, bar, repo
 
 
 def _fid(result: dict, grid: str, n: int) -> float:
-    return result["scores"][f"{grid}/{n}"]["fid"]
+    return math.inf if result.get("diverged") else result["scores"][f"{grid}/{n}"]["fid"]
+
+
+def _lr_cell(objective: str, lr: float, rank: int, seed: int) -> Cell:
+    return Cell(objective, lr, seed, None if objective == "diffusion" else "uniform", rank)
+
+
+def _tune_lr(s: Study, args: tuple, workers: int, bar, report_only: bool, seed: int) -> dict:
+    """FID at 10 steps on the natural grid for every lr tried, keyed by (objective, rank).
+
+    Searches run side by side, a round at a time; a search whose best lr is at an edge of what it tried gets
+    the next ladder lr beyond that edge in the next round."""
+    tried = {(objective, rank): list(LRS) for rank, objectives in LR_SEARCH.items() for objective in objectives}
+    while True:
+        cells = {(key, lr): _lr_cell(key[0], lr, key[1], seed) for key, lrs in tried.items() for lr in lrs}
+        jobs = [(c, (NATURAL_GRID[c.objective],), (10,)) for c in cells.values() if c.name not in s.results]
+        bar.total += len(jobs)
+        bar.refresh()
+        _run_cells(s, args, jobs, workers, bar, report_only)
+        missing = [c.name for c in cells.values() if c.name not in s.results]
+        if missing:
+            raise ValueError(f"{s.out}: the lr runs {missing} are not finished; run the study without report_only")
+        fids = {
+            key: {lr: _fid(s.results[cells[key, lr].name], NATURAL_GRID[key[0]], 10) for lr in lrs}
+            for key, lrs in tried.items()
+        }
+        grown = False
+        for key, lrs in tried.items():
+            best = LR_LADDER.index(min(fids[key], key=fids[key].get))
+            if best == LR_LADDER.index(lrs[0]) and best > 0:
+                lrs.insert(0, LR_LADDER[best - 1])
+                grown = True
+            elif best == LR_LADDER.index(lrs[-1]) and best < len(LR_LADDER) - 1:
+                lrs.append(LR_LADDER[best + 1])
+                grown = True
+        if not grown:
+            return fids
 
 
 def _verdict(d2f: list[float], diffusion: list[float]) -> str:
@@ -221,7 +292,7 @@ def study(
     out: str = "runs/study",
     max_steps: int = 400,
     num_samples: int = 300,
-    seeds: tuple[int, ...] = (0, 1),
+    seeds: tuple[int, ...] = (0, 1, 2),
     zsnr_steps: int = 500,
     plot_png: Path | None = None,
     workers: int = 1,
@@ -236,26 +307,14 @@ def study(
     started = time.perf_counter()
     args = (out, max_steps, num_samples, seeds, zsnr_steps)
     s = Study(*args)
-    bar = tqdm(desc="d2f study", unit="run", total=3 * len(LRS) + 11 * len(seeds))
+    bar = tqdm(desc="d2f study", unit="run", total=11 * len(seeds))
 
-    # 1. lr per objective, LoRA 8, seed 0, scored at 10 steps on the natural grid.
-    lr_cells = {
-        (objective, lr): Cell(objective, lr, seeds[0], None if objective == "diffusion" else "uniform")
-        for objective in ("d2f", "diffusion", "fm")
-        for lr in LRS
-    }
-    jobs = [(cell, (NATURAL_GRID[cell.objective],), (10,)) for cell in lr_cells.values()]
-    _run_cells(s, args, jobs, workers, bar, report_only)
-    if any(cell.name not in s.results for cell in lr_cells.values()):
-        raise ValueError(f"{out}: the lr runs are not all finished; run the study without report_only first")
-    best_lr, lr_scores = {}, {}
-    for objective in ("d2f", "diffusion", "fm"):
-        fids = {lr: _fid(s.results[lr_cells[objective, lr].name], NATURAL_GRID[objective], 10) for lr in LRS}
-        best_lr[objective] = min(fids, key=fids.get)
-        lr_scores[objective] = {f"{lr:g}": fid for lr, fid in fids.items()}
+    # 1. lr per objective and capacity, seed 0, scored at 10 steps on the natural grid.
+    lr_fids = _tune_lr(s, args, workers, bar, report_only, seeds[0])
+    best_lr = {key: min(fids, key=fids.get) for key, fids in lr_fids.items()}
 
     def cells(objective: str, sampler: str | None, rank: int = 8, teacher: str = "teacher") -> list[Cell]:
-        return [Cell(objective, best_lr[objective], seed, sampler, rank, teacher) for seed in seeds]
+        return [Cell(objective, best_lr[objective, rank], seed, sampler, rank, teacher) for seed in seeds]
 
     groups: dict[str, list[Cell]] = {}
     for sampler in T_SAMPLERS:  # 2. time samplers and seeds
@@ -266,14 +325,20 @@ def study(
         s.make_zsnr_teacher()  # 3. zero terminal SNR
     groups["zsnr lora8 d2f t=uniform"] = cells("d2f", "uniform", teacher="zsnr")
     groups["zsnr lora8 diffusion"] = cells("diffusion", None, teacher="zsnr")
-    for rank, label in ((32, "lora32"), (0, "full")):  # 4. capacity
+    for rank in (32, 0):  # 4. capacity
+        label = CAPACITY[rank]
         groups[f"{label} d2f t=uniform"] = cells("d2f", "uniform", rank)
         groups[f"{label} diffusion"] = cells("diffusion", None, rank)
     unique = {cell.name: cell for group in groups.values() for cell in group}
     _run_cells(s, args, [(cell, STUDY_GRIDS, STUDY_STEPS) for cell in unique.values()], workers, bar, report_only)
     bar.close()
     not_run = [label for label, group in groups.items() if any(c.name not in s.results for c in group)]
-    groups = {label: group for label, group in groups.items() if label not in not_run}
+    diverged = {
+        label: [c.name for c in group if s.results[c.name].get("diverged")]
+        for label, group in groups.items()
+        if label not in not_run and any(s.results[c.name].get("diverged") for c in group)
+    }
+    groups = {label: group for label, group in groups.items() if label not in not_run and label not in diverged}
 
     table = {}
     for label, group in groups.items():
@@ -318,17 +383,37 @@ def study(
         "num_samples": num_samples,
         "seeds": list(seeds),
         "zsnr_teacher_steps": zsnr_steps,
-        "lr_selection": {"fid_at_10_steps_natural_grid": lr_scores, "best": {k: v for k, v in best_lr.items()}},
+        "lr_selection": {
+            "fid_at_10_steps_natural_grid": {
+                CAPACITY[rank]: {
+                    objective: {f"{lr:g}": _jsonable(fid) for lr, fid in sorted(lr_fids[objective, rank].items())}
+                    for objective in objectives
+                }
+                for rank, objectives in LR_SEARCH.items()
+            },
+            "best": {
+                CAPACITY[rank]: {objective: best_lr[objective, rank] for objective in objectives}
+                for rank, objectives in LR_SEARCH.items()
+            },
+            "best_at_ladder_end": sorted(
+                f"{CAPACITY[rank]} {objective}" for (objective, rank), lr in best_lr.items() if lr in LR_LADDER[::7]
+            ),
+        },
         "groups": table,
         "devices": {
             label: sorted({str(s.results[c.name].get("device")) for c in group}) for label, group in groups.items()
         },
         "verdicts_vs_diffusion": verdicts,
         "not_run": not_run,
+        "diverged": diverged,
         "verdict_rule": "win/lose: the seeds' FID ranges do not overlap (each side on its best grid); else tie",
         "reference": "FID in the evaluation classifier's features against the 5000 real digits at 24px",
         "seconds": round(time.perf_counter() - started, 1),
     }
+
+
+def _jsonable(fid: float) -> float | str:
+    return "diverged" if math.isinf(fid) else fid
 
 
 def _mean(values: list[float]) -> float:

@@ -175,7 +175,8 @@ def _training_data(config: TrainConfig, channels: int) -> Dataset:
 
 
 def _lr(config: TrainConfig, step: int) -> float:
-    return config.lr * min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else config.lr
+    lr = config.resolved_lr
+    return lr * min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else lr
 
 
 @contextlib.contextmanager
@@ -385,7 +386,7 @@ def _train_locked(config: TrainConfig, resume: str | None, progress: bool, accel
     unet.train()
     trainable = trainable_parameters(unet)
     ema = {n: p.detach().clone() for n, p in trainable.items()}
-    optimizer = torch.optim.AdamW(trainable.values(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(trainable.values(), lr=config.resolved_lr, weight_decay=config.weight_decay)
     start, losses = 0, []
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, trainable, ema, optimizer)
