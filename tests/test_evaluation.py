@@ -161,14 +161,15 @@ def test_study_design_lr_choice_and_verdicts(monkeypatch, tmp_path):
         "full": {"d2f": 1e-3, "diffusion": 1e-3},
     }
     assert report["lr_selection"]["best_at_ladder_end"] == []
-    # 28 lr cells (4 lrs x 7 searches) and 11 groups x 2 seeds, 7 of them lr cells (LoRA 8 d2f uniform,
-    # diffusion and fm; rank 32 and full d2f and diffusion, seed 0).
-    assert len({c.name for c in trained}) == 4 * 7 + 2 * 11 - 7
+    # 28 lr cells (4 lrs x 7 searches) and 13 groups x 2 seeds, 7 of them lr cells (LoRA 8 d2f uniform,
+    # diffusion and fm; rank 32 and full d2f uniform and diffusion, seed 0).
+    assert len({c.name for c in trained}) == 4 * 7 + 2 * 13 - 7
     assert report["groups"]["full diffusion"]["uniform/10"]["fid"] == [20.0, 21.0]
     verdicts = report["verdicts_vs_diffusion"]
     assert set(verdicts) == {
         "lora8 d2f t=uniform", "lora8 d2f t=logit-normal", "lora8 d2f t=diffusion-matched",
-        "zsnr lora8 d2f t=uniform", "lora32 d2f t=uniform", "full d2f t=uniform",
+        "zsnr lora8 d2f t=uniform", "lora32 d2f t=uniform", "lora32 d2f t=logit-normal", "full d2f t=uniform",
+        "full d2f t=logit-normal",
     }  # fmt: skip
     for verdict in verdicts.values():
         assert verdict["2"]["verdict"] == "lose" and verdict["4"]["verdict"] == "win"
@@ -189,7 +190,7 @@ def test_study_design_lr_choice_and_verdicts(monkeypatch, tmp_path):
     scores.write_text(json.dumps(lr_only))
     monkeypatch.setattr(study_module.Study, "_train_and_score", None)  # would raise if called
     partial = study_module.study(str(tmp_path), seeds=(0, 1), report_only=True)
-    assert partial["not_run"] == ["lora32 diffusion", "full d2f t=uniform", "full diffusion"]
+    assert partial["not_run"] == ["lora32 diffusion", "full d2f t=uniform", "full d2f t=logit-normal", "full diffusion"]
     assert "full d2f t=uniform" not in partial["verdicts_vs_diffusion"]
     assert partial["groups"]["lora8 diffusion"] == report["groups"]["lora8 diffusion"]
     with pytest.raises(ValueError, match="choose another --runs folder"):

@@ -17,8 +17,8 @@ The design (a full factorial would take days on 2 cores):
    diffusion and fm, each with every seed.
 3. **zero terminal SNR**: the teacher finetuned for ``zsnr_steps`` on its own 16px task with its schedule
    rescaled to zero terminal SNR, then d2f (uniform t) and diffusion from it, every seed.
-4. **capacity**: d2f (uniform t) and diffusion with LoRA rank 32 and full finetuning, every seed, each at
-   its own tuned lr.
+4. **capacity**: d2f (uniform and logit-normal t) and diffusion with LoRA rank 32 and full finetuning, every
+   seed, each at its own tuned lr.
 
 Verdicts compare d2f with diffusion finetuning at the same capacity and teacher, each on its best grid at
 that step count: *win* or *lose* when the seeds' FID ranges do not overlap, *tie* otherwise. How coarse that
@@ -54,6 +54,7 @@ LR_LADDER = (3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 LRS = LR_LADDER[2:6]  # where every lr search starts
 CAPACITY = {8: "lora8", 32: "lora32", 0: "full"}  # LoRA rank (0: full finetuning) -> label
 LR_SEARCH = {8: ("d2f", "diffusion", "fm"), 32: ("d2f", "diffusion"), 0: ("d2f", "diffusion")}
+CAPACITY_T_SAMPLERS = ("uniform", "logit-normal")  # the lr searches' t, and d2f train's default
 NATURAL_GRID = {"d2f": "uniform", "fm": "uniform", "diffusion": "ddim"}
 
 
@@ -307,7 +308,7 @@ def study(
     started = time.perf_counter()
     args = (out, max_steps, num_samples, seeds, zsnr_steps)
     s = Study(*args)
-    bar = tqdm(desc="d2f study", unit="run", total=11 * len(seeds))
+    bar = tqdm(desc="d2f study", unit="run", total=13 * len(seeds))
 
     # 1. lr per objective and capacity, seed 0, scored at 10 steps on the natural grid.
     lr_fids = _tune_lr(s, args, workers, bar, report_only, seeds[0])
@@ -327,7 +328,8 @@ def study(
     groups["zsnr lora8 diffusion"] = cells("diffusion", None, teacher="zsnr")
     for rank in (32, 0):  # 4. capacity
         label = CAPACITY[rank]
-        groups[f"{label} d2f t=uniform"] = cells("d2f", "uniform", rank)
+        for sampler in CAPACITY_T_SAMPLERS:
+            groups[f"{label} d2f t={sampler}"] = cells("d2f", sampler, rank)
         groups[f"{label} diffusion"] = cells("diffusion", None, rank)
     unique = {cell.name: cell for group in groups.values() for cell in group}
     _run_cells(s, args, [(cell, STUDY_GRIDS, STUDY_STEPS) for cell in unique.values()], workers, bar, report_only)
@@ -369,7 +371,7 @@ def study(
             }
     if plot_png is not None:
         series = {}
-        labels = ("lora8 d2f t=logit-normal", "lora8 d2f t=uniform", "lora8 diffusion", "full d2f t=uniform")
+        labels = ("lora8 d2f t=logit-normal", "lora8 d2f t=uniform", "lora8 diffusion", "full d2f t=logit-normal")
         for label in (*labels, "full diffusion"):
             for grid in ("uniform", "ddim") if label in table else ():
                 series[f"{label}, {grid}"] = (
