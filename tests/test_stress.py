@@ -46,6 +46,7 @@ from hypothesis import strategies as st
 
 from d2f import (
     PREDICTION_TYPES,
+    Schedule,
     align,
     alpha_sigma,
     diffusion_to_velocity,
@@ -602,3 +603,14 @@ def test_step_coefficient_beyond_float32_reports_the_overflow(backend):
     x = torch.ones(2, 3)
     with pytest.raises(ValueError, match=STEP_OVERFLOW):
         ode_step(EULER, x, x, None, None, 1e300, -1e300, 0.5, 1.0, 1.0, torch.float32, backend=backend)
+
+
+def test_fm_time_next_to_the_last_timestep_is_not_rounded_away():
+    """fm_time once shifted k by one before taking its fraction; at k = T - 4e-15 that rounding turned
+    t = 2e-15 into 0 (found by test_fm_time in a CI run). The fraction now comes from k itself, so the error
+    is a rounding of tau (<= 1), well inside 4 eps, where the old code was off by 2e-15."""
+    schedule = Schedule.linear(32)
+    ks, taus = tau_table(schedule)
+    for k in (np.nextafter(32.0, 0.0), 31.999999999999996, np.nextafter(31.0, 32.0), 0.5, np.nextafter(0.0, -1.0)):
+        error = abs(float(schedule.fm_time(float(k))) - np.interp(k, ks, taus))
+        assert error <= 4 * np.finfo(np.float64).eps, (k, error)

@@ -274,9 +274,11 @@ class Schedule:
             raise ValueError(f"k must lie in [-1, {self._k_max}] for this schedule; got {describe(k)}")
         tau_inc, _ = self._device_tables(kk.device)
         tau = tau_inc.flip(0)  # indexed by k + 1
-        pos = kk + 1
-        i = pos.floor().long().clamp(0, tau.numel() - 2)
-        frac = pos - i
+        # The fraction is taken from k itself: k - floor(k) is exact, while shifting k by one first rounds it
+        # (by up to 3.6e-15 near k = 32, enough to turn t = 2e-15 into 0).
+        base = kk.floor().clamp(-1, self._k_max - 1)
+        frac = kk - base
+        i = (base + 1).long()
         return (tau[i] + frac * (tau[i + 1] - tau[i])).to(time_dtype(k))
 
     # ---------------------------------------------------------------------------- (de)serialisation
