@@ -308,7 +308,7 @@ def study(
     started = time.perf_counter()
     args = (out, max_steps, num_samples, seeds, zsnr_steps)
     s = Study(*args)
-    bar = tqdm(desc="d2f study", unit="run", total=13 * len(seeds))
+    bar = tqdm(desc="d2f study", unit="run", total=0)  # each phase adds its runs as it queues them
 
     # 1. lr per objective and capacity, seed 0, scored at 10 steps on the natural grid.
     lr_fids = _tune_lr(s, args, workers, bar, report_only, seeds[0])
@@ -332,6 +332,8 @@ def study(
             groups[f"{label} d2f t={sampler}"] = cells("d2f", sampler, rank)
         groups[f"{label} diffusion"] = cells("diffusion", None, rank)
     unique = {cell.name: cell for group in groups.values() for cell in group}
+    bar.total += len(unique)
+    bar.refresh()
     _run_cells(s, args, [(cell, STUDY_GRIDS, STUDY_STEPS) for cell in unique.values()], workers, bar, report_only)
     bar.close()
     not_run = [label for label, group in groups.items() if any(c.name not in s.results for c in group)]
