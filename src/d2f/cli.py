@@ -310,9 +310,10 @@ def main(argv: list[str] | None = None) -> int:
             )
             from .evaluation.study_tables import markdown
 
+            tables = markdown(report)
             (Path(args.out) / "study.json").write_text(json.dumps(report, indent=1))
-            (Path(args.out) / "study.md").write_text(markdown(report))
-            print(markdown(report))
+            (Path(args.out) / "study.md").write_text(tables)
+            print(tables)
             print(f"wrote {Path(args.out) / 'study.json'} and study.md")
         elif args.command == "classifier":
             from .evaluation.classifier import train_classifier

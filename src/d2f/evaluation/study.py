@@ -35,6 +35,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from statistics import fmean
 
 import torch
 from tqdm.auto import tqdm
@@ -281,6 +282,11 @@ def _tune_lr(s: Study, args: tuple, workers: int, bar, report_only: bool, seed: 
             return fids
 
 
+def best_grid(group: dict, n: int, grids=STUDY_GRIDS) -> str:
+    """The grid among ``grids`` with the lowest mean FID over seeds at ``n`` steps, in a report's group table."""
+    return min((g for g in grids if f"{g}/{n}" in group), key=lambda g: fmean(group[f"{g}/{n}"]["fid"]))
+
+
 def _verdict(d2f: list[float], diffusion: list[float]) -> str:
     if max(d2f) < min(diffusion):
         return "win"
@@ -363,8 +369,7 @@ def study(
             continue
         verdicts[label] = {}
         for n in STUDY_STEPS:
-            d2f_grid = min(STUDY_GRIDS, key=lambda g: _mean(table[label][f"{g}/{n}"]["fid"]))
-            diff_grid = min(STUDY_GRIDS, key=lambda g: _mean(table[base][f"{g}/{n}"]["fid"]))
+            d2f_grid, diff_grid = best_grid(table[label], n), best_grid(table[base], n)
             d2f_fids, diff_fids = table[label][f"{d2f_grid}/{n}"]["fid"], table[base][f"{diff_grid}/{n}"]["fid"]
             verdicts[label][str(n)] = {
                 "verdict": _verdict(d2f_fids, diff_fids),
@@ -378,7 +383,7 @@ def study(
             for grid in ("uniform", "ddim") if label in table else ():
                 series[f"{label}, {grid}"] = (
                     list(STUDY_STEPS),
-                    [_mean(table[label][f"{grid}/{n}"]["fid"]) for n in STUDY_STEPS],
+                    [fmean(table[label][f"{grid}/{n}"]["fid"]) for n in STUDY_STEPS],
                 )
         save_line_plot(series, plot_png, "Study: FID (log) vs sampling steps, mean of seeds", "steps", log_y=True)
     return {
@@ -400,7 +405,9 @@ def study(
                 for rank, objectives in LR_SEARCH.items()
             },
             "best_at_ladder_end": sorted(
-                f"{CAPACITY[rank]} {objective}" for (objective, rank), lr in best_lr.items() if lr in LR_LADDER[::7]
+                f"{CAPACITY[rank]} {objective}"
+                for (objective, rank), lr in best_lr.items()
+                if lr in (LR_LADDER[0], LR_LADDER[-1])
             ),
         },
         "groups": table,
@@ -418,7 +425,3 @@ def study(
 
 def _jsonable(fid: float) -> float | str:
     return "diverged" if math.isinf(fid) else fid
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from statistics import fmean
+from .study import best_grid
 
 GRID_LETTER = {"uniform": "u", "ddim": "d", "shift": "s"}
 
@@ -45,7 +45,7 @@ def group_table(report: dict) -> str:
         for name, allowed in rows:
             cells = []
             for n in steps:
-                grid = min((g for g in allowed if f"{g}/{n}" in group), key=lambda g: fmean(group[f"{g}/{n}"]["fid"]))
+                grid = best_grid(group, n, allowed)
                 cells.append(f"{_seeds(group[f'{grid}/{n}']['fid'])} ({GRID_LETTER[grid]})")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

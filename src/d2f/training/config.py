@@ -78,17 +78,12 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 fail(name, "an integer >= 0")
-        for name, lo, hi in (("lr", 0, math.inf), ("ema_decay", 0, 1), ("cond_dropout", 0, 1)):
+        if self.lr is not None and (not isinstance(self.lr, (int, float)) or not (0 < self.lr <= math.inf)):
+            fail("lr", "None (the default for the capacity) or a number in (0, inf)")
+        for name in ("ema_decay", "cond_dropout"):
             value = getattr(self, name)
-            if name == "lr" and value is None:
-                continue
-            if not isinstance(value, (int, float)) or not (lo <= value <= hi) or (name == "lr" and value == 0):
-                fail(
-                    name,
-                    "None (the default for the capacity) or a number in (0, inf)"
-                    if name == "lr"
-                    else f"a number in [{lo}, {hi}]",
-                )
+            if not isinstance(value, (int, float)) or not (0 <= value <= 1):
+                fail(name, "a number in [0, 1]")
         for name in ("weight_decay", "grad_clip"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
