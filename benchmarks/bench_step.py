@@ -4,7 +4,7 @@ Reads the float32 state and the unconditional and conditional outputs; writes th
 and the next network input (in the outputs' dtype): guidance, conversion, update and rescale.
 
 - ``reference``: the naive eager port (time looked up in the table, implied data and noise predictions);
-- ``torch``: ``d2f.ode_step`` on its torch path;
+- ``torch``: ``d2f.solvers.ode_step`` on its torch path;
 - ``compile``: torch.compile of the same math as plain ops;
 - ``triton``: the fused kernel (CUDA only).
 """
@@ -14,7 +14,7 @@ import torch
 
 import d2f
 from common import DEVICE, DTYPES, SHAPES, dtype_ids, needs_cuda, run, shape_ids
-from d2f.ode_step import EULER, ode_step
+from d2f.solvers import EULER, ode_step
 from reference_port import ReferencePort
 
 SCHEDULE = d2f.Schedule.scaled_linear()

@@ -9,12 +9,14 @@ import pytest
 import torch
 
 pytest.importorskip("accelerate")
-pytest.importorskip("mlxtend")
 
+from d2f.training.conditioning import Conditioning  # noqa: E402
 from d2f.training.config import TrainConfig  # noqa: E402
 from d2f.training.data import load_dataset  # noqa: E402
-from d2f.training.loop import Conditioning, Stream, _objective_loss  # noqa: E402
-from d2f.training.models import add_lora, load_network, trainable_parameters  # noqa: E402
+from d2f.training.draws import Stream, positions  # noqa: E402
+from d2f.training.export import load_network  # noqa: E402
+from d2f.training.loop import _micro_batch_loss  # noqa: E402
+from d2f.training.models import add_lora, trainable_parameters  # noqa: E402
 
 
 @pytest.mark.parametrize("lora_rank", [8, 0], ids=["lora8", "full"])
@@ -34,7 +36,8 @@ def test_train_step(benchmark, objective, lora_rank):
     benchmark.group = f"train step, batch 32 at 24x24, {'LoRA 8' if lora_rank else 'full'}"
 
     def once():
-        loss = _objective_loss(config, network, network.unet, data, stream, conditioning, next(step), 0, 0, 1, "cpu")
+        where = positions(config, next(step), 0, 0, 1)
+        loss = _micro_batch_loss(config, network, network.unet, data, stream, conditioning, where, "cpu")
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

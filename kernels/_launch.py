@@ -4,9 +4,6 @@ import os
 
 import torch
 
-# Prediction types as the kernels' compile-time constants.
-PREDICTION_CODES = {"epsilon": 0, "v_prediction": 1, "sample": 2, "velocity": 3}
-
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"

@@ -1,6 +1,6 @@
-"""The FM loss and its gradient in one pass over memory.
+"""Must equal ``d2f.loss.fm_loss``: the FM loss and its gradient in one pass over memory.
 
-Per sample ``b`` the residual is affine in the three inputs (``d2f.parametrization.residual_coefficients_of``):
+Per sample ``b`` the residual is affine in the three inputs (``d2f.parametrization.residual_coefficients_checked``):
 
     r = c*o + p*data + q*noise,   with (p, q, c) = epsilon (0, 1/t, -1/t); v ((t-1)/n2, t/n2, -1/sqrt(n2));
                                   sample (-1/(1-t), 0, 1/(1-t)); velocity (-1, 1, 1);  n2 = t^2 + (1-t)^2
@@ -12,15 +12,21 @@ and the loss is ``L = sum_b w_b * sum_i r_bi^2 * s`` with ``s = 1/numel`` (mean)
 
 so each program loads its block of o, data and noise once, stores ``dL/do`` into a fresh buffer and adds
 its block's ``w*s*sum(r^2)`` to the loss accumulator. Nothing is read twice; t and w are one scalar load
-per program. The same pass raises flags (counts) for non-finite inputs and for t or w out of range; the
-launcher's caller reads them together with the loss in one host transfer.
+per program. The same pass raises flags (counts) for non-finite inputs and for t or w out of range;
+:func:`fm_loss` reads them together with the loss in one host transfer and raises d2f's own errors.
 """
+
+import math
 
 import torch
 import triton
 import triton.language as tl
 
-from ._launch import PREDICTION_CODES, block_size, check_device
+from d2f._checks import NonFiniteError, as_scalars, as_time, as_weights
+from d2f.loss import SavedGradientFunction, overflow
+from d2f.parametrization import PREDICTION_TYPES, residual_coefficients_checked
+
+from ._launch import block_size, check_device
 
 FLT_MAX = tl.constexpr(3.4028234663852886e38)
 
@@ -47,7 +53,7 @@ def _fm_loss_kernel(
     per_sample,
     blocks_per_sample,
     loss_scale,
-    PRED: tl.constexpr,
+    PRED: tl.constexpr,  # the index of the prediction type in d2f.parametrization.PREDICTION_TYPES
     PER_SAMPLE_LOSS: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -149,7 +155,7 @@ def fm_loss_forward(
         per_sample,
         blocks_per_sample,
         loss_scale,
-        PRED=PREDICTION_CODES[prediction_type],
+        PRED=PREDICTION_TYPES.index(prediction_type),
         PER_SAMPLE_LOSS=per_sample_loss,
         HAS_WEIGHT=weight is not None,
         BLOCK=block,
@@ -157,3 +163,51 @@ def fm_loss_forward(
     )
     loss = acc[:n_loss] if per_sample_loss else acc[0]
     return loss, grad, acc
+
+
+class FMLossTriton(SavedGradientFunction):
+    """Forward runs the single fused pass, which already wrote ``dL/do``; the shared backward rescales it.
+
+    Returns ``(loss, status)`` (see ``fm_loss_forward``). Only ``model_output`` gets a gradient: ``fm_loss``
+    refuses ``data``, ``noise``, ``t`` or ``weight`` that require one.
+    """
+
+    @staticmethod
+    def forward(ctx, model_output, data, noise, t, weight, prediction_type, reduction):  # type: ignore[override]
+        loss, grad, status = fm_loss_forward(model_output, data, noise, t, weight, prediction_type, reduction)
+        ctx.save_for_backward(grad)
+        ctx.per_sample = reduction == "none"
+        status = status.detach().clone()  # a separate, non-differentiable output, not a view of the loss
+        ctx.mark_non_differentiable(status)
+        return loss, status
+
+
+def fm_loss(model_output, data, noise, t, prediction_type: str, weight, reduction: str) -> torch.Tensor:
+    """The kernel path of ``d2f.loss.fm_loss``, whose arguments are checked but for t and the weight: those
+    are range-checked inside the kernel and read back with the loss in one transfer.
+
+    t goes in as float64 and the kernel forms its coefficients in float64, as the torch path does: from a
+    float32 t, 1/(1 - t) is wrong by O(1) once 1 - t nears float32's spacing below 1, 6e-8 (inf at
+    t = 1 - 1e-10).
+    """
+    batch = data.shape[0]
+
+    def one_per_sample(value, name: str, dtype: torch.dtype) -> torch.Tensor:
+        return as_scalars(value, like=data, name=name).to(dtype).expand(batch).contiguous()
+
+    t64 = one_per_sample(t, "t", torch.float64)
+    w32 = None if weight is None else one_per_sample(weight, "weight", torch.float32)
+    loss, status = FMLossTriton.apply(model_output, data, noise, t64, w32, prediction_type, reduction)
+    values = status.tolist()
+    n_loss = len(values) - len(FLAG_NAMES)
+    flags = dict(zip(FLAG_NAMES, values[n_loss:]))
+    if flags["t"]:
+        residual_coefficients_checked(as_time(t, like=data), prediction_type)  # raises the precise error
+    if flags["weight"]:
+        as_weights(weight, like=data)
+    for name in ("model_output", "data", "noise"):
+        if flags[name]:
+            raise NonFiniteError("fm_loss", name)
+    if not all(map(math.isfinite, values[:n_loss])):
+        raise overflow(t, data, prediction_type)
+    return loss

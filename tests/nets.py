@@ -1,4 +1,4 @@
-"""Small networks for the tests (no diffusers needed)."""
+"""Small networks for the tests: an arbitrary convnet (no diffusers needed) and tiny real diffusers UNets."""
 
 import torch
 
@@ -21,3 +21,37 @@ class TinyNet(torch.nn.Module):
         if label is not None:
             h = h + label.to(z.dtype)[:, None, None, None]
         return self.conv_out(torch.tanh(h))
+
+
+def tiny_unet(in_channels=1, out_channels=1):
+    """A real diffusers UNet2DModel, small enough for CPU tests (8x8, two levels of 8 and 16 channels)."""
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(
+        sample_size=8,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+    )
+
+
+def tiny_cond_unet(channels=4, cross_attention_dim=12):
+    """A real diffusers UNet2DConditionModel (text cross-attention), small enough for CPU tests."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_attention_dim,
+        norm_num_groups=4,
+        attention_head_dim=2,
+    )

@@ -16,7 +16,6 @@ import torch
 
 pytest.importorskip("accelerate")
 pytest.importorskip("peft")
-pytest.importorskip("mlxtend")
 
 from d2f.training.checkpoint import latest_checkpoint  # noqa: E402
 from d2f.training.config import TrainConfig  # noqa: E402

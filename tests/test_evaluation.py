@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("mlxtend")
 pytest.importorskip("safetensors")
 
 from d2f.cli import main  # noqa: E402

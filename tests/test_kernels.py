@@ -16,7 +16,7 @@ triton = pytest.importorskip("triton")
 import d2f  # noqa: E402
 from d2f import PREDICTION_TYPES, D2FVelocity, ddim_grid, fm_loss, network_input, uniform_grid  # noqa: E402
 from d2f._backend import use_triton  # noqa: E402
-from d2f.ode_step import EULER, HEUN_CORRECT, HEUN_PREDICT, ode_step  # noqa: E402
+from d2f.solvers import CORRECT, EULER, PREDICT, ode_step  # noqa: E402
 from nets import TinyNet  # noqa: E402
 from test_loss import reference_loss  # noqa: E402
 
@@ -128,23 +128,24 @@ def test_network_input_kernel_matches_torch(dtype, out_dtype):
         torch.testing.assert_close(got, network_input(data, noise, t, dtype=out_dtype, backend="torch"))
 
 
-@pytest.mark.parametrize("mode", [EULER, HEUN_PREDICT, HEUN_CORRECT])
+@pytest.mark.parametrize("mode", [EULER, PREDICT, CORRECT])
 @pytest.mark.parametrize("guided", [False, True])
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16])
-def test_ode_step_kernel_matches_the_torch_step(mode, guided, out_dtype):
+@pytest.mark.parametrize("c", [1.0, 0.5], ids=["heun", "midpoint"])
+def test_ode_step_kernel_matches_the_torch_step(mode, guided, out_dtype, c):
     g = torch.Generator().manual_seed(mode)
     x, u1 = (torch.randn(3, 4, 9, 7, generator=g).to(DEVICE) for _ in range(2))
     o_u = torch.randn(3, 4, 9, 7, generator=g).to(DEVICE, out_dtype)
     o_c = torch.randn(3, 4, 9, 7, generator=g).to(DEVICE, out_dtype) if guided else None
-    args = (mode, x, o_u, o_c, u1 if mode == HEUN_CORRECT else None, 1.3, -0.7, 0.05, 4.5, 1.2, out_dtype)
-    first_k, z_k = ode_step(*args, backend="triton")
-    first_t, z_t = ode_step(*args, backend="torch")
+    args = (mode, x, o_u, o_c, u1 if mode == CORRECT else None, 1.3, -0.7, 0.05, 4.5, 1.2, out_dtype)
+    first_k, z_k = ode_step(*args, backend="triton", c=c)
+    first_t, z_t = ode_step(*args, backend="torch", c=c)
     assert first_k.dtype == torch.float32 and z_k.dtype == out_dtype
     torch.testing.assert_close(first_k, first_t, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(z_k, z_t, rtol=1e-3 if out_dtype == torch.float16 else 1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("solver", ["euler", "heun"])
+@pytest.mark.parametrize("solver", ["euler", "heun", "midpoint"])
 @pytest.mark.parametrize("grid", ["leading", "trailing3", "uniform"])
 def test_fused_sampler_equals_the_torch_sampler_and_ddim(solver, grid):
     schedule = d2f.Schedule.scaled_linear(prediction_type="v_prediction")
@@ -195,7 +196,7 @@ def test_loss_kernel_on_gpu(dtype, prediction_type):
 @pytest.mark.gpu
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_ode_step_kernel_on_gpu(out_dtype):
-    for mode in (EULER, HEUN_PREDICT, HEUN_CORRECT):
+    for mode in (EULER, PREDICT, CORRECT):
         x, u1 = torch.randn(2, 4, 96, 96, device="cuda"), torch.randn(2, 4, 96, 96, device="cuda")
         o_u, o_c = (torch.randn(2, 4, 96, 96, device="cuda").to(out_dtype) for _ in range(2))
         args = (mode, x, o_u, o_c, u1, 1.3, -0.7, 0.05, 4.5, 1.2, out_dtype)

@@ -17,7 +17,6 @@ import torch
 
 pytest.importorskip("accelerate")
 pytest.importorskip("peft")
-pytest.importorskip("mlxtend")
 
 import d2f  # noqa: E402
 from d2f.training.config import TrainConfig  # noqa: E402

@@ -8,22 +8,21 @@ import torch
 
 pytest.importorskip("accelerate")
 pytest.importorskip("peft")
-pytest.importorskip("mlxtend")
 
 from safetensors.torch import save_file  # noqa: E402
 
 import d2f  # noqa: E402
 from d2f.cli import main  # noqa: E402
-from d2f.training import loop  # noqa: E402
+from d2f.training import loop, objectives  # noqa: E402
 from d2f.training.config import TrainConfig  # noqa: E402
-from d2f.training.pairs import PAIRS_FORMAT, PAIRS_VERSION, generate_pairs, load_pairs  # noqa: E402
-from d2f.training.sampling import export_grid  # noqa: E402
+from d2f.training.pairs import PAIRS, generate_pairs, load_pairs  # noqa: E402
+from d2f.training.sampling import SamplingSettings  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def pairs_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("pairs") / "pairs.safetensors"
-    generate_pairs("teacher", path, num_pairs=12, steps=3, seed=5)
+    generate_pairs("teacher", path, num_pairs=12, settings=SamplingSettings(steps=3, seed=5))
     return path
 
 
@@ -33,20 +32,22 @@ def test_pairs_are_the_teachers_ode_map_of_their_noise(pairs_file):
     torch.testing.assert_close(data.noise, torch.randn(12, 1, 16, 16, generator=torch.Generator().manual_seed(5)))
     assert data.labels.tolist() == [i % 10 for i in range(12)]
     field = d2f.load("teacher")
-    again = field.sample(data.noise, export_grid(field, "uniform", 3), class_labels=data.labels)
+    again = field.sample(
+        data.noise, d2f.sampling_grid("uniform", 3, field.schedule, field.prediction_type), class_labels=data.labels
+    )
     torch.testing.assert_close(again, data.images)
     assert not list(pairs_file.parent.glob(".*tmp*"))  # written through a temporary file, renamed
 
 
 def test_reflow_feeds_the_stored_noise_to_the_network(pairs_file, tmp_path, monkeypatch):
     seen = []
-    original = loop.network_input
+    original = objectives.network_input
 
     def spy(clean, noise, t, dtype=None):
         seen.append((clean, noise))
         return original(clean, noise, t, dtype=dtype)
 
-    monkeypatch.setattr(loop, "network_input", spy)
+    monkeypatch.setattr(objectives, "network_input", spy)
     config = TrainConfig(
         out=str(tmp_path / "reflow"),
         pairs=str(pairs_file),
@@ -81,7 +82,7 @@ def test_bad_pairs_are_refused(pairs_file, tmp_path, capsys):
     planted.write_bytes(pickle.dumps({"noise": torch.zeros(1)}))
     with pytest.raises(ValueError, match="not a d2f pairs file"):
         load_pairs(planted)
-    document = json.dumps({"format": PAIRS_FORMAT, "version": PAIRS_VERSION, "model": "teacher"})
+    document = json.dumps({"format": PAIRS.format, "version": PAIRS.version, "model": "teacher"})
     save_file(
         {"noise": torch.zeros(2, 1, 4, 4), "sample": torch.zeros(2, 1, 4, 4)}, str(tmp_path / "m.st"), {"d2f": document}
     )

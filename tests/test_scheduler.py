@@ -4,9 +4,10 @@ import pytest
 import torch
 
 diffusers = pytest.importorskip("diffusers")
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline  # noqa: E402
 
 from d2f import D2FScheduler, Schedule  # noqa: E402
+from nets import tiny_cond_unet  # noqa: E402
 
 SD_SCHEDULE = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 SD_CONFIG = dict(**SD_SCHEDULE, clip_sample=False)
@@ -14,18 +15,7 @@ SD_CONFIG = dict(**SD_SCHEDULE, clip_sample=False)
 
 def tiny_pipeline(prediction_type="epsilon", **scheduler_config):
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=12,
-        norm_num_groups=4,
-        attention_head_dim=2,
-    )
+    unet = tiny_cond_unet()
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -184,14 +174,13 @@ def test_exports_load_with_standard_calls_and_sample_with_the_scheduler(tmp_path
     """LoRA: PeftModel.from_pretrained restores the adapter and the fully trained conv_in/conv_out; a full
     finetune loads with from_pretrained; both sample with the export's D2FScheduler like d2f.load does."""
     pytest.importorskip("peft")
-    pytest.importorskip("mlxtend")
     from diffusers import UNet2DModel
     from peft import PeftModel
 
     import d2f
     from d2f.training.config import TrainConfig
     from d2f.training.loop import train
-    from d2f.training.models import teacher_path
+    from d2f.training.teacher import teacher_path
 
     small = dict(resolution=16, batch_size=4, max_steps=3, num_samples=2, sample_steps=2, warmup_steps=1)
     train(TrainConfig(out=str(tmp_path / "lora"), lora_rank=4, **small), progress=False)

@@ -58,7 +58,7 @@ from d2f import (
     velocity_coefficients,
     velocity_to_diffusion,
 )
-from d2f.ode_step import EULER, HEUN_CORRECT, HEUN_PREDICT, ode_step
+from d2f.solvers import CORRECT, EULER, PREDICT, ode_step
 from strategies import inner_times, schedules, shapes, tensor, unit_times
 from test_loss import reference_loss
 
@@ -444,26 +444,35 @@ def test_fm_loss(backend, schedule, shape, prediction_type, reduction, o_is, wei
 
 
 # ---------------------------------------------------------------------------------------- the ODE step
-def step_reference(mode, x, o_u, o_c, u1, a, b, h, g, s):
-    """The docstring of d2f.ode_step written literally: ``(x' or u, z)``. With |.| inputs it gives the bound."""
+def step_reference(mode, x, o_u, o_c, u1, a, b, h, g, s, c):
+    """The docstring of d2f.solvers.ode_step written literally: ``(x' or u, z)``. With |.| inputs it gives the
+    bound."""
     o = o_u if o_c is None else o_u + g * (o_c - o_u)
     if mode == EULER:
         first = x + h * (a * x + b * o)
         return first, s * first
-    if mode == HEUN_PREDICT:
+    if mode == PREDICT:
         u = a * x + b * o
-        return u, s * (x + h * u)
-    first = x + h / 2 * (u1 + a * (x + h * u1) + b * o)
+        return u, s * (x + c * h * u)
+    w = 1 / (2 * c)
+    first = x + h * ((1 - w) * u1 + w * (a * (x + c * h * u1) + b * o))
     return first, s * first
 
 
-def step_bound(mode, x, o_u, o_c, u1, a, b, h, g, s):
+def step_bound(mode, x, o_u, o_c, u1, a, b, h, g, s, c):
     """``step_reference`` on absolute values, with each subtraction counted as an addition."""
     o = o_u if o_c is None else o_u + abs(g) * (o_c + o_u)
-    return step_reference(mode, x, o, None, u1, abs(a), abs(b), abs(h), 0.0, abs(s))
+    return step_reference(mode, x, o, None, u1, abs(a), abs(b), abs(h), 0.0, abs(s), c)
 
 
-MODES = {"euler": EULER, "heun_predict": HEUN_PREDICT, "heun_correct": HEUN_CORRECT}
+# name: (mode, predictor fraction c): Heun's and the midpoint rule's stages
+MODES = {
+    "euler": (EULER, 1.0),
+    "heun_predict": (PREDICT, 1.0),
+    "heun_correct": (CORRECT, 1.0),
+    "midpoint_predict": (PREDICT, 0.5),
+    "midpoint_correct": (CORRECT, 0.5),
+}
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -471,7 +480,7 @@ MODES = {"euler": EULER, "heun_predict": HEUN_PREDICT, "heun_correct": HEUN_CORR
 @given(schedules, shapes, st.sampled_from(PREDICTION_TYPES), st.sampled_from(list(MODES)), st.booleans(), st.data())
 def test_ode_step(backend, schedule, shape, prediction_type, mode_name, guided, data):
     """One fused step with the coefficients the sampler would pass: A, B at the evaluation time, s = scale(t1)."""
-    mode = MODES[mode_name]
+    mode, c = MODES[mode_name]
     out_dtype = data.draw(st.sampled_from(DTYPES[backend]), label="network dtype")
     state = data.draw(st.sampled_from([torch.float32, torch.float64] if backend == "torch" else [torch.float32]))
     t0, t1 = data.draw(times(schedule.t_min), label="t0"), data.draw(times(schedule.t_min), label="t1")
@@ -479,8 +488,8 @@ def test_ode_step(backend, schedule, shape, prediction_type, mode_name, guided, 
     x, u1 = data.draw(inputs(shape, state, 2))
     o_u, o_c = data.draw(inputs(shape, out_dtype, 2))
     o_c = o_c if guided else None
-    u1 = u1 if mode == HEUN_CORRECT else None
-    t_eval = t1 if mode == HEUN_CORRECT else t0
+    u1 = u1 if mode == CORRECT else None
+    t_eval = t1 if mode == CORRECT else t0
     coefficients = outcome(
         lambda: (scale(t0), scale(t1), *velocity_coefficients(t_eval, prediction_type)),
         must_raise=time_error(torch.tensor([t0, t1], dtype=torch.float64))
@@ -491,13 +500,13 @@ def test_ode_step(backend, schedule, shape, prediction_type, mode_name, guided, 
     _, s, a, b = map(float, coefficients)
     h = t1 - t0
     args = [v if v is None else v.double() for v in (x, o_u, o_c, u1)]
-    ref = step_reference(mode, *args, a, b, h, g, s)
-    bound = step_bound(mode, *[v if v is None else v.abs() for v in args], a, b, h, g, s)
+    ref = step_reference(mode, *args, a, b, h, g, s, c)
+    bound = step_bound(mode, *[v if v is None else v.abs() for v in args], a, b, h, g, s, c)
     scalars = max(abs(a), abs(b), abs(h * a), abs(h * b * (1 + 2 * abs(g))))
     limit = F32_MAX / 4
     overflow = scalars > limit or bool(bound[0].max() > limit) or bool(bound[1].max() > torch.finfo(out_dtype).max / 4)
     result = outcome(
-        lambda: ode_step(mode, x, o_u, o_c, u1, a, b, h, g, s, out_dtype, backend=backend),
+        lambda: ode_step(mode, x, o_u, o_c, u1, a, b, h, g, s, out_dtype, backend=backend, c=c),
         may_raise=STEP_OVERFLOW if overflow else None,
     )
     if result is not None:
@@ -538,11 +547,11 @@ def test_fm_loss_names_the_non_finite_input(backend, shape, name, bad, predictio
 @settings(max_examples=60)
 @given(shapes, st.sampled_from(list(MODES)), st.booleans(), BAD, st.sampled_from(PREDICTION_TYPES), st.data())
 def test_ode_step_names_the_non_finite_input(backend, shape, mode_name, guided, bad, prediction_type, data):
-    mode = MODES[mode_name]
+    mode, c = MODES[mode_name]
     out_dtype = data.draw(st.sampled_from(DTYPES[backend]), label="network dtype")
     x, u1 = data.draw(inputs(shape, torch.float32, 2))
     o_u, o_c = data.draw(inputs(shape, out_dtype, 2))
-    tensors = {"x": x, "o_u": o_u, "o_c": o_c if guided else None, "u1": u1 if mode == HEUN_CORRECT else None}
+    tensors = {"x": x, "o_u": o_u, "o_c": o_c if guided else None, "u1": u1 if mode == CORRECT else None}
     name = data.draw(st.sampled_from([k for k, v in tensors.items() if v is not None]), label="bad tensor")
     target = tensors[name].view(-1)
     target[data.draw(st.integers(0, target.numel() - 1), label="position")] = bad
@@ -550,7 +559,7 @@ def test_ode_step_names_the_non_finite_input(backend, shape, mode_name, guided, 
     a, b = map(float, velocity_coefficients(t0, prediction_type))
     g = data.draw(st.floats(-3, 8), label="g") if guided else 1.0
     with pytest.raises(ValueError, match=f"ode_step: {name} contains NaN or inf"):
-        ode_step(mode, *tensors.values(), a, b, t1 - t0, g, float(scale(t1)), out_dtype, backend=backend)
+        ode_step(mode, *tensors.values(), a, b, t1 - t0, g, float(scale(t1)), out_dtype, backend=backend, c=c)
 
 
 # ---------------------------------------------------------------- the bugs these sweeps found, pinned

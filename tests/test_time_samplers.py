@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from d2f import PREDICTION_TYPES, Schedule
-from d2f.time_samplers import T_MARGIN, diffusion_matched_t, logit_normal_t, sample_t, uniform_t, valid_range
+from d2f.parametrization import T_MARGIN, valid_range
+from d2f.time_samplers import diffusion_matched_t, logit_normal_t, sample_t, uniform_t
 
 N = 20000
 # Kolmogorov-Smirnov: with N = 20000 draws the 0.1 % critical value is 1.95 / sqrt(N) = 0.0138.

@@ -11,13 +11,13 @@ import torch
 
 pytest.importorskip("accelerate")
 pytest.importorskip("peft")
-pytest.importorskip("mlxtend")
 
 import d2f  # noqa: E402
 from d2f.cli import main  # noqa: E402
 from d2f.training.config import TrainConfig  # noqa: E402
 from d2f.training.loop import train  # noqa: E402
-from d2f.training.models import teacher_path  # noqa: E402
+from d2f.training.teacher import teacher_path  # noqa: E402
+from nets import tiny_cond_unet, tiny_unet  # noqa: E402
 
 SMALL = dict(
     resolution=16, batch_size=4, max_steps=2, num_samples=4, sample_steps=2, checkpoint_every=0, warmup_steps=1
@@ -166,32 +166,12 @@ def test_two_process_data_parallel_matches_one_process(tmp_path):
 
 def test_conditioned_unets_encoder_hidden_states_and_concat(tmp_path):
     """A UNet2DConditionModel fed text embeddings, and a UNet2DModel with concat channels, from latents."""
-    from diffusers import DDIMScheduler, UNet2DConditionModel, UNet2DModel
+    from diffusers import DDIMScheduler
     from safetensors.torch import save_file
 
     torch.manual_seed(0)
-    cond_unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=2,
-        out_channels=2,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=6,
-        norm_num_groups=4,
-        attention_head_dim=2,
-    )
-    concat_unet = UNet2DModel(
-        sample_size=8,
-        in_channels=3,
-        out_channels=2,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-    )
+    cond_unet = tiny_cond_unet(channels=2, cross_attention_dim=6)
+    concat_unet = tiny_unet(in_channels=3, out_channels=2)
     scheduler = DDIMScheduler(beta_schedule="scaled_linear", prediction_type="epsilon")
     for name, unet in (("text", cond_unet), ("concat", concat_unet)):
         unet.save_pretrained(tmp_path / name / "unet")
@@ -268,12 +248,11 @@ def test_bad_settings_are_refused(tmp_path):
 def test_default_lr_depends_on_capacity():
     """Without --lr, LoRA and full finetuning get the lr the settings study picked for each."""
     from d2f.training.config import DEFAULT_LR_FULL, DEFAULT_LR_LORA
-    from d2f.training.loop import _lr
 
     assert TrainConfig().resolved_lr == DEFAULT_LR_LORA
     assert TrainConfig(lora_rank=0).resolved_lr == DEFAULT_LR_FULL != DEFAULT_LR_LORA
     assert TrainConfig(lora_rank=0, lr=5e-4).resolved_lr == 5e-4
-    assert _lr(TrainConfig(lora_rank=0, warmup_steps=10), 4) == pytest.approx(DEFAULT_LR_FULL / 2)
+    assert TrainConfig(lora_rank=0, warmup_steps=10).lr_at(4) == pytest.approx(DEFAULT_LR_FULL / 2)
     assert TrainConfig.from_dict(TrainConfig().to_dict()).lr is None
     with pytest.raises(ValueError, match="lr='fast' is not allowed: None"):
         TrainConfig(lr="fast")
@@ -406,7 +385,7 @@ def test_nonfinite_loss_stops_with_step_batch_and_checkpoint(tmp_path, nan_at_tr
     message = str(info.value)
     assert "non-finite loss nan at step 3" in message
     assert f"last good checkpoint: {tmp_path / 'run' / 'checkpoints' / 'step-00000002'}" in message
-    from d2f.training.loop import Stream
+    from d2f.training.draws import Stream
 
     expected = Stream(5000, 0).indices(torch.arange(8, 12)).tolist()  # step 3 = stream positions 8..11
     assert f"batch indices (into the data set) {expected}" in message

@@ -3,7 +3,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from d2f import D2FVelocity, Schedule, ddim_grid, diffusion_to_velocity, guidance, scale
-from nets import TinyNet
+from nets import TinyNet, tiny_unet
 from strategies import NAMED_SCHEDULES, tensor
 
 
@@ -71,19 +71,8 @@ def test_euler_on_the_ddim_grid_equals_diffusers_ddim_step_for_step(
 
 def test_float32_unet2d_matches_stock_ddim():
     """A diffusers UNet2DModel in float32 against the stock scheduler (its float32 table)."""
-    from diffusers import UNet2DModel
-
     torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-    ).eval()
+    unet = tiny_unet().eval()
     sched = DDIMScheduler(beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     noise = torch.randn(2, 1, 8, 8)
     with torch.no_grad():
@@ -160,3 +149,15 @@ def test_bad_arguments_are_refused():
         eps.sample(tensor((1, 3, 4, 4)), ddim_grid(NAMED_SCHEDULES["sd_zero_snr"], 10, "trailing"))
     with pytest.raises(ValueError, match="the network returned shape \\(2, 1, 4, 4\\), expected \\(2, 3, 4, 4\\)"):
         D2FVelocity(TinyNet(out_channels=1).double(), schedule, "epsilon")(tensor((2, 3, 4, 4)), 0.5)
+
+
+def test_quickstart_example_runs_and_matches_ddim(capsys):
+    """examples/quickstart.py as a user runs it: the embedded teacher, converted, gives DDIM's samples."""
+    import re
+    import runpy
+    from pathlib import Path
+
+    runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "quickstart.py"), run_name="__main__")
+    printed = capsys.readouterr().out
+    assert float(re.search(r"over 10 steps: (\S+)", printed).group(1)) < 1e-4, printed
+    assert "4 Heun steps: sample mean" in printed

@@ -4,7 +4,8 @@ Conventions (``docs/conventions.md``): FM time ``t = 0`` is noise and ``t = 1`` 
 timestep ``k`` means ``alphas_cumprod[k]``.
 """
 
-from .grids import ddim_grid, shift_grid, uniform_grid
+from ._checks import NonFiniteError
+from .grids import ddim_grid, sampling_grid, shift_grid, uniform_grid
 from .guidance import guidance
 from .loss import fm_loss
 from .parametrization import PREDICTION_TYPES, diffusion_to_velocity, velocity_coefficients, velocity_to_diffusion
@@ -47,6 +48,7 @@ __all__ = [
     "train",
     "SOLVERS",
     "D2FVelocity",
+    "NonFiniteError",
     "Schedule",
     "align",
     "alpha_sigma",
@@ -57,6 +59,7 @@ __all__ = [
     "interpolate",
     "network_input",
     "sample",
+    "sampling_grid",
     "scale",
     "shift_grid",
     "target_velocity",

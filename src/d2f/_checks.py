@@ -1,8 +1,13 @@
-"""Argument checks and the shared handling of FM time ``t``.
+"""Argument checks, the shared handling of FM time ``t``, and d2f's one error for NaN or inf inputs.
 
 Every public function funnels its ``t`` through :func:`as_time`, so the rules stated in
 ``docs/conventions.md`` (a float, a 0-d tensor or a ``(B,)`` tensor, inside [0, 1]) are enforced in
-one place with one wording of the error.
+one place with one wording of the error. Per-sample numbers that are not times (a guidance scale, a loss
+weight, a timestep ``k``) go through :func:`as_scalars`, the same checks without the range.
+
+Naming: a function whose name ends in ``_checked`` takes a ``t`` that already went through
+:func:`as_time` (float64, in range, shaped for the batch) and does not check it again; its public twin
+takes any float or tensor.
 """
 
 from __future__ import annotations
@@ -59,21 +64,18 @@ def check_same_shape(**tensors: Tensor) -> None:
             )
 
 
-def as_time(t: TimeLike, *, like: Tensor | None = None, name: str = "t", check_range: bool = True) -> Tensor:
-    """``t`` as a float64 tensor of shape ``()`` or ``(B,)``, on ``like``'s device.
-
-    Per-sample coefficients are computed from this float64 copy (B numbers, so the cost is nil) and
-    only then cast to the elementwise compute dtype; that keeps the time map exact in float32 work.
-    """
+def as_scalars(value: TimeLike, *, like: Tensor | None = None, name: str) -> Tensor:
+    """``value`` (a float, a 0-d or a ``(B,)`` tensor) as a float64 tensor of shape ``()`` or ``(B,)`` on
+    ``like``'s device; a 1-D value needs one entry per sample of ``like``."""
     device = like.device if like is not None else None
-    if isinstance(t, Tensor):
-        if t.is_complex():
-            raise ValueError(f"{name} must be real, got dtype {t.dtype}")
-        out = t.detach().to(device=device if device is not None else t.device, dtype=torch.float64)
-    elif isinstance(t, numbers.Real) and not isinstance(t, bool):
-        out = torch.tensor(float(t), dtype=torch.float64, device=device)
+    if isinstance(value, Tensor):
+        if value.is_complex():
+            raise ValueError(f"{name} must be real, got dtype {value.dtype}")
+        out = value.detach().to(device=device if device is not None else value.device, dtype=torch.float64)
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        out = torch.tensor(float(value), dtype=torch.float64, device=device)
     else:
-        raise ValueError(f"{name} must be a float or a tensor, got {type(t).__name__}")
+        raise ValueError(f"{name} must be a float or a tensor, got {type(value).__name__}")
     if out.ndim > 1:
         raise ValueError(f"{name} must be a scalar or a 1-D (B,) tensor, got shape {tuple(out.shape)}")
     if like is not None and out.ndim == 1:
@@ -82,12 +84,32 @@ def as_time(t: TimeLike, *, like: Tensor | None = None, name: str = "t", check_r
                 f"{name} has shape {tuple(out.shape)} but the batch has shape {tuple(like.shape)}; "
                 f"a 1-D {name} needs one entry per sample"
             )
-    if check_range:
-        bad = ~((out >= 0) & (out <= 1))  # written this way so NaN counts as bad
-        if bool(bad.any()):
-            first = out.reshape(-1)[bad.reshape(-1)][0].item()
-            raise ValueError(f"{name} must lie in [0, 1]; got {first!r} (in {describe(t)})")
     return out
+
+
+def as_time(t: TimeLike, *, like: Tensor | None = None, name: str = "t") -> Tensor:
+    """``t`` as :func:`as_scalars` gives it, refused unless every entry lies in [0, 1].
+
+    Per-sample coefficients are computed from this float64 copy (B numbers, so the cost is nil) and
+    only then cast to the elementwise compute dtype; that keeps the time map exact in float32 work.
+    """
+    out = as_scalars(t, like=like, name=name)
+    bad = ~((out >= 0) & (out <= 1))  # written this way so NaN counts as bad
+    if bool(bad.any()):
+        first = out.reshape(-1)[bad.reshape(-1)][0].item()
+        raise ValueError(f"{name} must lie in [0, 1]; got {first!r} (in {describe(t)})")
+    return out
+
+
+def as_weights(weight: TimeLike | None, *, like: Tensor) -> Tensor | None:
+    """Per-sample weights (a float, 0-d or ``(B,)`` tensor) as a float64 ``(B,)`` tensor, refused unless
+    finite and >= 0; ``None`` stays ``None``."""
+    if weight is None:
+        return None
+    w = as_scalars(weight, like=like, name="weight")
+    if bool((~(torch.isfinite(w) & (w >= 0))).any()):
+        raise ValueError(f"weight must be finite and >= 0, got {describe(weight)}")
+    return w.expand(like.shape[0])
 
 
 def time_dtype(t: TimeLike) -> torch.dtype:
@@ -97,19 +119,23 @@ def time_dtype(t: TimeLike) -> torch.dtype:
     return torch.float64
 
 
-def nonfinite_input(function: str, name: str) -> ValueError:
-    return ValueError(f"{function}: {name} contains NaN or inf")
+class NonFiniteError(ValueError):
+    """The tensor argument ``tensor`` of ``function`` holds NaN or inf (a trainer stops or skips the step)."""
+
+    def __init__(self, function: str, tensor: str):
+        super().__init__(f"{function}: {tensor} contains NaN or inf")
+        self.function, self.tensor = function, tensor
 
 
 def raise_on_nonfinite_input(function: str, **inputs: Tensor | None) -> None:
-    """Raise the error naming the first of ``inputs`` that holds NaN or inf.
+    """Raise the :class:`NonFiniteError` naming the first of ``inputs`` that holds NaN or inf.
 
     For the error path only: callers check their (small or fresh) result first and scan the inputs only
     once that result is already not finite, so the normal path reads no input twice.
     """
     for name, value in inputs.items():
         if value is not None and not bool(torch.isfinite(value).all()):
-            raise nonfinite_input(function, name)
+            raise NonFiniteError(function, name)
 
 
 def per_sample(coef: Tensor, x: Tensor) -> Tensor:

@@ -93,16 +93,14 @@ def _train_parser(sub) -> None:
 
 
 def _sampling_arguments(p: argparse.ArgumentParser, num_samples: int) -> None:
-    """The flags ``d2f sample`` and ``d2f eval`` share (see d2f.training.sampling.sample_export)."""
+    """The flags of ``d2f.training.sampling.SamplingSettings`` that ``d2f sample``, ``eval`` and ``pairs`` share."""
+    from .grids import GRIDS
     from .solvers import SOLVERS
-    from .training.sampling import SAMPLE_GRIDS
 
     p.add_argument("--model", default="teacher", help="a d2f export folder, or 'teacher'")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--solver", choices=SOLVERS, default="euler")
-    p.add_argument(
-        "--grid", choices=SAMPLE_GRIDS, default="uniform", help="uniform in t (default), ddim (DDIM's own), shift"
-    )
+    p.add_argument("--grid", choices=GRIDS, default="uniform", help="uniform in t (default), ddim (DDIM's own), shift")
     p.add_argument("--shift", type=float, default=3.0, help="with --grid shift")
     p.add_argument("--guidance", type=float, default=1.0)
     p.add_argument("--num-samples", type=int, default=num_samples)
@@ -175,154 +173,110 @@ def _teacher_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="d2f", description="Diffusion models as flow-matching models (Diff2Flow).")
-    sub = parser.add_subparsers(dest="command", required=True)
-    _train_parser(sub)
-    _sample_parser(sub)
-    _eval_parser(sub)
-    _pairs_parser(sub)
-    _reproduce_parser(sub)
-    _study_parser(sub)
-    _teacher_parser(sub)
+def _classifier_parser(sub) -> None:
     sub.add_parser("classifier", help="retrain the evaluation classifier (d2f/assets/mnist_classifier.*)")
-    return parser
 
 
-def run_train(args: argparse.Namespace) -> dict:
+def _sampling_settings(args: argparse.Namespace):
+    from .training.sampling import SamplingSettings
+
+    return SamplingSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingSettings)})
+
+
+def _print_json(report: dict, out: str | None = None) -> None:
+    text = json.dumps(report, indent=1)
+    print(text)
+    if out:
+        Path(out).write_text(text)
+
+
+def _train(args: argparse.Namespace) -> None:
     from .training.config import TrainConfig
     from .training.loop import train
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
     values["classes"] = tuple(args.classes) if args.classes else None
     values["out"] = args.out or f"runs/{args.objective}-{Path(args.data).name}"
-    return train(TrainConfig(**values), resume=args.resume, progress=args.progress)
+    _print_json(train(TrainConfig(**values), resume=args.resume, progress=args.progress))
 
 
-def teacher_config(out: str, max_steps: int, seed: int):
-    """The embedded teacher's recipe: v-prediction diffusion on 16x16 MNIST with SD's schedule."""
-    from .training.config import TrainConfig
+def _sample(args: argparse.Namespace) -> None:
+    from .training.sampling import write_sample_grid
 
-    return TrainConfig(
-        out=out,
-        init="teacher-config",
-        prediction_type="v_prediction",
-        objective="diffusion",
-        resolution=16,
-        lora_rank=0,
-        max_steps=max_steps,
-        batch_size=64,
-        lr=2e-3,
-        warmup_steps=100,
-        ema_decay=0.999,
-        cond_dropout=0.1,
-        checkpoint_every=500,
-        seed=seed,
-        guidance=1.0,
-    )
-
-
-def run_sample(args: argparse.Namespace) -> None:
-    from .training.export import read_export
-    from .training.images import save_grid
-    from .training.sampling import sample_export
-
-    model = args.lora or args.model
-    if args.lora:
-        base = read_export(Path(args.lora)).meta["base"]
-        if base != args.model and base != str(Path(args.model).resolve()):
-            raise ValueError(f"--lora {args.lora} was trained on base {base!r}, not --model {args.model!r}")
-    images, _, _, _ = sample_export(
-        model,
-        args.steps,
-        args.solver,
-        args.grid,
-        args.shift,
-        args.guidance,
-        args.num_samples,
-        args.resolution,
-        args.seed,
-        progress=True,
-    )
-    save_grid(images, Path(args.out))
+    write_sample_grid(args.model, _sampling_settings(args), args.num_samples, args.resolution, args.out, args.lora)
     print(f"wrote {args.out}")
 
 
-def run_eval(args: argparse.Namespace) -> None:
+def _eval(args: argparse.Namespace) -> None:
     from .evaluation.evaluate import evaluate
 
-    report = evaluate(
-        args.model, args.steps, args.solver, args.grid, args.num_samples, args.seed, args.guidance, args.shift
+    _print_json(evaluate(args.model, _sampling_settings(args), args.num_samples), args.out)
+
+
+def _pairs(args: argparse.Namespace) -> None:
+    from .training.pairs import generate_pairs
+
+    meta = generate_pairs(args.model, args.out, args.num_samples, _sampling_settings(args), progress=True)
+    _print_json({"out": args.out, "num_pairs": args.num_samples, **meta})
+
+
+def _reproduce(args: argparse.Namespace) -> None:
+    from .evaluation.reproduce import reproduce
+
+    reports = reproduce(args.experiment, args.out, args.seed, args.num_samples, args.scale)
+    _print_json({name: report.get("seconds") for name, report in reports.items()})
+    print(f"wrote {', '.join(sorted(reports))} to {args.out}")
+
+
+def _study(args: argparse.Namespace) -> None:
+    from .evaluation.study import write_study
+
+    print(
+        write_study(
+            args.out, args.runs, args.max_steps, args.num_samples, tuple(args.seeds), args.workers, args.report_only
+        )
     )
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    print(f"wrote {Path(args.out) / 'study.json'} and study.md")
+
+
+def _teacher(args: argparse.Namespace) -> None:
+    from .training.loop import train
+    from .training.teacher import teacher_config
+
+    _print_json(train(teacher_config(args.out, args.max_steps, args.seed)))
+
+
+def _classifier(args: argparse.Namespace) -> None:
+    from .evaluation.classifier import train_classifier
+
+    _print_json(train_classifier())
+
+
+# name: (adds its parser, runs it)
+COMMANDS = {
+    "train": (_train_parser, _train),
+    "sample": (_sample_parser, _sample),
+    "eval": (_eval_parser, _eval),
+    "pairs": (_pairs_parser, _pairs),
+    "reproduce": (_reproduce_parser, _reproduce),
+    "study": (_study_parser, _study),
+    "teacher": (_teacher_parser, _teacher),
+    "classifier": (_classifier_parser, _classifier),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="d2f", description="Diffusion models as flow-matching models (Diff2Flow).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add_parser, _ in COMMANDS.values():
+        add_parser(sub)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "train":
-            metrics = run_train(args)
-            print(json.dumps(metrics, indent=1))
-        elif args.command == "sample":
-            run_sample(args)
-        elif args.command == "eval":
-            run_eval(args)
-        elif args.command == "pairs":
-            from .training.pairs import generate_pairs
-
-            meta = generate_pairs(
-                args.model,
-                args.out,
-                args.num_samples,
-                args.steps,
-                args.solver,
-                args.grid,
-                args.shift,
-                args.guidance,
-                args.seed,
-                progress=True,
-            )
-            print(json.dumps({"out": args.out, "num_pairs": args.num_samples, **meta}, indent=1))
-        elif args.command == "reproduce":
-            from .evaluation.reproduce import reproduce
-
-            reports = reproduce(args.experiment, args.out, args.seed, args.num_samples, args.scale)
-            print(json.dumps({name: report.get("seconds") for name, report in reports.items()}, indent=1))
-            print(f"wrote {', '.join(sorted(reports))} to {args.out}")
-        elif args.command == "study":
-            from .evaluation.study import study
-
-            for name in ("max_steps", "num_samples", "workers"):
-                if getattr(args, name) < 1:
-                    raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} is not allowed: >= 1")
-            Path(args.out).mkdir(parents=True, exist_ok=True)
-            report = study(
-                args.runs,
-                args.max_steps,
-                args.num_samples,
-                tuple(args.seeds),
-                plot_png=Path(args.out) / "study_steps.png",
-                workers=args.workers,
-                report_only=args.report_only,
-            )
-            from .evaluation.study_tables import markdown
-
-            tables = markdown(report)
-            (Path(args.out) / "study.json").write_text(json.dumps(report, indent=1))
-            (Path(args.out) / "study.md").write_text(tables)
-            print(tables)
-            print(f"wrote {Path(args.out) / 'study.json'} and study.md")
-        elif args.command == "classifier":
-            from .evaluation.classifier import train_classifier
-
-            print(json.dumps(train_classifier(), indent=1))
-        else:
-            from .training.loop import train
-
-            print(json.dumps(train(teacher_config(args.out, args.max_steps, args.seed)), indent=1))
+        COMMANDS[args.command][1](args)
     except (ValueError, ImportError, FileNotFoundError, FloatingPointError) as e:
         print(f"d2f {args.command}: error: {e}", file=sys.stderr)
         return 2

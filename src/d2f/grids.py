@@ -3,20 +3,25 @@
 A grid is a 1-D tensor of ``n + 1`` times (``n`` steps, each from ``ts[i]`` to ``ts[i+1]``), or, only
 where DDIM's own step rule demands it, an ``(n, 2)`` tensor of ``(start, end)`` per step (see
 :func:`ddim_grid`). Grids may run either way: increasing generates, decreasing inverts.
+:func:`sampling_grid` is the one place that turns a grid's name into a grid; :func:`grid_steps` checks a
+grid and lists its steps for the solvers.
 """
 
 from __future__ import annotations
 
 import numbers
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ._checks import as_time, check_choice, check_positive_int
+from ._checks import as_time, check_choice, check_positive_int, describe
+from .parametrization import valid_range
 from .schedule import Schedule
 
 SPACINGS = ("leading", "trailing", "linspace")
+GRIDS = ("ddim", "uniform", "shift")
 
 
 def _check_ends(t_start: float, t_end: float) -> tuple[float, float]:
@@ -111,3 +116,52 @@ def ddim_grid(
     if np.array_equal(prev[:-1], ks[1:]):
         return torch.from_numpy(np.append(starts, ends[-1]))
     return torch.from_numpy(np.stack([starts, ends], axis=1))
+
+
+def sampling_grid(
+    grid: str,
+    n: int,
+    schedule: Schedule,
+    prediction_type: str,
+    shift: float = 3.0,
+    spacing: str = "leading",
+    steps_offset: int = 1,
+    set_alpha_to_one: bool = True,
+) -> Tensor:
+    """The grid named ``grid`` with ``n`` steps, for a network of ``prediction_type`` trained on ``schedule``.
+
+    ``ddim``: :func:`ddim_grid` with the given DDIM step rule (default: leading spacing, offset 1, ending at
+    ``t = 1``), for converted diffusion models only. ``uniform`` and ``shift``: :func:`uniform_grid` and
+    :func:`shift_grid` from the first time where ``prediction_type`` has a velocity (``valid_range``: 1e-3
+    for epsilon, else 0) to 1.
+    """
+    check_choice("grid", grid, GRIDS)
+    if grid == "ddim":
+        if prediction_type == "velocity":
+            raise ValueError("grid='ddim' needs a converted model; a naive-FM model samples on grid='uniform'")
+        return ddim_grid(schedule, n, spacing, steps_offset, set_alpha_to_one)
+    t_start = valid_range(prediction_type)[0]
+    if grid == "uniform":
+        return uniform_grid(n, t_start, 1.0)
+    return shift_grid(n, shift, t_start, 1.0)
+
+
+def grid_steps(ts: Tensor | Sequence[float]) -> list[tuple[float, float]]:
+    """``(start, end)`` of every step of a 1-D grid or an ``(n, 2)`` step table, after checking it."""
+    grid = torch.as_tensor(ts, dtype=torch.float64).detach().cpu()
+    if grid.ndim == 1 and grid.numel() >= 2:
+        steps = torch.stack([grid[:-1], grid[1:]], dim=1)
+    elif grid.ndim == 2 and grid.shape[1] == 2 and grid.shape[0] >= 1:
+        steps = grid
+    else:
+        raise ValueError(
+            f"ts must be a 1-D grid of >= 2 times or an (n, 2) table of steps, got shape {tuple(grid.shape)}"
+        )
+    if not bool(((grid >= 0) & (grid <= 1)).all()):
+        raise ValueError(f"ts must lie in [0, 1], got {describe(grid)}")
+    direction = torch.sign(steps[:, 1] - steps[:, 0])
+    if bool((direction == 0).any()) or not bool((direction == direction[0]).all()):
+        raise ValueError(
+            f"ts must be strictly monotone (all steps the same direction, none empty), got {describe(grid)}"
+        )
+    return [(float(a), float(b)) for a, b in steps.tolist()]

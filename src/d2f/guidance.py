@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._checks import TimeLike, as_time, check_same_shape, compute_dtype, per_sample
+from ._checks import TimeLike, as_scalars, check_same_shape, compute_dtype, per_sample
 
 
 def guidance(uncond: Tensor, cond: Tensor, scale: TimeLike) -> Tensor:
@@ -17,7 +17,7 @@ def guidance(uncond: Tensor, cond: Tensor, scale: TimeLike) -> Tensor:
     velocities give the same result (``docs/conventions.md`` §5).
     """
     check_same_shape(uncond=uncond, cond=cond)
-    g = as_time(scale, like=cond, name="scale", check_range=False)
+    g = as_scalars(scale, like=cond, name="scale")
     if not bool(g.isfinite().all()):
         raise ValueError(f"scale must be finite, got {scale!r}")
     dtype = compute_dtype(uncond, cond)

@@ -1,4 +1,5 @@
-"""Velocity from a diffusion network's output and back (``docs/conventions.md`` §3).
+"""Prediction types: the one table of their names, and the velocity from a network's output and back
+(``docs/conventions.md`` §3).
 
 Every prediction type is affine in the output ``o``: ``u = A(t)*x + B(t)*o``.
 
@@ -6,8 +7,8 @@ Every prediction type is affine in the output ``o``: ``u = A(t)*x + B(t)*o``.
 prediction_type     A(t)                 B(t)                  singular at
 ==================  ===================  ====================  ==============
 ``epsilon``         ``1/t``              ``-1/t``              t = 0
-``sample``          ``-1/(1-t)``         ``1/(1-t)``           t = 1
 ``v_prediction``    ``(2t-1)/n^2``       ``-1/n``              never
+``sample``          ``-1/(1-t)``         ``1/(1-t)``           t = 1
 ``velocity``        ``0``                ``1``                 never
 ==================  ===================  ====================  ==============
 
@@ -29,14 +30,26 @@ from ._checks import (
     per_sample,
     raise_on_nonfinite_input,
 )
-from .path import norm
+from .path import norm, norm_squared
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "velocity")
-SINGULAR_TIMES = {"epsilon": (0.0,), "sample": (1.0,), "v_prediction": (), "velocity": ()}
+# The vocabulary, in one table: each type's singular FM times. The order is also the kernels' compile-time
+# code for it (d2f.kernels). ``velocity`` is d2f's own: the naive-FM baseline reads the output as the velocity.
+SINGULAR_TIMES = {"epsilon": (0.0,), "v_prediction": (), "sample": (1.0,), "velocity": ()}
+PREDICTION_TYPES = tuple(SINGULAR_TIMES)
+DIFFUSERS_PREDICTION_TYPES = PREDICTION_TYPES[:3]  # what a diffusers scheduler config may name
+# How far training and the uniform sampling grids stay from a singular end, so that |A|, |B| <= 1/T_MARGIN.
+T_MARGIN = 1e-3
 
 
 def check_prediction_type(prediction_type: str) -> str:
     return check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+
+
+def valid_range(prediction_type: str) -> tuple[float, float]:
+    """The interval of t that training draws from and the uniform grids start in: ``[0, 1]`` shrunk by
+    ``T_MARGIN`` at each singular end of ``prediction_type``."""
+    singular = SINGULAR_TIMES[check_prediction_type(prediction_type)]
+    return (T_MARGIN if 0.0 in singular else 0.0), (1 - T_MARGIN if 1.0 in singular else 1.0)
 
 
 def velocity_coefficients(t: TimeLike, prediction_type: str) -> tuple[Tensor, Tensor]:
@@ -45,10 +58,10 @@ def velocity_coefficients(t: TimeLike, prediction_type: str) -> tuple[Tensor, Te
     Raises ``ValueError`` where the map is singular (epsilon at t = 0, sample at t = 1) instead of
     returning inf or NaN.
     """
-    return velocity_coefficients_of(as_time(t), prediction_type)
+    return velocity_coefficients_checked(as_time(t), prediction_type)
 
 
-def velocity_coefficients_of(tt: Tensor, prediction_type: str) -> tuple[Tensor, Tensor]:
+def velocity_coefficients_checked(tt: Tensor, prediction_type: str) -> tuple[Tensor, Tensor]:
     """:func:`velocity_coefficients` for a ``t`` already checked by ``as_time`` (float64)."""
     check_prediction_type(prediction_type)
     if prediction_type == "epsilon":
@@ -82,7 +95,7 @@ def overflow_error(message: str, tt: Tensor, prediction_type: str) -> ValueError
 
     ``tt`` must already be checked by ``as_time`` and be non-singular (float64).
     """
-    a, b = velocity_coefficients_of(tt.reshape(-1), prediction_type)
+    a, b = velocity_coefficients_checked(tt.reshape(-1), prediction_type)
     size = torch.maximum(a.abs(), b.abs())
     i = int(size.argmax())
     return ValueError(
@@ -92,25 +105,25 @@ def overflow_error(message: str, tt: Tensor, prediction_type: str) -> ValueError
     )
 
 
-def residual_coefficients_of(tt: Tensor, prediction_type: str) -> tuple[Tensor, Tensor, Tensor]:
+def residual_coefficients_checked(tt: Tensor, prediction_type: str) -> tuple[Tensor, Tensor, Tensor]:
     """``(P, Q, B)`` with ``u_hat - (data - noise) = B*o + P*data + Q*noise`` for ``x = t*data + (1-t)*noise``.
 
     ``P = A*t - 1`` and ``Q = A*(1-t) + 1``, simplified per type so that no cancellation is left:
     epsilon ``(0, 1/t, -1/t)``; sample ``(-1/(1-t), 0, 1/(1-t))``; v ``((t-1)/n^2, t/n^2, -1/n)``;
     velocity ``(-1, 1, 1)``. ``tt`` must already be checked by ``as_time``; raises where singular.
     """
-    _, b = velocity_coefficients_of(tt, prediction_type)
+    _, b = velocity_coefficients_checked(tt, prediction_type)
     if prediction_type == "epsilon":
         return tt * 0, 1 / tt, b
     if prediction_type == "sample":
         return -1 / (1 - tt), tt * 0, b
     if prediction_type == "v_prediction":
-        n2 = tt * tt + (1 - tt) * (1 - tt)
+        n2 = norm_squared(tt)
         return (tt - 1) / n2, tt / n2, b
     return tt * 0 - 1, tt * 0 + 1, b
 
 
-def output_coefficients_of(tt: Tensor, prediction_type: str) -> tuple[Tensor, Tensor]:
+def output_coefficients_checked(tt: Tensor, prediction_type: str) -> tuple[Tensor, Tensor]:
     """``(C, D)`` with ``o = C*x + D*u``: the inverse map, finite for every t in [0, 1].
 
     ``tt`` must already be checked by ``as_time`` (float64).
@@ -141,7 +154,7 @@ def diffusion_to_velocity(model_output: Tensor, x: Tensor, t: TimeLike, predicti
     """
     check_same_shape(model_output=model_output, x=x)
     tt = as_time(t, like=x)
-    a, b = velocity_coefficients_of(tt, prediction_type)
+    a, b = velocity_coefficients_checked(tt, prediction_type)
     u = affine_combination(a, b, x, model_output)
     # Near a singular end |A|, |B| exceed what the compute dtype holds (1/t > 3.4e38 in float32 for
     # t < 2.9e-39) or push A*x past it: never hand back that inf or NaN.
@@ -158,5 +171,17 @@ def velocity_to_diffusion(velocity: Tensor, x: Tensor, t: TimeLike, prediction_t
     epsilon: ``x - t*u``; sample: ``x + (1-t)*u``; v_prediction: ``((2t-1)*x - n^2*u)/n``; velocity: ``u``.
     """
     check_same_shape(velocity=velocity, x=x)
-    c, d = output_coefficients_of(as_time(t, like=x), prediction_type)
+    c, d = output_coefficients_checked(as_time(t, like=x), prediction_type)
     return affine_combination(c, d, x, velocity)
+
+
+def diffusion_target(data: Tensor, noise: Tensor, alpha: Tensor, sigma: Tensor, prediction_type: str) -> Tensor:
+    """What a diffusion network is trained to output for ``z = alpha*data + sigma*noise`` (per-sample
+    ``alpha``, ``sigma``): epsilon ``noise``; sample ``data``; v_prediction ``alpha*noise - sigma*data``
+    (diffusers' v)."""
+    check_choice("prediction_type", prediction_type, DIFFUSERS_PREDICTION_TYPES)
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "sample":
+        return data
+    return per_sample(alpha, noise) * noise - per_sample(sigma, data) * data

@@ -14,23 +14,39 @@ from ._backend import kernels, use_triton
 from ._checks import TimeLike, as_time, check_same_shape, compute_dtype, per_sample, time_dtype
 
 
+def norm_squared(t: Tensor) -> Tensor:
+    """``n(t)^2 = t^2 + (1-t)^2``, in [1/2, 1]."""
+    return t * t + (1 - t) * (1 - t)
+
+
 def norm(t: Tensor) -> Tensor:
     """``n(t) = sqrt(t^2 + (1-t)^2)``, in [1/sqrt(2), 1]."""
-    return torch.sqrt(t * t + (1 - t) * (1 - t))
+    return torch.sqrt(norm_squared(t))
 
 
 def alpha_sigma(t: TimeLike) -> tuple[Tensor, Tensor]:
     """VP coefficients of FM time ``t``: ``alpha = t/n``, ``sigma = (1-t)/n``; ``alpha^2 + sigma^2 = 1``."""
-    tt = as_time(t)
-    n = norm(tt)
+    alpha, sigma = alpha_sigma_checked(as_time(t))
     dtype = time_dtype(t)
-    return (tt / n).to(dtype), ((1 - tt) / n).to(dtype)
+    return alpha.to(dtype), sigma.to(dtype)
+
+
+def alpha_sigma_checked(t: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`alpha_sigma` in float64, for a ``t`` already checked by ``as_time``."""
+    n = norm(t)
+    return t / n, (1 - t) / n
 
 
 def scale(t: TimeLike) -> Tensor:
     """``s(t) = alpha + sigma = 1/n(t)``, in [1, sqrt(2)]: the factor from FM state to network input."""
     tt = as_time(t)
     return (1 / norm(tt)).to(time_dtype(t))
+
+
+def relabel_ratio(t_from: float, t_to: float) -> float:
+    """The factor that keeps ``scale(t) * x`` fixed when a state's time label changes from ``t_from`` to
+    ``t_to``: what DDIM does to its latent between the steps of a table whose steps do not chain."""
+    return float(scale(t_from) / scale(t_to))
 
 
 def align(x: Tensor, t: TimeLike) -> Tensor:
@@ -76,6 +92,6 @@ def network_input(
     if use_triton(backend, data, noise):
         return kernels().network_input(data, noise, tt.contiguous(), dtype)
     work = compute_dtype(data, noise)
-    n = norm(tt)
-    z = per_sample((tt / n).to(work), data) * data
-    return z.addcmul_(per_sample(((1 - tt) / n).to(work), data), noise).to(dtype)
+    alpha, sigma = alpha_sigma_checked(tt)
+    z = per_sample(alpha.to(work), data) * data
+    return z.addcmul_(per_sample(sigma.to(work), data), noise).to(dtype)

@@ -16,14 +16,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._checks import TimeLike, as_time, check_choice, check_positive_int, describe, time_dtype
-from ._versioned import check_document
+from ._checks import TimeLike, as_scalars, as_time, check_choice, check_positive_int, describe, time_dtype
+from ._versioned import Document
+from .parametrization import DIFFUSERS_PREDICTION_TYPES
 
-DIFFUSERS_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 _BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
-_FORMAT = "d2f.Schedule"
-_FORMAT_VERSION = 1
-_OPTIONAL_KEYS = frozenset({"prediction_type"})
+_DOCUMENT = Document("d2f.Schedule", 1, frozenset({"alphas_cumprod"}), frozenset({"prediction_type"}))
 
 
 def _rescale_zero_terminal_snr(alphas_cumprod: np.ndarray) -> np.ndarray:
@@ -213,6 +211,18 @@ class Schedule:
             prediction_type=prediction_type,
         )
 
+    def diffusers_config(self) -> dict[str, Any]:
+        """The inverse of :meth:`from_diffusers`: ``num_train_timesteps``, ``trained_betas`` (from the float64
+        table) and ``prediction_type`` when known, as diffusers scheduler config keys."""
+        ac = self._alphas_cumprod
+        config: dict[str, Any] = {
+            "num_train_timesteps": self.num_train_timesteps,
+            "trained_betas": (1 - ac / [1.0, *ac[:-1]]).tolist(),
+        }
+        if self._prediction_type is not None:
+            config["prediction_type"] = self._prediction_type
+        return config
+
     # ------------------------------------------------------------------------------------- properties
     @property
     def alphas_cumprod(self) -> np.ndarray:
@@ -269,7 +279,7 @@ class Schedule:
 
     def fm_time(self, k: TimeLike) -> Tensor:
         """Network timestep ``k`` (float, in ``[-1, T]``) -> FM time; the exact inverse of ``timestep``."""
-        kk = as_time(k, name="k", check_range=False)
+        kk = as_scalars(k, name="k")
         if bool((~((kk >= -1) & (kk <= self._k_max))).any()):
             raise ValueError(f"k must lie in [-1, {self._k_max}] for this schedule; got {describe(k)}")
         tau_inc, _ = self._device_tables(kk.device)
@@ -284,16 +294,11 @@ class Schedule:
     # ---------------------------------------------------------------------------- (de)serialisation
     def to_dict(self) -> dict[str, Any]:
         """A JSON-safe dict; floats survive JSON exactly (Python writes the shortest round-trip repr)."""
-        return {
-            "format": _FORMAT,
-            "version": _FORMAT_VERSION,
-            "alphas_cumprod": self._alphas_cumprod.tolist(),
-            "prediction_type": self._prediction_type,
-        }
+        return _DOCUMENT.new(alphas_cumprod=self._alphas_cumprod.tolist(), prediction_type=self._prediction_type)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Schedule:
-        data = check_document(data, "schedule", _FORMAT, _FORMAT_VERSION, {"alphas_cumprod"}, _OPTIONAL_KEYS)
+        data = _DOCUMENT.check(data, "schedule")
         return cls(data["alphas_cumprod"], data.get("prediction_type"))
 
     # ------------------------------------------------------------------------------------- dunder

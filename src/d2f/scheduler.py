@@ -26,16 +26,12 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
 from diffusers.utils import BaseOutput
 
-from ._checks import check_choice
-from .grids import SPACINGS, ddim_grid, shift_grid, uniform_grid
-from .parametrization import SINGULAR_TIMES, diffusion_to_velocity
-from .path import scale
+from ._checks import check_choice, compute_dtype
+from .grids import GRIDS, SPACINGS, grid_steps, sampling_grid
+from .parametrization import SINGULAR_TIMES, diffusion_to_velocity, velocity_to_diffusion
+from .path import interpolate, relabel_ratio, scale
 from .schedule import Schedule
-from .solvers import grid_steps, relabel_ratio
-from .time_samplers import valid_range
-
-GRIDS = ("ddim", "uniform", "shift")
-SCHEDULER_SOLVERS = ("euler", "heun", "midpoint")
+from .solvers import CORRECT, EULER, PREDICT, PREDICTOR_FRACTION, SOLVERS, ode_step, stage_times
 
 
 @dataclass
@@ -84,7 +80,7 @@ class D2FScheduler(SchedulerMixin, ConfigMixin):
         grid: str = "ddim",
         shift: float = 3.0,
     ):
-        check_choice("solver", solver, SCHEDULER_SOLVERS)
+        check_choice("solver", solver, SOLVERS)
         check_choice("grid", grid, GRIDS)
         check_choice("timestep_spacing", timestep_spacing, SPACINGS)
         self.schedule = Schedule.from_diffusers(dict(self.config))
@@ -99,27 +95,27 @@ class D2FScheduler(SchedulerMixin, ConfigMixin):
         self._first: tuple[torch.Tensor, torch.Tensor] | None = None  # (x, u) at a 2-stage step's start
 
     # ------------------------------------------------------------------------------------------ grid
-    def _grid(self, n: int) -> torch.Tensor:
-        cfg = self.config
-        if cfg.grid == "ddim":
-            return ddim_grid(self.schedule, n, cfg.timestep_spacing, cfg.steps_offset, cfg.set_alpha_to_one)
-        t_start = valid_range(cfg.prediction_type)[0]  # epsilon has no velocity at t = 0
-        if cfg.grid == "uniform":
-            return uniform_grid(n, t_start, 1.0)
-        return shift_grid(n, cfg.shift, t_start, 1.0)
-
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         """Build the FM grid for ``num_inference_steps`` steps and the network timesteps of its evaluations."""
+        cfg = self.config
         self.num_inference_steps = num_inference_steps
-        self._steps = grid_steps(self._grid(num_inference_steps))
-        singular = SINGULAR_TIMES[self.config.prediction_type]
-        evaluations = []
-        for i, (t0, t1) in enumerate(self._steps):
-            evaluations.append(_Evaluation(i, 0, t0))
-            if self.config.solver == "heun" and t1 not in singular:
-                evaluations.append(_Evaluation(i, 1, t1))
-            elif self.config.solver == "midpoint":
-                evaluations.append(_Evaluation(i, 1, (t0 + t1) / 2))
+        grid = sampling_grid(
+            cfg.grid,
+            num_inference_steps,
+            self.schedule,
+            cfg.prediction_type,
+            cfg.shift,
+            cfg.timestep_spacing,
+            cfg.steps_offset,
+            cfg.set_alpha_to_one,
+        )
+        self._steps = grid_steps(grid)
+        singular = SINGULAR_TIMES[cfg.prediction_type]
+        evaluations = [
+            _Evaluation(i, stage, t)
+            for i, (t0, t1) in enumerate(self._steps)
+            for stage, t in enumerate(stage_times(cfg.solver, t0, t1, singular))
+        ]
         if evaluations[0].t in singular:
             raise ValueError(
                 f"the grid starts at t={evaluations[0].t}, where prediction_type={self.config.prediction_type!r} has "
@@ -176,51 +172,51 @@ class D2FScheduler(SchedulerMixin, ConfigMixin):
         sample: torch.Tensor,
         return_dict: bool = True,
     ) -> D2FSchedulerOutput | tuple[torch.Tensor]:
-        """One network evaluation's worth of the FM solver (guidance is applied by the pipeline before)."""
+        """One network evaluation's worth of the FM solver (guidance is applied by the pipeline before).
+
+        The output becomes a velocity (``diffusion_to_velocity``) and the solver's own update
+        (``d2f.solvers.ode_step`` with ``A = 0, B = 1``) takes it.
+        """
         evaluation = self._current(timestep)
         t0, t1 = self._steps[evaluation.step]
-        h = t1 - t0
-        state_dtype = torch.float64 if sample.dtype == torch.float64 else torch.float32
-        x = sample.to(state_dtype)
-        u = diffusion_to_velocity(model_output, x, evaluation.t, self.config.prediction_type).to(state_dtype)
-        two_stage = self.order == 2 and (
-            self._step_index + 1 < len(self._evaluations)
-            and self._evaluations[self._step_index + 1].step == evaluation.step
+        h, c = t1 - t0, PREDICTOR_FRACTION.get(self.config.solver, 1.0)
+        x = sample.to(compute_dtype(sample))
+        u = diffusion_to_velocity(model_output, x, evaluation.t, self.config.prediction_type)
+        next_index = self._step_index + 1
+        predictor = evaluation.stage == 0 and (
+            next_index < len(self._evaluations) and self._evaluations[next_index].step == evaluation.step
         )
-        if evaluation.stage == 0 and two_stage:
+        if predictor:  # the pipeline evaluates the network at x + c*h*u next
             self._first = (x, u)
-            fraction = 1.0 if self.config.solver == "heun" else 0.5
-            prev, done = x + (fraction * h) * u, False
+            _, prev = ode_step(PREDICT, x, u, None, None, 0.0, 1.0, h, 1.0, 1.0, sample.dtype, c=c)
         elif evaluation.stage == 1:
-            x0, u0 = self._first
-            prev = x0 + (h / 2) * (u0 + u) if self.config.solver == "heun" else x0 + h * u
-            x, done = x0, True
-        else:
-            prev, done = x + h * u, True
-        if done:
+            x0, u1 = self._first
             self._first = None
-            prev = self._carry(prev, evaluation.step)
-        original = x + (1 - evaluation.t) * u
-        self._step_index += 1
-        prev = prev.to(sample.dtype)
+            carry = self._carry(evaluation.step)
+            _, prev = ode_step(CORRECT, x0, u, None, u1, 0.0, 1.0, h, 1.0, carry, sample.dtype, c=c)
+        else:
+            _, prev = ode_step(EULER, x, u, None, None, 0.0, 1.0, h, 1.0, self._carry(evaluation.step), sample.dtype)
+        self._step_index = next_index
         if not return_dict:
             return (prev,)
+        original = velocity_to_diffusion(u, x, evaluation.t, "sample")  # the implied clean latent x + (1-t)*u
         return D2FSchedulerOutput(prev_sample=prev, pred_original_sample=original.to(sample.dtype))
 
-    def _carry(self, x: torch.Tensor, step: int) -> torch.Tensor:
-        """Across a DDIM step-table gap keep ``scale(t) * x`` fixed; after the last step return to ``z``."""
+    def _carry(self, step: int) -> float:
+        """The factor on the state after ``step``: across a DDIM step-table gap ``scale(t) * x`` is kept fixed,
+        and after the last step the state returns to the network's latent ``z = scale(t_end) * x``."""
         end = self._steps[step][1]
         if step + 1 < len(self._steps):
             start = self._steps[step + 1][0]
-            return x if start == end else x * relabel_ratio(end, start)
-        return x * float(scale(end))
+            return 1.0 if start == end else relabel_ratio(end, start)
+        return float(scale(end))
 
     # ------------------------------------------------------------------------------------ img2img
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """The FM state at the network timesteps ``timesteps``: ``t*data + (1-t)*noise`` with ``t = fm_time(k)``."""
-        t = self.schedule.fm_time(torch.as_tensor(timesteps).reshape(-1).double().cpu())
-        t = t.to(original_samples.device, torch.float32).reshape(-1, *([1] * (original_samples.ndim - 1)))
-        return t * original_samples + (1 - t) * noise
+        """The FM state at the network timesteps ``timesteps``: ``interpolate(data, noise, fm_time(k))``."""
+        return interpolate(
+            original_samples, noise, self.schedule.fm_time(torch.as_tensor(timesteps).reshape(-1).double().cpu())
+        )
 
     def scale_noise(self, sample: torch.Tensor, timestep: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """FlowMatch pipelines' name for ``add_noise``."""

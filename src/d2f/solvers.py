@@ -1,133 +1,306 @@
-"""ODE solvers for ``dx/dt = u(x, t)`` over an explicit grid of FM times.
+"""The sampler: ODE solvers for ``dx/dt = u(x, t)`` over an explicit grid of FM times (``d2f.grids``).
 
-Any velocity field works: ``velocity_fn(x, t)`` takes the state and a Python float ``t`` and returns a
-tensor shaped like ``x``. A field may declare ``singular_times`` (FM times where it cannot be
-evaluated); fields that declare nothing are treated as singular at both ends, 0 and 1.
+Two kinds of field are sampled by the same loops, through the interface of :class:`Field`:
+
+- a plain ``velocity_fn(x, t, **cond) -> u``: its network input is the state itself and its output the
+  velocity (:class:`VelocityFunction`);
+- a converted diffusion network (:class:`d2f.D2FVelocity`): its input is ``z = scale(t) * x`` and its raw
+  outputs ``o_u`` (and ``o_c`` when guided, ``o = o_u + g*(o_c - o_u)``) give ``u = A(t)*x + B(t)*o``.
+
+The solvers, one short loop each:
+
+- ``euler`` (order 1): ``x' = x + h*u(x, t0)``;
+- ``heun`` and ``midpoint`` (order 2), the explicit two-stage family with predictor fraction ``c`` (1 and
+  1/2): ``x_p = x + c*h*u1``, ``u2 = u(x_p, t0 + c*h)``, ``x' = x + h*((1 - w)*u1 + w*u2)`` with
+  ``w = 1/(2c)``. Heun's corrector is skipped on a step that ends at a singular time of the field, which
+  then is a plain Euler step.
+
+Every update is :func:`ode_step`, written once here in torch and mirrored by the fused kernel in
+``d2f.kernels.solvers``: guidance, conversion, update and the next network input in one pass per network
+call. A plain velocity is the case ``A = 0, B = 1, g = 1``.
+
+A field may declare ``singular_times`` (FM times where it cannot be evaluated); a plain function that
+declares nothing is treated as singular at both ends, 0 and 1.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import TypeVar
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ._checks import check_choice, describe
-from .path import scale
+from ._backend import kernels, use_triton
+from ._checks import check_choice, check_same_shape, compute_dtype, describe, raise_on_nonfinite_input
+from ._chunks import row_chunks
+from .grids import grid_steps
+from .path import relabel_ratio
 
 SOLVERS = ("euler", "heun", "midpoint")
-VelocityFn = Callable[[Tensor, float], Tensor]
+PREDICTOR_FRACTION = {"heun": 1.0, "midpoint": 0.5}
+EULER, PREDICT, CORRECT = 0, 1, 2
 Callback = Callable[[int, float, Tensor, Tensor], None]
-State = TypeVar("State")
 
 
-def grid_steps(ts: Tensor | Sequence[float]) -> list[tuple[float, float]]:
-    """``(start, end)`` of every step of a 1-D grid or an ``(n, 2)`` step table, after checking it."""
-    grid = torch.as_tensor(ts, dtype=torch.float64).detach().cpu()
-    if grid.ndim == 1 and grid.numel() >= 2:
-        steps = torch.stack([grid[:-1], grid[1:]], dim=1)
-    elif grid.ndim == 2 and grid.shape[1] == 2 and grid.shape[0] >= 1:
-        steps = grid
-    else:
-        raise ValueError(
-            f"ts must be a 1-D grid of >= 2 times or an (n, 2) table of steps, got shape {tuple(grid.shape)}"
-        )
-    if not bool(((grid >= 0) & (grid <= 1)).all()):
-        raise ValueError(f"ts must lie in [0, 1], got {describe(grid)}")
-    direction = torch.sign(steps[:, 1] - steps[:, 0])
-    if bool((direction == 0).any()) or not bool((direction == direction[0]).all()):
-        raise ValueError(
-            f"ts must be strictly monotone (all steps the same direction, none empty), got {describe(grid)}"
-        )
-    return [(float(a), float(b)) for a, b in steps.tolist()]
+# ------------------------------------------------------------------------------------------------ the update
+def ode_step(
+    mode: int,
+    x: Tensor,
+    o_u: Tensor,
+    o_c: Tensor | None,
+    u1: Tensor | None,
+    a: float,
+    b: float,
+    h: float,
+    g: float,
+    s_next: float,
+    z_dtype: torch.dtype,
+    backend: str = "auto",
+    c: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """One solver update from the state ``x`` and one network evaluation, with the next network input.
 
+    With ``o = o_u + g*(o_c - o_u)`` when guided (``o_c`` given), else ``o = o_u``, ``u = A*x + B*o`` and
+    ``s`` = ``s_next``:
 
-def _evaluate(velocity_fn: VelocityFn, x: Tensor, t: float) -> Tensor:
-    u = velocity_fn(x, t)
-    if not isinstance(u, Tensor) or u.shape != x.shape:
-        raise ValueError(
-            f"velocity_fn returned {describe(u) if isinstance(u, Tensor) else type(u).__name__} "
-            f"for a state of shape {tuple(x.shape)}; it must return a tensor of the same shape"
-        )
-    return u.to(x.dtype)
+    - ``EULER``: ``x' = x + h*u``; returns ``(x', s*x')``;
+    - ``PREDICT``: returns ``(u, s*(x + c*h*u))``, the velocity and the predictor's network input;
+    - ``CORRECT`` (``o`` evaluated at the predictor): ``u2 = A*(x + c*h*u1) + B*o``,
+      ``x' = x + h*((1 - w)*u1 + w*u2)`` with ``w = 1/(2c)``; returns ``(x', s*x')``.
 
-
-def check_singular_starts(steps: list[tuple[float, float]], singular: Sequence[float]) -> None:
-    for i, (start, _) in enumerate(steps):
-        if start in singular:
-            raise ValueError(
-                f"step {i} starts at t={start}, where velocity_fn is singular (singular_times={tuple(singular)}); "
-                "start the grid inside the open interval, e.g. at schedule.t_min"
-            )
-
-
-def walk(
-    steps: list[tuple[float, float]],
-    state: State,
-    advance: Callable[[int, State, float, float], State],
-    relabel: Callable[[State, float, float], State],
-    progress: bool,
-    desc: str,
-) -> State:
-    """Run ``advance(i, state, t0, t1)`` over the steps; ``relabel(state, t_from, t_to)`` across a gap.
-
-    Gaps occur only in DDIM step tables, where DDIM keeps its latent ``z = scale(t) * x`` and relabels
-    its time; ``relabel`` does the same to the solver's state.
+    ``x`` (and ``u1``) are the float32 or float64 state; the results are fresh tensors, the first in the
+    state's dtype and the network input in ``z_dtype``. ``backend`` as in :func:`d2f.fm_loss`. Raises a
+    ``ValueError`` instead of returning NaN or inf: naming ``x``, ``o_u``, ``o_c`` or ``u1`` when one of them
+    holds NaN or inf, else saying that the step overflowed.
     """
-    previous_end = steps[0][0]
-    for i, (t0, t1) in enumerate(tqdm(steps, disable=not progress, desc=desc, unit="step")):
-        if t0 != previous_end:
-            state = relabel(state, previous_end, t0)
-        state = advance(i, state, t0, t1)
-        previous_end = t1
-    return state
+    outputs = (o_u,) if o_c is None else (o_u, o_c)
+    if use_triton(backend, x, *outputs):
+        first, z = kernels().ode_step(mode, x.contiguous(), o_u, o_c, u1, a, b, h, g, s_next, z_dtype, c)
+    else:
+        first, z = _ode_step_torch(mode, x, o_u, o_c, u1, a, b, h, g, s_next, z_dtype, c)
+    # One check of the two fresh results (a NaN or inf input always reaches them: 0 * inf is NaN); the
+    # inputs are scanned only once something is already wrong.
+    if not bool(first.isfinite().all() & z.isfinite().all()):
+        raise_on_nonfinite_input("ode_step", x=x, o_u=o_u, o_c=o_c, u1=u1)
+        raise ValueError(
+            f"ode_step: the step overflowed (its result is not representable in {first.dtype}, or the next "
+            f"network input in {z_dtype}) although the inputs are finite; a={a!r}, b={b!r}, h={h!r}, g={g!r}, "
+            f"s_next={s_next!r}"
+        )
+    return first, z
 
 
-def relabel_ratio(t_from: float, t_to: float) -> float:
-    """Factor that keeps ``scale(t) * x`` fixed when the state's time changes from ``t_from`` to ``t_to``."""
-    return float(scale(t_from) / scale(t_to))
+def _ode_step_torch(mode, x, o_u, o_c, u1, a, b, h, g, s_next, z_dtype, c) -> tuple[Tensor, Tensor]:
+    # Each result is a fixed linear combination of the inputs: the scalars are folded into one coefficient
+    # per input and the sum formed in one accumulation.
+    o_terms = [(1.0, o_u)] if o_c is None else [(1 - g, o_u), (g, o_c)]
+    if mode == EULER:
+        return _combine([(1 + h * a, x)] + [(h * b * k, v) for k, v in o_terms], [(1.0, x.dtype), (s_next, z_dtype)])
+    if mode == PREDICT:
+        (u,) = _combine([(a, x)] + [(b * k, v) for k, v in o_terms], [(1.0, x.dtype)])
+        (z,) = _combine([(1.0, x), (c * h, u)], [(s_next, z_dtype)])
+        return u, z
+    w = 0.5 / c  # x + h*(1-w)*u1 + h*w*(A*(x + c*h*u1) + B*o), expanded per input
+    terms = [(1 + h * w * a, x), (h * ((1 - w) + w * a * c * h), u1)] + [(h * w * b * k, v) for k, v in o_terms]
+    return _combine(terms, [(1.0, x.dtype), (s_next, z_dtype)])
+
+
+def _combine(terms: list[tuple[float, Tensor]], outputs: list[tuple[float, torch.dtype]]) -> list[Tensor]:
+    """``s * sum(k * v for k, v in terms)`` in ``dtype`` for every ``(s, dtype)`` of ``outputs``, accumulated in
+    ``terms[0]``'s dtype: in cache-sized chunks on the CPU (d2f._chunks), or with plain differentiable ops
+    when an input requires grad (sampling through which a caller backpropagates)."""
+    first = terms[0][1]
+    if torch.is_grad_enabled() and any(v.requires_grad for _, v in terms):
+        acc = sum((k * v for k, v in terms[1:]), terms[0][0] * first)
+        return [(s * acc).to(dtype) for s, dtype in outputs]
+    # torch refuses a Python scalar beyond the accumulator's range (a RuntimeError); round it as IEEE and the
+    # kernel do, to inf, so that ode_step's check of its result reports the overflow.
+    big = torch.finfo(first.dtype).max
+    terms = [(math.copysign(math.inf, k) if abs(k) > big else k, v) for k, v in terms]
+    results = [torch.empty(first.shape, dtype=dtype, device=first.device) for _, dtype in outputs]
+    for rows in row_chunks(first):
+        acc = torch.mul(first[rows], terms[0][0])
+        for k, v in terms[1:]:
+            acc.add_(v[rows], alpha=k)
+        for (s, _), out in zip(outputs, results):
+            torch.mul(acc, s, out=out[rows])
+    return results
+
+
+def stage_times(solver: str, t0: float, t1: float, singular: Sequence[float]) -> tuple[float, ...]:
+    """The FM times at which a step from ``t0`` to ``t1`` evaluates the field: ``t0``, then the predictor's
+    point ``t0 + c*h`` (``t1`` itself for Heun), unless that point is singular or the solver is Euler."""
+    if solver == "euler":
+        return (t0,)
+    c = PREDICTOR_FRACTION[solver]
+    t_mid = t1 if c == 1 else t0 + c * (t1 - t0)
+    return (t0,) if t_mid in singular else (t0, t_mid)
+
+
+# ---------------------------------------------------------------------------------------------- the fields
+class Outputs(NamedTuple):
+    """One evaluation, as :func:`ode_step` takes it: ``u = a*x + b*o`` with ``o = o_u + g*(o_c - o_u)``."""
+
+    o_u: Tensor
+    o_c: Tensor | None
+    a: float
+    b: float
+    g: float
+
+
+class Field(Protocol):
+    """What the solvers need of a field."""
+
+    singular_times: tuple[float, ...]
+
+    def input_scale(self, t: float) -> float:
+        """``s`` with network input ``z = s * x``."""
+
+    def input_dtype(self, state: Tensor) -> torch.dtype:
+        """The network input's dtype."""
+
+    def model_input(self, x: Tensor, t: float) -> Tensor:
+        """The network input of state ``x`` at ``t``."""
+
+    def outputs(self, z: Tensor, t: float, cond: Mapping[str, Any]) -> Outputs:
+        """The evaluation at network input ``z`` and time ``t``."""
+
+    def __call__(self, x: Tensor, t: float, **cond: Any) -> Tensor:
+        """The velocity at state ``x`` and time ``t``."""
+
+
+class VelocityFunction:
+    """A plain ``velocity_fn(x, t, **cond) -> u`` as a :class:`Field`: its network input is the state."""
+
+    def __init__(self, velocity_fn: Callable[..., Tensor]):
+        if not callable(velocity_fn):
+            raise ValueError(f"velocity_fn must be callable, got {type(velocity_fn).__name__}")
+        self.velocity_fn = velocity_fn
+        self.singular_times = tuple(getattr(velocity_fn, "singular_times", (0.0, 1.0)))
+
+    def input_scale(self, t: float) -> float:
+        return 1.0
+
+    def input_dtype(self, state: Tensor) -> torch.dtype:
+        return state.dtype
+
+    def model_input(self, x: Tensor, t: float) -> Tensor:
+        return x
+
+    def outputs(self, z: Tensor, t: float, cond: Mapping[str, Any]) -> Outputs:
+        return Outputs(self(z, t, **cond), None, 0.0, 1.0, 1.0)
+
+    def __call__(self, x: Tensor, t: float, **cond: Any) -> Tensor:
+        u = self.velocity_fn(x, t, **cond)
+        if not isinstance(u, Tensor) or u.shape != x.shape:
+            raise ValueError(
+                f"velocity_fn returned {describe(u) if isinstance(u, Tensor) else type(u).__name__} "
+                f"for a state of shape {tuple(x.shape)}; it must return a tensor of the same shape"
+            )
+        return u
+
+
+def _as_field(field: Any, callback: Callback | None) -> Field:
+    """Fields are used as they are; plain functions, and any field when a callback needs each velocity
+    (the fused update never forms it), are sampled through their velocity."""
+    if callback is None and all(hasattr(field, name) for name in ("outputs", "model_input", "input_scale")):
+        return field
+    return field if isinstance(field, VelocityFunction) else VelocityFunction(field)
+
+
+# --------------------------------------------------------------------------------------------- the solvers
+def _carry(field: Field, x: Tensor, z: Tensor, t_from: float, t_to: float) -> tuple[Tensor, Tensor]:
+    """Across a gap of a DDIM step table DDIM keeps its latent and relabels its time: ``scale(t) * x`` is
+    kept fixed (``d2f.grids.ddim_grid``)."""
+    if t_from == t_to:
+        return x, z
+    x = x * relabel_ratio(t_from, t_to)
+    return x, field.model_input(x, t_to)
+
+
+def _step(mode: int, field: Field, x: Tensor, out: Outputs, u1, h: float, t_next: float, backend: str, c=1.0):
+    s = field.input_scale(t_next)
+    return ode_step(mode, x, out.o_u, out.o_c, u1, out.a, out.b, h, out.g, s, field.input_dtype(x), backend, c)
+
+
+def sample_euler(field: Field, x, z, steps, cond, callback=None, progress=False, backend="auto") -> Tensor:
+    """Euler: ``x' = x + h*u(x, t0)``, one network call a step."""
+    end = steps[0][0]
+    for i, (t0, t1) in enumerate(tqdm(steps, disable=not progress, desc="d2f euler", unit="step")):
+        x, z = _carry(field, x, z, end, t0)
+        out = field.outputs(z, t0, cond)
+        if callback is not None:
+            callback(i, t0, x, out.o_u)  # the field is in velocity form whenever there is a callback
+        x, z = _step(EULER, field, x, out, None, t1 - t0, t1, backend)
+        end = t1
+    return x
+
+
+def sample_two_stage(
+    field: Field, x, z, steps, cond, callback=None, progress=False, backend="auto", solver="heun"
+) -> Tensor:
+    """Heun (``c = 1``) or midpoint (``c = 1/2``): two network calls a step (module docstring)."""
+    c = PREDICTOR_FRACTION[solver]
+    end = steps[0][0]
+    for i, (t0, t1) in enumerate(tqdm(steps, disable=not progress, desc=f"d2f {solver}", unit="step")):
+        x, z = _carry(field, x, z, end, t0)
+        h, times = t1 - t0, stage_times(solver, t0, t1, field.singular_times)
+        out = field.outputs(z, t0, cond)
+        if callback is not None:
+            callback(i, t0, x, out.o_u)
+        if len(times) == 1:  # the predictor would evaluate at a singular time: an Euler step
+            x, z = _step(EULER, field, x, out, None, h, t1, backend)
+        else:
+            u1, z_p = _step(PREDICT, field, x, out, None, h, times[1], backend, c)
+            x, z = _step(CORRECT, field, x, field.outputs(z_p, times[1], cond), u1, h, t1, backend, c)
+        end = t1
+    return x
+
+
+def _solve(field, x: Tensor, steps, solver, cond, callback, progress, backend) -> Tensor:
+    for i, (start, _) in enumerate(steps):
+        if start in field.singular_times:
+            raise ValueError(
+                f"step {i} starts at t={start}, where velocity_fn is singular "
+                f"(singular_times={tuple(field.singular_times)}); start the grid inside the open interval, "
+                "e.g. at schedule.t_min"
+            )
+    z = field.model_input(x, steps[0][0])
+    if solver == "euler":
+        return sample_euler(field, x, z, steps, cond, callback, progress, backend)
+    return sample_two_stage(field, x, z, steps, cond, callback, progress, backend, solver)
 
 
 def sample(
-    velocity_fn: VelocityFn,
+    velocity_fn: Callable[..., Tensor],
     x: Tensor,
     ts: Tensor | Sequence[float],
     solver: str = "euler",
     callback: Callback | None = None,
     progress: bool = False,
+    backend: str = "auto",
+    **cond: Any,
 ) -> Tensor:
     """Integrate from ``ts[0]`` to ``ts[-1]`` and return the final state only.
 
     Args:
-        velocity_fn: ``u = velocity_fn(x, t)``.
+        velocity_fn: ``u = velocity_fn(x, t, **cond)``, or a :class:`d2f.D2FVelocity` (then each step is one
+            fused update per network call).
         x: the FM state at ``ts[0]``. From pure noise at ``ts[0] > 0`` start with ``noise / scale(ts[0])``,
             as DDIM does (``D2FVelocity.sample`` does this for you).
         ts: a grid from :mod:`d2f.grids`; increasing generates, decreasing inverts (data -> noise).
-        solver: ``"euler"`` (order 1), ``"heun"`` or ``"midpoint"`` (order 2). Heun's corrector is skipped
-            on a step that ends at a singular time of ``velocity_fn``, which then is a plain Euler step.
+        solver: ``"euler"`` (order 1), ``"heun"`` or ``"midpoint"`` (order 2).
         callback: ``callback(i, t, x, u)`` before step ``i`` with the state and velocity at its start.
         progress: show a progress bar.
+        backend: for the update, as in :func:`d2f.fm_loss`.
+        cond: passed to every evaluation of the field.
 
     The state is kept in float32 (float64 if ``x`` is float64); the caller's ``x`` is never modified.
     """
     check_choice("solver", solver, SOLVERS)
-    steps = grid_steps(ts)
-    singular = tuple(getattr(velocity_fn, "singular_times", (0.0, 1.0)))
-    check_singular_starts(steps, singular)
-
-    def advance(i: int, x: Tensor, t0: float, t1: float) -> Tensor:
-        # Updates are out of place, so the caller's x and any state handed to callback stay untouched.
-        h = t1 - t0
-        u = _evaluate(velocity_fn, x, t0)
-        if callback is not None:
-            callback(i, t0, x, u)
-        if solver == "euler" or (solver == "heun" and t1 in singular):
-            return x.add(u, alpha=h)
-        if solver == "heun":
-            return x.add(u + _evaluate(velocity_fn, x.add(u, alpha=h), t1), alpha=h / 2)
-        return x.add(_evaluate(velocity_fn, x.add(u, alpha=h / 2), t0 + h / 2), alpha=h)
-
-    x = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
-    return walk(steps, x, advance, lambda x, a, b: x * relabel_ratio(a, b), progress, f"d2f {solver}")
+    check_same_shape(x=x)
+    field = _as_field(velocity_fn, callback)
+    return _solve(field, x.to(compute_dtype(x)), grid_steps(ts), solver, cond, callback, progress, backend)

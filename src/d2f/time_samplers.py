@@ -1,9 +1,10 @@
 """Training-time samplers of FM time ``t``: pure functions of a generator.
 
 Each keeps ``t`` where the prediction type's velocity is finite by construction (``docs/conventions.md``
-§3): epsilon needs ``t > 0`` and sample needs ``t < 1``. ``uniform`` and ``logit-normal`` stay
-``T_MARGIN`` away from a singular end (so ``|A|, |B| <= 1/T_MARGIN``); ``diffusion-matched`` draws the
-teacher's own noise levels ``tau_k``, leaving out ``k = T-1`` when that is ``t = 0`` for epsilon.
+§3): epsilon needs ``t > 0`` and sample needs ``t < 1``. ``uniform`` and ``logit-normal`` draw from the
+prediction type's ``valid_range`` (``T_MARGIN`` away from a singular end, so ``|A|, |B| <= 1/T_MARGIN``);
+``diffusion-matched`` draws the teacher's own noise levels ``tau_k``, leaving out ``k = T-1`` when that is
+``t = 0`` for epsilon.
 """
 
 from __future__ import annotations
@@ -12,17 +13,10 @@ import torch
 from torch import Tensor
 
 from ._checks import check_choice, check_positive_int
-from .parametrization import SINGULAR_TIMES, check_prediction_type
+from .parametrization import valid_range
 from .schedule import Schedule
 
 T_SAMPLERS = ("uniform", "logit-normal", "diffusion-matched")
-T_MARGIN = 1e-3
-
-
-def valid_range(prediction_type: str) -> tuple[float, float]:
-    """The interval training draws t from for ``prediction_type``."""
-    singular = SINGULAR_TIMES[check_prediction_type(prediction_type)]
-    return (T_MARGIN if 0.0 in singular else 0.0), (1 - T_MARGIN if 1.0 in singular else 1.0)
 
 
 def uniform_t(n: int, generator: torch.Generator, prediction_type: str) -> Tensor:

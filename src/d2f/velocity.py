@@ -1,4 +1,9 @@
-"""``D2FVelocity``: any diffusion network as an FM velocity field (``docs/conventions.md`` §3, §5)."""
+"""``D2FVelocity``: any diffusion network as an FM velocity field (``docs/conventions.md`` §3, §5).
+
+It is a field for the solvers (``d2f.solvers.Field``): besides the velocity itself it gives them its raw
+network outputs and the coefficients that turn them into a velocity, so that each solver step fuses
+guidance, conversion and update in one pass.
+"""
 
 from __future__ import annotations
 
@@ -10,20 +15,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._checks import TimeLike, as_time, check_choice, check_same_shape, compute_dtype, describe
+from ._checks import TimeLike, as_time, check_same_shape, compute_dtype, describe
+from .grids import grid_steps
 from .guidance import guidance
-from .ode_step import EULER, HEUN_CORRECT, HEUN_PREDICT, ode_step
 from .parametrization import (
     SINGULAR_TIMES,
     affine_combination,
     check_prediction_type,
     velocity_coefficients,
-    velocity_coefficients_of,
+    velocity_coefficients_checked,
 )
 from .path import align_checked, scale
 from .schedule import Schedule
-from .solvers import SOLVERS, Callback, check_singular_starts, grid_steps, relabel_ratio, walk
-from .solvers import sample as integrate
+from .solvers import Outputs, sample
 
 
 def _network_dtype(net: Any, fallback: torch.dtype) -> torch.dtype:
@@ -126,16 +130,11 @@ class D2FVelocity:
         check_same_shape(x=x)
         return self._model_output(x, as_time(t, like=x), cond)
 
-    def _scale(self, t: float) -> float:
-        return float(scale(t)) if self.align_input else 1.0
-
-    def _model_output(self, x: Tensor, t: Tensor, cond: dict[str, Any]) -> Tensor:
-        z = align_checked(x, t.expand(x.shape[0])) if self.align_input else x.to(compute_dtype(x))
-        z = z.to(_network_dtype(self.net, compute_dtype(x)))
-        o_u, o_c = self._network_outputs(z, t, cond)
+    def _model_output(self, x: Tensor, t: Tensor, cond: Mapping[str, Any]) -> Tensor:
+        o_u, o_c = self._network_outputs(self._model_input_checked(x, t), t, cond)
         return o_u.to(compute_dtype(o_u)) if o_c is None else guidance(o_u, o_c, self.guidance_scale)
 
-    def _network_outputs(self, z: Tensor, t: Tensor, cond: dict[str, Any]) -> tuple[Tensor, Tensor | None]:
+    def _network_outputs(self, z: Tensor, t: Tensor, cond: Mapping[str, Any]) -> tuple[Tensor, Tensor | None]:
         """Raw outputs for the aligned input ``z``: ``(unconditional, conditional)`` when guided, else ``(o, None)``."""
         batch = z.shape[0]
         expected = tuple(z.shape)
@@ -164,66 +163,42 @@ class D2FVelocity:
         """The FM velocity at state ``x`` and time ``t`` (a float, 0-d or ``(B,)`` tensor)."""
         check_same_shape(x=x)
         tt = as_time(t, like=x)
-        a, b = velocity_coefficients_of(tt, self.prediction_type)
+        a, b = velocity_coefficients_checked(tt, self.prediction_type)
         return affine_combination(a, b, x, self._model_output(x, tt, cond))
 
+    # ------------------------------------------------------------------------- as a field of the solvers
+    def input_scale(self, t: float) -> float:
+        """``s`` with network input ``z = s * x``: ``scale(t)``, or 1 without ``align_input``."""
+        return float(scale(t)) if self.align_input else 1.0
+
+    def input_dtype(self, state: Tensor) -> torch.dtype:
+        """The network's dtype (float32, or float64 for a float64 state, when the network does not say)."""
+        return _network_dtype(self.net, compute_dtype(state))
+
+    def model_input(self, x: Tensor, t: TimeLike) -> Tensor:
+        """The network input of state ``x`` at time ``t``: ``align(x, t)``, or ``x`` without ``align_input``,
+        in the network's dtype."""
+        return self._model_input_checked(x, as_time(t, like=x))
+
+    def _model_input_checked(self, x: Tensor, t: Tensor) -> Tensor:
+        z = align_checked(x, t.expand(x.shape[0])) if self.align_input else x.to(compute_dtype(x))
+        return z.to(self.input_dtype(x))
+
+    def outputs(self, z: Tensor, t: float, cond: Mapping[str, Any]) -> Outputs:
+        """The raw outputs at network input ``z`` and the velocity coefficients at ``t``."""
+        o_u, o_c = self._network_outputs(z, torch.tensor(t, dtype=torch.float64, device=z.device), cond)
+        a, b = velocity_coefficients(t, self.prediction_type)
+        return Outputs(o_u, o_c, float(a), float(b), self.guidance_scale)
+
     @torch.no_grad()
-    def sample(
-        self,
-        noise: Tensor,
-        ts: Tensor | Sequence[float],
-        solver: str = "euler",
-        callback: Callback | None = None,
-        progress: bool = False,
-        backend: str = "auto",
-        **cond: Any,
-    ) -> Tensor:
-        """Generate from ``noise``: start at ``x = noise / scale(ts[0])`` (as DDIM does) and integrate.
+    def sample(self, noise: Tensor, ts: Tensor | Sequence[float], **options: Any) -> Tensor:
+        """Generate from ``noise`` with :func:`d2f.sample`, starting at ``x = noise / scale(ts[0])`` (``noise``
+        itself without ``align_input``): DDIM's start, whose network input ``scale(ts[0]) * x`` is the noise.
 
-        (Without ``align_input`` the state starts at ``noise`` itself.)
-
-        Returns the FM state at ``ts[-1]`` (float32, or float64 for float64 noise); ``solver``,
-        ``callback`` and ``progress`` as in :func:`d2f.sample`. Euler and Heun run one fused step per
-        network call (``backend`` as in :func:`d2f.fm_loss`): guidance, conversion, update and the next
-        network input in one pass. A ``callback`` (which needs each velocity) or ``solver="midpoint"``
-        uses the generic solver instead.
+        ``options``: ``solver``, ``callback``, ``progress``, ``backend`` and conditioning kwargs, as
+        :func:`d2f.sample` takes them. Returns the FM state at ``ts[-1]`` (float32, or float64 for float64
+        noise).
         """
         check_same_shape(noise=noise)
-        check_choice("solver", solver, SOLVERS)
-        steps = grid_steps(ts)
-        state_dtype = torch.float64 if noise.dtype == torch.float64 else torch.float32
-        x = noise.to(state_dtype) / self._scale(steps[0][0])
-        if solver == "midpoint" or callback is not None:
-
-            def field(state: Tensor, t: float) -> Tensor:
-                return self(state, t, **cond)
-
-            field.singular_times = self.singular_times  # type: ignore[attr-defined]
-            return integrate(field, x, ts, solver=solver, callback=callback, progress=progress)
-
-        check_singular_starts(steps, self.singular_times)
-        z_dtype = _network_dtype(self.net, state_dtype)
-        g = self.guidance_scale
-
-        def outputs(z: Tensor, t: float) -> tuple[Tensor, Tensor | None]:
-            return self._network_outputs(z, torch.tensor(t, dtype=torch.float64, device=z.device), cond)
-
-        def coefficients(t: float) -> tuple[float, float]:
-            a, b = velocity_coefficients(t, self.prediction_type)
-            return float(a), float(b)
-
-        def advance(i: int, state: tuple[Tensor, Tensor], t0: float, t1: float) -> tuple[Tensor, Tensor]:
-            x, z = state
-            h, s1 = t1 - t0, self._scale(t1)
-            o_u, o_c = outputs(z, t0)
-            if solver == "euler" or t1 in self.singular_times:
-                return ode_step(EULER, x, o_u, o_c, None, *coefficients(t0), h, g, s1, z_dtype, backend)
-            u1, z_pred = ode_step(HEUN_PREDICT, x, o_u, o_c, None, *coefficients(t0), h, g, s1, z_dtype, backend)
-            o_u, o_c = outputs(z_pred, t1)
-            return ode_step(HEUN_CORRECT, x, o_u, o_c, u1, *coefficients(t1), h, g, s1, z_dtype, backend)
-
-        def relabel(state: tuple[Tensor, Tensor], t_from: float, t_to: float) -> tuple[Tensor, Tensor]:
-            return (state[0] * relabel_ratio(t_from, t_to) if self.align_input else state[0]), state[1]
-
-        x, _ = walk(steps, (x, noise.to(z_dtype)), advance, relabel, progress, f"d2f {solver}")
-        return x
+        x = noise.to(compute_dtype(noise)) / self.input_scale(grid_steps(ts)[0][0])
+        return sample(self, x, ts, **options)

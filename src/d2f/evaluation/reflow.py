@@ -18,9 +18,11 @@ import torch
 
 from ..grids import uniform_grid
 from ..training.data import mnist
-from ..training.export import ddim_reference, load
+from ..training.export import load
 from ..training.images import save_grid
+from ..training.sampling import SamplingSettings, ddim_reference
 from .classifier import load_classifier
+from .experiments import full_finetune_16px
 from .metrics import features, score
 
 E3_STEPS = (1, 2, 4, 25)
@@ -36,28 +38,13 @@ def reflow(
     grid_png: Path | None = None,
 ) -> dict:
     """E3. Returns ``{"steps": {"1": {"teacher": cell, "teacher_ddim": cell, "reflow": cell}, ...}, ...}``."""
-    from ..training.config import TrainConfig
     from ..training.loop import train
     from ..training.pairs import generate_pairs
 
     started = time.perf_counter()
     pairs = Path(out) / "pairs.safetensors"
-    pair_meta = generate_pairs("teacher", pairs, num_pairs, pair_steps, seed=seed + 7)
-    config = TrainConfig(
-        out=str(Path(out) / "reflow"),
-        pairs=str(pairs),
-        resolution=16,
-        objective="d2f",
-        t_sampler="uniform",
-        lr=1e-3,
-        lora_rank=0,
-        max_steps=max_steps,
-        batch_size=64,
-        checkpoint_every=0,
-        num_samples=20,
-        sample_steps=4,
-        seed=seed,
-    )
+    pair_meta = generate_pairs("teacher", pairs, num_pairs, SamplingSettings(pair_steps, seed=seed + 7))
+    config = full_finetune_16px(str(Path(out) / "reflow"), "d2f", max_steps, seed, pairs=str(pairs), sample_steps=4)
     metrics = train(config, progress=False)
 
     classifier = load_classifier()

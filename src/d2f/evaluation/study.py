@@ -40,14 +40,15 @@ from statistics import fmean
 import torch
 from tqdm.auto import tqdm
 
-from ..loss import NonFiniteError
+from .._checks import NonFiniteError
+from ..grids import sampling_grid
 from ..time_samplers import T_SAMPLERS
 from ..training.data import mnist
 from ..training.export import load
 from ..training.images import save_line_plot
-from ..training.sampling import export_grid
 from .classifier import load_classifier
 from .metrics import features, score
+from .study_tables import best_grid, markdown
 
 STUDY_STEPS = (2, 4, 10, 25)
 STUDY_GRIDS = ("uniform", "ddim", "shift")
@@ -187,7 +188,8 @@ class Study:
         for grid in self._grids(cell, grids):
             for n in steps:
                 if f"{grid}/{n}" not in scores:
-                    images = field.sample(self.noise, export_grid(field, grid, n), class_labels=self.labels)
+                    ts = sampling_grid(grid, n, field.schedule, field.prediction_type)
+                    images = field.sample(self.noise, ts, class_labels=self.labels)
                     scores[f"{grid}/{n}"] = score(self.classifier, self.real, images, self.labels)
         return {
             "cell": asdict(cell),
@@ -280,11 +282,6 @@ def _tune_lr(s: Study, args: tuple, workers: int, bar, report_only: bool, seed: 
                 grown = True
         if not grown:
             return fids
-
-
-def best_grid(group: dict, n: int, grids=STUDY_GRIDS) -> str:
-    """The grid among ``grids`` with the lowest mean FID over seeds at ``n`` steps, in a report's group table."""
-    return min((g for g in grids if f"{g}/{n}" in group), key=lambda g: fmean(group[f"{g}/{n}"]["fid"]))
 
 
 def _verdict(d2f: list[float], diffusion: list[float]) -> str:
@@ -425,3 +422,28 @@ def study(
 
 def _jsonable(fid: float) -> float | str:
     return "diverged" if math.isinf(fid) else fid
+
+
+def write_study(
+    out: str, runs: str, max_steps: int, num_samples: int, seeds: tuple[int, ...], workers: int, report_only: bool
+) -> str:
+    """``d2f study``: run :func:`study` with its runs in ``runs`` and write ``study.json``, its tables
+    ``study.md`` and the plot ``study_steps.png`` to ``out``; returns the tables."""
+    for name, value in (("max_steps", max_steps), ("num_samples", num_samples), ("workers", workers)):
+        if value < 1:
+            raise ValueError(f"--{name.replace('_', '-')}={value} is not allowed: >= 1")
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    report = study(
+        runs,
+        max_steps,
+        num_samples,
+        seeds,
+        plot_png=folder / "study_steps.png",
+        workers=workers,
+        report_only=report_only,
+    )
+    tables = markdown(report)
+    (folder / "study.json").write_text(json.dumps(report, indent=1))
+    (folder / "study.md").write_text(tables)
+    return tables

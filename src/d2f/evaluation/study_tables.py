@@ -1,10 +1,16 @@
-"""The settings study's report as Markdown tables (``study.md``), so the README quotes numbers it did not retype."""
+"""The settings study's report as Markdown tables (``study.md``), so the results text quotes numbers it did
+not retype; and ``best_grid``, which the study's verdicts and these tables share."""
 
 from __future__ import annotations
 
-from .study import best_grid
+from statistics import fmean
 
 GRID_LETTER = {"uniform": "u", "ddim": "d", "shift": "s"}
+
+
+def best_grid(group: dict, n: int, grids=tuple(GRID_LETTER)) -> str:
+    """The grid among ``grids`` with the lowest mean FID over seeds at ``n`` steps, in a report's group table."""
+    return min((g for g in grids if f"{g}/{n}" in group), key=lambda g: fmean(group[f"{g}/{n}"]["fid"]))
 
 
 def _fid(x: float | str) -> str:

@@ -22,10 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..grids import sampling_grid
 from ..training.data import mnist
 from ..training.export import load
 from ..training.images import save_line_plot
-from ..training.sampling import export_grid
+from .experiments import full_finetune_16px
 
 E4_METHODS = {  # name: (model, grid)
     "teacher_ddim": ("teacher", "ddim"),
@@ -70,7 +71,6 @@ def terminal_snr(
     """E4. Returns ``{"methods": {name: brightness report}, "data": ..., ...}``."""
     from safetensors.torch import save_file
 
-    from ..training.config import TrainConfig
     from ..training.loop import train
 
     started = time.perf_counter()
@@ -80,20 +80,8 @@ def terminal_snr(
     save_file({"latents": images.contiguous(), "labels": labels.contiguous()}, str(data_file))
     exports, train_seconds = {"teacher": "teacher"}, {}
     for objective in ("diffusion", "d2f"):
-        config = TrainConfig(
-            out=str(Path(out) / objective),
-            data=str(data_file),
-            resolution=16,
-            objective=objective,
-            t_sampler=None if objective == "diffusion" else "uniform",
-            lr=1e-3,
-            lora_rank=0,
-            max_steps=max_steps,
-            batch_size=64,
-            checkpoint_every=0,
-            num_samples=20,
-            sample_steps=sample_steps,
-            seed=seed,
+        config = full_finetune_16px(
+            str(Path(out) / objective), objective, max_steps, seed, data=str(data_file), sample_steps=sample_steps
         )
         train_seconds[objective] = train(config, progress=False)["seconds_train"]
         exports[objective] = str(Path(config.out) / "export")
@@ -105,7 +93,8 @@ def terminal_snr(
     histograms = {"data": data_brightness}
     for name, (model, grid) in E4_METHODS.items():
         field = load(exports[model])
-        samples = field.sample(noise, export_grid(field, grid, sample_steps), class_labels=class_labels)
+        ts = sampling_grid(grid, sample_steps, field.schedule, field.prediction_type)
+        samples = field.sample(noise, ts, class_labels=class_labels)
         brightness = samples.mean((1, 2, 3)).double().numpy()
         results["methods"][name] = brightness_report(brightness, data_brightness)
         histograms[name] = brightness

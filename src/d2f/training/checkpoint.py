@@ -26,11 +26,10 @@ from typing import Any
 
 import torch
 
-from .._versioned import read_document
+from .._versioned import Document
 
-CHECKPOINT_FORMAT, CHECKPOINT_VERSION = "d2f.checkpoint", 1
 STATE_TYPES = {"step": (int,), "seed": (int,), "optimizer": (list,), "config": (dict,), "losses": (list,)}
-STATE_KEYS = set(STATE_TYPES)
+STATE = Document("d2f.checkpoint", 1, frozenset(STATE_TYPES), types=STATE_TYPES)
 _NAME = re.compile(r"^step-(\d{8})$")
 
 
@@ -74,15 +73,7 @@ def save_checkpoint(
     save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
     save_file({k: v.detach().cpu().contiguous() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    state = {
-        "format": CHECKPOINT_FORMAT,
-        "version": CHECKPOINT_VERSION,
-        "step": step,
-        "seed": seed,
-        "optimizer": groups,
-        "config": config,
-        "losses": losses,
-    }
+    state = STATE.new(step=step, seed=seed, optimizer=groups, config=config, losses=losses)
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
     for file in tmp.iterdir():
         with open(file, "rb") as f:
@@ -93,6 +84,29 @@ def save_checkpoint(
     tmp.rename(final)
     _fsync_dir(root)
     return final
+
+
+def remove_interrupted(out: Path) -> list[str]:
+    """Remove the temporary folders of checkpoints whose writing was killed; returns their names."""
+    leftovers = list(checkpoint_root(out).glob(".tmp-step-*"))
+    for path in leftovers:
+        shutil.rmtree(path, ignore_errors=True)
+    return [p.name for p in leftovers]
+
+
+def resume_point(out: Path, resume: str | None) -> Path | None:
+    """The checkpoint a run resumes from: ``resume`` is ``None`` (a new run, refused where ``out`` holds
+    checkpoints of an earlier one), ``"latest"`` or a checkpoint folder."""
+    if resume is None:
+        if latest_checkpoint(out) is not None:
+            raise ValueError(
+                f"out={str(out)!r} holds checkpoints of an earlier run: pass --resume, or choose another --out"
+            )
+        return None
+    checkpoint = latest_checkpoint(out) if resume == "latest" else Path(resume)
+    if checkpoint is None:
+        raise ValueError(f"--resume: no complete checkpoint in {checkpoint_root(out)}")
+    return checkpoint
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -107,9 +121,7 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 
 def read_state(path: Path) -> dict[str, Any]:
-    return read_document(
-        Path(path) / "state.json", CHECKPOINT_FORMAT, CHECKPOINT_VERSION, STATE_KEYS, types=STATE_TYPES
-    )
+    return STATE.read(Path(path) / "state.json")
 
 
 def load_checkpoint(

@@ -9,12 +9,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..time_samplers import T_SAMPLERS
+from .objectives import OBJECTIVES
 
-OBJECTIVES = ("d2f", "fm", "diffusion")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 ON_NONFINITE = ("stop", "skip")
-DEFAULT_T_SAMPLER = "logit-normal"  # best or tied in the settings study (README, "Choosing settings")
-# The settings study tuned the lr per capacity; these are its picks (README, "Choosing settings").
+# Settings that may change between a run and its resumption; any other difference is refused.
+RESUMABLE_CHANGES = {"out", "max_steps", "checkpoint_every", "sample_steps", "num_samples", "guidance", "on_nonfinite"}
+DEFAULT_T_SAMPLER = "logit-normal"  # best or tied in the settings study (docs/results.md, "Choosing settings")
+# The settings study tuned the lr per capacity; these are its picks (docs/results.md, "Choosing settings").
 DEFAULT_LR_LORA = 3e-3
 DEFAULT_LR_FULL = 1e-3
 
@@ -126,6 +128,18 @@ class TrainConfig:
             return self.lr
         return DEFAULT_LR_LORA if self.lora_rank else DEFAULT_LR_FULL
 
+    def lr_at(self, step: int) -> float:
+        """The lr of ``step`` (0-based): linear warmup over ``warmup_steps``, then constant."""
+        lr = self.resolved_lr
+        return lr * min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else lr
+
+    def check_resumable(self, saved: TrainConfig, where: str) -> None:
+        """Refuse to resume a run written with ``saved`` unless only ``RESUMABLE_CHANGES`` differ."""
+        mine, theirs = self.to_dict(), saved.to_dict()
+        changed = sorted(k for k, v in mine.items() if theirs[k] != v and k not in RESUMABLE_CHANGES)
+        if changed:
+            raise ValueError(f"--resume: {where} was written with different {', '.join(changed)}")
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["classes"] = list(self.classes) if self.classes is not None else None
@@ -147,4 +161,4 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
-__all__ = ["MIXED_PRECISION", "OBJECTIVES", "ON_NONFINITE", "TrainConfig"]
+__all__ = ["MIXED_PRECISION", "ON_NONFINITE", "RESUMABLE_CHANGES", "TrainConfig"]

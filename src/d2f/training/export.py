@@ -1,4 +1,5 @@
-"""The export folder of a training run, and ``d2f.load``.
+"""The export folder of a training run: writing it, reading it, and loading it back, as a velocity field
+(``d2f.load``) or as the network a new run starts from (``load_network``).
 
 Layout (format ``d2f.export``, version 1)::
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,13 +31,14 @@ from typing import Any
 import torch
 
 from .._extras import require
-from .._versioned import check_document, read_document
+from .._versioned import Document
 from ..parametrization import PREDICTION_TYPES
 from ..schedule import Schedule
+from . import objectives
 from .config import TrainConfig
-from .models import FULL_CONVS, load_network, load_unet, lora_config, teacher_path
+from .models import FULL_CONVS, Network, diffusers_unet, load_unet, lora_config
+from .teacher import teacher_path
 
-EXPORT_FORMAT, EXPORT_VERSION = "d2f.export", 1
 META_TYPES = {
     "kind": (str,),
     "objective": (str,),
@@ -47,7 +50,7 @@ META_TYPES = {
     "resolution": (int,),
     "train_config": (dict,),
 }
-META_KEYS = set(META_TYPES)
+EXPORT = Document("d2f.export", 1, frozenset(META_TYPES), types=META_TYPES)
 KINDS = ("full", "lora")
 
 
@@ -60,13 +63,10 @@ class Export:
 
 def ddim_config(schedule: Schedule, prediction_type: str) -> dict[str, Any]:
     """A diffusers DDIMScheduler config of ``schedule`` (SD's step rule: leading spacing, offset 1)."""
-    ac = schedule.alphas_cumprod
-    betas = 1 - ac / [1.0, *ac[:-1]]
     return {
         "_class_name": "DDIMScheduler",
-        "num_train_timesteps": schedule.num_train_timesteps,
-        "trained_betas": betas.tolist(),
-        "prediction_type": prediction_type if prediction_type != "velocity" else "v_prediction",
+        **schedule.diffusers_config(),
+        "prediction_type": prediction_type,
         "clip_sample": False,
         "set_alpha_to_one": False,
         "steps_offset": 1,
@@ -74,37 +74,28 @@ def ddim_config(schedule: Schedule, prediction_type: str) -> dict[str, Any]:
     }
 
 
-@torch.no_grad()
-def ddim_reference(
-    unet: torch.nn.Module,
-    schedule: Schedule,
-    prediction_type: str,
-    noise: torch.Tensor,
-    steps: int,
-    cond: dict[str, torch.Tensor],
-    concat: torch.Tensor | None = None,
-    **rule: Any,
-) -> torch.Tensor:
-    """diffusers' own DDIMScheduler loop on ``schedule`` (``rule`` overrides the step rule of ``ddim_config``),
-    the baseline that converted sampling is checked against."""
-    from diffusers import DDIMScheduler
-
-    scheduler = DDIMScheduler.from_config({**ddim_config(schedule, prediction_type), **rule})
-    scheduler.set_timesteps(steps)
-    z = noise
-    for k in scheduler.timesteps:
-        z_in = z if concat is None else torch.cat([z, concat.to(z.dtype)], dim=1)
-        z = scheduler.step(unet(z_in, k.to(noise.device), **cond).sample, k, z).prev_sample
-    return z
+def run_meta(config: TrainConfig, network: Network, null_class: int | None) -> dict[str, Any]:
+    """``d2f.json`` of the export of a run of ``config`` that trained ``network``."""
+    return {
+        "kind": "lora" if config.lora_rank else "full",
+        "objective": config.objective,
+        "prediction_type": objectives.prediction_type(config.objective, network.prediction_type),
+        "align_input": objectives.aligned(config.objective),
+        "null_class": null_class,
+        "base": network.source if config.lora_rank else None,
+        "lora_rank": config.lora_rank,
+        "resolution": config.resolution,
+        "train_config": config.to_dict(),
+    }
 
 
-def write_export(folder: Path, unet: torch.nn.Module, schedule: Schedule, meta: dict[str, Any], lora: bool) -> None:
+def write_export(folder: Path, unet: torch.nn.Module, schedule: Schedule, meta: dict[str, Any]) -> None:
     """Write atomically: everything goes to a temporary sibling folder, renamed into place at the end."""
     folder = Path(folder)
     tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    if lora:
+    if meta["kind"] == "lora":
         from peft.utils import get_peft_model_state_dict
         from safetensors.torch import save_file
 
@@ -126,14 +117,7 @@ def write_export(folder: Path, unet: torch.nn.Module, schedule: Schedule, meta: 
         from ..scheduler import D2FScheduler
 
         D2FScheduler.from_config(ddim_config(schedule, meta["prediction_type"])).save_pretrained(str(tmp / "scheduler"))
-    full_meta = check_document(
-        {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, **meta},
-        "export metadata",
-        EXPORT_FORMAT,
-        EXPORT_VERSION,
-        META_KEYS,
-    )
-    (tmp / "d2f.json").write_text(json.dumps(full_meta, indent=1))
+    (tmp / "d2f.json").write_text(json.dumps(EXPORT.new(**meta), indent=1))
     old = folder.parent / f".{folder.name}.old-{os.getpid()}"
     if folder.exists():
         folder.rename(old)
@@ -141,10 +125,24 @@ def write_export(folder: Path, unet: torch.nn.Module, schedule: Schedule, meta: 
     shutil.rmtree(old, ignore_errors=True)
 
 
+def remove_interrupted(folder: Path) -> list[str]:
+    """Clear what a run killed inside :func:`write_export` left beside the export ``folder``: an old export
+    moved aside but not yet replaced is put back; temporary folders are removed. Returns their names."""
+    folder = Path(folder)
+    for old in sorted(folder.parent.glob(f".{folder.name}.old-*")):  # killed between the two renames
+        if not folder.exists():
+            old.rename(folder)
+            print(f"d2f train: restored {folder} from {old.name} (an interrupted export)", file=sys.stderr)
+    leftovers = [*folder.parent.glob(f".{folder.name}.tmp-*"), *folder.parent.glob(f".{folder.name}.old-*")]
+    for path in leftovers:
+        shutil.rmtree(path, ignore_errors=True)
+    return [p.name for p in leftovers]
+
+
 def read_export(folder: Path) -> Export:
     folder = Path(folder)
     where = folder / "d2f.json"
-    meta = read_document(where, EXPORT_FORMAT, EXPORT_VERSION, META_KEYS, types=META_TYPES)
+    meta = EXPORT.read(where)
     for key, allowed in (("kind", KINDS), ("prediction_type", PREDICTION_TYPES)):
         if meta[key] not in allowed:
             raise ValueError(f"{where}: {key}={meta[key]!r} is not one of {allowed}")
@@ -199,3 +197,20 @@ def load(path: str | os.PathLike, guidance_scale: float = 1.0, device: str | tor
         uncond=uncond,
         align_input=meta["align_input"],
     )
+
+
+def load_network(spec: str) -> Network:
+    """What a run starts from: ``teacher``, a d2f export folder (full finetune of a diffusion or d2f model),
+    a diffusers UNet folder, or a pipeline folder."""
+    folder = teacher_path() if spec == "teacher" else Path(spec)
+    source = spec if spec == "teacher" else str(folder.resolve())  # LoRA exports name their base by it
+    if not (folder / "d2f.json").exists():
+        return diffusers_unet(folder, spec, source)
+    export = read_export(folder)
+    if export.meta["kind"] != "full" or not export.meta["align_input"]:
+        raise ValueError(
+            f"pretrained={spec!r} is a {export.meta['kind']} export of a {export.meta['objective']!r} run; "
+            "finetuning starts from a full export of a diffusion or d2f model, or a diffusers UNet"
+        )
+    meta = export.meta
+    return Network(load_unet(folder / "unet"), export.schedule, meta["prediction_type"], meta["null_class"], source)

@@ -1,5 +1,6 @@
-"""Loading the network to train: the embedded teacher, a d2f export, a diffusers UNet folder, or the
-teacher's architecture from scratch; LoRA through peft."""
+"""The networks d2f trains: diffusers UNets loaded from safetensors with the schedule they were trained on,
+and LoRA through peft. (The embedded teacher is in ``teacher.py``; exports and ``load_network`` in
+``export.py``.)"""
 
 from __future__ import annotations
 
@@ -12,26 +13,10 @@ import torch
 
 from ..schedule import Schedule
 
-# The embedded teacher's architecture (d2f/assets/teacher): 16x16 MNIST, 10 classes + 1 null class.
-TEACHER_ARCH: dict[str, Any] = {
-    "sample_size": 16,
-    "in_channels": 1,
-    "out_channels": 1,
-    "block_out_channels": (32, 64),
-    "layers_per_block": 1,
-    "down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
-    "up_block_types": ("AttnUpBlock2D", "UpBlock2D"),
-    "num_class_embeds": 11,
-    "norm_num_groups": 8,
-}
 # LoRA targets: attention projections and the resnet blocks' convolutions.
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]
 FULL_CONVS = ("conv_in.", "conv_out.")
 UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
-
-
-def teacher_path() -> Path:
-    return Path(__file__).resolve().parent.parent / "assets" / "teacher"
 
 
 @dataclass
@@ -70,55 +55,22 @@ def load_unet(folder: Path) -> torch.nn.Module:
     return unet_class(config, config_file).from_pretrained(folder, use_safetensors=True)
 
 
-def _diffusers_schedule(folder: Path) -> Schedule:
-    for candidate in (folder / "scheduler", folder.parent / "scheduler"):
-        config = candidate / "scheduler_config.json"
-        if config.exists():
-            return Schedule.from_diffusers(json.loads(config.read_text()))
-    raise ValueError(
-        f"{folder}: no scheduler/scheduler_config.json beside or inside it; d2f needs the schedule the UNet was "
-        "trained with"
-    )
-
-
-def from_scratch(prediction_type: str) -> Network:
-    from diffusers import UNet2DModel
-
-    arch = dict(TEACHER_ARCH)
-    return Network(
-        unet=UNet2DModel(**arch),
-        schedule=Schedule.scaled_linear(prediction_type=prediction_type),
-        prediction_type=prediction_type,
-        null_class=arch["num_class_embeds"] - 1,
-        source="teacher-config",
-    )
-
-
-def load_network(spec: str) -> Network:
-    """``teacher``, a d2f export folder (full finetune), a diffusers UNet folder, or a pipeline folder."""
-    from .export import read_export
-
-    folder = teacher_path() if spec == "teacher" else Path(spec)
-    source = spec if spec == "teacher" else str(folder.resolve())  # LoRA exports name their base by it
-    if (folder / "d2f.json").exists():
-        export = read_export(folder)
-        if export.meta["kind"] != "full" or not export.meta["align_input"]:
-            raise ValueError(
-                f"pretrained={spec!r} is a {export.meta['kind']} export of a {export.meta['objective']!r} run; "
-                "finetuning starts from a full export of a diffusion or d2f model, or a diffusers UNet"
-            )
-        return Network(
-            load_unet(folder / "unet"),
-            export.schedule,
-            export.meta["prediction_type"],
-            export.meta["null_class"],
-            source,
-        )
+def diffusers_unet(folder: Path, spec: str, source: str) -> Network:
+    """A diffusers UNet folder (or a pipeline folder holding ``unet/``) with its scheduler config beside it."""
     if (folder / "unet" / "config.json").exists():
         folder = folder / "unet"
     if not (folder / "config.json").exists():
         raise ValueError(f"pretrained={spec!r}: not a d2f export, a diffusers UNet folder or a pipeline folder")
-    schedule = _diffusers_schedule(folder)
+    for candidate in (folder / "scheduler", folder.parent / "scheduler"):
+        config = candidate / "scheduler_config.json"
+        if config.exists():
+            schedule = Schedule.from_diffusers(json.loads(config.read_text()))
+            break
+    else:
+        raise ValueError(
+            f"{folder}: no scheduler/scheduler_config.json beside or inside it; d2f needs the schedule the UNet "
+            "was trained with"
+        )
     if schedule.prediction_type is None:
         raise ValueError(f"pretrained={spec!r}: its scheduler config names no prediction_type")
     return Network(load_unet(folder), schedule, schedule.prediction_type, None, source)

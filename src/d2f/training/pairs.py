@@ -16,12 +16,13 @@ from pathlib import Path
 
 import torch
 
-from .._versioned import check_document
+from .._versioned import Document
 from .data import Dataset
-from .sampling import sample_export
+from .sampling import SamplingSettings, sample_export
 
-PAIRS_FORMAT, PAIRS_VERSION = "d2f.pairs", 1
-PAIRS_META = {"model", "steps", "solver", "grid", "shift", "guidance", "seed", "seconds"}
+PAIRS = Document(
+    "d2f.pairs", 1, frozenset({"model", "steps", "solver", "grid", "shift", "guidance", "seed", "seconds"})
+)
 PAIRS_KEYS = {"noise", "sample", "labels"}
 
 
@@ -29,19 +30,15 @@ def generate_pairs(
     model: str,
     out: str | Path,
     num_pairs: int = 5000,
-    steps: int = 50,
-    solver: str = "euler",
-    grid: str = "uniform",
-    shift: float = 3.0,
-    guidance: float = 1.0,
-    seed: int = 0,
+    settings: SamplingSettings | None = None,
     progress: bool = False,
 ) -> dict:
     """Sample ``num_pairs`` images from the export ``model`` and store them with their starting noise.
 
-    Many ODE steps make the coupling close to the model's exact ODE map; ``grid`` and ``solver`` are
-    those of ``d2f sample``. Returns the metadata written with the file.
+    Many ODE steps make the coupling close to the model's exact ODE map; ``settings`` are those of
+    ``d2f sample`` (default: 50 Euler steps on the uniform grid). Returns the metadata written with the file.
     """
+    settings = settings or SamplingSettings(steps=50)
     if not isinstance(num_pairs, int) or isinstance(num_pairs, bool) or num_pairs < 1:
         raise ValueError(f"num_pairs={num_pairs!r} is not allowed: a positive integer")
     out = Path(out)
@@ -50,25 +47,14 @@ def generate_pairs(
     from safetensors.torch import save_file
 
     started = time.perf_counter()
-    images, labels, noise, _ = sample_export(
-        model, steps, solver, grid, shift, guidance, num_pairs, seed=seed, progress=progress
-    )
+    images, labels, noise, _ = sample_export(model, settings, num_pairs, progress=progress)
     if not bool(torch.isfinite(images).all()):
         raise FloatingPointError(f"{model} produced non-finite samples; no pairs written")
     tensors = {"noise": noise.contiguous(), "sample": images.float().contiguous()}
     if labels is not None:
         tensors["labels"] = labels.to(torch.int64).contiguous()
-    meta = {
-        "model": str(model),
-        "steps": steps,
-        "solver": solver,
-        "grid": grid,
-        "shift": shift,
-        "guidance": guidance,
-        "seed": seed,
-        "seconds": round(time.perf_counter() - started, 1),
-    }
-    document = {"format": PAIRS_FORMAT, "version": PAIRS_VERSION, **meta}
+    meta = {"model": str(model), **settings.to_dict(), "seconds": round(time.perf_counter() - started, 1)}
+    document = PAIRS.new(**meta)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     save_file(tensors, str(tmp), metadata={"d2f": json.dumps(document)})
@@ -76,8 +62,9 @@ def generate_pairs(
     return meta
 
 
-def load_pairs(path: str | Path) -> Dataset:
-    """A pairs file as training data: ``images`` are the samples, ``noise`` their coupled noise."""
+def load_pairs(path: str | Path, shape: tuple[int, ...] | None = None) -> Dataset:
+    """A pairs file as training data: ``images`` are the samples, ``noise`` their coupled noise; with ``shape``,
+    refused unless each sample is of that ``(C, H, W)``."""
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
@@ -91,7 +78,7 @@ def load_pairs(path: str | Path) -> Dataset:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, json.JSONDecodeError) as e:
         raise ValueError(f"pairs={str(path)!r}: not a d2f pairs file ({e})") from e
-    check_document(document, f"pairs={str(path)!r}", PAIRS_FORMAT, PAIRS_VERSION, PAIRS_META)
+    PAIRS.check(document, f"pairs={str(path)!r}")
     if not {"noise", "sample"} <= set(tensors) <= PAIRS_KEYS:
         raise ValueError(f"pairs={str(path)!r}: expected keys noise, sample (and labels); found {sorted(tensors)}")
     noise, sample, labels = tensors["noise"], tensors["sample"], tensors.get("labels")
@@ -105,6 +92,11 @@ def load_pairs(path: str | Path) -> Dataset:
     for name, value in (("noise", noise), ("sample", sample)):
         if not bool(torch.isfinite(value).all()):
             raise ValueError(f"pairs={str(path)!r}: {name} contains NaN or inf")
+    if shape is not None and tuple(sample.shape[1:]) != tuple(shape):
+        raise ValueError(
+            f"pairs={str(path)!r} holds samples of shape {tuple(sample.shape[1:])}; the run needs {tuple(shape)}: "
+            f"pass --resolution {sample.shape[-1]} for pairs of this model"
+        )
     return Dataset(images=sample.float(), labels=labels, noise=noise.float())
 
 

@@ -1,63 +1,182 @@
-"""Sampling an export: the shared core of ``d2f sample`` and ``d2f eval``."""
+"""Sampling what d2f trains: the sampling settings, the velocity field of a trained network, the zero-shot
+check against diffusers' own DDIM, and ``sample_export`` behind ``d2f sample``, ``d2f eval`` and ``d2f pairs``."""
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from ..grids import ddim_grid, shift_grid, uniform_grid
-from ..time_samplers import valid_range
+from .._checks import check_choice, check_positive_int
+from ..grids import GRIDS, sampling_grid
+from ..schedule import Schedule
+from ..solvers import SOLVERS
 from ..velocity import D2FVelocity
-from .export import load, read_export
-from .models import teacher_path
+from . import objectives
+from .conditioning import Conditioning, SampleRequest
+from .config import TrainConfig
+from .data import Dataset
+from .export import ddim_config, load, read_export
+from .images import save_grid
+from .models import Network
+from .teacher import teacher_path
 
-SAMPLE_GRIDS = ("ddim", "uniform", "shift")
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How to sample: ``steps`` of ``solver`` on the grid ``grid`` (``shift`` for the shift grid), with
+    classifier-free ``guidance`` (1 = none), from the noise of ``torch.Generator().manual_seed(seed)``."""
+
+    steps: int = 25
+    solver: str = "euler"
+    grid: str = "uniform"
+    shift: float = 3.0
+    guidance: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_positive_int("steps", self.steps)
+        check_choice("solver", self.solver, SOLVERS)
+        check_choice("grid", self.grid, GRIDS)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed={self.seed!r} must be an integer >= 0")
+
+    def grid_for(self, field: D2FVelocity) -> torch.Tensor:
+        return sampling_grid(self.grid, self.steps, field.schedule, field.prediction_type, self.shift)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
-def export_grid(field: D2FVelocity, grid: str, steps: int, shift: float = 3.0) -> torch.Tensor:
-    """``ddim``: the DDIM-equivalent grid (leading, offset 1, ending at t = 1); ``uniform`` and ``shift``
-    start where the prediction type has a velocity (``t = 1e-3`` for epsilon, else 0)."""
-    t_start = valid_range(field.prediction_type)[0]
-    if grid == "ddim":
-        if not field.align_input:
-            raise ValueError("grid='ddim' needs a converted model; a naive-FM export samples on grid='uniform'")
-        return ddim_grid(field.schedule, steps, "leading", steps_offset=1, set_alpha_to_one=True)
-    if grid == "uniform":
-        return uniform_grid(steps, t_start, 1.0)
-    if grid == "shift":
-        return shift_grid(steps, shift, t_start, 1.0)
-    raise ValueError(f"grid={grid!r} is not supported; allowed: {', '.join(map(repr, SAMPLE_GRIDS))}")
+def velocity_field(
+    network: Network, objective: str, guidance: float, conditioning: Conditioning, concat: torch.Tensor | None = None
+) -> D2FVelocity:
+    """The velocity field of ``network`` as ``objective`` trained it, guided with the null class label."""
+    uncond = None
+    if guidance != 1:
+        if conditioning.null_class is None:
+            raise ValueError(f"guidance={guidance} needs a class-conditional model with a null class")
+        uncond = {"class_labels": torch.tensor([conditioning.null_class])}
+    return D2FVelocity(
+        network.unet,
+        network.schedule,
+        objectives.prediction_type(objective, network.prediction_type),
+        guidance_scale=guidance,
+        uncond=uncond,
+        concat=concat,
+        align_input=objectives.aligned(objective),
+    )
+
+
+@torch.no_grad()
+def ddim_reference(
+    unet: torch.nn.Module,
+    schedule: Schedule,
+    prediction_type: str,
+    noise: torch.Tensor,
+    steps: int,
+    cond: dict[str, torch.Tensor],
+    concat: torch.Tensor | None = None,
+    **rule: Any,
+) -> torch.Tensor:
+    """diffusers' own DDIMScheduler loop on ``schedule`` (``rule`` overrides the step rule of ``ddim_config``),
+    the baseline that converted sampling is checked against."""
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler.from_config({**ddim_config(schedule, prediction_type), **rule})
+    scheduler.set_timesteps(steps)
+    z = noise
+    for k in scheduler.timesteps:
+        z_in = z if concat is None else torch.cat([z, concat.to(z.dtype)], dim=1)
+        z = scheduler.step(unet(z_in, k.to(noise.device), **cond).sample, k, z).prev_sample
+    return z
+
+
+def save_images(images: torch.Tensor, path: Path) -> str | None:
+    """Images (1 or 3 channels) become a PNG grid; latents cannot be shown without their decoder."""
+    if images.shape[1] not in (1, 3):
+        return None
+    save_grid(images, path)
+    return path.name
+
+
+@torch.no_grad()
+def zero_shot_check(
+    network: Network, conditioning: Conditioning, data: Dataset, config: TrainConfig, out: Path, device
+):
+    """The converted teacher before any finetuning, at its own resolution: FM Euler on the DDIM grid, and
+    the same steps of diffusers' DDIMScheduler for comparison (they agree to float rounding)."""
+    unet = network.unet
+    size = unet.config.sample_size
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    request = SampleRequest.make(conditioning, data, min(config.num_samples, 40), size, device)
+    field = velocity_field(network, "d2f", 1.0, conditioning, request.concat)
+    noise = request.noise(unet.config.out_channels, config.seed + 1, device)
+    x = field.sample(noise, SamplingSettings(config.sample_steps, grid="ddim").grid_for(field), **request.cond)
+    z = ddim_reference(
+        unet,
+        network.schedule,
+        network.prediction_type,
+        noise,
+        config.sample_steps,
+        request.cond,
+        request.concat,
+        set_alpha_to_one=True,
+    )
+    return {
+        "zero_shot_png": save_images(x, out / "zero_shot.png"),
+        "zero_shot_max_abs_diff_vs_ddim": float((x - z).abs().max()),
+    }
+
+
+@torch.no_grad()
+def sample_images(field: D2FVelocity, objective: str, steps: int, request: SampleRequest, seed: int, device):
+    """FM Euler on a uniform grid for flow objectives (the study's best grid after finetuning), DDIM's own
+    grid for diffusion finetuning (its natural sampler)."""
+    settings = SamplingSettings(steps, grid="ddim" if objective == "diffusion" else "uniform")
+    noise = request.noise(field.net.config.out_channels, seed, device)
+    return field.sample(noise, settings.grid_for(field), **request.cond)
 
 
 def sample_export(
     model: str,
-    steps: int,
-    solver: str = "euler",
-    grid: str = "uniform",
-    shift: float = 3.0,
-    guidance: float = 1.0,
+    settings: SamplingSettings,
     num_samples: int = 40,
     resolution: int | None = None,
-    seed: int = 0,
     batch_size: int = 250,
     progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, dict]:
     """``num_samples`` images from an export (classes in turn when class-conditional), in batches.
 
     Returns ``(images, labels or None, the noise they started from, the export's metadata)``; images are
-    at ``resolution`` (default: the export's training resolution). The noise is one draw of
-    ``torch.Generator().manual_seed(seed)``.
+    at ``resolution`` (default: the export's training resolution).
     """
-    field = load(model, guidance_scale=guidance)
+    field = load(model, guidance_scale=settings.guidance)
     meta = read_export(teacher_path() if model == "teacher" else Path(model)).meta
-    ts = export_grid(field, grid, steps, shift)
+    ts = settings.grid_for(field)
     resolution = resolution or meta["resolution"]
     channels = field.net.config.out_channels
-    noise = torch.randn(num_samples, channels, resolution, resolution, generator=torch.Generator().manual_seed(seed))
+    generator = torch.Generator().manual_seed(settings.seed)
+    noise = torch.randn(num_samples, channels, resolution, resolution, generator=generator)
     labels = None if meta["null_class"] is None else torch.arange(num_samples) % meta["null_class"]
     images = []
     for start in range(0, num_samples, batch_size):
         cond = {} if labels is None else {"class_labels": labels[start : start + batch_size]}
-        images.append(field.sample(noise[start : start + batch_size], ts, solver=solver, progress=progress, **cond))
+        batch = noise[start : start + batch_size]
+        images.append(field.sample(batch, ts, solver=settings.solver, progress=progress, **cond))
     return torch.cat(images), labels, noise, meta
+
+
+def write_sample_grid(
+    model: str, settings: SamplingSettings, num_samples: int, resolution: int | None, out: Path, lora: str | None
+) -> None:
+    """``d2f sample``: a PNG grid of ``num_samples`` samples of ``model``, or of the LoRA export ``lora``
+    trained on the base ``model``."""
+    if lora is not None:
+        base = read_export(Path(lora)).meta["base"]
+        if base != model and base != str(Path(model).resolve()):
+            raise ValueError(f"--lora {lora} was trained on base {base!r}, not --model {model!r}")
+    images, _, _, _ = sample_export(lora or model, settings, num_samples, resolution, progress=True)
+    save_grid(images, Path(out))

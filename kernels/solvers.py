@@ -1,14 +1,16 @@
-"""One ODE step of ``D2FVelocity.sample``: guidance, conversion, update and next network input, fused.
+"""Must equal ``d2f.solvers.ode_step``: one solver update fused with guidance, conversion and the next
+network input.
 
 With per-step scalars ``A, B`` (the velocity coefficients at the evaluation time), the step size ``h``,
-the guidance scale ``g`` and ``s = scale(t_next)``, each program reads its block of the float32 state
-``x`` and the raw network outputs once:
+the guidance scale ``g``, ``s`` the next network input's scale and ``c`` the predictor fraction (Heun 1,
+midpoint 1/2; ``w = 1/(2c)``), each program reads its block of the float32 state ``x`` and the raw network
+outputs once:
 
     o = o_u + g*(o_c - o_u)          (only when guided; else o = o_u)
     u = A*x + B*o
-    EULER:         x' = x + h*u;                              writes x' (fp32) and z' = s*x'
-    HEUN_PREDICT:  writes u (fp32) and z_pred = s*(x + h*u)   (the predictor state is not stored)
-    HEUN_CORRECT:  x_pred = x + h*u1;  u2 = A*x_pred + B*o;  x' = x + h/2*(u1 + u2);  writes x', z'
+    EULER:    x' = x + h*u;                                          writes x' (fp32) and z' = s*x'
+    PREDICT:  writes u (fp32) and z_p = s*(x + c*h*u)                (the predictor state is not stored)
+    CORRECT:  u2 = A*(x + c*h*u1) + B*o;  x' = x + h*((1-w)*u1 + w*u2);  writes x', z'
 
 ``z`` is written in the network's dtype, ready for the next call, so the sampler never rescales x in a
 separate pass.
@@ -36,7 +38,8 @@ def _ode_step_kernel(
     h,
     g,
     s_next,
-    MODE: tl.constexpr,  # d2f.ode_step's EULER = 0, HEUN_PREDICT = 1, HEUN_CORRECT = 2
+    c,
+    MODE: tl.constexpr,  # d2f.solvers' EULER = 0, PREDICT = 1, CORRECT = 2
     GUIDED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -54,29 +57,19 @@ def _ode_step_kernel(
     elif MODE == 1:
         u = a * x + b * o
         tl.store(u_out_ptr + offs, u, mask=mask)
-        tl.store(z_out_ptr + offs, (s_next * (x + h * u)).to(z_out_ptr.dtype.element_ty), mask=mask)
+        tl.store(z_out_ptr + offs, (s_next * (x + (c * h) * u)).to(z_out_ptr.dtype.element_ty), mask=mask)
     else:
+        w = 0.5 / c
         u1 = tl.load(u1_ptr + offs, mask=mask, other=0.0)
-        u2 = a * (x + h * u1) + b * o
-        x_new = x + (0.5 * h) * (u1 + u2)
+        u2 = a * (x + (c * h) * u1) + b * o
+        x_new = x + h * ((1.0 - w) * u1 + w * u2)
         tl.store(x_out_ptr + offs, x_new, mask=mask)
         tl.store(z_out_ptr + offs, (s_next * x_new).to(z_out_ptr.dtype.element_ty), mask=mask)
 
 
-def ode_step(
-    mode: int,
-    x: torch.Tensor,
-    o_u: torch.Tensor,
-    o_c: torch.Tensor | None,
-    u1: torch.Tensor | None,
-    a: float,
-    b: float,
-    h: float,
-    g: float,
-    s_next: float,
-    z_dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns ``(x', z')`` for EULER and HEUN_CORRECT, ``(u, z_pred)`` for HEUN_PREDICT.
+def ode_step(mode, x, o_u, o_c, u1, a, b, h, g, s_next, z_dtype, c) -> tuple[torch.Tensor, torch.Tensor]:
+    """Arguments as ``d2f.solvers.ode_step`` takes them; returns ``(x', z')`` for EULER and CORRECT,
+    ``(u, z_p)`` for PREDICT.
 
     ``x`` (and ``u1``) are contiguous float32; outputs are fresh buffers.
     """
@@ -101,6 +94,7 @@ def ode_step(
         h,
         g,
         s_next,
+        c,
         MODE=mode,
         GUIDED=guided,
         BLOCK=block,

@@ -1,4 +1,5 @@
-"""The network input for training, ``z = alpha(t)*data + sigma(t)*noise``, in one pass.
+"""Must equal ``d2f.path.network_input``: the training-time network input ``z = alpha(t)*data + sigma(t)*noise``
+in one pass.
 
 ``scale(t) * (t*data + (1-t)*noise)`` equals ``alpha*data + sigma*noise`` with ``alpha = t/n`` and
 ``sigma = (1-t)/n`` (``n = sqrt(t^2 + (1-t)^2)``), so each program reads its block of data and noise
