@@ -12,8 +12,8 @@ outputs once:
     PREDICT:  writes u (fp32) and z_p = s*(x + c*h*u)                (the predictor state is not stored)
     CORRECT:  u2 = A*(x + c*h*u1) + B*o;  x' = x + h*((1-w)*u1 + w*u2);  writes x', z'
 
-``z`` is written in the network's dtype, ready for the next call, so the sampler never rescales x in a
-separate pass.
+``z`` is written in the network's dtype, ready for the next call, so the sampler does not rescale x in a
+separate pass (only across the gaps of a DDIM step table).
 """
 
 import torch
@@ -71,7 +71,7 @@ def ode_step(mode, x, o_u, o_c, u1, a, b, h, g, s_next, z_dtype, c) -> tuple[tor
     """Arguments as ``d2f.solvers.ode_step`` takes them; returns ``(x', z')`` for EULER and CORRECT,
     ``(u, z_p)`` for PREDICT.
 
-    ``x`` (and ``u1``) are contiguous float32; outputs are fresh buffers.
+    ``x`` is contiguous float32, ``u1`` float32 (made contiguous here); outputs are fresh buffers.
     """
     check_device(x, o_u)
     o_u = o_u.contiguous()
@@ -84,7 +84,7 @@ def ode_step(mode, x, o_u, o_c, u1, a, b, h, g, s_next, z_dtype, c) -> tuple[tor
         x,
         o_u,
         o_c,
-        u1 if u1 is not None else x,
+        u1.contiguous() if u1 is not None else x,
         first,
         z,
         first,

@@ -4,7 +4,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from d2f import Schedule, ddim_grid, shift_grid, uniform_grid
+from d2f import Schedule, ddim_grid, sampling_grid, shift_grid, uniform_grid
 from strategies import NAMED_SCHEDULES
 
 
@@ -82,3 +82,17 @@ def test_ddim_grid_errors():
         uniform_grid(3, 0.0, 2.0)
     with pytest.raises(ValueError, match="shift=0 must be a finite number > 0"):
         shift_grid(3, 0)
+
+
+def test_sampling_grid_names_the_grids():
+    s = NAMED_SCHEDULES["sd"]
+    assert torch.equal(sampling_grid("uniform", 4, s, "v_prediction"), uniform_grid(4))
+    assert torch.equal(sampling_grid("uniform", 4, s, "epsilon"), uniform_grid(4, 1e-3, 1.0))  # no velocity at 0
+    assert torch.equal(sampling_grid("shift", 4, s, "sample", shift=2.0), shift_grid(4, 2.0))
+    assert torch.equal(sampling_grid("ddim", 5, s, "epsilon"), ddim_grid(s, 5, "leading", 1, True))
+    rule = dict(spacing="trailing", steps_offset=0, set_alpha_to_one=False)
+    assert torch.equal(sampling_grid("ddim", 3, s, "epsilon", **rule), ddim_grid(s, 3, "trailing", 0, False))
+    with pytest.raises(ValueError, match="grid='ddim' needs a converted model"):
+        sampling_grid("ddim", 5, s, "velocity")
+    with pytest.raises(ValueError, match="grid='karras' is not supported"):
+        sampling_grid("karras", 5, s, "epsilon")

@@ -202,3 +202,28 @@ def test_ode_step_kernel_on_gpu(out_dtype):
         args = (mode, x, o_u, o_c, u1, 1.3, -0.7, 0.05, 4.5, 1.2, out_dtype)
         for got, ref in zip(ode_step(*args, backend="triton"), ode_step(*args, backend="torch")):
             torch.testing.assert_close(got.float(), ref.float(), rtol=1e-2, atol=1e-2)
+
+
+def test_ode_step_kernel_reads_a_non_contiguous_u1():
+    """The scheduler's stored first-stage velocity can be channels_last (a channels_last UNet and latents)."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 4, 6, 5, generator=g).to(DEVICE)
+    o = torch.randn(2, 4, 6, 5, generator=g).to(DEVICE)
+    u1 = torch.randn(2, 4, 6, 5, generator=g).to(DEVICE).to(memory_format=torch.channels_last)
+    assert not u1.is_contiguous()
+    args = (CORRECT, x, o, None, u1, 1.3, -0.7, 0.05, 1.0, 1.2, torch.float32)
+    for got, ref in zip(ode_step(*args, backend="triton", c=0.5), ode_step(*args, backend="torch", c=0.5)):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_a_step_that_needs_a_gradient_runs_on_torch_or_is_refused():
+    x = torch.randn(2, 8, device=DEVICE)
+    o = torch.randn(2, 8, device=DEVICE, requires_grad=True)
+    args = (EULER, x, o, None, None, 1.3, -0.7, 0.05, 1.0, 1.2, torch.float32)
+    first, _ = ode_step(*args, backend="auto")
+    first.sum().backward()
+    torch.testing.assert_close(o.grad, torch.full_like(o, 0.05 * -0.7))
+    with pytest.raises(ValueError, match="backend='triton' does not differentiate the ODE step"):
+        ode_step(*args, backend="triton")
+    with torch.no_grad():
+        ode_step(*args, backend="triton")

@@ -112,3 +112,12 @@ def test_cli_pairs_then_reflow(tmp_path, capsys):
     args += ["--num-samples", "2", "--sample-steps", "1", "--no-progress", "--out", str(tmp_path / "r")]
     assert main(args) == 0
     assert (tmp_path / "r" / "export" / "d2f.json").is_file()
+
+
+def test_sampling_settings_are_checked_by_name():
+    with pytest.raises(ValueError, match="steps=0 must be a positive integer"):
+        SamplingSettings(steps=0)
+    with pytest.raises(ValueError, match="solver='rk4' is not supported"):
+        SamplingSettings(solver="rk4")
+    with pytest.raises(ValueError, match="grid='karras' is not supported"):
+        SamplingSettings(grid="karras")

@@ -184,3 +184,16 @@ def test_dtypes_of_the_time_map():
     assert s.timestep(torch.tensor([0.5], dtype=torch.float16)).dtype == torch.float32
     assert s.fm_time(torch.tensor([3])).dtype == torch.float32
     assert s.fm_time(3).dtype == torch.float64
+
+
+@given(schedules, st.sampled_from([None, "epsilon", "v_prediction", "sample"]))
+def test_diffusers_config_is_the_inverse_of_from_diffusers(s, prediction_type):
+    """Through ``trained_betas``: each ``1 - beta_k = ab_k / ab_{k-1}`` comes back with an absolute error of a
+    few float64 epsilons, so a relative error of about ``eps / ratio`` per step, accumulated along the table."""
+    s = Schedule(s.alphas_cumprod, prediction_type)
+    again = Schedule.from_diffusers(s.diffusers_config())
+    assert again.prediction_type == prediction_type
+    ac = s.alphas_cumprod
+    ratios = ac / np.concatenate([[1.0], ac[:-1]])
+    bound = 4 * np.finfo(np.float64).eps * np.cumsum(1 / np.maximum(ratios, 1e-300))
+    assert np.all(np.abs(again.alphas_cumprod - ac) <= bound * ac), (again.alphas_cumprod, ac)

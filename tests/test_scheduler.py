@@ -118,6 +118,25 @@ def test_scheduler_semantics():
     assert len(scheduler) == 1000
 
 
+@pytest.mark.parametrize("solver", ["euler", "heun", "midpoint"])
+def test_pred_original_sample_is_the_clean_latent_of_each_evaluation(solver):
+    """``x + (1 - t) * u`` at the state the network saw: for a two-stage step's second evaluation that is the
+    predictor state the pipeline passed in, as diffusers' own Heun scheduler does."""
+    from d2f import diffusion_to_velocity
+
+    scheduler = D2FScheduler.from_config(DDIMScheduler(**SD_CONFIG, prediction_type="epsilon").config, solver=solver)
+    scheduler.set_timesteps(3)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 4, 2, 2, generator=g)
+    for k in scheduler.timesteps:
+        t = scheduler._evaluations[scheduler._step_index or 0].t
+        out = torch.randn(1, 4, 2, 2, generator=g)
+        step = scheduler.step(out, k, x)
+        u = diffusion_to_velocity(out, x, t, "epsilon")
+        torch.testing.assert_close(step.pred_original_sample, x + (1 - t) * u)
+        x = step.prev_sample
+
+
 def test_img2img_begins_part_way():
     from diffusers import StableDiffusionImg2ImgPipeline
 

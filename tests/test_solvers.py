@@ -139,3 +139,30 @@ def test_bad_solver_and_field_output_are_refused():
         sample(lambda s, t: s, torch.zeros(2), [0.2, 0.5], solver="rk4")
     with pytest.raises(ValueError, match="velocity_fn returned tensor\\(\\[0.0\\]"):
         sample(lambda s, t: torch.zeros(1), torch.zeros(2), [0.2, 0.5])
+
+
+@pytest.mark.parametrize("solver", ["euler", "heun", "midpoint"])
+def test_a_plain_field_is_sampled_differentiably(solver):
+    """dx/dt = -x over n steps of size h: each step multiplies the state by 1 - h (Euler) or 1 - h + h^2/2
+    (Heun and midpoint), so d x(1) / d x0 is that factor to the n-th power, for every entry."""
+
+    def field(x, t):
+        return -x
+
+    field.singular_times = ()
+    n, h = 32, 1 / 32
+    factor = (1 - h if solver == "euler" else 1 - h + h * h / 2) ** n
+    x0 = torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64, requires_grad=True)
+    out = sample(field, x0, uniform_grid(n), solver=solver)
+    out.sum().backward()
+    torch.testing.assert_close(out.detach(), factor * x0.detach(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(x0.grad, torch.full_like(x0, factor), rtol=1e-12, atol=0)
+
+
+def test_a_zero_dimensional_state():
+    def field(x, t):
+        return t * x
+
+    field.singular_times = ()
+    x = sample(field, torch.tensor(1.0, dtype=torch.float64), uniform_grid(64), solver="heun")
+    assert x.shape == () and float(x) == pytest.approx(math.exp(0.5), rel=1e-4)

@@ -7,13 +7,18 @@ one chunk holds the whole batch: there each extra launch costs more than the tra
 """
 
 from collections.abc import Iterator
+from types import EllipsisType
 
 from torch import Tensor
 
 CPU_CHUNK_BYTES = 1 << 20  # measured: 1 MiB beats 256 KiB and 4 MiB
 
 
-def row_chunks(x: Tensor) -> Iterator[slice]:
+def row_chunks(x: Tensor) -> Iterator[slice | EllipsisType]:
+    """Index expressions over ``x``'s rows (dim 0); a 0-d tensor is one chunk, ``...``."""
+    if x.ndim == 0:
+        yield ...
+        return
     batch = x.shape[0]
     rows = batch if x.device.type != "cpu" else max(1, CPU_CHUNK_BYTES // (4 * max(1, x[0].numel())))
     for start in range(0, batch, rows):

@@ -24,7 +24,7 @@ from ._checks import (
     raise_on_nonfinite_input,
 )
 from ._chunks import row_chunks
-from .parametrization import check_prediction_type, overflow_error, residual_coefficients_checked
+from .parametrization import check_prediction_type, overflow_error_checked, residual_coefficients_checked
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -82,7 +82,7 @@ def overflow(t: TimeLike, like: Tensor, prediction_type: str) -> ValueError:
         "fm_loss: the loss overflowed float32 although the inputs are finite (the squared residual is not "
         "representable); check t, the magnitudes of model_output, data and noise, and the loss weight"
     )
-    return overflow_error(message, as_time(t, like=like), prediction_type)
+    return overflow_error_checked(message, as_time(t, like=like), prediction_type)
 
 
 def fm_loss(

@@ -90,7 +90,7 @@ def velocity_coefficients_checked(tt: Tensor, prediction_type: str) -> tuple[Ten
     return a, b
 
 
-def overflow_error(message: str, tt: Tensor, prediction_type: str) -> ValueError:
+def overflow_error_checked(message: str, tt: Tensor, prediction_type: str) -> ValueError:
     """``message`` (a result overflowed although every input is finite) and the t that scales the most.
 
     ``tt`` must already be checked by ``as_time`` and be non-singular (float64).
@@ -161,7 +161,7 @@ def diffusion_to_velocity(model_output: Tensor, x: Tensor, t: TimeLike, predicti
     if not bool(u.isfinite().all()):
         raise_on_nonfinite_input("diffusion_to_velocity", model_output=model_output, x=x)
         message = f"diffusion_to_velocity: the velocity overflowed {u.dtype} although the inputs are finite"
-        raise overflow_error(message, tt, prediction_type)
+        raise overflow_error_checked(message, tt, prediction_type)
     return u
 
 

@@ -37,7 +37,9 @@ from .solvers import CORRECT, EULER, PREDICT, PREDICTOR_FRACTION, SOLVERS, ode_s
 @dataclass
 class D2FSchedulerOutput(BaseOutput):
     """``prev_sample``: the next FM state (the network's latent after the last step);
-    ``pred_original_sample``: the implied clean latent ``x + (1 - t) * u``."""
+    ``pred_original_sample``: the clean latent implied by this evaluation, ``x + (1 - t) * u`` at the state
+    ``x`` and time ``t`` the network was evaluated at (for a two-stage step's second evaluation: the predictor
+    state, as diffusers' Heun scheduler does)."""
 
     prev_sample: torch.Tensor
     pred_original_sample: torch.Tensor | None = None
@@ -191,9 +193,9 @@ class D2FScheduler(SchedulerMixin, ConfigMixin):
             _, prev = ode_step(PREDICT, x, u, None, None, 0.0, 1.0, h, 1.0, 1.0, sample.dtype, c=c)
         elif evaluation.stage == 1:
             x0, u1 = self._first
-            self._first = None
             carry = self._carry(evaluation.step)
             _, prev = ode_step(CORRECT, x0, u, None, u1, 0.0, 1.0, h, 1.0, carry, sample.dtype, c=c)
+            self._first = None
         else:
             _, prev = ode_step(EULER, x, u, None, None, 0.0, 1.0, h, 1.0, self._carry(evaluation.step), sample.dtype)
         self._step_index = next_index

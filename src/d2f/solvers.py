@@ -7,7 +7,7 @@ Two kinds of field are sampled by the same loops, through the interface of :clas
 - a converted diffusion network (:class:`d2f.D2FVelocity`): its input is ``z = scale(t) * x`` and its raw
   outputs ``o_u`` (and ``o_c`` when guided, ``o = o_u + g*(o_c - o_u)``) give ``u = A(t)*x + B(t)*o``.
 
-The solvers, one short loop each:
+The solvers (one loop, :func:`integrate`, takes them all):
 
 - ``euler`` (order 1): ``x' = x + h*u(x, t0)``;
 - ``heun`` and ``midpoint`` (order 2), the explicit two-stage family with predictor fraction ``c`` (1 and
@@ -34,7 +34,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ._backend import kernels, use_triton
-from ._checks import check_choice, check_same_shape, compute_dtype, describe, raise_on_nonfinite_input
+from ._checks import check_choice, compute_dtype, describe, raise_on_nonfinite_input
 from ._chunks import row_chunks
 from .grids import grid_steps
 from .path import relabel_ratio
@@ -72,11 +72,19 @@ def ode_step(
       ``x' = x + h*((1 - w)*u1 + w*u2)`` with ``w = 1/(2c)``; returns ``(x', s*x')``.
 
     ``x`` (and ``u1``) are the float32 or float64 state; the results are fresh tensors, the first in the
-    state's dtype and the network input in ``z_dtype``. ``backend`` as in :func:`d2f.fm_loss`. Raises a
-    ``ValueError`` instead of returning NaN or inf: naming ``x``, ``o_u``, ``o_c`` or ``u1`` when one of them
-    holds NaN or inf, else saying that the step overflowed.
+    state's dtype and the network input in ``z_dtype``. ``backend`` as in :func:`d2f.fm_loss`; a step through
+    which autograd must differentiate (grad mode on and an input requiring grad) runs on the torch path, and
+    ``backend="triton"`` refuses it. Raises a ``ValueError`` instead of returning NaN or inf: naming ``x``,
+    ``o_u``, ``o_c`` or ``u1`` when one of them holds NaN or inf, else saying that the step overflowed.
     """
     outputs = (o_u,) if o_c is None else (o_u, o_c)
+    if torch.is_grad_enabled() and any(v is not None and v.requires_grad for v in (x, o_u, o_c, u1)):
+        if backend == "triton":
+            raise ValueError(
+                "backend='triton' does not differentiate the ODE step, and an input requires grad; use "
+                "backend='auto' or 'torch', or sample under torch.no_grad()"
+            )
+        backend = "torch"
     if use_triton(backend, x, *outputs):
         first, z = kernels().ode_step(mode, x.contiguous(), o_u, o_c, u1, a, b, h, g, s_next, z_dtype, c)
     else:
@@ -200,7 +208,7 @@ class VelocityFunction:
                 f"velocity_fn returned {describe(u) if isinstance(u, Tensor) else type(u).__name__} "
                 f"for a state of shape {tuple(x.shape)}; it must return a tensor of the same shape"
             )
-        return u
+        return u.to(x.dtype)
 
 
 def _as_field(field: Any, callback: Callback | None) -> Field:
@@ -226,32 +234,18 @@ def _step(mode: int, field: Field, x: Tensor, out: Outputs, u1, h: float, t_next
     return ode_step(mode, x, out.o_u, out.o_c, u1, out.a, out.b, h, out.g, s, field.input_dtype(x), backend, c)
 
 
-def sample_euler(field: Field, x, z, steps, cond, callback=None, progress=False, backend="auto") -> Tensor:
-    """Euler: ``x' = x + h*u(x, t0)``, one network call a step."""
-    end = steps[0][0]
-    for i, (t0, t1) in enumerate(tqdm(steps, disable=not progress, desc="d2f euler", unit="step")):
-        x, z = _carry(field, x, z, end, t0)
-        out = field.outputs(z, t0, cond)
-        if callback is not None:
-            callback(i, t0, x, out.o_u)  # the field is in velocity form whenever there is a callback
-        x, z = _step(EULER, field, x, out, None, t1 - t0, t1, backend)
-        end = t1
-    return x
-
-
-def sample_two_stage(
-    field: Field, x, z, steps, cond, callback=None, progress=False, backend="auto", solver="heun"
-) -> Tensor:
-    """Heun (``c = 1``) or midpoint (``c = 1/2``): two network calls a step (module docstring)."""
-    c = PREDICTOR_FRACTION[solver]
-    end = steps[0][0]
+def integrate(field: Field, x: Tensor, z: Tensor, steps, solver: str, cond, callback, progress, backend) -> Tensor:
+    """The one loop of every solver: state ``x`` and its network input ``z`` from the first step's start to
+    the last step's end. A step evaluates the field at each of its :func:`stage_times`: once for Euler (and
+    for Heun on a step ending at a singular time), twice for the two-stage solvers."""
+    c, end = PREDICTOR_FRACTION.get(solver, 1.0), steps[0][0]
     for i, (t0, t1) in enumerate(tqdm(steps, disable=not progress, desc=f"d2f {solver}", unit="step")):
         x, z = _carry(field, x, z, end, t0)
         h, times = t1 - t0, stage_times(solver, t0, t1, field.singular_times)
         out = field.outputs(z, t0, cond)
         if callback is not None:
-            callback(i, t0, x, out.o_u)
-        if len(times) == 1:  # the predictor would evaluate at a singular time: an Euler step
+            callback(i, t0, x, out.o_u)  # the field is in velocity form whenever there is a callback
+        if len(times) == 1:
             x, z = _step(EULER, field, x, out, None, h, t1, backend)
         else:
             u1, z_p = _step(PREDICT, field, x, out, None, h, times[1], backend, c)
@@ -268,10 +262,7 @@ def _solve(field, x: Tensor, steps, solver, cond, callback, progress, backend) -
                 f"(singular_times={tuple(field.singular_times)}); start the grid inside the open interval, "
                 "e.g. at schedule.t_min"
             )
-    z = field.model_input(x, steps[0][0])
-    if solver == "euler":
-        return sample_euler(field, x, z, steps, cond, callback, progress, backend)
-    return sample_two_stage(field, x, z, steps, cond, callback, progress, backend, solver)
+    return integrate(field, x, field.model_input(x, steps[0][0]), steps, solver, cond, callback, progress, backend)
 
 
 def sample(
@@ -301,6 +292,7 @@ def sample(
     The state is kept in float32 (float64 if ``x`` is float64); the caller's ``x`` is never modified.
     """
     check_choice("solver", solver, SOLVERS)
-    check_same_shape(x=x)
+    if not isinstance(x, Tensor):
+        raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
     field = _as_field(velocity_fn, callback)
     return _solve(field, x.to(compute_dtype(x)), grid_steps(ts), solver, cond, callback, progress, backend)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -191,14 +191,17 @@ class D2FVelocity:
         return Outputs(o_u, o_c, float(a), float(b), self.guidance_scale)
 
     @torch.no_grad()
-    def sample(self, noise: Tensor, ts: Tensor | Sequence[float], **options: Any) -> Tensor:
+    def sample(
+        self, noise: Tensor, ts, solver="euler", callback=None, progress=False, backend="auto", **cond
+    ) -> Tensor:
         """Generate from ``noise`` with :func:`d2f.sample`, starting at ``x = noise / scale(ts[0])`` (``noise``
-        itself without ``align_input``): DDIM's start, whose network input ``scale(ts[0]) * x`` is the noise.
+        itself without ``align_input``): DDIM's start, whose network input ``scale(ts[0]) * x`` is the noise
+        (to float rounding).
 
-        ``options``: ``solver``, ``callback``, ``progress``, ``backend`` and conditioning kwargs, as
+        ``ts``, ``solver``, ``callback``, ``progress``, ``backend`` and the conditioning kwargs as
         :func:`d2f.sample` takes them. Returns the FM state at ``ts[-1]`` (float32, or float64 for float64
         noise).
         """
         check_same_shape(noise=noise)
         x = noise.to(compute_dtype(noise)) / self.input_scale(grid_steps(ts)[0][0])
-        return sample(self, x, ts, **options)
+        return sample(self, x, ts, solver, callback, progress, backend, **cond)

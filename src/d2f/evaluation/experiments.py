@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ..grids import ddim_grid, sampling_grid, uniform_grid
+from ..grids import sampling_grid
 from ..path import scale
 from ..training.config import TrainConfig
 from ..training.data import mnist
@@ -44,14 +44,20 @@ def _sample(method: str, teacher: D2FVelocity, noise: torch.Tensor, labels: torc
         )
     if method == "d2f_euler":
         rule = ddim_config(teacher.schedule, teacher.prediction_type)
-        ts = ddim_grid(
-            teacher.schedule, steps, rule["timestep_spacing"], rule["steps_offset"], rule["set_alpha_to_one"]
+        ts = sampling_grid(
+            "ddim",
+            steps,
+            teacher.schedule,
+            teacher.prediction_type,
+            spacing=rule["timestep_spacing"],
+            steps_offset=rule["steps_offset"],
+            set_alpha_to_one=rule["set_alpha_to_one"],
         )
         return float(scale(float(ts.reshape(-1)[-1]))) * teacher.sample(noise, ts, class_labels=labels)
-    if method == "d2f_uniform":
-        return teacher.sample(noise, uniform_grid(steps), class_labels=labels)
     naive = D2FVelocity(teacher.net, teacher.schedule, "velocity", align_input=False)
-    return naive.sample(noise, uniform_grid(steps), class_labels=labels)
+    field = teacher if method == "d2f_uniform" else naive
+    ts = sampling_grid("uniform", steps, field.schedule, field.prediction_type)
+    return field.sample(noise, ts, class_labels=labels)
 
 
 def zero_shot(

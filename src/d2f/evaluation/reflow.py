@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..grids import uniform_grid
+from ..grids import sampling_grid
 from ..training.data import mnist
 from ..training.export import load
 from ..training.images import save_grid
@@ -55,7 +55,7 @@ def reflow(
     results: dict = {"steps": {}}
     shown = []
     for n in E3_STEPS:
-        grid = uniform_grid(n)
+        grid = sampling_grid("uniform", n, teacher.schedule, teacher.prediction_type)
         images = {
             "teacher": teacher.sample(noise, grid, class_labels=labels),
             "teacher_ddim": ddim_reference(

@@ -30,9 +30,10 @@ from typing import Any
 
 import torch
 
+from .._checks import check_choice
 from .._extras import require
 from .._versioned import Document
-from ..parametrization import PREDICTION_TYPES
+from ..parametrization import DIFFUSERS_PREDICTION_TYPES, PREDICTION_TYPES
 from ..schedule import Schedule
 from . import objectives
 from .config import TrainConfig
@@ -63,6 +64,7 @@ class Export:
 
 def ddim_config(schedule: Schedule, prediction_type: str) -> dict[str, Any]:
     """A diffusers DDIMScheduler config of ``schedule`` (SD's step rule: leading spacing, offset 1)."""
+    check_choice("prediction_type", prediction_type, DIFFUSERS_PREDICTION_TYPES)
     return {
         "_class_name": "DDIMScheduler",
         **schedule.diffusers_config(),

@@ -40,8 +40,6 @@ class SamplingSettings:
         check_positive_int("steps", self.steps)
         check_choice("solver", self.solver, SOLVERS)
         check_choice("grid", self.grid, GRIDS)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed={self.seed!r} must be an integer >= 0")
 
     def grid_for(self, field: D2FVelocity) -> torch.Tensor:
         return sampling_grid(self.grid, self.steps, field.schedule, field.prediction_type, self.shift)
@@ -114,7 +112,9 @@ def zero_shot_check(
     request = SampleRequest.make(conditioning, data, min(config.num_samples, 40), size, device)
     field = velocity_field(network, "d2f", 1.0, conditioning, request.concat)
     noise = request.noise(unet.config.out_channels, config.seed + 1, device)
-    x = field.sample(noise, SamplingSettings(config.sample_steps, grid="ddim").grid_for(field), **request.cond)
+    x = field.sample(
+        noise, sampling_grid("ddim", config.sample_steps, network.schedule, field.prediction_type), **request.cond
+    )
     z = ddim_reference(
         unet,
         network.schedule,
@@ -135,9 +135,8 @@ def zero_shot_check(
 def sample_images(field: D2FVelocity, objective: str, steps: int, request: SampleRequest, seed: int, device):
     """FM Euler on a uniform grid for flow objectives (the study's best grid after finetuning), DDIM's own
     grid for diffusion finetuning (its natural sampler)."""
-    settings = SamplingSettings(steps, grid="ddim" if objective == "diffusion" else "uniform")
-    noise = request.noise(field.net.config.out_channels, seed, device)
-    return field.sample(noise, settings.grid_for(field), **request.cond)
+    ts = sampling_grid("ddim" if objective == "diffusion" else "uniform", steps, field.schedule, field.prediction_type)
+    return field.sample(request.noise(field.net.config.out_channels, seed, device), ts, **request.cond)
 
 
 def sample_export(
