@@ -26,7 +26,7 @@ def tiny_pipeline(prediction_type="epsilon", **scheduler_config):
         up_block_types=("UpDecoderBlock2D",),
         sample_size=8,
     )
-    scheduler = DDIMScheduler(**SD_CONFIG, prediction_type=prediction_type, **scheduler_config)
+    scheduler = DDIMScheduler(**{**SD_CONFIG, "prediction_type": prediction_type, **scheduler_config})
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=None,
@@ -135,6 +135,41 @@ def test_pred_original_sample_is_the_clean_latent_of_each_evaluation(solver):
         u = diffusion_to_velocity(out, x, t, "epsilon")
         torch.testing.assert_close(step.pred_original_sample, x + (1 - t) * u)
         x = step.prev_sample
+
+
+@pytest.mark.parametrize("kind", ["text2img", "img2img"])
+def test_bfloat16_pipelines_with_eta_and_a_generator_give_ddims_images(kind):
+    """The stochastic DDIM step (eta = 1) through whole bf16 pipelines on the CPU, the same generator for both:
+    the pipeline hands the step its eta and generator, D2F draws what DDIM draws, and every tensor stays bf16
+    (add_noise included, which img2img's bf16 VAE latents go through)."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    pipe = tiny_pipeline("v_prediction", steps_offset=1, set_alpha_to_one=False, clip_sample=True)
+    if kind == "img2img":
+        pipe = StableDiffusionImg2ImgPipeline(**pipe.components)
+        pipe.set_progress_bar_config(disable=True)
+    pipe = pipe.to(torch.bfloat16)
+    extra = {"image": torch.rand(2, 3, 8, 8).bfloat16(), "strength": 0.7} if kind == "img2img" else {"height": 8}
+
+    def images():
+        return pipe(
+            prompt_embeds=torch.randn(2, 3, 12, generator=torch.Generator().manual_seed(1)).bfloat16(),
+            negative_prompt_embeds=torch.zeros(2, 3, 12).bfloat16(),
+            num_inference_steps=10,
+            guidance_scale=3.0,
+            eta=1.0,
+            generator=torch.Generator().manual_seed(2),
+            output_type="latent",
+            **({"width": 8} if kind == "text2img" else {}),
+            **extra,
+        ).images
+
+    ddim = images()
+    pipe.scheduler = D2FScheduler.from_config(pipe.scheduler.config)
+    d2f = images()
+    assert d2f.dtype == ddim.dtype == torch.bfloat16
+    # bf16 keeps 8 bits; DDIM rounds each of its operations to bf16, d2f computes the step in float32.
+    torch.testing.assert_close(d2f.float(), ddim.float(), rtol=0.05, atol=0.05)
 
 
 def test_img2img_begins_part_way():

@@ -12,9 +12,13 @@ and the pipeline runs unchanged. The pipeline's latents hold the FM state ``x``:
 - after the last step ``prev_sample`` is put back into the network's latent space, ``scale(t_end) * x``,
   which is what DDIM returns (it equals ``x`` when the grid ends at ``t = 1``).
 
-With the default ``grid="ddim"`` and ``solver="euler"`` the pipeline reproduces DDIMScheduler (eta = 0)
-exactly, for the config's own ``timestep_spacing``, ``steps_offset`` and ``set_alpha_to_one``
-(``docs/conventions.md`` §5). ``grid="uniform"`` and ``grid="shift"`` (SD3's shift) are FM grids.
+With the default ``grid="ddim"`` and ``solver="euler"`` the pipeline reproduces DDIMScheduler step for step,
+under every key DDIM takes: ``timestep_spacing``, ``steps_offset``, ``set_alpha_to_one`` (its identity last
+step included), ``clip_sample``/``clip_sample_range``, ``thresholding`` and ``step``'s ``eta``,
+``use_clipped_model_output``, ``generator`` and ``variance_noise`` (``d2f.solvers.ddim_step``,
+``docs/conventions.md`` §5). ``grid="uniform"`` and ``grid="shift"`` (SD3's shift) are FM grids; with Euler,
+clipping and ``eta`` keep their meaning there (DDIM's transition between the grid's noise levels). Heun and
+midpoint refuse both.
 """
 
 from __future__ import annotations
@@ -25,13 +29,14 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
 from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
 
 from ._checks import check_choice, compute_dtype
-from .grids import GRIDS, SPACINGS, grid_steps, sampling_grid
+from .grids import GRIDS, SPACINGS, ddim_timesteps, grid_steps, sampling_grid
 from .parametrization import SINGULAR_TIMES, diffusion_to_velocity, velocity_to_diffusion
 from .path import interpolate, relabel_ratio, scale
 from .schedule import Schedule
-from .solvers import CORRECT, EULER, PREDICT, PREDICTOR_FRACTION, SOLVERS, ode_step, stage_times
+from .solvers import CORRECT, EULER, PREDICT, PREDICTOR_FRACTION, SOLVERS, ddim_step, ode_step, stage_times
 
 
 @dataclass
@@ -55,11 +60,14 @@ class _Evaluation:
 class D2FScheduler(SchedulerMixin, ConfigMixin):
     """Flow-matching sampling of a diffusion network inside diffusers pipelines (Diff2Flow conversion).
 
-    Schedule keys are diffusers' own (``beta_schedule``, ``beta_start``, ``beta_end``, ``trained_betas``,
-    ``num_train_timesteps``, ``rescale_betas_zero_snr``, ``prediction_type``) and the DDIM step rule's
-    (``timestep_spacing``, ``steps_offset``, ``set_alpha_to_one``); keys of other schedulers are ignored by
-    ``from_config``. d2f's own: ``solver`` (euler | heun | midpoint), ``grid`` (ddim | uniform | shift) and
-    ``shift``.
+    Every key of DDIMScheduler, with its defaults: the schedule (``beta_schedule``, ``beta_start``,
+    ``beta_end``, ``trained_betas``, ``num_train_timesteps``, ``rescale_betas_zero_snr``, ``prediction_type``),
+    the step rule (``timestep_spacing``, ``steps_offset``, ``set_alpha_to_one``) and the clipping of the
+    predicted clean sample (``clip_sample``, ``clip_sample_range``, ``thresholding``,
+    ``dynamic_thresholding_ratio``, ``sample_max_value``). Keys of other schedulers are kept in the config by
+    ``from_config`` and not read. d2f's own: ``solver`` (euler | heun | midpoint), ``grid`` (ddim | uniform |
+    shift) and ``shift``. ``betas``, ``alphas``, ``alphas_cumprod`` and ``final_alpha_cumprod`` are DDIM's
+    float32 attributes, from d2f's float64 table; ``init_noise_sigma`` is ``1 / scale(t_0)`` (module docstring).
     """
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
@@ -78,6 +86,11 @@ class D2FScheduler(SchedulerMixin, ConfigMixin):
         timestep_spacing: str = "leading",
         steps_offset: int = 0,
         set_alpha_to_one: bool = True,
+        clip_sample: bool = True,
+        clip_sample_range: float = 1.0,
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        sample_max_value: float = 1.0,
         solver: str = "euler",
         grid: str = "ddim",
         shift: float = 3.0,
@@ -85,7 +98,22 @@ class D2FScheduler(SchedulerMixin, ConfigMixin):
         check_choice("solver", solver, SOLVERS)
         check_choice("grid", grid, GRIDS)
         check_choice("timestep_spacing", timestep_spacing, SPACINGS)
+        if (clip_sample or thresholding) and solver != "euler":
+            which = "thresholding=True" if thresholding else "clip_sample=True (DDIMScheduler's default)"
+            raise ValueError(
+                f"{which} clips DDIM's predicted clean sample, which D2FScheduler does with solver='euler' only; "
+                f"solver={solver!r} needs clip_sample=False and thresholding=False"
+            )
+        if not 0 < dynamic_thresholding_ratio < 1 or clip_sample_range <= 0 or sample_max_value < 1:
+            raise ValueError(
+                f"dynamic_thresholding_ratio={dynamic_thresholding_ratio!r} must lie in (0, 1), "
+                f"clip_sample_range={clip_sample_range!r} must be > 0 and sample_max_value={sample_max_value!r} >= 1"
+            )
         self.schedule = Schedule.from_diffusers(dict(self.config))
+        self.betas = torch.tensor(self.schedule.diffusers_config()["trained_betas"], dtype=torch.float32)
+        self.alphas = 1.0 - self.betas
+        self.alphas_cumprod = torch.from_numpy(self.schedule.alphas_cumprod.copy()).to(torch.float32)
+        self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
         self.order = 1 if solver == "euler" else 2
         self.init_noise_sigma = 1.0
         self.num_inference_steps: int | None = None
@@ -112,11 +140,16 @@ class D2FScheduler(SchedulerMixin, ConfigMixin):
             cfg.set_alpha_to_one,
         )
         self._steps = grid_steps(grid)
+        T = self.schedule.num_train_timesteps
+        if cfg.grid == "ddim" and not cfg.set_alpha_to_one:
+            listed = ddim_timesteps(T, num_inference_steps, cfg.timestep_spacing, cfg.steps_offset)
+            if listed[-1] == 0:  # DDIM's last step, timestep 0 to alphas_cumprod[0], is taken too (it clips)
+                self._steps.append((float(self.schedule.taus[0]),) * 2)
         singular = SINGULAR_TIMES[cfg.prediction_type]
         evaluations = [
             _Evaluation(i, stage, t)
             for i, (t0, t1) in enumerate(self._steps)
-            for stage, t in enumerate(stage_times(cfg.solver, t0, t1, singular))
+            for stage, t in enumerate(stage_times(cfg.solver, t0, t1, singular) if t0 != t1 else (t0,))
         ]
         if evaluations[0].t in singular:
             raise ValueError(
@@ -153,11 +186,13 @@ class D2FScheduler(SchedulerMixin, ConfigMixin):
             if self._begin_index is not None:
                 self._step_index = self._begin_index
             else:
-                # The pipeline hands back our own float32 timesteps: exact equality finds the first one.
+                # The pipeline hands back our own float32 timesteps. A Heun step's end is the next step's start,
+                # so its timestep repeats: a pipeline starting there starts the step, the second match (as
+                # diffusers' Heun scheduler takes it).
                 matches = (self.timesteps.cpu() == torch.as_tensor(timestep, dtype=torch.float32).cpu()).nonzero()
                 if matches.numel() == 0:
                     raise ValueError(f"timestep {timestep!r} is not one of this scheduler's timesteps")
-                self._step_index = int(matches[0])
+                self._step_index = int(matches[1 if matches.numel() > 1 else 0])
         if self._step_index >= len(self._evaluations):
             raise ValueError("step() was called more often than set_timesteps planned")
         return self._evaluations[self._step_index]
@@ -172,12 +207,21 @@ class D2FScheduler(SchedulerMixin, ConfigMixin):
         model_output: torch.Tensor,
         timestep: float | torch.Tensor,
         sample: torch.Tensor,
+        eta: float = 0.0,
+        use_clipped_model_output: bool = False,
+        generator: torch.Generator | None = None,
+        variance_noise: torch.Tensor | None = None,
         return_dict: bool = True,
     ) -> D2FSchedulerOutput | tuple[torch.Tensor]:
-        """One network evaluation's worth of the FM solver (guidance is applied by the pipeline before).
+        """One network evaluation's worth of the FM solver (guidance is applied by the pipeline before), with
+        DDIMScheduler.step's arguments.
 
-        The output becomes a velocity (``diffusion_to_velocity``) and the solver's own update
-        (``d2f.solvers.ode_step`` with ``A = 0, B = 1``) takes it.
+        The output becomes a velocity (``diffusion_to_velocity``). Without clipping and with ``eta = 0`` the
+        solver's own update takes it (``d2f.solvers.ode_step`` with ``A = 0, B = 1``); otherwise, Euler only,
+        DDIM's transition between the step's FM times (``d2f.solvers.ddim_step``): the predicted clean sample
+        clipped as the config says, and for ``eta > 0`` the noise ``variance_noise`` or, as DDIM draws it,
+        ``randn_tensor(model_output.shape, generator=generator, dtype=model_output.dtype)``. Returns the
+        sample's dtype.
         """
         evaluation = self._current(timestep)
         t0, t1 = self._steps[evaluation.step]
@@ -188,7 +232,14 @@ class D2FScheduler(SchedulerMixin, ConfigMixin):
         predictor = evaluation.stage == 0 and (
             next_index < len(self._evaluations) and self._evaluations[next_index].step == evaluation.step
         )
-        if predictor:  # the pipeline evaluates the network at x + c*h*u next
+        clipping = self.config.clip_sample or self.config.thresholding
+        original = None
+        if eta != 0 or clipping:
+            noise = self._variance_noise(eta, model_output, generator, variance_noise)
+            clip = self._clip if clipping else None
+            x_next, original = ddim_step(x, u, t0, t1, eta, noise, clip, use_clipped_model_output)
+            prev = (x_next * self._carry(evaluation.step)).to(sample.dtype)
+        elif predictor:  # the pipeline evaluates the network at x + c*h*u next
             self._first = (x, u)
             _, prev = ode_step(PREDICT, x, u, None, None, 0.0, 1.0, h, 1.0, 1.0, sample.dtype, c=c)
         elif evaluation.stage == 1:
@@ -201,8 +252,38 @@ class D2FScheduler(SchedulerMixin, ConfigMixin):
         self._step_index = next_index
         if not return_dict:
             return (prev,)
-        original = velocity_to_diffusion(u, x, evaluation.t, "sample")  # the implied clean latent x + (1-t)*u
+        if original is None:
+            original = velocity_to_diffusion(u, x, evaluation.t, "sample")  # the implied clean latent x + (1-t)*u
         return D2FSchedulerOutput(prev_sample=prev, pred_original_sample=original.to(sample.dtype))
+
+    def _variance_noise(self, eta, model_output, generator, variance_noise) -> torch.Tensor | None:
+        """DDIM's checks of ``eta`` and its noise draw (none for ``eta = 0``)."""
+        if not isinstance(eta, (int, float)) or isinstance(eta, bool) or not eta >= 0 or eta == float("inf"):
+            raise ValueError(f"eta={eta!r} must be a finite number >= 0 (DDIM's eta; 0 is deterministic)")
+        if eta and self.config.solver != "euler":
+            raise ValueError(
+                f"eta={eta!r} makes DDIM's stochastic step, which D2FScheduler takes with solver='euler' only; "
+                f"solver={self.config.solver!r} needs eta=0"
+            )
+        if variance_noise is not None and generator is not None:
+            raise ValueError("pass either generator or variance_noise to step(), not both")
+        if not eta or variance_noise is not None:
+            return variance_noise
+        return randn_tensor(
+            model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype
+        )
+
+    def _clip(self, data: torch.Tensor) -> torch.Tensor:
+        """DDIM's clipping of the predicted clean sample: dynamic thresholding (Imagen: each sample's
+        ``dynamic_thresholding_ratio`` quantile of ``|data|``, at least 1 and at most ``sample_max_value``,
+        bounds it and divides it), else ``clip_sample`` to ``[-clip_sample_range, clip_sample_range]``."""
+        cfg = self.config
+        if not cfg.thresholding:
+            return data.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
+        flat = data.reshape(data.shape[0], -1)
+        bound = torch.quantile(flat.abs(), cfg.dynamic_thresholding_ratio, dim=1).clamp(1, cfg.sample_max_value)
+        bound = bound[:, None]
+        return (torch.clamp(flat, -bound, bound) / bound).reshape(data.shape)
 
     def _carry(self, step: int) -> float:
         """The factor on the state after ``step``: across a DDIM step-table gap ``scale(t) * x`` is kept fixed,
@@ -215,10 +296,10 @@ class D2FScheduler(SchedulerMixin, ConfigMixin):
 
     # ------------------------------------------------------------------------------------ img2img
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """The FM state at the network timesteps ``timesteps``: ``interpolate(data, noise, fm_time(k))``."""
-        return interpolate(
-            original_samples, noise, self.schedule.fm_time(torch.as_tensor(timesteps).reshape(-1).double().cpu())
-        )
+        """The FM state at the network timesteps ``timesteps``: ``interpolate(data, noise, fm_time(k))``, in
+        ``original_samples``' dtype."""
+        t = self.schedule.fm_time(torch.as_tensor(timesteps).reshape(-1).double().cpu())
+        return interpolate(original_samples, noise, t).to(original_samples.dtype)
 
     def scale_noise(self, sample: torch.Tensor, timestep: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """FlowMatch pipelines' name for ``add_noise``."""

@@ -37,7 +37,8 @@ from ._backend import kernels, use_triton
 from ._checks import check_choice, compute_dtype, describe, raise_on_nonfinite_input
 from ._chunks import row_chunks
 from .grids import grid_steps
-from .path import relabel_ratio
+from .parametrization import velocity_to_diffusion
+from .path import alpha_sigma, relabel_ratio, scale
 
 SOLVERS = ("euler", "heun", "midpoint")
 PREDICTOR_FRACTION = {"heun": 1.0, "midpoint": 0.5}
@@ -136,6 +137,54 @@ def _combine(terms: list[tuple[float, Tensor]], outputs: list[tuple[float, torch
         for (s, _), out in zip(outputs, results):
             torch.mul(acc, s, out=out[rows])
     return results
+
+
+def ddim_step(
+    x: Tensor,
+    u: Tensor,
+    t: float,
+    t_next: float,
+    eta: float = 0.0,
+    noise: Tensor | None = None,
+    clip: Callable[[Tensor], Tensor] | None = None,
+    clipped_noise: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """DDIM's own transition from FM time ``t`` to ``t_next``, written in the FM state; returns ``(x', data)``.
+
+    From the velocity ``u`` at state ``x``: the data prediction ``D = x + (1-t)*u`` and the noise prediction
+    ``E = x - t*u`` (``velocity_to_diffusion`` for ``sample`` and ``epsilon``). ``clip`` maps ``D`` to the
+    clipped ``D_c`` (DDIM's ``clip_sample`` / ``thresholding``); ``clipped_noise`` then re-derives
+    ``E = (x - t*D_c)/(1 - t)`` (``use_clipped_model_output``). With ``alpha, sigma`` of ``t`` and
+    ``alpha', sigma'`` of ``t_next`` and DDIM's ``std = eta * (sigma'/sigma) * sqrt(1 - (alpha/alpha')^2)``:
+
+        x' = (alpha' * D_c + sqrt(sigma'^2 - std^2) * E + std * noise) / scale(t_next)
+
+    since DDIM's latent is ``z = scale(t) * x``. With ``eta = 0`` and no clipping this is the Euler step
+    ``x + (t_next - t)*u`` (docs/conventions.md §5). ``noise`` is needed when ``eta > 0``.
+    """
+    data = velocity_to_diffusion(u, x, t, "sample")
+    eps = velocity_to_diffusion(u, x, t, "epsilon")
+    if clip is not None:
+        data = clip(data)
+        if clipped_noise:
+            eps = (x - t * data) / (1 - t)
+    (alpha, sigma), (alpha_next, sigma_next) = (map(float, alpha_sigma(v)) for v in (t, t_next))
+    std = eta * sigma_next / sigma * math.sqrt(max(0.0, 1 - (alpha / alpha_next) ** 2)) if eta else 0.0
+    if std > sigma_next:
+        raise ValueError(
+            f"eta={eta!r} is too large for the step from t={t!r} to t={t_next!r}: its noise std {std:.4g} "
+            f"exceeds the target noise level {sigma_next:.4g}"
+        )
+    z = alpha_next * data + math.sqrt(sigma_next**2 - std**2) * eps
+    if std:
+        if noise is None:
+            raise ValueError(f"eta={eta!r} > 0 needs noise")
+        z = z + std * noise.to(z.dtype)
+    x_next = z / float(scale(t_next))
+    if not bool(x_next.isfinite().all()):
+        raise_on_nonfinite_input("ddim_step", x=x, u=u, noise=noise)
+        raise ValueError(f"ddim_step: the step from t={t!r} to t={t_next!r} overflowed although the inputs are finite")
+    return x_next, data
 
 
 def stage_times(solver: str, t0: float, t1: float, singular: Sequence[float]) -> tuple[float, ...]:
