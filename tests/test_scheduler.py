@@ -52,8 +52,7 @@ def run(pipe, steps=10, guidance=1.0, **kwargs):
         guidance_scale=guidance,
         generator=torch.Generator().manual_seed(2),
         output_type="latent",
-        height=8,
-        width=8,
+        **({} if "image" in kwargs else {"height": 8, "width": 8}),  # img2img takes the image's size
         **kwargs,
     )
     return out.images
@@ -149,24 +148,10 @@ def test_bfloat16_pipelines_with_eta_and_a_generator_give_ddims_images(kind):
         pipe = StableDiffusionImg2ImgPipeline(**pipe.components)
         pipe.set_progress_bar_config(disable=True)
     pipe = pipe.to(torch.bfloat16)
-    extra = {"image": torch.rand(2, 3, 8, 8).bfloat16(), "strength": 0.7} if kind == "img2img" else {"height": 8}
-
-    def images():
-        return pipe(
-            prompt_embeds=torch.randn(2, 3, 12, generator=torch.Generator().manual_seed(1)).bfloat16(),
-            negative_prompt_embeds=torch.zeros(2, 3, 12).bfloat16(),
-            num_inference_steps=10,
-            guidance_scale=3.0,
-            eta=1.0,
-            generator=torch.Generator().manual_seed(2),
-            output_type="latent",
-            **({"width": 8} if kind == "text2img" else {}),
-            **extra,
-        ).images
-
-    ddim = images()
+    extra = {"image": torch.rand(2, 3, 8, 8).bfloat16(), "strength": 0.7} if kind == "img2img" else {}
+    ddim = run(pipe, guidance=3.0, eta=1.0, **extra)
     pipe.scheduler = D2FScheduler.from_config(pipe.scheduler.config)
-    d2f = images()
+    d2f = run(pipe, guidance=3.0, eta=1.0, **extra)
     assert d2f.dtype == ddim.dtype == torch.bfloat16
     # bf16 keeps 8 bits; DDIM rounds each of its operations to bf16, d2f computes the step in float32.
     torch.testing.assert_close(d2f.float(), ddim.float(), rtol=0.05, atol=0.05)
@@ -179,22 +164,9 @@ def test_img2img_begins_part_way():
     img2img = StableDiffusionImg2ImgPipeline(**pipe.components)
     img2img.set_progress_bar_config(disable=True)
     image = torch.rand(2, 3, 8, 8)
-
-    def img(p):
-        return p(
-            prompt_embeds=torch.randn(2, 3, 12, generator=torch.Generator().manual_seed(1)),
-            negative_prompt_embeds=torch.zeros(2, 3, 12),
-            image=image,
-            strength=0.6,
-            num_inference_steps=10,
-            guidance_scale=1.0,
-            generator=torch.Generator().manual_seed(2),
-            output_type="latent",
-        ).images
-
-    ddim = img(img2img)
+    ddim = run(img2img, image=image, strength=0.6)
     img2img.scheduler = D2FScheduler.from_config(img2img.scheduler.config)
-    torch.testing.assert_close(img(img2img), ddim, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(run(img2img, image=image, strength=0.6), ddim, rtol=1e-4, atol=1e-4)
 
 
 def test_bad_configs_are_refused():

@@ -23,6 +23,7 @@ midpoint refuse both.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -140,16 +141,16 @@ class D2FScheduler(SchedulerMixin, ConfigMixin):
             cfg.set_alpha_to_one,
         )
         self._steps = grid_steps(grid)
-        T = self.schedule.num_train_timesteps
         if cfg.grid == "ddim" and not cfg.set_alpha_to_one:
-            listed = ddim_timesteps(T, num_inference_steps, cfg.timestep_spacing, cfg.steps_offset)
-            if listed[-1] == 0:  # DDIM's last step, timestep 0 to alphas_cumprod[0], is taken too (it clips)
+            T, spacing = self.schedule.num_train_timesteps, cfg.timestep_spacing
+            if ddim_timesteps(T, num_inference_steps, spacing, cfg.steps_offset)[-1] == 0:
+                # DDIM's last step, timestep 0 to alphas_cumprod[0], which ddim_grid drops: taken too (it clips)
                 self._steps.append((float(self.schedule.taus[0]),) * 2)
         singular = SINGULAR_TIMES[cfg.prediction_type]
         evaluations = [
             _Evaluation(i, stage, t)
             for i, (t0, t1) in enumerate(self._steps)
-            for stage, t in enumerate(stage_times(cfg.solver, t0, t1, singular) if t0 != t1 else (t0,))
+            for stage, t in enumerate(stage_times(cfg.solver, t0, t1, singular))
         ]
         if evaluations[0].t in singular:
             raise ValueError(
@@ -258,7 +259,7 @@ class D2FScheduler(SchedulerMixin, ConfigMixin):
 
     def _variance_noise(self, eta, model_output, generator, variance_noise) -> torch.Tensor | None:
         """DDIM's checks of ``eta`` and its noise draw (none for ``eta = 0``)."""
-        if not isinstance(eta, (int, float)) or isinstance(eta, bool) or not eta >= 0 or eta == float("inf"):
+        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not (math.isfinite(eta) and eta >= 0):
             raise ValueError(f"eta={eta!r} must be a finite number >= 0 (DDIM's eta; 0 is deterministic)")
         if eta and self.config.solver != "euler":
             raise ValueError(

@@ -189,8 +189,9 @@ def ddim_step(
 
 def stage_times(solver: str, t0: float, t1: float, singular: Sequence[float]) -> tuple[float, ...]:
     """The FM times at which a step from ``t0`` to ``t1`` evaluates the field: ``t0``, then the predictor's
-    point ``t0 + c*h`` (``t1`` itself for Heun), unless that point is singular or the solver is Euler."""
-    if solver == "euler":
+    point ``t0 + c*h`` (``t1`` itself for Heun), unless that point is singular, the solver is Euler or the
+    step does not move (DDIM's identity last step, which ``D2FScheduler`` takes)."""
+    if solver == "euler" or t0 == t1:
         return (t0,)
     c = PREDICTOR_FRACTION[solver]
     t_mid = t1 if c == 1 else t0 + c * (t1 - t0)
@@ -278,16 +279,16 @@ def _carry(field: Field, x: Tensor, z: Tensor, t_from: float, t_to: float) -> tu
     return x, field.model_input(x, t_to)
 
 
-def _step(mode: int, field: Field, x: Tensor, out: Outputs, u1, h: float, t_next: float, backend: str, c=1.0):
+def _step(mode: int, field: Field, x: Tensor, out: Outputs, u1, h: float, t_next: float, z_dtype, backend, c=1.0):
     s = field.input_scale(t_next)
-    return ode_step(mode, x, out.o_u, out.o_c, u1, out.a, out.b, h, out.g, s, field.input_dtype(x), backend, c)
+    return ode_step(mode, x, out.o_u, out.o_c, u1, out.a, out.b, h, out.g, s, z_dtype, backend, c)
 
 
 def integrate(field: Field, x: Tensor, z: Tensor, steps, solver: str, cond, callback, progress, backend) -> Tensor:
     """The one loop of every solver: state ``x`` and its network input ``z`` from the first step's start to
     the last step's end. A step evaluates the field at each of its :func:`stage_times`: once for Euler (and
     for Heun on a step ending at a singular time), twice for the two-stage solvers."""
-    c, end = PREDICTOR_FRACTION.get(solver, 1.0), steps[0][0]
+    c, end, z_dtype = PREDICTOR_FRACTION.get(solver, 1.0), steps[0][0], field.input_dtype(x)
     for i, (t0, t1) in enumerate(tqdm(steps, disable=not progress, desc=f"d2f {solver}", unit="step")):
         x, z = _carry(field, x, z, end, t0)
         h, times = t1 - t0, stage_times(solver, t0, t1, field.singular_times)
@@ -295,10 +296,10 @@ def integrate(field: Field, x: Tensor, z: Tensor, steps, solver: str, cond, call
         if callback is not None:
             callback(i, t0, x, out.o_u)  # the field is in velocity form whenever there is a callback
         if len(times) == 1:
-            x, z = _step(EULER, field, x, out, None, h, t1, backend)
+            x, z = _step(EULER, field, x, out, None, h, t1, z_dtype, backend)
         else:
-            u1, z_p = _step(PREDICT, field, x, out, None, h, times[1], backend, c)
-            x, z = _step(CORRECT, field, x, field.outputs(z_p, times[1], cond), u1, h, t1, backend, c)
+            u1, z_p = _step(PREDICT, field, x, out, None, h, times[1], z_dtype, backend, c)
+            x, z = _step(CORRECT, field, x, field.outputs(z_p, times[1], cond), u1, h, t1, z_dtype, backend, c)
         end = t1
     return x
 
