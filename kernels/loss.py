@@ -22,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from d2f._checks import NonFiniteError, as_scalars, as_time, as_weights
-from d2f.loss import SavedGradientFunction, overflow
+from d2f._checks import NonFiniteError, as_scalars, as_time, as_weights, overflow_message
+from d2f.loss import SavedGradientFunction, loss_divisor, overflow
 from d2f.parametrization import PREDICTION_TYPES, residual_coefficients_checked
 
 from ._launch import block_size, check_device
@@ -140,7 +140,7 @@ def fm_loss_forward(
     n_loss = batch if per_sample_loss else 1
     acc = torch.zeros(n_loss + len(FLAG_NAMES), device=out.device, dtype=torch.float32)
     grad = torch.empty_like(out)
-    loss_scale = {"mean": 1.0 / out.numel(), "sum": 1.0, "none": 1.0 / per_sample}[reduction]
+    loss_scale = 1.0 / loss_divisor(out, reduction)
     block = block_size(2048)
     blocks_per_sample = triton.cdiv(per_sample, block)
     _fm_loss_kernel[(batch * blocks_per_sample,)](
@@ -166,7 +166,8 @@ def fm_loss_forward(
 
 
 class FMLossTriton(SavedGradientFunction):
-    """Forward runs the single fused pass, which already wrote ``dL/do``; the shared backward rescales it.
+    """Forward runs the single fused pass, which already wrote ``dL/do``; the shared backward rescales it
+    (and makes it differentiable under ``create_graph=True``).
 
     Returns ``(loss, status)`` (see ``fm_loss_forward``). Only ``model_output`` gets a gradient: ``fm_loss``
     refuses ``data``, ``noise``, ``t`` or ``weight`` that require one.
@@ -175,8 +176,7 @@ class FMLossTriton(SavedGradientFunction):
     @staticmethod
     def forward(ctx, model_output, data, noise, t, weight, prediction_type, reduction):  # type: ignore[override]
         loss, grad, status = fm_loss_forward(model_output, data, noise, t, weight, prediction_type, reduction)
-        ctx.save_for_backward(grad)
-        ctx.per_sample = reduction == "none"
+        SavedGradientFunction.save(ctx, grad, model_output, t, weight, prediction_type, reduction)
         status = status.detach().clone()  # a separate, non-differentiable output, not a view of the loss
         ctx.mark_non_differentiable(status)
         return loss, status
@@ -209,5 +209,5 @@ def fm_loss(model_output, data, noise, t, prediction_type: str, weight, reductio
         if flags[name]:
             raise NonFiniteError("fm_loss", name)
     if not all(map(math.isfinite, values[:n_loss])):
-        raise overflow(t, data, prediction_type)
+        raise overflow(overflow_message("fm_loss", "the loss", loss.dtype), t, data, prediction_type)
     return loss

@@ -38,12 +38,15 @@ def _network_input_kernel(data_ptr, noise_ptr, t_ptr, z_ptr, per_sample, blocks_
 
 
 def network_input(data: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``t``: float64 ``(B,)`` on the inputs' device, already range-checked by the caller."""
+    """``t``: float64 ``(B,)`` on the inputs' device, already range-checked by the caller, which also checks
+    the result for NaN and inf."""
     check_device(data, noise)
     d, n = data.contiguous(), noise.contiguous()
+    z = torch.empty(d.shape, dtype=dtype, device=d.device)
+    if z.numel() == 0:
+        return z  # an empty batch, as the torch path returns it: no program to launch
     batch = d.shape[0]
     per_sample = d.numel() // batch
-    z = torch.empty(d.shape, dtype=dtype, device=d.device)
     block = block_size(2048)
     blocks_per_sample = triton.cdiv(per_sample, block)
     _network_input_kernel[(batch * blocks_per_sample,)](

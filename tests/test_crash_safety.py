@@ -114,19 +114,78 @@ def test_sigkill_then_resume_is_bitwise_exact(tmp_path, reference, point, capfd)
 
 def test_one_run_per_out_and_no_stale_lock_after_sigkill(tmp_path):
     out = tmp_path / "run"
-    long_run = [sys.executable, "-m", "d2f", "train", *FLAGS, "--max-steps=100000", "--checkpoint-every=0"]
+    long_run = [sys.executable, "-m", "d2f", "train", *FLAGS, "--max-steps=100000", "--checkpoint-every=2"]
     holder = subprocess.Popen([*long_run, f"--out={out}"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120
         while not ((out / LOCK_NAME).is_file() and (out / LOCK_NAME).read_text() == str(holder.pid)):
             assert holder.poll() is None and time.monotonic() < deadline, "the first run never took the lock"
             time.sleep(0.2)
+        before = snapshot(out)
         with pytest.raises(ValueError, match=f"is in use by another d2f run \\(pid {holder.pid}\\)"):
-            train(TrainConfig(out=str(out), **SETTINGS), progress=False)
-        assert not (out / "checkpoints").exists() and not (out / "export").exists()  # the refused run wrote nothing
+            train(TrainConfig(out=str(out), **SETTINGS), resume="latest", progress=False)
+        while latest_checkpoint(out) is None:
+            assert holder.poll() is None and time.monotonic() < deadline, "the first run never checkpointed"
+            time.sleep(0.2)
     finally:
         os.kill(holder.pid, signal.SIGKILL)
         holder.wait(timeout=60)
-    # The kernel dropped the dead run's lock: a new run takes the folder at once.
-    metrics = train(TrainConfig(out=str(out), **SETTINGS), progress=False)
-    assert metrics["steps"] == 4
+    assert set(before) <= set(snapshot(out))  # the refused run removed nothing (the holder wrote on)
+    # The kernel dropped the dead run's lock: resuming takes the folder at once.
+    step = int(latest_checkpoint(out).name.split("-")[1])
+    metrics = train(TrainConfig(out=str(out), **{**SETTINGS, "max_steps": step + 1}), resume="latest", progress=False)
+    assert metrics["steps_this_run"] == 1
+
+
+def snapshot(folder):
+    """Every file under ``folder`` (but the lock) with its bytes."""
+    files = (p for p in sorted(folder.rglob("*")) if p.is_file() and p.name != LOCK_NAME)
+    return {str(p.relative_to(folder)): p.read_bytes() for p in files}
+
+
+def test_a_run_folder_belongs_to_one_run(tmp_path):
+    """A second run is refused in a folder holding any earlier run's files, checkpointed or not; a resume
+    that would end before its checkpoint is refused too. Each refusal leaves the folder byte for byte."""
+    out = tmp_path / "run"
+    train(TrainConfig(out=str(out), **{**SETTINGS, "checkpoint_every": 0, "max_steps": 1}), progress=False)
+    before = snapshot(out)
+    assert {"config.json", "metrics.json", "zero_shot.png"} <= set(before) and not (out / "checkpoints").exists()
+    with pytest.raises(ValueError, match="holds files of an earlier run .*it has no checkpoint, or choose another"):
+        train(TrainConfig(out=str(out), **{**SETTINGS, "resolution": 24}), progress=False)
+    assert snapshot(out) == before
+
+    out = tmp_path / "checkpointed"
+    train(TrainConfig(out=str(out), **{**SETTINGS, "max_steps": 2}), progress=False)
+    before = snapshot(out)
+    with pytest.raises(ValueError, match="holds files of an earlier run .*pass --resume to continue it"):
+        train(TrainConfig(out=str(out), **SETTINGS), progress=False)
+    with pytest.raises(ValueError, match="max_steps=1 is below the step of the checkpoint resumed from .* step 2"):
+        train(TrainConfig(out=str(out), **{**SETTINGS, "max_steps": 1}), resume="latest", progress=False)
+    assert snapshot(out) == before
+
+
+# Runs a d2f command with every file write limited to FSIZE bytes, as on a full disk: a write past it fails
+# with EFBIG (SIGXFSZ is ignored, so the write returns the error instead of killing the process).
+FULL_DISK = """
+import resource, signal, sys
+from d2f.cli import main
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), int(sys.argv[1])))
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("command", ["sample", "eval"])
+def test_a_full_disk_leaves_no_half_written_file(tmp_path, command):
+    """The file keeps its earlier content, no temporary file is left, and the error is one line naming it."""
+    out = tmp_path / ("grid.png" if command == "sample" else "report.json")
+    out.write_bytes(b"an earlier result")
+    args = ["--model", "teacher", "--steps", "2", "--num-samples", "4", "--out", str(out)]
+    run = subprocess.run(
+        [sys.executable, "-c", FULL_DISK, "64", command, *args], capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 2, run.stderr[-2000:]
+    message = f"d2f {command}: error: [Errno 27] File too large (nothing written): '{out}'"
+    assert run.stderr.splitlines()[-1].startswith(message)
+    assert "Traceback" not in run.stderr
+    assert out.read_bytes() == b"an earlier result" and sorted(p.name for p in tmp_path.iterdir()) == [out.name]

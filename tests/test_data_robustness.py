@@ -1,9 +1,11 @@
 """Image folders with awkward files: every file is built here with PIL, nothing is downloaded or committed."""
 
+import re
 import warnings
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageFile
 
 from d2f.training.data import _pixels, load_dataset
@@ -191,3 +193,23 @@ def test_exif_orientation_is_applied(tmp_path):
     loaded = _pixels(Image.open(tmp_path / "photo.png"), 1)[..., 0]
     assert loaded.shape == (4, 2) and loaded[0, 1] == 255 and loaded[0, 0] == 0
     assert images.shape == (1, 1, 2, 2)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("labels", torch.tensor([0, 1, -1, 2]), "labels must be one label >= 0 per sample; got shape (4,), min -1"),
+        ("labels", torch.tensor([0.0, 1.0, 2.0, 3.0]), "labels have dtype torch.float32; class labels must be int64"),
+        ("labels", torch.tensor([True, False, True, False]), "labels have dtype torch.bool"),
+        ("labels", torch.zeros(4, 2, dtype=torch.int64), "labels must be one label >= 0 per sample; got shape (4, 2)"),
+        ("concat", torch.full((4, 1, 16, 16), torch.nan), "concat must be finite floating-point values"),
+    ],
+)
+def test_bad_labels_and_conditions_in_a_latents_file_are_named(tmp_path, key, value, message):
+    """Refused when read, not inside the network's embedding (on a GPU, a device-side assert)."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "latents.safetensors"
+    save_file({"latents": torch.zeros(4, 1, 16, 16), key: value}, str(path))
+    with pytest.raises(ValueError, match=re.escape(f"{path}: {message}")):
+        load_dataset(str(path), 16, 2 if key == "concat" else 1)

@@ -1,3 +1,7 @@
+import math
+import re
+from fractions import Fraction
+
 import numpy as np
 import pytest
 import torch
@@ -21,6 +25,27 @@ def test_shift_grid_is_sd3_shift_of_the_noise_level(n, shift):
     s = 1 - uniform_grid(n)
     torch.testing.assert_close(ts, 1 - shift * s / (1 + (shift - 1) * s))
     assert ts[0] == 0 and ts[-1] == 1 and bool((ts.diff() > 0).all())
+
+
+@pytest.mark.parametrize("shift", [1e-17, 1e17, 1e-4, 1e4, 0.0, -1.0, math.inf, math.nan, True])
+def test_shift_outside_its_range_is_refused_naming_the_range(shift):
+    """shift_grid(4, 1e-17) returned [nan, 1, 1, 1, 1]: 1 + (shift-1)*(1-t) is 0 at t = 0 once shift - 1
+    rounds to -1; 1e17 crowded every interior time below 1e-16."""
+    with pytest.raises(ValueError, match=rf"shift={re.escape(repr(shift))} must be a number in \[0.001, 1000\]"):
+        shift_grid(4, shift)
+
+
+@pytest.mark.parametrize("shift", [1e-3, 0.5, 2.0, 1e3])
+@pytest.mark.parametrize("n, t_start, t_end", [(1, 0.0, 1.0), (4, 0.0, 1.0), (1000, 0.0, 1.0), (7, 1e-3, 1 - 1e-3)])
+def test_shift_grid_at_the_ends_of_its_range_is_exact_and_strictly_increasing(shift, n, t_start, t_end):
+    ts = shift_grid(n, shift, t_start, t_end)
+    # The map in exact rational arithmetic, from the float64 uniform grid it shifts.
+    uniform = map(Fraction, uniform_grid(n, t_start, t_end).tolist())
+    exact = [float(t / (t + Fraction(shift) * (1 - t))) for t in uniform]
+    assert ts.tolist() == pytest.approx(exact, rel=4 * np.finfo(np.float64).eps, abs=0)
+    assert bool((ts.diff() > 0).all()) and bool(ts.isfinite().all())
+    if t_start == 0.0:
+        assert ts[0] == 0 and ts[-1] == 1
 
 
 def test_shift_one_is_uniform_and_large_shift_spends_steps_at_high_noise():
@@ -80,7 +105,7 @@ def test_ddim_grid_errors():
         uniform_grid(3, 0.5, 0.5)
     with pytest.raises(ValueError, match="t_end must lie in \\[0, 1\\]"):
         uniform_grid(3, 0.0, 2.0)
-    with pytest.raises(ValueError, match="shift=0 must be a finite number > 0"):
+    with pytest.raises(ValueError, match=r"shift=0 must be a number in \[0.001, 1000\]"):
         shift_grid(3, 0)
 
 

@@ -83,6 +83,33 @@ def test_loss_kernel_plain_backward_returns_the_fused_gradient():
     torch.testing.assert_close(o1.grad, o2.grad, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_loss_kernel_second_derivatives_match_the_float64_reference(prediction_type, reduction, weighted):
+    """Under create_graph=True the kernel's gradient was a constant, so its derivative was silently zero.
+    Here a Hessian-vector product, and the derivative through a differentiable upstream gradient."""
+    o, data, noise, t, w = make((2, 3, 70), torch.float32, seed=5)
+    w = w if weighted else None
+    v = torch.randn(o.shape, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+
+    def second_derivatives(loss_fn, o):
+        o = o.clone().requires_grad_(True)
+        loss = loss_fn(o)
+        upstream = (torch.rand(loss.shape, generator=torch.Generator().manual_seed(7)) + 0.5).to(loss)
+        upstream.requires_grad_(True)
+        (grad,) = torch.autograd.grad(loss, o, grad_outputs=upstream, create_graph=True)
+        return grad.detach(), *torch.autograd.grad((grad * v.to(grad)).sum(), (o, upstream))
+
+    got = second_derivatives(
+        lambda o: fm_loss(o, data, noise, t, prediction_type, weight=w, reduction=reduction, backend="triton"), o
+    )
+    ref = second_derivatives(lambda o: reference_loss(o, data, noise, t, prediction_type, w, reduction), o.double())
+    for value, expected, what in zip(got, ref, ("gradient", "Hessian-vector product", "upstream derivative")):
+        assert bool(expected.abs().max() > 0), what
+        torch.testing.assert_close(value.double(), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
 @pytest.mark.parametrize("name", ["model_output", "data", "noise"])
 @pytest.mark.parametrize("bad", [math.nan, -math.inf])
 def test_loss_kernel_flags_non_finite_inputs_by_name(name, bad):

@@ -137,3 +137,27 @@ def test_overflow_is_reported_not_hidden():
     big = torch.full((2, 3), 1e30)
     with pytest.raises(ValueError, match="overflowed"):
         fm_loss(big, -big, big, 0.5, "velocity")
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_second_derivatives_match_the_float64_reference(prediction_type, reduction, weighted):
+    """create_graph=True gave a gradient that was a constant: its own derivative was silently zero (or
+    torch refused it as not requiring grad). Checked against the Hessian of the plain formula, and by
+    gradgradcheck, which also differentiates through the upstream gradient."""
+    g = torch.Generator().manual_seed(len(prediction_type) + len(reduction))
+    data, noise, o = (torch.randn(3, 2, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    t = torch.tensor([0.2, 0.5, 0.9], dtype=torch.float64)
+    w = torch.rand(3, generator=g, dtype=torch.float64) * 2 if weighted else None
+    upstream = torch.rand(3 if reduction == "none" else (), generator=g, dtype=torch.float64) + 0.5
+
+    def loss(o):
+        return fm_loss(o, data, noise, t, prediction_type, weight=w, reduction=reduction)
+
+    def reference(o):
+        return (reference_loss(o, data, noise, t, prediction_type, w, reduction) * upstream).sum()
+
+    hessian = torch.autograd.functional.hessian(lambda o: (loss(o) * upstream).sum(), o)
+    torch.testing.assert_close(hessian, torch.autograd.functional.hessian(reference, o), rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradgradcheck(loss, (o.clone().requires_grad_(True),))

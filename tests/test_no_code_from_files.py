@@ -18,6 +18,8 @@ import torch
 pytest.importorskip("accelerate")
 pytest.importorskip("peft")
 
+from safetensors.torch import load_file, save_file  # noqa: E402
+
 import d2f  # noqa: E402
 from d2f.training.config import TrainConfig  # noqa: E402
 from d2f.training.loop import train  # noqa: E402
@@ -69,9 +71,59 @@ def test_pickled_adapter_is_refused(runs, tmp_path):
     shutil.copytree(runs / "lora" / "export", export)
     (export / "adapter" / "adapter_model.safetensors").unlink()
     plant(export / "adapter" / "adapter_model.bin", tmp_path / "pwned")
-    with pytest.raises(ValueError, match="loads adapters from safetensors only"):
+    with pytest.raises(ValueError, match="safetensors only, never from a pickled"):
         d2f.load(export)
     assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("case", ["real shards", "pickled .bin shard", "shard outside the folder", "pickle renamed"])
+def test_sharded_unet_index_and_every_shard_are_checked(runs, tmp_path, case):
+    """diffusers loads whatever shards a safetensors index names, ``.bin`` included, even with
+    ``use_safetensors=True``; d2f checks the index and parses every shard before diffusers sees the folder."""
+    from d2f.training.models import load_unet
+
+    unet = d2f.load(runs / "full" / "export").net
+    folder = tmp_path / "unet"
+    unet.save_pretrained(folder, max_shard_size="40KB")  # diffusers' own sharded layout
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    document = json.loads(index.read_text())
+    shards = sorted(set(document["weight_map"].values()))
+    assert len(shards) > 1
+    if case == "real shards":
+        loaded = load_unet(folder)
+        assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), unet.state_dict().values()))
+        return
+    if case == "pickle renamed":
+        plant(folder / shards[-1], tmp_path / "pwned")
+        match = f"{shards[-1]}: not a readable safetensors file"
+    else:
+        bad = shards[-1].replace(".safetensors", ".bin") if case == "pickled .bin shard" else "../elsewhere.safetensors"
+        plant(folder / bad, tmp_path / "pwned")
+        document["weight_map"] = {k: bad if v == shards[-1] else v for k, v in document["weight_map"].items()}
+        index.write_text(json.dumps(document))
+        match = f"names the shard {bad!r}; d2f loads only .safetensors shards"
+    with pytest.raises(ValueError, match=re.escape(match)):
+        load_unet(folder)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_unreadable_json_and_nan_weights_name_their_file(runs, tmp_path):
+    from d2f.training.models import load_unet
+
+    folder = tmp_path / "unet"
+    shutil.copytree(runs / "full" / "export" / "unet", folder)
+    config = folder / "config.json"
+    text = config.read_text()
+    config.write_text(text[:-20])
+    with pytest.raises(ValueError, match=re.escape(f"{config}: not a readable JSON file")):
+        load_unet(folder)
+    config.write_text(text)
+    weights = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+    name = sorted(weights)[3]
+    weights[name][0] = torch.nan
+    save_file(weights, str(folder / "diffusion_pytorch_model.safetensors"))
+    with pytest.raises(ValueError, match=re.escape(f"{folder}: the weight {name} holds NaN or inf")):
+        load_unet(folder)
 
 
 @pytest.mark.parametrize("file", ["trainable.safetensors", "ema.safetensors", "optimizer.safetensors"])

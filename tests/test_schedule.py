@@ -1,5 +1,6 @@
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -152,6 +153,62 @@ def test_from_dict_refuses_foreign_dicts(mutate, message):
 def test_bad_tables_are_refused(table, message):
     with pytest.raises(ValueError, match=message):
         Schedule.from_alphas_cumprod(table)
+
+
+@pytest.mark.parametrize("make", [Schedule.linear, Schedule.scaled_linear, Schedule.cosine])
+@pytest.mark.parametrize("value", ["no", "false", 1, None])
+def test_zero_terminal_snr_must_be_a_bool(make, value):
+    """A string such as 'no' is truthy: taken as given it would rescale the schedule."""
+    with pytest.raises(ValueError, match=re.escape(f"zero_terminal_snr={value!r} must be True or False")):
+        make(zero_terminal_snr=value)
+
+
+@pytest.mark.parametrize("value", ["false", "no", 0, None])
+def test_from_diffusers_rescale_betas_zero_snr_must_be_a_bool(value):
+    with pytest.raises(ValueError, match=re.escape(f"rescale_betas_zero_snr={value!r} must be True or False")):
+        Schedule.from_diffusers({"beta_schedule": "linear", "rescale_betas_zero_snr": value})
+
+
+@pytest.mark.parametrize(
+    "betas, bad",
+    [
+        ([0.1, math.nan], "[1]=nan"),
+        ([0.1, math.inf], "[1]=inf"),
+        ([0.1, 0.0], "[1]=0.0"),
+        ([-0.1, 0.1], "[0]=-0.1"),
+        ([1.0, 0.1], "[0]=1.0"),  # only the last beta may be 1
+        ([0.1, 1.5], "[1]=1.5"),
+    ],
+)
+@pytest.mark.parametrize("source", ["from_betas", "from_diffusers"])
+def test_bad_betas_are_refused_by_name_and_entry(betas, bad, source):
+    name = "betas" if source == "from_betas" else "trained_betas"
+    message = f"{name} must be in (0, 1), the last one may be 1 (zero terminal SNR); {name}{bad}"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        if source == "from_betas":
+            Schedule.from_betas(betas)
+        else:
+            Schedule.from_diffusers({"trained_betas": betas, "num_train_timesteps": 2})
+
+
+def test_trained_betas_must_be_one_table_as_long_as_num_train_timesteps():
+    betas = np.linspace(1e-4, 0.02, 12)
+    want = Schedule.from_betas(betas)
+    for table in (betas, betas.tolist(), torch.from_numpy(betas)):
+        assert Schedule.from_diffusers({"trained_betas": table, "num_train_timesteps": 12}) == want
+    assert Schedule.from_betas([0.1, 1.0]).zero_terminal_snr  # a last beta of 1 is zero terminal SNR
+    for table, shape in ((betas.reshape(3, 4), (3, 4)), (0.1, ()), ([], (0,))):
+        message = f"trained_betas must be a non-empty 1-D table of betas, got shape {shape}"
+        with pytest.raises(ValueError, match=re.escape(message)):
+            Schedule.from_diffusers({"trained_betas": table})
+    with pytest.raises(ValueError, match=re.escape("trained_betas must be a 1-D table of numbers, got [[0.1], [0.2")):
+        Schedule.from_diffusers({"trained_betas": [[0.1], [0.2, 0.3]]})
+    with pytest.raises(ValueError, match=re.escape("trained_betas must be real, got array([0.1+0.5j, 0.2+0.j ])")):
+        Schedule.from_diffusers({"trained_betas": np.array([0.1 + 0.5j, 0.2])})
+    # diffusers' DDIMScheduler would take the table's 12 entries and drop num_train_timesteps silently
+    message = "num_train_timesteps=1000 disagrees with trained_betas, which has 12 entries; pass num_train_timesteps=12"
+    with pytest.raises(ValueError, match=message):
+        Schedule.from_diffusers({"trained_betas": betas.tolist(), "num_train_timesteps": 1000})
 
 
 def test_bad_betas_and_times_are_refused():

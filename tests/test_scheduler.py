@@ -1,13 +1,25 @@
-"""D2FScheduler inside diffusers pipelines: a tiny Stable Diffusion built locally from configs."""
+"""D2FScheduler inside diffusers pipelines: a tiny Stable Diffusion and tiny unconditional DDPM/DDIM pipelines,
+built locally from configs."""
 
+import re
+
+import numpy as np
 import pytest
 import torch
 
 diffusers = pytest.importorskip("diffusers")
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline  # noqa: E402
+from diffusers import (  # noqa: E402
+    AutoencoderKL,
+    DDIMPipeline,
+    DDIMScheduler,
+    DDPMPipeline,
+    DDPMScheduler,
+    StableDiffusionPipeline,
+)
 
+import d2f  # noqa: E402
 from d2f import D2FScheduler, Schedule  # noqa: E402
-from nets import tiny_cond_unet  # noqa: E402
+from nets import tiny_cond_unet, tiny_unet  # noqa: E402
 
 SD_SCHEDULE = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 SD_CONFIG = dict(**SD_SCHEDULE, clip_sample=False)
@@ -103,37 +115,35 @@ def test_scheduler_semantics():
     schedule = Schedule.scaled_linear()
     # Network timesteps: exactly DDIM's integers, as floats.
     assert scheduler.timesteps.tolist() == [float(k) for k in range(901, 0, -100)]
-    t0 = float(schedule.taus[901])
-    assert scheduler.init_noise_sigma == pytest.approx((t0**2 + (1 - t0) ** 2) ** 0.5)
+    # The latents are DDIM's (the network's input): the start is the noise itself and nothing rescales it.
+    assert scheduler.init_noise_sigma == 1.0
     x = torch.ones(1, 4, 2, 2)
-    assert float(scheduler.scale_model_input(x, scheduler.timesteps[0]).mean()) == pytest.approx(
-        1 / scheduler.init_noise_sigma
-    )
+    assert scheduler.scale_model_input(x, scheduler.timesteps[0]) is x
     data, noise = torch.full((1, 4, 2, 2), 2.0), torch.zeros(1, 4, 2, 2)
-    t = float(schedule.fm_time(301))
     noisy = scheduler.add_noise(data, noise, torch.tensor([301.0]))
-    torch.testing.assert_close(noisy, torch.full_like(data, 2 * t))
+    torch.testing.assert_close(noisy, torch.full_like(data, 2 * float(schedule.alphas_cumprod[301]) ** 0.5))
     torch.testing.assert_close(scheduler.scale_noise(data, torch.tensor([301.0]), noise), noisy)
     assert len(scheduler) == 1000
 
 
 @pytest.mark.parametrize("solver", ["euler", "heun", "midpoint"])
 def test_pred_original_sample_is_the_clean_latent_of_each_evaluation(solver):
-    """``x + (1 - t) * u`` at the state the network saw: for a two-stage step's second evaluation that is the
-    predictor state the pipeline passed in, as diffusers' own Heun scheduler does."""
-    from d2f import diffusion_to_velocity
+    """``x + (1 - t) * u`` at the FM state ``x = latent / scale(t)`` the network saw: for a two-stage step's
+    second evaluation that is the predictor the pipeline passed in, as diffusers' own Heun scheduler does."""
+    from d2f import diffusion_to_velocity, scale
 
     scheduler = D2FScheduler.from_config(DDIMScheduler(**SD_CONFIG, prediction_type="epsilon").config, solver=solver)
     scheduler.set_timesteps(3)
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(1, 4, 2, 2, generator=g)
+    latent = torch.randn(1, 4, 2, 2, generator=g)
     for k in scheduler.timesteps:
         t = scheduler._evaluations[scheduler._step_index or 0].t
         out = torch.randn(1, 4, 2, 2, generator=g)
-        step = scheduler.step(out, k, x)
+        step = scheduler.step(out, k, latent)
+        x = latent / float(scale(t))
         u = diffusion_to_velocity(out, x, t, "epsilon")
         torch.testing.assert_close(step.pred_original_sample, x + (1 - t) * u)
-        x = step.prev_sample
+        latent = step.prev_sample
 
 
 @pytest.mark.parametrize("kind", ["text2img", "img2img"])
@@ -183,6 +193,123 @@ def test_bad_configs_are_refused():
     scheduler.set_timesteps(5)
     with pytest.raises(ValueError, match="not one of this scheduler's timesteps"):
         scheduler.step(torch.zeros(1, 1), 3.5, torch.zeros(1, 1))
+
+
+BOOLEAN_KEYS = ("clip_sample", "set_alpha_to_one", "thresholding", "rescale_betas_zero_snr")
+
+
+@pytest.mark.parametrize("route", ["constructor", "from_config"])
+@pytest.mark.parametrize("value", ["false", "no", 0, None])
+@pytest.mark.parametrize("key", BOOLEAN_KEYS)
+def test_boolean_config_keys_must_be_bools(key, value, route):
+    """A config's "false" is truthy: taken as given it would switch the option on."""
+    with pytest.raises(ValueError, match=re.escape(f"{key}={value!r} must be True or False")):
+        if route == "constructor":
+            D2FScheduler(**{key: value})
+        else:
+            D2FScheduler.from_config({"_class_name": "DDIMScheduler", key: value})  # a scheduler_config.json
+
+
+def test_trained_betas_must_be_one_table_as_long_as_num_train_timesteps():
+    betas = np.linspace(1e-4, 0.02, 50)
+    want = Schedule.from_betas(betas, "epsilon")
+    for table in (betas, betas.tolist(), torch.from_numpy(betas)):
+        assert D2FScheduler(trained_betas=table, num_train_timesteps=50).schedule == want
+    with pytest.raises(
+        ValueError, match=re.escape("trained_betas must be a non-empty 1-D table of betas, got shape (5, 10)")
+    ):
+        D2FScheduler(trained_betas=betas.reshape(5, 10), num_train_timesteps=50)
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "trained_betas must be in (0, 1), the last one may be 1 (zero terminal SNR); trained_betas[1]=nan"
+        ),
+    ):
+        D2FScheduler(trained_betas=[0.1, float("nan")], num_train_timesteps=2)
+    message = "num_train_timesteps=1000 disagrees with trained_betas, which has 50 entries; pass num_train_timesteps=50"
+    with pytest.raises(ValueError, match=message):
+        D2FScheduler(trained_betas=betas)
+    ddim = DDIMScheduler(trained_betas=betas.tolist())
+    assert len(ddim.betas) == 50 and ddim.config.num_train_timesteps == 1000  # DDIM drops the disagreement silently
+    with pytest.raises(ValueError, match=message):
+        D2FScheduler.from_config(ddim.config)
+
+
+def unconditional(pipeline_class, scheduler):
+    torch.manual_seed(0)
+    pipe = pipeline_class(unet=tiny_unet(3, 3), scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(pipe, **kwargs):
+    return pipe(
+        batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=3, output_type="np", **kwargs
+    ).images
+
+
+def d2f_reference(unet, scheduler, steps=3):
+    """``d2f.sample`` of the same network from the pipeline's noise on the scheduler's grid and solver,
+    turned into the pipeline's ``np`` images: what the scheduler must give inside the pipeline."""
+    cfg = scheduler.config
+    schedule = Schedule.from_diffusers(cfg)
+    ts = d2f.sampling_grid(
+        cfg.grid,
+        steps,
+        schedule,
+        cfg.prediction_type,
+        cfg.shift,
+        cfg.timestep_spacing,
+        cfg.steps_offset,
+        cfg.set_alpha_to_one,
+    )
+    noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))  # the pipeline's draw
+    with torch.no_grad():
+        x = d2f.D2FVelocity(unet, schedule, cfg.prediction_type).sample(noise, ts, solver=cfg.solver)
+    latent = d2f.scale(float(ts[-1])) * x
+    return (latent / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
+
+V_CONFIG = dict(prediction_type="v_prediction", clip_sample=False, timestep_spacing="trailing")
+
+
+def test_ddpm_pipeline_samples_with_d2f():
+    """DDPMPipeline neither multiplies its noise by init_noise_sigma nor calls scale_model_input, and calls
+    step(output, t, image, generator=generator): it works because the latents are DDIM's. With DDPM's own config
+    (clip_sample on) D2F gives DDIM's images; with Heun on a shifted grid, d2f.sample's."""
+    ddim = generate(unconditional(DDPMPipeline, DDIMScheduler.from_config(DDPMScheduler().config)))
+    pipe = unconditional(DDPMPipeline, D2FScheduler.from_config(DDPMScheduler().config))
+    np.testing.assert_allclose(generate(pipe), ddim, rtol=0, atol=1e-5)
+    pipe.scheduler = D2FScheduler(**V_CONFIG, solver="heun", grid="shift")
+    np.testing.assert_allclose(generate(pipe), d2f_reference(pipe.unet, pipe.scheduler), rtol=0, atol=1e-5)
+
+
+def test_ddim_pipeline_constructor_turns_any_scheduler_into_ddim(tmp_path):
+    """diffusers' DDIMPipeline runs DDIMScheduler.from_config(scheduler.config) in its constructor, which
+    from_pretrained goes through too: a D2FScheduler handed to either is silently replaced. If diffusers stops
+    doing this, the README's advice to assign the scheduler after construction can be relaxed."""
+    pipe = unconditional(DDIMPipeline, D2FScheduler(**V_CONFIG, solver="heun"))
+    assert type(pipe.scheduler) is DDIMScheduler
+    pipe.save_pretrained(tmp_path)
+    loaded = DDIMPipeline.from_pretrained(tmp_path, scheduler=D2FScheduler(**V_CONFIG, solver="heun"))
+    assert type(loaded.scheduler) is DDIMScheduler
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_ddim_pipeline_samples_with_d2f_assigned_after_construction(eta):
+    """pipe.scheduler = D2FScheduler.from_config(pipe.scheduler.config) after construction sticks, and the
+    pipeline hands the step its eta and generator: DDIM's images on the DDIM grid; on a uniform FM grid others
+    (d2f.sample's for eta = 0)."""
+    pipe = unconditional(DDIMPipeline, DDIMScheduler(**V_CONFIG))
+    ddim = generate(pipe, eta=eta)
+    pipe.scheduler = D2FScheduler.from_config(pipe.scheduler.config)
+    assert isinstance(pipe.scheduler, D2FScheduler)
+    np.testing.assert_allclose(generate(pipe, eta=eta), ddim, rtol=0, atol=1e-5)
+    pipe.scheduler = D2FScheduler.from_config(pipe.scheduler.config, grid="uniform")
+    fm = generate(pipe, eta=eta)
+    assert np.abs(fm - ddim).max() > 1e-2
+    if eta == 0:
+        np.testing.assert_allclose(fm, d2f_reference(pipe.unet, pipe.scheduler), rtol=0, atol=1e-5)
 
 
 def manual_loop(unet, scheduler, noise, steps, labels):

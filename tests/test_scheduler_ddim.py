@@ -1,14 +1,16 @@
 """D2FScheduler against DDIMScheduler side by side, under every DDIM setting, in the loop a pipeline runs:
 ``randn * init_noise_sigma``, then ``scale_model_input`` and ``step`` per timestep (and img2img's ``add_noise``
-and ``set_begin_index``). The pipeline's latent is the FM state ``x``; DDIM's latent is ``scale(t) * x``.
+and ``set_begin_index``). Both hold DDIM's latent ``scale(t) * x`` of the FM state ``x``, so they are compared
+latent for latent after every step.
 
 The reference is DDIMScheduler itself run in float64 on d2f's float64 table, so that a difference is the
 method's and not rounding: d2f in float64 matches it to 1e-10 and d2f in float32 to 1e-5 at every step
-(4e-5 for sample prediction, see FP32_TOL). Stock DDIMScheduler in float32 is further from that reference
-than d2f in float32 in every case, which the last check asserts.
+(4e-5 for sample prediction, see FP32_TOL). The last check holds d2f's float32 error to within 2e-5 of
+stock DDIMScheduler's own float32 error (which is NaN at zero SNR with eta > 0 on some CPUs).
 """
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -41,7 +43,7 @@ def ddim64(config):
 
 
 def latents(s, dtype, eta, start=None, begin=0, drawn=False):
-    """Run the pipeline loop from ``begin``; DDIM-space latents after every step (FM state times scale).
+    """Run the pipeline loop from ``begin``; the latents after every step, in float64.
 
     The step noise (eta > 0) is float32 ``randn`` from a generator seeded 0, one draw per step: drawn by the
     scheduler itself with ``drawn`` (as a pipeline passes ``generator``), else drawn here and given as
@@ -64,11 +66,7 @@ def latents(s, dtype, eta, start=None, begin=0, drawn=False):
             noise = torch.randn(x.shape, generator=g, dtype=torch.float32).to(dtype) if eta else None
             x = s.step(o, k, x, eta=eta, variance_noise=noise).prev_sample
         assert x.dtype == dtype
-        if isinstance(s, D2FScheduler) and s.step_index < len(s.timesteps):
-            x_latent = x.double() * float(scale(s._evaluations[s.step_index].t))  # the state at the next time
-        else:
-            x_latent = x.double()
-        out.append(x_latent)
+        out.append(x.double())
     return out
 
 
@@ -124,8 +122,16 @@ def test_every_ddim_setting_step_for_step(prediction_type, spacing, offset, to_o
     stock = DDIMScheduler(**config)
     stock.set_timesteps(STEPS)
     d2f.set_timesteps(STEPS)
-    # Never further from the exact result than DDIMScheduler's own float32 arithmetic (one float32 step more).
-    assert error(latents(d2f, torch.float32, eta), want) <= error(latents(stock, torch.float32, eta), want) + 1e-5
+    mine, ddim = error(latents(d2f, torch.float32, eta), want), error(latents(stock, torch.float32, eta), want)
+    if math.isnan(ddim):
+        # DDIMScheduler's own float32 step is NaN here: at zero terminal SNR with eta > 0 its noise variance
+        # 1 - alpha_prev - std^2 rounds below 0 before the square root (on some CPUs, not others).
+        assert mine <= FP32_TOL[prediction_type]
+    else:
+        # Never much further from the exact result than DDIMScheduler's own float32 arithmetic. The margin is
+        # measured, and CPU-dependent (vectorised float32 sums round differently): 1e-5 sufficed on one
+        # machine, the worst case on another (sample, leading, zero SNR, eta 0.5) needed 1.5e-5.
+        assert mine <= ddim + 2e-5
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
@@ -168,7 +174,7 @@ def test_img2img_from_every_begin_index(config, eta):
         k = reference.timesteps[begin : begin + 1].repeat(2)
         z = reference.add_noise(data, noise, k)
         x = d2f.add_noise(data, noise, k)
-        torch.testing.assert_close(x * float(scale(d2f._evaluations[begin].t)), z, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(x, z, rtol=1e-10, atol=1e-10)
         reference.set_timesteps(STEPS)
         d2f.set_timesteps(STEPS)
         want = latents(reference, torch.float64, eta, start=z, begin=begin)
@@ -237,19 +243,20 @@ def test_eta_and_clipping_on_an_fm_grid_are_ddims_transition_between_its_noise_l
 
     s = D2FScheduler(**SD, prediction_type="epsilon", clip_sample=True, grid="uniform")
     s.set_timesteps(4)
-    x = torch.randn(2, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(8)) * s.init_noise_sigma
+    latent = torch.randn(2, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
     noise = torch.randn(2, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
     k = s.timesteps[1]
     s.set_begin_index(1)
     (t, t_next), eta = s._steps[1], 0.7
-    o = model(s.scale_model_input(x, k), k.expand(2))
-    got = s.step(o, k, x, eta=eta, variance_noise=noise)
+    o = model(s.scale_model_input(latent, k), k.expand(2))
+    got = s.step(o, k, latent, eta=eta, variance_noise=noise)
+    x = latent / float(scale(t))
     u = diffusion_to_velocity(o, x, t, "epsilon")
     data, eps = (x + (1 - t) * u).clamp(-1, 1), x - t * u
     (a, sg), (a1, s1) = (map(float, alpha_sigma(v)) for v in (t, t_next))
     std = eta * (s1 / sg) * (1 - (a / a1) ** 2) ** 0.5
     z = a1 * data + (s1**2 - std**2) ** 0.5 * eps + std * noise
-    torch.testing.assert_close(got.prev_sample, z / float(scale(t_next)), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got.prev_sample, z, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(got.pred_original_sample, data, rtol=1e-12, atol=1e-12)
 
 

@@ -2,9 +2,13 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from d2f import diffusion_to_velocity, sample, uniform_grid
+from d2f import D2FVelocity, NonFiniteError, Schedule, diffusion_to_velocity, sample, uniform_grid
 from d2f.parametrization import SINGULAR_TIMES
+from d2f.solvers import SOLVERS
+from nets import TinyNet
 from strategies import tensor
 from test_parametrization import gaussian_oracle
 
@@ -166,3 +170,63 @@ def test_a_zero_dimensional_state():
     field.singular_times = ()
     x = sample(field, torch.tensor(1.0, dtype=torch.float64), uniform_grid(64), solver="heun")
     assert x.shape == () and float(x) == pytest.approx(math.exp(0.5), rel=1e-4)
+
+
+class Diverging(torch.nn.Module):
+    """A real (tiny) network whose outputs turn NaN or inf from its ``at``-th call on."""
+
+    def __init__(self, at: int, value: float):
+        super().__init__()
+        self.net, self.at, self.value, self.calls = TinyNet(1, 1).requires_grad_(False), at, value, 0
+
+    def forward(self, z, k, label=None):
+        self.calls += 1
+        out = self.net(z, k, label)
+        return out * self.value if self.calls >= self.at else out
+
+
+@settings(max_examples=60)
+@given(
+    solver=st.sampled_from(SOLVERS),
+    path=st.sampled_from(["D2FVelocity.sample", "d2f.sample of D2FVelocity", "d2f.sample of a function"]),
+    callback=st.booleans(),
+    backend=st.sampled_from(["torch", "triton"]),
+    guided=st.booleans(),
+    at=st.integers(1, 3),  # every solver evaluates at least once per step
+    value=st.sampled_from([math.nan, math.inf, -math.inf]),
+)
+def test_every_sampler_path_names_a_nonfinite_model_output(solver, path, callback, backend, guided, at, value):
+    """Fused or through the velocity, with or without a callback, on either backend: a network going NaN or
+    inf at any evaluation stops the sampler with the step, its times and the tensor, never a NaN result."""
+    net = Diverging(at, value)
+    schedule = Schedule.scaled_linear(prediction_type="v_prediction")
+    uncond = {"label": torch.zeros(1)} if guided else None
+    field = D2FVelocity(net, schedule, "v_prediction", guidance_scale=2.0 if guided else 1.0, uncond=uncond)
+    cond = {"label": torch.ones(2)} if guided else {}
+    noise, ts = torch.randn(2, 1, 8, 8), uniform_grid(3, schedule.t_min, 1.0)
+    seen = []
+    options = dict(solver=solver, callback=(lambda *a: seen.append(a)) if callback else None, backend=backend)
+    with pytest.raises(NonFiniteError, match=r"^sample: step [1-3] of 3 \(\w+, t .* -> .*\): the model's output"):
+        if path == "D2FVelocity.sample":
+            field.sample(noise, ts, **options, **cond)
+        elif path == "d2f.sample of D2FVelocity":
+            sample(field, noise, ts, **options, **cond)
+        else:
+            sample(lambda x, t, **c: field(x, t, **c), noise, ts, **options, **cond)
+    assert net.calls == at  # stopped at the first bad evaluation
+
+
+def test_the_velocity_itself_names_a_nonfinite_model_output():
+    field = D2FVelocity(Diverging(1, math.nan), Schedule.scaled_linear(prediction_type="v_prediction"), "v_prediction")
+    with pytest.raises(NonFiniteError, match="^D2FVelocity: model_output contains NaN or inf$"):
+        field(torch.randn(2, 1, 8, 8), 0.5)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_an_empty_batch_samples_to_an_empty_batch(solver, backend):
+    """As torch's own elementwise ops do (fm_loss, whose mean is undefined there, refuses one by name)."""
+    field = D2FVelocity(TinyNet(1, 1), Schedule.scaled_linear(prediction_type="v_prediction"), "v_prediction")
+    noise = torch.randn(0, 1, 8, 8)
+    assert field.sample(noise, uniform_grid(2, 0.0, 1.0), solver=solver, backend=backend).shape == noise.shape
+    assert sample(lambda x, t: x, noise, [0.1, 0.9], solver=solver, backend=backend).shape == noise.shape

@@ -46,11 +46,13 @@ from hypothesis import strategies as st
 
 from d2f import (
     PREDICTION_TYPES,
+    NonFiniteError,
     Schedule,
     align,
     alpha_sigma,
     diffusion_to_velocity,
     fm_loss,
+    guidance,
     interpolate,
     network_input,
     scale,
@@ -58,6 +60,7 @@ from d2f import (
     velocity_coefficients,
     velocity_to_diffusion,
 )
+from d2f.grids import grid_steps
 from d2f.solvers import CORRECT, EULER, PREDICT, ode_step
 from strategies import inner_times, schedules, shapes, tensor, unit_times
 from test_loss import reference_loss
@@ -560,6 +563,136 @@ def test_ode_step_names_the_non_finite_input(backend, shape, mode_name, guided, 
     g = data.draw(st.floats(-3, 8), label="g") if guided else 1.0
     with pytest.raises(ValueError, match=f"ode_step: {name} contains NaN or inf"):
         ode_step(mode, *tensors.values(), a, b, t1 - t0, g, float(scale(t1)), out_dtype, backend=backend, c=c)
+
+
+# The public elementwise helpers, as ``call(tensors, t, prediction_type)`` with their tensor arguments. One
+# finiteness policy for all: a NaN or inf input raises the NonFiniteError naming it, an overflow from finite
+# inputs a ValueError naming the function and the dtype; they used to pass NaN through and overflow to inf.
+HELPERS = {
+    "align": (("x",), lambda a, t, p: align(a["x"], t)),
+    "interpolate": (("data", "noise"), lambda a, t, p: interpolate(a["data"], a["noise"], t)),
+    "target_velocity": (("data", "noise"), lambda a, t, p: target_velocity(a["data"], a["noise"])),
+    "network_input": (("data", "noise"), lambda a, t, p: network_input(a["data"], a["noise"], t, backend="torch")),
+    "network_input[triton]": (
+        ("data", "noise"),
+        lambda a, t, p: network_input(a["data"], a["noise"], t, backend="triton"),
+    ),
+    "diffusion_to_velocity": (
+        ("model_output", "x"),
+        lambda a, t, p: diffusion_to_velocity(a["model_output"], a["x"], t, p),
+    ),
+    "velocity_to_diffusion": (("velocity", "x"), lambda a, t, p: velocity_to_diffusion(a["velocity"], a["x"], t, p)),
+    "guidance": (("uncond", "cond"), lambda a, t, p: guidance(a["uncond"], a["cond"], 7.5)),
+}
+# Every public function that takes tensors: the helpers and the loss.
+PUBLIC = {
+    **HELPERS,
+    **{
+        f"fm_loss{suffix}": (
+            ("model_output", "data", "noise"),
+            lambda a, t, p, backend=backend: fm_loss(a["model_output"], a["data"], a["noise"], t, p, backend=backend),
+        )
+        for suffix, backend in (("", "torch"), ("[triton]", "triton"))
+    },
+}
+
+
+def function_name(key: str) -> str:
+    return key.split("[")[0]
+
+
+def helper_dtypes(key: str) -> list[torch.dtype]:
+    return DTYPES["triton" if key.endswith("[triton]") else "torch"]
+
+
+@pytest.mark.parametrize("helper", list(HELPERS))
+@settings(max_examples=25)
+@given(shapes, BAD, st.sampled_from(PREDICTION_TYPES), inner_times, st.data())
+def test_elementwise_helpers_name_the_non_finite_input(helper, shape, bad, prediction_type, t, data):
+    names, call = HELPERS[helper]
+    dtype = data.draw(st.sampled_from(helper_dtypes(helper)), label="dtype")
+    args = dict(zip(names, data.draw(inputs(shape, dtype, len(names)))))
+    name = data.draw(st.sampled_from(names), label="bad tensor")
+    target = args[name].view(-1)
+    target[data.draw(st.integers(0, target.numel() - 1), label="position")] = bad
+    with pytest.raises(NonFiniteError, match=f"^{function_name(helper)}: {name} contains NaN or inf$"):
+        call(args, t, prediction_type)
+
+
+BIG = 3e38  # finite in float32, but scaled by sqrt(2), doubled or summed it is not
+OVERFLOWS = {
+    "align": lambda big: align(big, 0.5),
+    "target_velocity": lambda big: target_velocity(big, -big),
+    "network_input": lambda big: network_input(big, big, 0.5, backend="torch"),
+    "network_input[triton]": lambda big: network_input(big, big, 0.5, backend="triton"),
+    "velocity_to_diffusion": lambda big: velocity_to_diffusion(-big, big, 0.5, "epsilon"),  # x - t*u
+    "guidance": lambda big: guidance(-big, big, 2.0),
+}
+
+
+@pytest.mark.parametrize("helper", list(OVERFLOWS))
+def test_overflow_from_finite_inputs_is_reported(helper):
+    """Each returned inf for these finite float32 inputs (interpolate, a convex combination, cannot overflow)."""
+    message = rf"^{function_name(helper)}: .* overflowed torch.float32 .* although the inputs are finite"
+    with pytest.raises(ValueError, match=message):
+        OVERFLOWS[helper](torch.full((2, 3), BIG))
+
+
+@pytest.mark.parametrize(
+    "backend, dtype, value",
+    [("torch", torch.float16, 6e4), ("triton", torch.float16, 6e4), ("torch", torch.bfloat16, 2.5e38)],
+)
+def test_network_input_overflowing_the_network_dtype_names_it(backend, dtype, value):
+    """network_input(..., dtype=torch.float16) returned inf once alpha*data + sigma*noise passed 65504."""
+    x = torch.full((2, 3), value)
+    with pytest.raises(ValueError, match=rf"^network_input: the network input overflowed {dtype} \(largest"):
+        network_input(x, x, 0.5, dtype=dtype, backend=backend)
+
+
+@pytest.mark.parametrize("function", list(PUBLIC))
+def test_complex_tensors_are_refused_by_name(function):
+    """A complex data tensor lost its imaginary part in the cast to the compute dtype, without a word."""
+    names, call = PUBLIC[function]
+    for name in names:
+        args = {n: tensor((2, 3), seed=i).float() for i, n in enumerate(names)}
+        args[name] = torch.complex(args[name], args[name])
+        with pytest.raises(ValueError, match=rf"^{name} must be a real tensor, got dtype torch.complex64$"):
+            call(args, 0.5, "v_prediction")
+
+
+@pytest.mark.parametrize("ts", [torch.tensor([0.0, 0.5, 1.0], dtype=torch.complex128), np.array([0, 0.5j, 1])])
+def test_a_complex_grid_is_refused(ts):
+    with pytest.raises(ValueError, match="^ts must be real"):
+        grid_steps(ts)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool, torch.complex64, "float16", float])
+def test_network_input_refuses_a_dtype_that_is_no_floating_torch_dtype(backend, dtype):
+    """dtype=torch.int32 returned integers; dtype='float16' said 'Invalid device string'."""
+    x = torch.ones(2, 3)
+    allowed = "allowed: torch.float16, torch.bfloat16, torch.float32, torch.float64"
+    with pytest.raises(ValueError, match=rf"^dtype={re.escape(repr(dtype))} is not supported; {allowed}$"):
+        network_input(x, x, 0.5, dtype=dtype, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("shape", [(0,), (0, 3), (0, 2, 3), (2, 0)])
+def test_fm_loss_of_an_empty_batch_is_refused(backend, reduction, shape):
+    """An IndexError (torch) or ZeroDivisionError (triton) from deep inside."""
+    x = torch.zeros(shape)
+    with pytest.raises(ValueError, match=rf"^model_output has shape {re.escape(str(shape))}: fm_loss needs at least"):
+        fm_loss(x, x, x, 0.5, "velocity", reduction=reduction, backend=backend)
+
+
+@pytest.mark.parametrize("helper", list(HELPERS))
+@pytest.mark.parametrize("shape", [(0,), (0, 3), (2, 0)])
+def test_elementwise_helpers_map_an_empty_batch_to_an_empty_result(helper, shape):
+    """The network_input kernel divided by the batch size (ZeroDivisionError); the torch path returns it empty."""
+    names, call = HELPERS[helper]
+    out = call({name: torch.zeros(shape) for name in names}, 0.5, "v_prediction")
+    assert out.shape == shape
 
 
 # ---------------------------------------------------------------- the bugs these sweeps found, pinned

@@ -1,6 +1,7 @@
 """The trainer on the embedded teacher: objectives, LoRA and full, resume, data parallel, export, CLI."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -232,8 +233,12 @@ def test_bad_settings_are_refused(tmp_path):
         TrainConfig(objective="diffusion", t_sampler="uniform")
     with pytest.raises(ValueError, match="did you mean 'max_steps'"):
         TrainConfig.from_dict({"max_step": 3})
-    with pytest.raises(ValueError, match="lr=0 is not allowed"):
-        TrainConfig(lr=0)
+    for lr in (0, math.inf, math.nan, True):
+        with pytest.raises(ValueError, match=f"lr={lr!r} is not allowed: None .* or a number in \\(0, inf\\)"):
+            TrainConfig(lr=lr)
+    with pytest.raises(ValueError, match="resolution=15: 15x15 samples do not fit this UNet2DModel, whose 2 down"):
+        train(config(tmp_path, resolution=15), progress=False)
+    assert [p.name for p in (tmp_path / "run").iterdir()] == [".d2f.lock"]  # refused before writing anything
     with pytest.raises(ValueError, match="mixed_precision='fp16' is refused on the CPU"):
         train(config(tmp_path, mixed_precision="fp16"), progress=False)
     with pytest.raises(ValueError, match="no such file or folder"):
@@ -260,7 +265,7 @@ def test_default_lr_depends_on_capacity():
 
 def test_checkpoints_are_protected(tmp_path):
     train(config(tmp_path, checkpoint_every=1, num_samples=2, sample_steps=1), progress=False)
-    with pytest.raises(ValueError, match="holds checkpoints of an earlier run"):
+    with pytest.raises(ValueError, match="holds files of an earlier run .* pass --resume to continue it"):
         train(config(tmp_path, checkpoint_every=1), progress=False)
     with pytest.raises(ValueError, match="different lr"):
         train(config(tmp_path, lr=0.5, max_steps=3), resume="latest", progress=False)
@@ -357,19 +362,26 @@ def test_mnist_images_and_labels_line_up():
 
 @pytest.fixture
 def nan_at_training_call():
-    """Make the UNet return NaN on its ``n``-th training forward (a diverged network, not bad data)."""
+    """Make the UNet return NaN on its ``n``-th training forward (a diverged network, not bad data), or
+    (``gradient=True``) keep the output and make its gradient NaN: a finite loss whose update diverges.
+    ``onward``: every training forward from the ``n``-th on."""
     from diffusers.models.unets.unet_2d import UNet2DOutput
 
-    calls, handles = {"n": 0, "at": None}, []
+    calls, handles = {"n": 0, "at": None, "gradient": False, "onward": False}, []
 
     def hook(module, args, output):
         if type(module).__name__ != "UNet2DModel" or not module.training:
             return None
         calls["n"] += 1
-        return UNet2DOutput(sample=output.sample * torch.nan) if calls["n"] == calls["at"] else None
+        if not (calls["n"] == calls["at"] or (calls["onward"] and calls["n"] > calls["at"])):
+            return None
+        if calls["gradient"]:
+            output.sample.register_hook(lambda grad: grad * torch.nan)
+            return None
+        return UNet2DOutput(sample=output.sample * torch.nan)
 
-    def arm(n):
-        calls["at"] = n
+    def arm(n, gradient=False, onward=False):
+        calls.update(at=n, gradient=gradient, onward=onward)
         handles.append(torch.nn.modules.module.register_module_forward_hook(hook))
 
     yield arm
@@ -404,3 +416,27 @@ def test_nonfinite_skip_leaves_the_weights_of_that_step_untouched(tmp_path, nan_
         tensors(ckpt / "step-00000003" / "trainable.safetensors"),
     )
     assert not all(torch.equal(a[k], c[k]) for k in a)  # training went on after the skipped step
+
+
+@pytest.mark.parametrize("on_nonfinite", ["stop", "skip"])
+def test_a_diverged_update_never_becomes_a_checkpoint_or_export(tmp_path, nan_at_training_call, on_nonfinite):
+    """The loss of step 2 is finite but its update makes every weight NaN: the step-2 checkpoint is refused,
+    and the error names step 1 as the last good one (whose weights are finite). With ``skip`` the NaN losses
+    of later steps would be skipped, but the checkpoint check stops the run all the same."""
+    nan_at_training_call(2, gradient=True)
+    with pytest.raises(FloatingPointError) as info:
+        train(config(tmp_path, max_steps=4, checkpoint_every=1, on_nonfinite=on_nonfinite), progress=False)
+    last = tmp_path / "run" / "checkpoints" / "step-00000001"
+    assert "the weights after step 2 hold NaN or inf" in str(info.value)
+    assert f"Last good checkpoint: {last};" in str(info.value)
+    assert sorted(p.name for p in last.parent.iterdir()) == ["step-00000001"]
+    for file in ("trainable.safetensors", "ema.safetensors"):
+        assert all(bool(torch.isfinite(v).all()) for v in tensors(last / file).values())
+    assert not (tmp_path / "run" / "export").exists()
+
+
+def test_a_run_whose_every_step_is_skipped_exports_nothing(tmp_path, nan_at_training_call):
+    nan_at_training_call(1, onward=True)
+    with pytest.raises(FloatingPointError, match="every step of this run \\(1 to 3\\) had a non-finite loss"):
+        train(config(tmp_path, max_steps=3, on_nonfinite="skip"), progress=False)
+    assert not (tmp_path / "run" / "export").exists()

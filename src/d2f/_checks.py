@@ -13,12 +13,16 @@ takes any float or tensor.
 from __future__ import annotations
 
 import numbers
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 import torch
 from torch import Tensor
 
 TimeLike = float | Tensor
+Choice = TypeVar("Choice")
+# The dtypes a network may take its input in.
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def describe(value: object) -> str:
@@ -30,11 +34,19 @@ def describe(value: object) -> str:
     return repr(value)
 
 
-def check_choice(name: str, value: object, allowed: Iterable[str]) -> str:
+def check_choice(name: str, value: object, allowed: Iterable[Choice]) -> Choice:
     allowed = tuple(allowed)
     if value not in allowed:
         raise ValueError(f"{name}={value!r} is not supported; allowed: {', '.join(map(repr, allowed))}")
     return value  # type: ignore[return-value]
+
+
+def check_bool(name: str, value: object) -> bool:
+    """Refuse anything but ``True`` or ``False``: a config's ``"false"`` or ``"no"`` is truthy and would turn the
+    option on."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}={value!r} must be True or False")
+    return value
 
 
 def check_positive_int(name: str, value: object) -> int:
@@ -49,10 +61,14 @@ def compute_dtype(*tensors: Tensor) -> torch.dtype:
 
 
 def check_same_shape(**tensors: Tensor) -> None:
+    """Tensors of one shape with a batch dimension; real, since the casts to the compute dtype would drop an
+    imaginary part without a word."""
     items = list(tensors.items())
     for name, value in items:
         if not isinstance(value, Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        if value.is_complex():
+            raise ValueError(f"{name} must be a real tensor, got dtype {value.dtype}")
     first_name, first = items[0]
     if first.ndim < 1:
         raise ValueError(f"{first_name} must have a batch dimension, got shape {tuple(first.shape)}")
@@ -136,6 +152,34 @@ def raise_on_nonfinite_input(function: str, **inputs: Tensor | None) -> None:
     for name, value in inputs.items():
         if value is not None and not bool(torch.isfinite(value).all()):
             raise NonFiniteError(function, name)
+
+
+def overflow_message(function: str, what: str, dtype: torch.dtype) -> str:
+    """The error's message when ``what``, a result of ``function`` from finite inputs, is not finite."""
+    return (
+        f"{function}: {what} overflowed {dtype} (largest finite value {torch.finfo(dtype).max:.5g}) although "
+        "the inputs are finite"
+    )
+
+
+def check_finite_result(
+    function: str,
+    what: str,
+    result: Tensor,
+    inputs: dict[str, Tensor | None],
+    overflow: Callable[[str], ValueError] = ValueError,
+) -> Tensor:
+    """``result`` (``what`` in messages) once it is finite; d2f's one policy for NaN and inf.
+
+    One pass over the fresh result on the normal path. A NaN or inf input always reaches the result (an
+    elementwise map carries it, and ``0 * inf`` is NaN), so only a bad result costs the scan of ``inputs``:
+    a NaN or inf input raises the :class:`NonFiniteError` naming it, finite inputs raise ``overflow`` of the
+    message that ``result`` overflowed its dtype (``overflow`` may add the likely cause).
+    """
+    if bool(torch.isfinite(result).all()):
+        return result
+    raise_on_nonfinite_input(function, **inputs)
+    raise overflow(overflow_message(function, what, result.dtype))
 
 
 def per_sample(coef: Tensor, x: Tensor) -> Tensor:

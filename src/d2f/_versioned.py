@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import difflib
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ._files import read_json
 
 
 @dataclass(frozen=True)
@@ -52,8 +53,4 @@ class Document:
 
     def read(self, file: Path) -> dict[str, Any]:
         """The checked document in ``file``."""
-        try:
-            data = json.loads(Path(file).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{file}: not a readable {self.format} file ({e})") from e
-        return self.check(data, str(file))
+        return self.check(read_json(file), str(file))

@@ -184,10 +184,11 @@ def _sampling_settings(args: argparse.Namespace):
 
 
 def _print_json(report: dict, out: str | None = None) -> None:
-    text = json.dumps(report, indent=1)
-    print(text)
+    from ._files import write_json
+
+    print(json.dumps(report, indent=1))
     if out:
-        Path(out).write_text(text)
+        write_json(out, report)
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -208,9 +209,11 @@ def _sample(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
+    from ._files import output_path
     from .evaluation.evaluate import evaluate
 
-    _print_json(evaluate(args.model, _sampling_settings(args), args.num_samples), args.out)
+    out = output_path(args.out) if args.out else None
+    _print_json(evaluate(args.model, _sampling_settings(args), args.num_samples), out)
 
 
 def _pairs(args: argparse.Namespace) -> None:
@@ -277,7 +280,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         COMMANDS[args.command][1](args)
-    except (ValueError, ImportError, FileNotFoundError, FloatingPointError) as e:
+    # The boundary for what a user can fix: a bad flag or file (ValueError, including d2f.NonFiniteError), a
+    # missing extra, an unreadable, unwritable or full disk (OSError, naming the file), a diverged run. Anything
+    # else is a bug in d2f or below it and keeps its traceback.
+    except (ValueError, ImportError, OSError, FloatingPointError) as e:
         print(f"d2f {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"d2f {args.command}: interrupted", file=sys.stderr)
+        return 130
     return 0

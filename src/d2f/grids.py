@@ -22,6 +22,10 @@ from .schedule import Schedule
 
 SPACINGS = ("leading", "trailing", "linspace")
 GRIDS = ("ddim", "uniform", "shift")
+# A shift s and 1/s mirror each other (t <-> 1 - t). Shifts in use stay within about 20; far out the grid
+# crowds its steps onto one end: shift_grid(4, 1e17) puts every interior time below 1e-16, and at shift
+# 1e-17 they all round to t = 1 (no step left).
+SHIFT_RANGE = (1e-3, 1e3)
 
 
 def _check_ends(t_start: float, t_end: float) -> tuple[float, float]:
@@ -42,13 +46,19 @@ def uniform_grid(n: int, t_start: float = 0.0, t_end: float = 1.0) -> Tensor:
 def shift_grid(n: int, shift: float, t_start: float = 0.0, t_end: float = 1.0) -> Tensor:
     """SD3's time shift on a uniform grid: the noise level ``1 - t`` becomes ``shift*s / (1 + (shift-1)*s)``.
 
-    ``shift > 1`` spends more steps at high noise; ``shift = 1`` is the uniform grid.
+    ``shift > 1`` spends more steps at high noise; ``shift = 1`` is the uniform grid. ``shift`` must lie in
+    ``SHIFT_RANGE``, [1e-3, 1e3].
     """
-    if not isinstance(shift, numbers.Real) or not np.isfinite(shift) or shift <= 0:
-        raise ValueError(f"shift={shift!r} must be a finite number > 0")
+    low, high = SHIFT_RANGE
+    if isinstance(shift, bool) or not isinstance(shift, numbers.Real) or not low <= shift <= high:
+        raise ValueError(
+            f"shift={shift!r} must be a number in [{low:g}, {high:g}]: further out the shifted grid crowds its "
+            "steps onto one end"
+        )
     t = uniform_grid(n, t_start, t_end)
-    # Same map written as t / (1 + (shift-1)*(1-t)): it keeps t = 0 and t = 1 exact in floating point.
-    return t / (1 + (shift - 1) * (1 - t))
+    # Same map written as t / (t + shift*(1-t)): t = 0 and t = 1 stay exact, and no term cancels (the form
+    # t / (1 + (shift-1)*(1-t)) gave 0/0 at t = 0 once shift - 1 rounded to -1).
+    return t / (t + shift * (1 - t))
 
 
 def ddim_timesteps(num_train_timesteps: int, n: int, spacing: str = "leading", steps_offset: int = 0) -> np.ndarray:
@@ -148,6 +158,8 @@ def sampling_grid(
 
 def grid_steps(ts: Tensor | Sequence[float]) -> list[tuple[float, float]]:
     """``(start, end)`` of every step of a 1-D grid or an ``(n, 2)`` step table, after checking it."""
+    if ts.is_complex() if isinstance(ts, Tensor) else np.iscomplexobj(ts):  # the cast would drop the imaginary part
+        raise ValueError(f"ts must be real, got {describe(ts)}")
     grid = torch.as_tensor(ts, dtype=torch.float64).detach().cpu()
     if grid.ndim == 1 and grid.numel() >= 2:
         steps = torch.stack([grid[:-1], grid[1:]], dim=1)

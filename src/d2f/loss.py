@@ -18,10 +18,10 @@ from ._checks import (
     as_time,
     as_weights,
     check_choice,
+    check_finite_result,
     check_same_shape,
     compute_dtype,
     per_sample,
-    raise_on_nonfinite_input,
 )
 from ._chunks import row_chunks
 from .parametrization import check_prediction_type, overflow_error_checked, residual_coefficients_checked
@@ -29,20 +29,43 @@ from .parametrization import check_prediction_type, overflow_error_checked, resi
 REDUCTIONS = ("mean", "sum", "none")
 
 
+def loss_divisor(o: Tensor, reduction: str) -> int:
+    """``N``, the element count that ``reduction`` divides the summed squares by."""
+    return {"mean": o.numel(), "sum": 1, "none": o[0].numel()}[reduction]
+
+
 class SavedGradientFunction(torch.autograd.Function):
-    """A loss whose forward sweep already wrote ``dL/do`` for a unit upstream gradient and saved it as its
-    only tensor; backward only rescales it (per sample for ``reduction="none"``), or hands it back as it is
-    for a plain ``loss.backward()``. The torch path and the kernel (``d2f.kernels.loss``) share it."""
+    """A loss whose forward sweep already wrote ``dL/do`` for a unit upstream gradient and saved it; backward
+    only rescales it (per sample for ``reduction="none"``), or hands it back as it is for a plain
+    ``loss.backward()``. The torch path and the kernel (``d2f.kernels.loss``) share it.
+
+    A second derivative (``create_graph=True``, as in gradient penalties or Hessian-vector products) must not
+    see a constant: ``dL/do = 2*w*B*r/N`` is affine in ``o`` with slope ``2*w*B^2/N`` per sample, so then
+    backward returns the saved gradient plus that slope times ``o - o.detach()``: the same value, carrying
+    the exact second derivative. Only that case pays for the extra passes.
+    """
+
+    @staticmethod
+    def save(ctx, grad, o, t, w, prediction_type, reduction):  # type: ignore[no-untyped-def]
+        """Keep ``dL/do`` and what its slope needs: ``o`` itself (no copy), the float64 ``(B,)`` times ``t``
+        and the weights ``w`` (or None)."""
+        ctx.save_for_backward(grad, o, t, w)
+        ctx.prediction_type, ctx.reduction = prediction_type, reduction
+        ctx.per_sample = reduction == "none"
 
     @staticmethod
     def backward(ctx, grad_loss, *_):  # type: ignore[override]
-        (grad,) = ctx.saved_tensors
+        grad, o, t, w = ctx.saved_tensors
         rest = (None,) * (len(ctx.needs_input_grad) - 1)  # only model_output gets a gradient
-        if ctx.per_sample:
-            return ((grad * per_sample(grad_loss, grad)).to(grad.dtype), *rest)
-        if bool(grad_loss == 1):
+        if torch.is_grad_enabled():  # create_graph=True: the gradient must be differentiable in o
+            b = residual_coefficients_checked(t, ctx.prediction_type)[2]
+            slope = 2 * b * b / loss_divisor(o, ctx.reduction) * (1 if w is None else w.to(b.dtype))
+            dtype = compute_dtype(o)
+            grad = (grad.to(dtype) + per_sample(slope.to(dtype), o) * (o - o.detach()).to(dtype)).to(grad.dtype)
+        elif not ctx.per_sample and bool(grad_loss == 1):
             return (grad, *rest)  # loss.backward(): no pass at all
-        return ((grad * grad_loss).to(grad.dtype), *rest)
+        upstream = per_sample(grad_loss, grad) if ctx.per_sample else grad_loss
+        return ((grad * upstream).to(grad.dtype), *rest)
 
 
 class _FMLoss(SavedGradientFunction):
@@ -54,10 +77,11 @@ class _FMLoss(SavedGradientFunction):
     """
 
     @staticmethod
-    def forward(ctx, o, data, noise, p, q, b, w, reduction):  # type: ignore[override]
+    def forward(ctx, o, data, noise, t, prediction_type, w, reduction):  # type: ignore[override]
         dtype = compute_dtype(o, data, noise)
         batch, sample_numel = o.shape[0], o[0].numel()
-        divisor = {"mean": o.numel(), "sum": 1, "none": sample_numel}[reduction]
+        divisor = loss_divisor(o, reduction)
+        p, q, b = residual_coefficients_checked(t, prediction_type)  # raises at a singular t, before any pass
         coef = 2 * b / divisor if w is None else 2 * w * b / divisor
         p, q, b, coef = (per_sample(v.to(dtype), o) for v in (p, q, b, coef))
         grad = torch.empty(o.shape, dtype=o.dtype, device=o.device)
@@ -71,16 +95,16 @@ class _FMLoss(SavedGradientFunction):
         if w is not None:
             sq = sq * w.to(dtype)
         loss = sq / sample_numel if reduction == "none" else sq.sum() / divisor
-        ctx.save_for_backward(grad)
-        ctx.per_sample = reduction == "none"
+        SavedGradientFunction.save(ctx, grad, o, t, w, prediction_type, reduction)
         return loss
 
 
-def overflow(t: TimeLike, like: Tensor, prediction_type: str) -> ValueError:
-    """Inputs finite, loss not: name the t whose coefficients scale the residual most (often the cause)."""
-    message = (
-        "fm_loss: the loss overflowed float32 although the inputs are finite (the squared residual is not "
-        "representable); check t, the magnitudes of model_output, data and noise, and the loss weight"
+def overflow(message: str, t: TimeLike, like: Tensor, prediction_type: str) -> ValueError:
+    """Inputs finite, loss not: ``message`` with the t whose coefficients scale the residual most (often the
+    cause)."""
+    message += (
+        " (the squared residual is not representable); check t, the magnitudes of model_output, data and noise, "
+        "and the loss weight"
     )
     return overflow_error_checked(message, as_time(t, like=like), prediction_type)
 
@@ -110,9 +134,15 @@ def fm_loss(
 
     Only ``model_output`` receives a gradient; ``data``, ``noise``, ``t`` and ``weight`` must not require
     one. NaN or inf in any input raises a ``d2f.NonFiniteError`` (a ``ValueError``) naming it. The loss is
-    float32 (float64 if an input is float64); the gradient has ``model_output``'s dtype.
+    float32 (float64 if an input is float64); the gradient has ``model_output``'s dtype, and is itself
+    differentiable under ``create_graph=True`` (the exact second derivative, ``2*w*B^2/N`` per element).
     """
     check_same_shape(model_output=model_output, data=data, noise=noise)
+    if model_output.numel() == 0:
+        raise ValueError(
+            f"model_output has shape {tuple(model_output.shape)}: fm_loss needs at least one sample of at least "
+            "one element (an empty batch has no mean)"
+        )
     check_choice("reduction", reduction, REDUCTIONS)
     for name, value in (("data", data), ("noise", noise), ("t", t), ("weight", weight)):
         if isinstance(value, Tensor) and value.requires_grad:
@@ -120,13 +150,13 @@ def fm_loss(
     check_prediction_type(prediction_type)
     if use_triton(backend, model_output, data, noise):
         return kernels().fm_loss(model_output, data, noise, t, prediction_type, weight, reduction)
-    batch = data.shape[0]
-    tt = as_time(t, like=data).expand(batch)
-    p, q, b = residual_coefficients_checked(tt, prediction_type)
+    tt = as_time(t, like=data).expand(data.shape[0])
     w = as_weights(weight, like=data)
-    loss = _FMLoss.apply(model_output, data, noise, p, q, b, w, reduction)
-    # One check of the (small) loss; the inputs are scanned only once something is already wrong.
-    if not bool(torch.isfinite(loss).all()):
-        raise_on_nonfinite_input("fm_loss", model_output=model_output, data=data, noise=noise)
-        raise overflow(t, data, prediction_type)
-    return loss
+    loss = _FMLoss.apply(model_output, data, noise, tt, prediction_type, w, reduction)
+    return check_finite_result(
+        "fm_loss",
+        "the loss",
+        loss,
+        {"model_output": model_output, "data": data, "noise": noise},
+        lambda message: overflow(message, t, data, prediction_type),
+    )

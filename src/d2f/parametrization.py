@@ -24,11 +24,11 @@ from ._checks import (
     TimeLike,
     as_time,
     check_choice,
+    check_finite_result,
     check_same_shape,
     compute_dtype,
     describe,
     per_sample,
-    raise_on_nonfinite_input,
 )
 from .path import norm, norm_squared
 
@@ -157,22 +157,27 @@ def diffusion_to_velocity(model_output: Tensor, x: Tensor, t: TimeLike, predicti
     a, b = velocity_coefficients_checked(tt, prediction_type)
     u = affine_combination(a, b, x, model_output)
     # Near a singular end |A|, |B| exceed what the compute dtype holds (1/t > 3.4e38 in float32 for
-    # t < 2.9e-39) or push A*x past it: never hand back that inf or NaN.
-    if not bool(u.isfinite().all()):
-        raise_on_nonfinite_input("diffusion_to_velocity", model_output=model_output, x=x)
-        message = f"diffusion_to_velocity: the velocity overflowed {u.dtype} although the inputs are finite"
-        raise overflow_error_checked(message, tt, prediction_type)
-    return u
+    # t < 2.9e-39) or push A*x past it, so an overflow names the t that scales the most.
+    return check_finite_result(
+        "diffusion_to_velocity",
+        "the velocity",
+        u,
+        {"model_output": model_output, "x": x},
+        lambda message: overflow_error_checked(message, tt, prediction_type),
+    )
 
 
 def velocity_to_diffusion(velocity: Tensor, x: Tensor, t: TimeLike, prediction_type: str) -> Tensor:
-    """The network output that ``diffusion_to_velocity`` maps to ``velocity``; finite on all of [0, 1].
+    """The network output that ``diffusion_to_velocity`` maps to ``velocity``; the map is finite on all of [0, 1].
 
     epsilon: ``x - t*u``; sample: ``x + (1-t)*u``; v_prediction: ``((2t-1)*x - n^2*u)/n``; velocity: ``u``.
+    Raises where the output is not finite: naming ``velocity`` or ``x`` if one holds NaN or inf, else
+    saying that it overflowed (inputs near the dtype's largest value).
     """
     check_same_shape(velocity=velocity, x=x)
     c, d = output_coefficients_checked(as_time(t, like=x), prediction_type)
-    return affine_combination(c, d, x, velocity)
+    o = affine_combination(c, d, x, velocity)
+    return check_finite_result("velocity_to_diffusion", "the network output", o, {"velocity": velocity, "x": x})
 
 
 def diffusion_target(data: Tensor, noise: Tensor, alpha: Tensor, sigma: Tensor, prediction_type: str) -> Tensor:

@@ -3,6 +3,10 @@
 FM: ``x_t = t*data + (1-t)*noise`` (t = 0 noise, t = 1 data). With ``n(t) = sqrt(t^2 + (1-t)^2)`` the VP
 coefficients of the same point are ``alpha = t/n`` and ``sigma = (1-t)/n``, so the network input for FM
 state ``x`` is ``z = scale(t) * x`` with ``scale = alpha + sigma = 1/n``.
+
+The tensor functions here raise instead of returning NaN or inf (``d2f._checks.check_finite_result``): a
+``d2f.NonFiniteError`` naming the input that holds NaN or inf, else a ``ValueError`` saying that the result
+overflowed its dtype although the inputs are finite.
 """
 
 from __future__ import annotations
@@ -11,7 +15,17 @@ import torch
 from torch import Tensor
 
 from ._backend import kernels, use_triton
-from ._checks import TimeLike, as_time, check_same_shape, compute_dtype, per_sample, time_dtype
+from ._checks import (
+    FLOAT_DTYPES,
+    TimeLike,
+    as_time,
+    check_choice,
+    check_finite_result,
+    check_same_shape,
+    compute_dtype,
+    per_sample,
+    time_dtype,
+)
 
 
 def norm_squared(t: Tensor) -> Tensor:
@@ -52,7 +66,7 @@ def relabel_ratio(t_from: float, t_to: float) -> float:
 def align(x: Tensor, t: TimeLike) -> Tensor:
     """Network input ``z = scale(t) * x`` for FM state ``x`` at time ``t`` (feed it at ``timestep(t)``)."""
     check_same_shape(x=x)
-    return align_checked(x, as_time(t, like=x))
+    return check_finite_result("align", "the result", align_checked(x, as_time(t, like=x)), {"x": x})
 
 
 def align_checked(x: Tensor, t: Tensor) -> Tensor:
@@ -68,14 +82,16 @@ def interpolate(data: Tensor, noise: Tensor, t: TimeLike) -> Tensor:
     tt = as_time(t, like=data)
     # Both coefficients in float64, then cast (docs/conventions.md §6). lerp would form 1 - t from a
     # float32 t, losing the noise term entirely for t within float32's spacing of 1 (6e-8).
-    return per_sample(tt.to(dtype), data) * data.to(dtype) + per_sample((1 - tt).to(dtype), data) * noise.to(dtype)
+    x = per_sample(tt.to(dtype), data) * data.to(dtype) + per_sample((1 - tt).to(dtype), data) * noise.to(dtype)
+    return check_finite_result("interpolate", "the result", x, {"data": data, "noise": noise})
 
 
 def target_velocity(data: Tensor, noise: Tensor) -> Tensor:
     """The conditional FM velocity ``u = data - noise`` (constant along the straight path)."""
     check_same_shape(data=data, noise=noise)
     dtype = compute_dtype(data, noise)
-    return data.to(dtype) - noise.to(dtype)
+    u = data.to(dtype) - noise.to(dtype)
+    return check_finite_result("target_velocity", "the result", u, {"data": data, "noise": noise})
 
 
 def network_input(
@@ -84,14 +100,18 @@ def network_input(
     """The training-time network input ``align(interpolate(data, noise, t), t)`` in one pass.
 
     It equals ``alpha(t)*data + sigma(t)*noise``; feed it at ``schedule.timestep(t)``. ``dtype`` is the
-    network's (default: float32, or float64 for float64 inputs). ``backend`` as in :func:`d2f.fm_loss`.
+    network's, a ``torch.dtype`` among float16, bfloat16, float32 and float64 (default: float32, or float64
+    for float64 inputs); a value beyond its range (65504 in float16) raises rather than becoming inf.
+    ``backend`` as in :func:`d2f.fm_loss`.
     """
     check_same_shape(data=data, noise=noise)
     tt = as_time(t, like=data).expand(data.shape[0])
-    dtype = dtype or compute_dtype(data, noise)
+    dtype = compute_dtype(data, noise) if dtype is None else check_choice("dtype", dtype, FLOAT_DTYPES)
     if use_triton(backend, data, noise):
-        return kernels().network_input(data, noise, tt.contiguous(), dtype)
-    work = compute_dtype(data, noise)
-    alpha, sigma = alpha_sigma_checked(tt)
-    z = per_sample(alpha.to(work), data) * data
-    return z.addcmul_(per_sample(sigma.to(work), data), noise).to(dtype)
+        z = kernels().network_input(data, noise, tt.contiguous(), dtype)
+    else:
+        work = compute_dtype(data, noise)
+        alpha, sigma = alpha_sigma_checked(tt)
+        z = per_sample(alpha.to(work), data) * data
+        z = z.addcmul_(per_sample(sigma.to(work), data), noise).to(dtype)
+    return check_finite_result("network_input", "the network input", z, {"data": data, "noise": noise})

@@ -16,7 +16,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._checks import TimeLike, as_scalars, as_time, check_choice, check_positive_int, describe, time_dtype
+from ._checks import (
+    TimeLike,
+    as_scalars,
+    as_time,
+    check_bool,
+    check_choice,
+    check_positive_int,
+    describe,
+    time_dtype,
+)
 from ._versioned import Document
 from .parametrization import DIFFUSERS_PREDICTION_TYPES
 
@@ -30,6 +39,30 @@ def _rescale_zero_terminal_snr(alphas_cumprod: np.ndarray) -> np.ndarray:
     first, last = root[0], root[-1]
     root = (root - last) * (first / (first - last))
     return root**2
+
+
+def _checked_betas(betas: Any, name: str) -> np.ndarray:
+    """``betas`` as a float64 table, refused unless 1-D, non-empty and each in (0, 1); only the last may be 1
+    (zero terminal SNR: a later 1 would make ``alphas_cumprod`` stop decreasing)."""
+    if isinstance(betas, Tensor):
+        betas = betas.detach().cpu().numpy()
+    try:
+        real = not np.iscomplexobj(betas)  # else the float64 cast would drop the imaginary part
+        b = np.array(betas, dtype=np.float64) if real else None
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a 1-D table of numbers, got {describe(betas)}") from None
+    if b is None:
+        raise ValueError(f"{name} must be real, got {describe(betas)}")
+    if b.ndim != 1 or b.size < 1:
+        raise ValueError(f"{name} must be a non-empty 1-D table of betas, got shape {b.shape}")
+    allowed = (b > 0) & (b < 1)  # false for NaN
+    allowed[-1] |= b[-1] == 1
+    if not allowed.all():
+        k = int(np.argmin(allowed))
+        raise ValueError(
+            f"{name} must be in (0, 1), the last one may be 1 (zero terminal SNR); {name}[{k}]={float(b[k])!r}"
+        )
+    return b
 
 
 def _cosine_betas(num_train_timesteps: int, max_beta: float) -> np.ndarray:
@@ -95,11 +128,8 @@ class Schedule:
 
     @classmethod
     def from_betas(cls, betas: Any, prediction_type: str | None = None) -> Schedule:
-        """``alphas_cumprod = cumprod(1 - betas)``; each beta in (0, 1] (1 only last: zero terminal SNR)."""
-        b = np.array(betas, dtype=np.float64)
-        if b.ndim != 1 or b.size < 1 or not np.all(np.isfinite(b)) or np.any(b <= 0) or np.any(b > 1):
-            raise ValueError(f"betas must be a non-empty 1-D table of values in (0, 1], got {describe(betas)}")
-        return cls(np.cumprod(1 - b), prediction_type)
+        """``alphas_cumprod = cumprod(1 - betas)``; each beta in (0, 1) (the last may be 1: zero terminal SNR)."""
+        return cls._finish(betas, False, prediction_type)
 
     @classmethod
     def linear(
@@ -144,11 +174,10 @@ class Schedule:
         return cls._finish(_cosine_betas(T, max_beta), zero_terminal_snr, prediction_type)
 
     @classmethod
-    def _finish(cls, betas: np.ndarray, zero_terminal_snr: bool, prediction_type: str | None) -> Schedule:
-        if not np.all((betas > 0) & (betas <= 1)):
-            raise ValueError(f"the schedule's betas must lie in (0, 1]; got range [{betas.min()}, {betas.max()}]")
-        ac = np.cumprod(1 - betas)
-        if zero_terminal_snr:
+    def _finish(cls, betas: Any, zero_terminal_snr: bool, prediction_type: str | None, name: str = "betas") -> Schedule:
+        """The schedule of ``betas`` (``name`` in errors), rescaled to zero terminal SNR when asked."""
+        ac = np.cumprod(1 - _checked_betas(betas, name))
+        if check_bool("zero_terminal_snr", zero_terminal_snr):
             if ac.size < 2:
                 raise ValueError("zero_terminal_snr needs num_train_timesteps >= 2")
             ac = _rescale_zero_terminal_snr(ac)
@@ -169,7 +198,9 @@ class Schedule:
 
         Reads ``beta_schedule``, ``beta_start``, ``beta_end``, ``trained_betas``, ``num_train_timesteps``,
         ``rescale_betas_zero_snr`` and ``prediction_type`` (diffusers' defaults where a key is absent);
-        other keys are ignored. Schedulers that do not describe a VP ``alphas_cumprod`` table are refused.
+        other keys are ignored. Schedulers that do not describe a VP ``alphas_cumprod`` table are refused, and
+        so are a ``rescale_betas_zero_snr`` that is not a bool, a ``trained_betas`` that is not a 1-D table of
+        betas and a ``num_train_timesteps`` that is not its length (diffusers would take the length silently).
         """
         config = getattr(scheduler_or_config, "config", scheduler_or_config)
         if not isinstance(config, Mapping):
@@ -193,10 +224,19 @@ class Schedule:
         prediction_type = config.get("prediction_type")
         if prediction_type is not None:
             check_choice("prediction_type", prediction_type, DIFFUSERS_PREDICTION_TYPES)
-        zero_snr = bool(config.get("rescale_betas_zero_snr", False))
+        zero_snr = check_bool("rescale_betas_zero_snr", config.get("rescale_betas_zero_snr", False))
         trained = config.get("trained_betas")
         if trained is not None:
-            return cls._finish(np.asarray(trained, dtype=np.float64), zero_snr, prediction_type)
+            schedule = cls._finish(trained, zero_snr, prediction_type, "trained_betas")
+            n = schedule.num_train_timesteps
+            # diffusers' schedulers take the table's length and drop a disagreeing num_train_timesteps silently
+            T = check_positive_int("num_train_timesteps", config.get("num_train_timesteps", n))
+            if T != n:
+                raise ValueError(
+                    f"num_train_timesteps={T} disagrees with trained_betas, which has {n} entries; "
+                    f"pass num_train_timesteps={n}"
+                )
+            return schedule
         schedule = config.get("beta_schedule", "linear")
         check_choice("beta_schedule", schedule, _BETA_SCHEDULES)
         T = config.get("num_train_timesteps", 1000)

@@ -1,16 +1,17 @@
 """``D2FScheduler``: a diffusers scheduler that samples a diffusion network as a flow model.
 
 Swap it into any DDPM/DDIM-family pipeline (``pipe.scheduler = D2FScheduler.from_config(pipe.scheduler.config)``)
-and the pipeline runs unchanged. The pipeline's latents hold the FM state ``x``:
+and the pipeline runs unchanged. The pipeline's latents hold what DDIM's hold, the network's noisy input
+``z = scale(t) * x`` of the FM state ``x``, so pipelines that skip ``init_noise_sigma`` and
+``scale_model_input`` (``DDPMPipeline``, ``DDIMPipeline``) sample correctly too:
 
-- ``init_noise_sigma = 1 / scale(t_0)``, so the pipeline's ``randn * init_noise_sigma`` is DDIM's start;
-- ``scale_model_input`` multiplies by ``scale(t)``: the network sees its own noisy input ``z``;
+- ``init_noise_sigma = 1`` and ``scale_model_input`` is the identity, as for DDIM;
 - ``timesteps`` are float32 network timesteps ``k = timestep(t)`` of every evaluation (Heun and midpoint
   evaluate twice per step, and ``order = 2`` tells the pipeline);
-- ``step`` converts the (already guided) output into a velocity and takes the FM step; it finds ``t`` by
-  its step index, never by inverting a float ``k``;
-- after the last step ``prev_sample`` is put back into the network's latent space, ``scale(t_end) * x``,
-  which is what DDIM returns (it equals ``x`` when the grid ends at ``t = 1``).
+- ``step`` divides the latent by ``scale(t)``, converts the (already guided) output into a velocity, takes
+  the FM step and returns ``scale(t') * x'`` (a two-stage step's predictor likewise); it finds ``t`` by its
+  step index, never by inverting a float ``k``. Across a gap of DDIM's step table the latent is kept, as
+  DDIM keeps it.
 
 With the default ``grid="ddim"`` and ``solver="euler"`` the pipeline reproduces DDIMScheduler step for step,
 under every key DDIM takes: ``timestep_spacing``, ``steps_offset``, ``set_alpha_to_one`` (its identity last
@@ -32,17 +33,17 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, Sch
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from ._checks import check_choice, compute_dtype
+from ._checks import check_bool, check_choice, compute_dtype
 from .grids import GRIDS, SPACINGS, ddim_timesteps, grid_steps, sampling_grid
 from .parametrization import SINGULAR_TIMES, diffusion_to_velocity, velocity_to_diffusion
-from .path import interpolate, relabel_ratio, scale
+from .path import network_input, scale
 from .schedule import Schedule
 from .solvers import CORRECT, EULER, PREDICT, PREDICTOR_FRACTION, SOLVERS, ddim_step, ode_step, stage_times
 
 
 @dataclass
 class D2FSchedulerOutput(BaseOutput):
-    """``prev_sample``: the next FM state (the network's latent after the last step);
+    """``prev_sample``: the next latent, ``scale(t') * x'`` of the next FM state;
     ``pred_original_sample``: the clean latent implied by this evaluation, ``x + (1 - t) * u`` at the state
     ``x`` and time ``t`` the network was evaluated at (for a two-stage step's second evaluation: the predictor
     state, as diffusers' Heun scheduler does)."""
@@ -68,7 +69,9 @@ class D2FScheduler(SchedulerMixin, ConfigMixin):
     ``dynamic_thresholding_ratio``, ``sample_max_value``). Keys of other schedulers are kept in the config by
     ``from_config`` and not read. d2f's own: ``solver`` (euler | heun | midpoint), ``grid`` (ddim | uniform |
     shift) and ``shift``. ``betas``, ``alphas``, ``alphas_cumprod`` and ``final_alpha_cumprod`` are DDIM's
-    float32 attributes, from d2f's float64 table; ``init_noise_sigma`` is ``1 / scale(t_0)`` (module docstring).
+    float32 attributes, from d2f's float64 table. The boolean keys (``clip_sample``, ``set_alpha_to_one``,
+    ``thresholding``, ``rescale_betas_zero_snr``) must be ``True`` or ``False``; ``trained_betas`` (a list, array
+    or tensor) must be 1-D with ``num_train_timesteps`` entries (``Schedule.from_diffusers``).
     """
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
@@ -96,6 +99,13 @@ class D2FScheduler(SchedulerMixin, ConfigMixin):
         grid: str = "ddim",
         shift: float = 3.0,
     ):
+        for name, value in (
+            ("rescale_betas_zero_snr", rescale_betas_zero_snr),
+            ("set_alpha_to_one", set_alpha_to_one),
+            ("clip_sample", clip_sample),
+            ("thresholding", thresholding),
+        ):
+            check_bool(name, value)
         check_choice("solver", solver, SOLVERS)
         check_choice("grid", grid, GRIDS)
         check_choice("timestep_spacing", timestep_spacing, SPACINGS)
@@ -116,7 +126,7 @@ class D2FScheduler(SchedulerMixin, ConfigMixin):
         self.alphas_cumprod = torch.from_numpy(self.schedule.alphas_cumprod.copy()).to(torch.float32)
         self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
         self.order = 1 if solver == "euler" else 2
-        self.init_noise_sigma = 1.0
+        self.init_noise_sigma = 1.0  # DDIM's: the latent at the grid's start is the noise itself
         self.num_inference_steps: int | None = None
         self.timesteps = torch.empty(0)
         self._steps: list[tuple[float, float]] = []
@@ -160,7 +170,6 @@ class D2FScheduler(SchedulerMixin, ConfigMixin):
         self._evaluations = evaluations
         t = torch.tensor([e.t for e in evaluations], dtype=torch.float64)
         self.timesteps = self.schedule.timestep(t).to(device=device, dtype=torch.float32)
-        self.init_noise_sigma = 1 / float(scale(self._steps[0][0]))
         self._step_index, self._begin_index, self._first = None, None, None
 
     # ----------------------------------------------------------------------------------- indexing
@@ -200,8 +209,10 @@ class D2FScheduler(SchedulerMixin, ConfigMixin):
 
     # ------------------------------------------------------------------------------------ the loop
     def scale_model_input(self, sample: torch.Tensor, timestep: float | torch.Tensor | None = None) -> torch.Tensor:
-        """``z = scale(t) * x``: the network's input for the FM state held in the pipeline's latents."""
-        return sample * float(scale(self._current(timestep).t))
+        """The latent unchanged: it already is the network's input (DDIM's rule); refused before
+        ``set_timesteps`` or for a timestep that is not one of ours."""
+        self._current(timestep)
+        return sample
 
     def step(
         self,
@@ -217,39 +228,42 @@ class D2FScheduler(SchedulerMixin, ConfigMixin):
         """One network evaluation's worth of the FM solver (guidance is applied by the pipeline before), with
         DDIMScheduler.step's arguments.
 
-        The output becomes a velocity (``diffusion_to_velocity``). Without clipping and with ``eta = 0`` the
-        solver's own update takes it (``d2f.solvers.ode_step`` with ``A = 0, B = 1``); otherwise, Euler only,
-        DDIM's transition between the step's FM times (``d2f.solvers.ddim_step``): the predicted clean sample
-        clipped as the config says, and for ``eta > 0`` the noise ``variance_noise`` or, as DDIM draws it,
-        ``randn_tensor(model_output.shape, generator=generator, dtype=model_output.dtype)``. Returns the
-        sample's dtype.
+        The FM state is ``x = sample / scale(t)``, and the output becomes a velocity (``diffusion_to_velocity``).
+        Without clipping and with ``eta = 0`` the solver's own update takes it (``d2f.solvers.ode_step`` with
+        ``A = 0, B = 1``); otherwise, Euler only, DDIM's transition between the step's FM times
+        (``d2f.solvers.ddim_step``): the predicted clean sample clipped as the config says, and for ``eta > 0``
+        the noise ``variance_noise`` or, as DDIM draws it,
+        ``randn_tensor(model_output.shape, generator=generator, dtype=model_output.dtype)``. Returns the latent
+        ``scale(t') * x'`` at the time ``t'`` it reached (the step's end, or a two-stage step's predictor time),
+        in the sample's dtype.
         """
         evaluation = self._current(timestep)
         t0, t1 = self._steps[evaluation.step]
         h, c = t1 - t0, PREDICTOR_FRACTION.get(self.config.solver, 1.0)
-        x = sample.to(compute_dtype(sample))
+        x = sample.to(compute_dtype(sample)) / float(scale(evaluation.t))
         u = diffusion_to_velocity(model_output, x, evaluation.t, self.config.prediction_type)
         next_index = self._step_index + 1
         predictor = evaluation.stage == 0 and (
             next_index < len(self._evaluations) and self._evaluations[next_index].step == evaluation.step
         )
         clipping = self.config.clip_sample or self.config.thresholding
+        s_end = float(scale(t1))
         original = None
         if eta != 0 or clipping:
             noise = self._variance_noise(eta, model_output, generator, variance_noise)
             clip = self._clip if clipping else None
             x_next, original = ddim_step(x, u, t0, t1, eta, noise, clip, use_clipped_model_output)
-            prev = (x_next * self._carry(evaluation.step)).to(sample.dtype)
+            prev = (x_next * s_end).to(sample.dtype)
         elif predictor:  # the pipeline evaluates the network at x + c*h*u next
             self._first = (x, u)
-            _, prev = ode_step(PREDICT, x, u, None, None, 0.0, 1.0, h, 1.0, 1.0, sample.dtype, c=c)
+            s_mid = float(scale(self._evaluations[next_index].t))
+            _, prev = ode_step(PREDICT, x, u, None, None, 0.0, 1.0, h, 1.0, s_mid, sample.dtype, c=c)
         elif evaluation.stage == 1:
             x0, u1 = self._first
-            carry = self._carry(evaluation.step)
-            _, prev = ode_step(CORRECT, x0, u, None, u1, 0.0, 1.0, h, 1.0, carry, sample.dtype, c=c)
+            _, prev = ode_step(CORRECT, x0, u, None, u1, 0.0, 1.0, h, 1.0, s_end, sample.dtype, c=c)
             self._first = None
         else:
-            _, prev = ode_step(EULER, x, u, None, None, 0.0, 1.0, h, 1.0, self._carry(evaluation.step), sample.dtype)
+            _, prev = ode_step(EULER, x, u, None, None, 0.0, 1.0, h, 1.0, s_end, sample.dtype)
         self._step_index = next_index
         if not return_dict:
             return (prev,)
@@ -286,21 +300,12 @@ class D2FScheduler(SchedulerMixin, ConfigMixin):
         bound = bound[:, None]
         return (torch.clamp(flat, -bound, bound) / bound).reshape(data.shape)
 
-    def _carry(self, step: int) -> float:
-        """The factor on the state after ``step``: across a DDIM step-table gap ``scale(t) * x`` is kept fixed,
-        and after the last step the state returns to the network's latent ``z = scale(t_end) * x``."""
-        end = self._steps[step][1]
-        if step + 1 < len(self._steps):
-            start = self._steps[step + 1][0]
-            return 1.0 if start == end else relabel_ratio(end, start)
-        return float(scale(end))
-
     # ------------------------------------------------------------------------------------ img2img
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """The FM state at the network timesteps ``timesteps``: ``interpolate(data, noise, fm_time(k))``, in
-        ``original_samples``' dtype."""
+        """DDIM's latent at the network timesteps ``timesteps``, ``alpha * data + sigma * noise`` at
+        ``t = fm_time(k)`` (``network_input``), in ``original_samples``' dtype."""
         t = self.schedule.fm_time(torch.as_tensor(timesteps).reshape(-1).double().cpu())
-        return interpolate(original_samples, noise, t).to(original_samples.dtype)
+        return network_input(original_samples, noise, t, original_samples.dtype)
 
     def scale_noise(self, sample: torch.Tensor, timestep: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """FlowMatch pipelines' name for ``add_noise``."""

@@ -34,7 +34,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ._backend import kernels, use_triton
-from ._checks import check_choice, compute_dtype, describe, raise_on_nonfinite_input
+from ._checks import NonFiniteError, check_choice, compute_dtype, describe, raise_on_nonfinite_input
 from ._chunks import row_chunks
 from .grids import grid_steps
 from .parametrization import velocity_to_diffusion
@@ -284,6 +284,19 @@ def _step(mode: int, field: Field, x: Tensor, out: Outputs, u1, h: float, t_next
     return ode_step(mode, x, out.o_u, out.o_c, u1, out.a, out.b, h, out.g, s, z_dtype, backend, c)
 
 
+# ode_step's inputs (and D2FVelocity's, for a field sampled through its velocity), as the caller of sample
+# knows them.
+STEP_INPUTS = {
+    "x": "the state",
+    "o_u": "the model's output",
+    "model_output": "the model's output",
+    "uncond": "the model's output",
+    "o_c": "the model's conditional output",
+    "cond": "the model's conditional output",
+    "u1": "the first-stage velocity",
+}
+
+
 def integrate(field: Field, x: Tensor, z: Tensor, steps, solver: str, cond, callback, progress, backend) -> Tensor:
     """The one loop of every solver: state ``x`` and its network input ``z`` from the first step's start to
     the last step's end. A step evaluates the field at each of its :func:`stage_times`: once for Euler (and
@@ -292,14 +305,18 @@ def integrate(field: Field, x: Tensor, z: Tensor, steps, solver: str, cond, call
     for i, (t0, t1) in enumerate(tqdm(steps, disable=not progress, desc=f"d2f {solver}", unit="step")):
         x, z = _carry(field, x, z, end, t0)
         h, times = t1 - t0, stage_times(solver, t0, t1, field.singular_times)
-        out = field.outputs(z, t0, cond)
-        if callback is not None:
-            callback(i, t0, x, out.o_u)  # the field is in velocity form whenever there is a callback
-        if len(times) == 1:
-            x, z = _step(EULER, field, x, out, None, h, t1, z_dtype, backend)
-        else:
-            u1, z_p = _step(PREDICT, field, x, out, None, h, times[1], z_dtype, backend, c)
-            x, z = _step(CORRECT, field, x, field.outputs(z_p, times[1], cond), u1, h, t1, z_dtype, backend, c)
+        try:
+            out = field.outputs(z, t0, cond)
+            if callback is not None:
+                callback(i, t0, x, out.o_u)  # the field is in velocity form whenever there is a callback
+            if len(times) == 1:
+                x, z = _step(EULER, field, x, out, None, h, t1, z_dtype, backend)
+            else:
+                u1, z_p = _step(PREDICT, field, x, out, None, h, times[1], z_dtype, backend, c)
+                x, z = _step(CORRECT, field, x, field.outputs(z_p, times[1], cond), u1, h, t1, z_dtype, backend, c)
+        except NonFiniteError as e:  # ode_step's argument names mean nothing to the caller of sample
+            where = f"sample: step {i + 1} of {len(steps)} ({solver}, t {t0:.6g} -> {t1:.6g})"
+            raise NonFiniteError(where, STEP_INPUTS.get(e.tensor, e.tensor)) from e
         end = t1
     return x
 

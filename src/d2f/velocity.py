@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._checks import TimeLike, as_time, check_same_shape, compute_dtype, describe
+from ._checks import TimeLike, as_time, check_finite_result, check_same_shape, compute_dtype, describe
 from .grids import grid_steps
 from .guidance import guidance
 from .parametrization import (
@@ -164,7 +164,10 @@ class D2FVelocity:
         check_same_shape(x=x)
         tt = as_time(t, like=x)
         a, b = velocity_coefficients_checked(tt, self.prediction_type)
-        return affine_combination(a, b, x, self._model_output(x, tt, cond))
+        o = self._model_output(x, tt, cond)
+        return check_finite_result(
+            "D2FVelocity", "the velocity", affine_combination(a, b, x, o), {"x": x, "model_output": o}
+        )
 
     # ------------------------------------------------------------------------- as a field of the solvers
     def input_scale(self, t: float) -> float:

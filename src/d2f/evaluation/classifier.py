@@ -9,13 +9,14 @@ like at each resolution. Training sees the same path at random resolutions from 
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .._files import write_json, write_safetensors
 
 ASSET = Path(__file__).resolve().parent.parent / "assets" / "mnist_classifier.safetensors"
 HELD_OUT = 500  # the last 50 digits of each class are never trained on
@@ -62,8 +63,6 @@ def split(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, tor
 
 def train_classifier(seed: int = 0, epochs: int = 30, out: Path = ASSET) -> dict:
     """Train with a fixed seed, save safetensors and a JSON report beside it; returns the report."""
-    from safetensors.torch import save_file
-
     from ..training.data import mnist
 
     data = mnist(28)
@@ -90,8 +89,8 @@ def train_classifier(seed: int = 0, epochs: int = 30, out: Path = ASSET) -> dict
             pred = model(to_input(data.images[held_mask], res)).argmax(1)
             report[f"held_out_accuracy_{res}px"] = round(float((pred == data.labels[held_mask]).float().mean()), 4)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out))
-    out.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    write_safetensors(out, model.state_dict())
+    write_json(out.with_suffix(".json"), report)
     return report
 
 

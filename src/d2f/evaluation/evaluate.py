@@ -16,6 +16,11 @@ def evaluate(model: str, settings: SamplingSettings, num_samples: int = 1000, k:
     """FID against all 5000 real digits, precision/recall (k-NN) against ``num_samples`` of them, and
     the classifier's accuracy on the requested classes. Every real and generated image goes through the
     export's resolution on its way to the classifier's 28x28 input."""
+    if isinstance(num_samples, int) and not isinstance(num_samples, bool) and num_samples <= k:
+        raise ValueError(
+            f"num_samples={num_samples} is too few: precision/recall measure each sample's distance to its k={k}th "
+            f"nearest neighbour, so d2f eval needs at least {k + 1} samples"
+        )
     started = time.perf_counter()
     images, labels, _, meta = sample_export(model, settings, num_samples)
     if images.shape[1] != 1:

@@ -7,9 +7,9 @@ The training runs go to ``runs/`` (not committed), the scores and figures to ``o
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from .._files import write_json
 from ..training.images import save_line_plot
 
 EXPERIMENTS = ("e1", "e2", "e3", "e4")
@@ -61,7 +61,7 @@ def reproduce(experiment: str, out: str = "results", seed: int = 0, num_samples:
     reports = {}
     for name in EXPERIMENTS if experiment == "all" else (experiment,):
         report = runners[name]()
-        (folder / FILES[name]).write_text(json.dumps(report, indent=1))
+        write_json(folder / FILES[name], report)
         if name == "e2":
             plot_finetune(report, folder / "finetune_fid.png")
         reports[name] = report

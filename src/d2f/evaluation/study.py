@@ -29,9 +29,10 @@ JSON.
 
 from __future__ import annotations
 
-import json
 import math
 import os
+import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,6 +42,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .._checks import NonFiniteError
+from .._files import read_json, write_atomic, write_json
 from ..grids import sampling_grid
 from ..time_samplers import T_SAMPLERS
 from ..training.data import mnist
@@ -76,6 +78,14 @@ class Cell:
         return f"{self.teacher}-{rank}-{self.objective}{sampler}-lr{self.lr:g}-seed{self.seed}"
 
 
+def clear_unfinished(folder: Path) -> None:
+    """The study owns its runs folder: a run stopped before its export (a killed worker) starts over, since
+    ``d2f train`` refuses a folder holding another run's files."""
+    if folder.exists():
+        print(f"d2f study: removing {folder}, an unfinished run, to train it again", file=sys.stderr)
+        shutil.rmtree(folder)
+
+
 class Study:
     def __init__(self, out: str, max_steps: int, num_samples: int, seeds: tuple[int, ...], zsnr_steps: int):
         self.out, self.max_steps, self.num_samples, self.seeds = Path(out), max_steps, num_samples, seeds
@@ -88,16 +98,13 @@ class Study:
         # Finished runs are reused by name, so a runs folder must belong to one setting of the budget.
         settings = {"max_steps": max_steps, "num_samples": num_samples, "zsnr_steps": zsnr_steps}
         marker = self.out / "settings.json"
-        if marker.is_file() and json.loads(marker.read_text()) != settings:
+        if marker.is_file() and read_json(marker) != settings:
             raise ValueError(
-                f"{self.out} holds runs made with {json.loads(marker.read_text())}, not {settings}; "
-                "choose another --runs folder"
+                f"{self.out} holds runs made with {read_json(marker)}, not {settings}; choose another --runs folder"
             )
         self.out.mkdir(parents=True, exist_ok=True)
-        if not marker.is_file():  # written whole and renamed: workers starting at once read it meanwhile
-            temporary = marker.with_name(f".settings-{os.getpid()}.tmp")
-            temporary.write_text(json.dumps(settings))
-            os.replace(temporary, marker)
+        if not marker.is_file():  # written whole: workers starting at once read it meanwhile
+            write_json(marker, settings)
 
     def teacher_path(self, teacher: str) -> str:
         return "teacher" if teacher == "teacher" else str(self.out / "zsnr-teacher" / "export")
@@ -108,6 +115,7 @@ class Study:
 
         if (self.out / "zsnr-teacher" / "export" / "d2f.json").is_file():
             return
+        clear_unfinished(self.out / "zsnr-teacher")
         train(
             TrainConfig(
                 out=str(self.out / "zsnr-teacher"),
@@ -129,14 +137,14 @@ class Study:
         folder = self.out / cell.name
         if not (folder / "scores.json").is_file():
             return None
-        result = json.loads((folder / "scores.json").read_text())
+        result = read_json(folder / "scores.json")
         if result.get("diverged"):
             self.results[cell.name] = result
             return result
         if not all(f"{g}/{n}" in result["scores"] for g in self._grids(cell, grids) for n in steps):
             return None
         if "device" not in result:  # scores written before the device was recorded
-            result["device"] = json.loads((folder / "metrics.json").read_text())["device"]
+            result["device"] = read_json(folder / "metrics.json")["device"]
         self.results[cell.name] = result
         return result
 
@@ -154,7 +162,7 @@ class Study:
             # Too high an lr is a result of the lr search, not a failure of the study.
             result = {"cell": asdict(cell), "diverged": str(e).splitlines()[0], "scores": {}}
             cached.parent.mkdir(parents=True, exist_ok=True)
-        cached.write_text(json.dumps(result, indent=1))
+        write_json(cached, result)
         self.results[cell.name] = result
         return result
 
@@ -165,6 +173,7 @@ class Study:
         folder = self.out / cell.name
         cached = folder / "scores.json"
         if not (folder / "export" / "d2f.json").is_file():
+            clear_unfinished(folder)
             metrics = train(
                 TrainConfig(
                     out=str(folder),
@@ -182,9 +191,9 @@ class Study:
                 progress=False,
             )
         else:
-            metrics = json.loads((folder / "metrics.json").read_text())
+            metrics = read_json(folder / "metrics.json")
         field = load(str(folder / "export"))
-        scores = json.loads(cached.read_text())["scores"] if cached.is_file() else {}
+        scores = read_json(cached)["scores"] if cached.is_file() else {}
         for grid in self._grids(cell, grids):
             for n in steps:
                 if f"{grid}/{n}" not in scores:
@@ -444,6 +453,6 @@ def write_study(
         report_only=report_only,
     )
     tables = markdown(report)
-    (folder / "study.json").write_text(json.dumps(report, indent=1))
-    (folder / "study.md").write_text(tables)
+    write_json(folder / "study.json", report)
+    write_atomic(folder / "study.md", tables)
     return tables

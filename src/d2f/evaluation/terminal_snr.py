@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .._files import write_safetensors
 from ..grids import sampling_grid
 from ..training.data import mnist
 from ..training.export import load
@@ -69,15 +70,13 @@ def terminal_snr(
     plot_png: Path | None = None,
 ) -> dict:
     """E4. Returns ``{"methods": {name: brightness report}, "data": ..., ...}``."""
-    from safetensors.torch import save_file
-
     from ..training.loop import train
 
     started = time.perf_counter()
     images, labels = half_inverted_digits(seed)
     data_file = Path(out) / "half_inverted_mnist16.safetensors"
     data_file.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"latents": images.contiguous(), "labels": labels.contiguous()}, str(data_file))
+    write_safetensors(data_file, {"latents": images, "labels": labels})
     exports, train_seconds = {"teacher": "teacher"}, {}
     for objective in ("diffusion", "d2f"):
         config = full_finetune_16px(

@@ -26,7 +26,9 @@ from typing import Any
 
 import torch
 
+from .._files import fsync_dir
 from .._versioned import Document
+from .lock import LOCK_NAME
 
 STATE_TYPES = {"step": (int,), "seed": (int,), "optimizer": (list,), "config": (dict,), "losses": (list,)}
 STATE = Document("d2f.checkpoint", 1, frozenset(STATE_TYPES), types=STATE_TYPES)
@@ -35,14 +37,6 @@ _NAME = re.compile(r"^step-(\d{8})$")
 
 def checkpoint_root(out: Path) -> Path:
     return Path(out) / "checkpoints"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save_checkpoint(
@@ -78,11 +72,11 @@ def save_checkpoint(
     for file in tmp.iterdir():
         with open(file, "rb") as f:
             os.fsync(f.fileno())
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
-    _fsync_dir(root)
+    fsync_dir(root)
     return final
 
 
@@ -95,12 +89,20 @@ def remove_interrupted(out: Path) -> list[str]:
 
 
 def resume_point(out: Path, resume: str | None) -> Path | None:
-    """The checkpoint a run resumes from: ``resume`` is ``None`` (a new run, refused where ``out`` holds
-    checkpoints of an earlier one), ``"latest"`` or a checkpoint folder."""
+    """The checkpoint a run resumes from: ``resume`` is ``None`` (a new run), ``"latest"`` or a checkpoint
+    folder.
+
+    A new run owns its folder from the first byte it writes: it is refused where ``out`` holds anything but
+    the lock file, so two runs' files (an ``export/`` beside another run's ``config.json``) never mix.
+    """
     if resume is None:
-        if latest_checkpoint(out) is not None:
+        earlier = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME) if out.is_dir() else []
+        if earlier:
+            shown = ", ".join(earlier[:4]) + (f" and {len(earlier) - 4} more" if len(earlier) > 4 else "")
+            hint = "pass --resume to continue it" if latest_checkpoint(out) is not None else "it has no checkpoint"
             raise ValueError(
-                f"out={str(out)!r} holds checkpoints of an earlier run: pass --resume, or choose another --out"
+                f"out={str(out)!r} holds files of an earlier run ({shown}); {hint}, or choose another --out "
+                "(or remove the folder)"
             )
         return None
     checkpoint = latest_checkpoint(out) if resume == "latest" else Path(resume)

@@ -80,7 +80,9 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 fail(name, "an integer >= 0")
-        if self.lr is not None and (not isinstance(self.lr, (int, float)) or not (0 < self.lr <= math.inf)):
+        if self.lr is not None and (
+            isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not (0 < self.lr < math.inf)
+        ):
             fail("lr", "None (the default for the capacity) or a number in (0, inf)")
         for name in ("ema_decay", "cond_dropout"):
             value = getattr(self, name)

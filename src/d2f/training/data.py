@@ -204,6 +204,21 @@ def latents(path: Path) -> Dataset:
         value = getattr(data, name)
         if value is not None and value.shape[0] != n:
             raise ValueError(f"{path}: {name} has {value.shape[0]} entries but latents has {n}")
+    labels = data.labels
+    # Checked here: a bad label would otherwise fail inside the network's embedding (on a GPU, as a
+    # device-side assert that names nothing).
+    if labels is not None:
+        if labels.dtype not in (torch.int64, torch.int32):  # what an embedding takes
+            raise ValueError(f"{path}: labels have dtype {labels.dtype}; class labels must be int64 or int32")
+        if labels.ndim != 1 or (labels.numel() and int(labels.min()) < 0):
+            low = int(labels.min()) if labels.numel() else None
+            raise ValueError(
+                f"{path}: labels must be one label >= 0 per sample; got shape {tuple(labels.shape)}, min {low}"
+            )
+    for name in ("encoder_hidden_states", "null_encoder_hidden_states", "concat"):
+        value = getattr(data, name)
+        if value is not None and not (value.is_floating_point() and bool(torch.isfinite(value).all())):
+            raise ValueError(f"{path}: {name} must be finite floating-point values (dtype {value.dtype})")
     return data
 
 

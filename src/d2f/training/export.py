@@ -32,12 +32,13 @@ import torch
 
 from .._checks import check_choice
 from .._extras import require
+from .._files import read_json
 from .._versioned import Document
 from ..parametrization import DIFFUSERS_PREDICTION_TYPES, PREDICTION_TYPES
 from ..schedule import Schedule
 from . import objectives
 from .config import TrainConfig
-from .models import FULL_CONVS, Network, diffusers_unet, load_unet, lora_config
+from .models import FULL_CONVS, Network, check_safetensors, diffusers_unet, load_unet, lora_config
 from .teacher import teacher_path
 
 META_TYPES = {
@@ -154,7 +155,7 @@ def read_export(folder: Path) -> Export:
         TrainConfig.from_dict(meta["train_config"])
     except (TypeError, ValueError) as e:
         raise ValueError(f"{where}: train_config: {e}") from e
-    schedule = Schedule.from_dict(json.loads((folder / "schedule.json").read_text()))
+    schedule = Schedule.from_dict(read_json(folder / "schedule.json"))
     return Export(folder, meta, schedule)
 
 
@@ -177,9 +178,7 @@ def load(path: str | os.PathLike, guidance_scale: float = 1.0, device: str | tor
         from peft import PeftModel
 
         adapter = folder / "adapter"
-        if not (adapter / "adapter_model.safetensors").is_file():
-            # peft would fall back to a pickled adapter_model.bin (or look for one on the Hub).
-            raise ValueError(f"{adapter}: no adapter_model.safetensors; d2f loads adapters from safetensors only")
+        check_safetensors(adapter, "adapter_model", sharded=False)
         # The standard peft call, as a user would make it; it restores modules_to_save (conv_in/conv_out) too.
         base = load_network(meta["base"]).unet
         unet = PeftModel.from_pretrained(base, str(adapter)).get_base_model()

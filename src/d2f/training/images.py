@@ -2,11 +2,29 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+
+from .._files import write_atomic
+
+
+def image_format(path: str | Path) -> str:
+    """The format ``path``'s suffix names (``.png``, ``.jpg``, ...), checked before anything is drawn."""
+    name = Image.registered_extensions().get(Path(path).suffix.lower())
+    if name is None:
+        raise ValueError(f"out={str(path)!r}: the suffix names no image format Pillow writes (use .png)")
+    return name
+
+
+def save_image(image: Image.Image, path: str | Path) -> Path:
+    """``image`` written atomically to ``path``, in the format its suffix names."""
+    buffer = io.BytesIO()
+    image.save(buffer, format=image_format(path))
+    return write_atomic(path, buffer.getvalue())
 
 
 def save_grid(images: torch.Tensor, path: Path, columns: int = 10, upscale: int = 3) -> None:
@@ -21,7 +39,7 @@ def save_grid(images: torch.Tensor, path: Path, columns: int = 10, upscale: int 
             1, 2, 0
         ).numpy()
     picture = Image.fromarray(grid[..., 0] if c == 1 else grid, mode="L" if c == 1 else "RGB")
-    picture.resize((picture.width * upscale, picture.height * upscale), Image.NEAREST).save(path)
+    save_image(picture.resize((picture.width * upscale, picture.height * upscale), Image.NEAREST), path)
 
 
 PALETTE = [
@@ -64,7 +82,7 @@ def save_line_plot(
         prepared[name] = (x[keep], y[keep])
     points = [v for xy in prepared.values() for v in zip(*xy)]
     if not points:
-        image.save(path)
+        save_image(image, path)
         return
     (x_lo, y_lo), (x_hi, y_hi) = np.min(points, axis=0), np.max(points, axis=0)
     x_hi, y_hi = (x_hi if x_hi > x_lo else x_lo + 1), (y_hi if y_hi > y_lo else y_lo + 1)
@@ -93,7 +111,7 @@ def save_line_plot(
     draw.text((left, height - bottom + 8), f"{x_lo:.3g}", fill="black")
     draw.text((width - right - 40, height - bottom + 8), f"{x_hi:.3g}", fill="black")
     draw.text(((width - len(xlabel) * 6) / 2, height - bottom + 20), xlabel, fill="black")
-    image.save(path)
+    save_image(image, path)
 
 
 def save_loss_curve(losses: list[float], path: Path, title: str = "training loss", size=(640, 400)) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import sys
 import time
@@ -21,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .._checks import NonFiniteError
 from .._extras import require
+from .._files import write_json
 from .checkpoint import latest_checkpoint, load_checkpoint, read_state, resume_point, save_checkpoint
 from .checkpoint import remove_interrupted as remove_interrupted_checkpoints
 from .conditioning import Conditioning, SampleRequest
@@ -31,7 +31,7 @@ from .export import load_network, run_meta, write_export
 from .export import remove_interrupted as remove_interrupted_export
 from .images import save_loss_curve
 from .lock import run_lock
-from .models import Network, add_lora, trainable_parameters
+from .models import Network, add_lora, check_sample_size, trainable_parameters
 from .objectives import objective_loss
 from .pairs import load_pairs
 from .sampling import sample_images, save_images, velocity_field, zero_shot_check
@@ -136,18 +136,45 @@ def _nonfinite_report(config, out: Path, step: int, stream: Stream, world: int, 
     )
 
 
+def _check_weights(config, out: Path, step: int, trainable: dict, ema: dict) -> None:
+    """Refuse to checkpoint or export weights holding NaN or inf: a finite loss is computed before the update,
+    so an update that diverges (too high an lr) shows only here. Every rank checks its (identical) copy, so
+    all stop together."""
+    finite = torch.stack([torch.isfinite(v).all() for v in (*trainable.values(), *ema.values())])
+    if not bool(finite.all()):
+        names = [*trainable, *(f"ema.{n}" for n in ema)]
+        bad = [n for n, ok in zip(names, finite.tolist()) if not ok]
+        last = latest_checkpoint(out)
+        raise FloatingPointError(
+            f"the weights after step {step} hold NaN or inf ({bad[0]}"
+            + (f" and {len(bad) - 1} more" if len(bad) > 1 else "")
+            + f") although the losses were finite: an update diverged (lr {config.resolved_lr:g}); nothing was "
+            f"written for step {step}. Last good checkpoint: {last if last is not None else 'none'}; resume from it "
+            "with a lower lr"
+        )
+
+
 def _train_locked(config: TrainConfig, resume: str | None, progress: bool, accelerator, started: float) -> dict:
     device, main = accelerator.device, accelerator.is_main_process
     out = Path(config.out)
     checkpoint = resume_point(out, resume)
     if checkpoint is not None:
-        config.check_resumable(TrainConfig.from_dict(read_state(checkpoint)["config"]), str(checkpoint))
+        saved = read_state(checkpoint)
+        config.check_resumable(TrainConfig.from_dict(saved["config"]), str(checkpoint))
+        if saved["step"] > config.max_steps:
+            raise ValueError(
+                f"max_steps={config.max_steps} is below the step of the checkpoint resumed from ({checkpoint}, "
+                f"step {saved['step']}); pass --max-steps {saved['step']} or more"
+            )
     if main:
         _remove_interrupted(out)
     torch.manual_seed(config.seed)  # LoRA's A matrices and from-scratch weights
     network = _network(config)
     unet = network.unet.to(device)
     data = _data(config, unet.config.in_channels)
+    size = tuple(data.images.shape[-2:])  # images come at config.resolution, latents as stored
+    source = f"resolution={config.resolution}" if size == (config.resolution,) * 2 else f"data={config.data!r}"
+    check_sample_size(unet, size, source)
     conditioning = Conditioning.plan(config, network, data)
     metrics: dict[str, Any] = {"objective": config.objective, "pretrained": network.source}
     if main:
@@ -168,7 +195,7 @@ def _train_locked(config: TrainConfig, resume: str | None, progress: bool, accel
         state = load_checkpoint(checkpoint, trainable, ema, optimizer)
         start, losses = state["step"], state["losses"]
     if main:  # only now: a broken checkpoint above must leave the run folder as it was
-        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
+        write_json(out / "config.json", config.to_dict())
     model, prepared_optimizer = accelerator.prepare(unet, optimizer)
     stream = Stream(len(data), config.seed)
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -210,15 +237,22 @@ def _train_locked(config: TrainConfig, resume: str | None, progress: bool, accel
         prepared_optimizer.zero_grad(set_to_none=True)
         losses.append(total)
         bar.set_postfix(loss=f"{total:.4f}")
-        if main and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
-            save_checkpoint(out, step + 1, trainable, ema, optimizer, config.seed, config.to_dict(), losses)
+        if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
+            _check_weights(config, out, step + 1, trainable, ema)
+            if main:
+                save_checkpoint(out, step + 1, trainable, ema, optimizer, config.seed, config.to_dict(), losses)
     train_seconds = time.perf_counter() - train_started
+    if start < config.max_steps and not any(math.isfinite(v) for v in losses[start:]):
+        raise FloatingPointError(
+            f"every step of this run ({start + 1} to {config.max_steps}) had a non-finite loss and was skipped "
+            "(--on-nonfinite skip): the model did not train, so nothing is exported"
+        )
+    _check_weights(config, out, config.max_steps, trainable, ema)
     accelerator.wait_for_everyone()
 
     if main:
         with ema_weights(trainable, ema):
             unet.eval()
-            size = tuple(data.images.shape[-2:])  # images are at config.resolution; latents as stored
             request = SampleRequest.make(conditioning, data, config.num_samples, size, device)
             field = velocity_field(network, config.objective, config.guidance, conditioning, request.concat)
             images = sample_images(field, config.objective, config.sample_steps, request, config.seed + 2, device)
@@ -239,7 +273,7 @@ def _train_locked(config: TrainConfig, resume: str | None, progress: bool, accel
                 "device": str(device),
             }
         )
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        write_json(out / "metrics.json", metrics)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return metrics

@@ -4,13 +4,13 @@ and LoRA through peft. (The embedded teacher is in ``teacher.py``; exports and `
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .._files import read_json
 from ..schedule import Schedule
 
 # LoRA targets: attention projections and the resnet blocks' convolutions.
@@ -39,20 +39,55 @@ def unet_class(config: dict[str, Any], where: Path) -> type:
     return getattr(diffusers, name)
 
 
+def check_safetensors(folder: Path, weights: str, sharded: bool) -> None:
+    """Refuse ``folder`` unless every weights file the loader will open is a real safetensors file.
+
+    The one gate before diffusers or peft reads a folder. Either may ``torch.load`` a pickle: peft falls back
+    to ``<weights>.bin`` when the safetensors file is missing, and diffusers (even with
+    ``use_safetensors=True``) loads whatever shards a ``<weights>.safetensors.index.json`` names, ``.bin``
+    included. So the index (when ``sharded`` loaders read one) must name only ``.safetensors`` shards inside
+    ``folder``, and each file must parse as safetensors (a pickle renamed ``.safetensors`` does not).
+    """
+    from safetensors import SafetensorError, safe_open
+
+    single, index = folder / f"{weights}.safetensors", folder / f"{weights}.safetensors.index.json"
+    files = [single] if single.is_file() else []
+    if sharded and index.is_file():  # diffusers prefers the index where both exist
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(f"{index}: weight_map must map tensor names to shard file names")
+        files = []
+        for shard in sorted(set(weight_map.values())):
+            if not shard.endswith(".safetensors") or Path(shard).name != shard:
+                raise ValueError(
+                    f"{index} names the shard {shard!r}; d2f loads only .safetensors shards beside the index, "
+                    "never a pickled .bin or .pt file (convert it once, in a process you trust)"
+                )
+            files.append(folder / shard)
+    if not files:
+        raise ValueError(
+            f"{folder}: no {single.name}; d2f loads weights from safetensors only, never from a pickled .bin or "
+            ".pt file (convert it once, in a process you trust)"
+        )
+    for file in files:
+        try:
+            with safe_open(str(file), "pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{file}: not a readable safetensors file ({e})") from e
+
+
 def load_unet(folder: Path) -> torch.nn.Module:
     config_file = folder / "config.json"
-    config = json.loads(config_file.read_text())
-    weights = [
-        folder / "diffusion_pytorch_model.safetensors",
-        folder / "diffusion_pytorch_model.safetensors.index.json",
-    ]
-    if not any(w.is_file() for w in weights):
-        raise ValueError(
-            f"{folder}: no diffusion_pytorch_model.safetensors; d2f loads weights from safetensors only, never "
-            "from a pickled .bin or .pt file (convert it once, in a process you trust)"
-        )
+    config = read_json(config_file)
+    check_safetensors(folder, "diffusion_pytorch_model", sharded=True)
     # use_safetensors: diffusers itself must never fall back to a pickled .bin file either.
-    return unet_class(config, config_file).from_pretrained(folder, use_safetensors=True)
+    unet = unet_class(config, config_file).from_pretrained(folder, use_safetensors=True)
+    # A NaN weight would otherwise surface much later as a NaN loss or sample with no file to blame.
+    for name, tensor in unet.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{folder}: the weight {name} holds NaN or inf")
+    return unet
 
 
 def diffusers_unet(folder: Path, spec: str, source: str) -> Network:
@@ -64,7 +99,7 @@ def diffusers_unet(folder: Path, spec: str, source: str) -> Network:
     for candidate in (folder / "scheduler", folder.parent / "scheduler"):
         config = candidate / "scheduler_config.json"
         if config.exists():
-            schedule = Schedule.from_diffusers(json.loads(config.read_text()))
+            schedule = Schedule.from_diffusers(read_json(config))
             break
     else:
         raise ValueError(
@@ -74,6 +109,23 @@ def diffusers_unet(folder: Path, spec: str, source: str) -> Network:
     if schedule.prediction_type is None:
         raise ValueError(f"pretrained={spec!r}: its scheduler config names no prediction_type")
     return Network(load_unet(folder), schedule, schedule.prediction_type, None, source)
+
+
+def check_sample_size(unet: torch.nn.Module, size: tuple[int, ...], source: str) -> None:
+    """Refuse a sample size the UNet cannot take, before anything is computed or written.
+
+    diffusers' ``UNet2DModel`` halves its input in every down block but the last and concatenates the skips
+    on the way up, so each side must be a multiple of ``2 ** (blocks - 1)``; ``UNet2DConditionModel`` passes
+    the skip sizes to its upsamplers and takes any size.
+    """
+    if type(unet).__name__ != "UNet2DModel":
+        return
+    factor = 2 ** (len(unet.config.block_out_channels) - 1)
+    if any(side < 1 or side % factor for side in size):
+        raise ValueError(
+            f"{source}: {'x'.join(map(str, size))} samples do not fit this UNet2DModel, whose "
+            f"{len(unet.config.block_out_channels)} down blocks need each side a positive multiple of {factor}"
+        )
 
 
 def add_lora(unet: torch.nn.Module, rank: int, full_convs: bool) -> None:

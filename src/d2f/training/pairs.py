@@ -10,12 +10,12 @@ coupling that the new model learns to follow in fewer steps (Liu et al., rectifi
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
 import torch
 
+from .._files import output_path, write_safetensors
 from .._versioned import Document
 from .data import Dataset
 from .sampling import SamplingSettings, sample_export
@@ -41,11 +41,9 @@ def generate_pairs(
     settings = settings or SamplingSettings(steps=50)
     if not isinstance(num_pairs, int) or isinstance(num_pairs, bool) or num_pairs < 1:
         raise ValueError(f"num_pairs={num_pairs!r} is not allowed: a positive integer")
-    out = Path(out)
-    if out.suffix != ".safetensors":
+    if Path(out).suffix != ".safetensors":
         raise ValueError(f"out={str(out)!r}: a pairs file is written as .safetensors")
-    from safetensors.torch import save_file
-
+    out = output_path(out)
     started = time.perf_counter()
     images, labels, noise, _ = sample_export(model, settings, num_pairs, progress=progress)
     if not bool(torch.isfinite(images).all()):
@@ -55,10 +53,7 @@ def generate_pairs(
         tensors["labels"] = labels.to(torch.int64).contiguous()
     meta = {"model": str(model), **settings.to_dict(), "seconds": round(time.perf_counter() - started, 1)}
     document = PAIRS.new(**meta)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={"d2f": json.dumps(document)})
-    os.replace(tmp, out)  # a reader never sees half a file
+    write_safetensors(out, tensors, metadata={"d2f": json.dumps(document)})
     return meta
 
 

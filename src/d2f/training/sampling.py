@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from .._checks import check_choice, check_positive_int
+from .._files import output_path
 from ..grids import GRIDS, sampling_grid
 from ..schedule import Schedule
 from ..solvers import SOLVERS
@@ -19,8 +20,8 @@ from .conditioning import Conditioning, SampleRequest
 from .config import TrainConfig
 from .data import Dataset
 from .export import ddim_config, load, read_export
-from .images import save_grid
-from .models import Network
+from .images import image_format, save_grid
+from .models import Network, check_sample_size
 from .teacher import teacher_path
 
 
@@ -152,10 +153,14 @@ def sample_export(
     Returns ``(images, labels or None, the noise they started from, the export's metadata)``; images are
     at ``resolution`` (default: the export's training resolution).
     """
+    check_positive_int("num_samples", num_samples)
+    if resolution is not None:
+        check_positive_int("resolution", resolution)
     field = load(model, guidance_scale=settings.guidance)
     meta = read_export(teacher_path() if model == "teacher" else Path(model)).meta
     ts = settings.grid_for(field)
     resolution = resolution or meta["resolution"]
+    check_sample_size(field.net, (resolution, resolution), f"resolution={resolution}")
     channels = field.net.config.out_channels
     generator = torch.Generator().manual_seed(settings.seed)
     noise = torch.randn(num_samples, channels, resolution, resolution, generator=generator)
@@ -173,9 +178,11 @@ def write_sample_grid(
 ) -> None:
     """``d2f sample``: a PNG grid of ``num_samples`` samples of ``model``, or of the LoRA export ``lora``
     trained on the base ``model``."""
+    image_format(out)
+    out = output_path(out)
     if lora is not None:
         base = read_export(Path(lora)).meta["base"]
         if base != model and base != str(Path(model).resolve()):
             raise ValueError(f"--lora {lora} was trained on base {base!r}, not --model {model!r}")
     images, _, _, _ = sample_export(lora or model, settings, num_samples, resolution, progress=True)
-    save_grid(images, Path(out))
+    save_grid(images, out)

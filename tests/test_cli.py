@@ -1,0 +1,39 @@
+"""The ``d2f`` command's error boundary: every mistake a user can fix ends in one line naming the flag or
+file, with exit status 2 and no traceback; nothing is written."""
+
+import pytest
+
+pytest.importorskip("accelerate")
+pytest.importorskip("peft")
+
+from d2f.cli import main  # noqa: E402
+
+SAMPLE = ["sample", "--model", "teacher", "--steps", "2", "--num-samples", "4"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ([*SAMPLE, "--resolution", "0"], "resolution=0 must be a positive integer"),
+        ([*SAMPLE, "--resolution", "-3"], "resolution=-3 must be a positive integer"),
+        ([*SAMPLE, "--resolution", "15"], "resolution=15: 15x15 samples do not fit this UNet2DModel"),
+        ([*SAMPLE, "--num-samples", "0"], "num_samples=0 must be a positive integer"),
+        ([*SAMPLE, "--num-samples", "-5"], "num_samples=-5 must be a positive integer"),
+        ([*SAMPLE, "--out", "grid.xyz"], "out='grid.xyz': the suffix names no image format"),
+        (["eval", "--out", "{tmp}"], "Is a directory; expected a file name: '{tmp}'"),
+        (["eval", "--num-samples", "1"], "num_samples=1 is too few: precision/recall"),
+        (["eval", "--num-samples", "3"], "num_samples=3 is too few: precision/recall"),
+        (["eval", "--model", "{tmp}"], "no d2f.json there, so it is not a d2f export"),
+        (["pairs", "--num-samples", "0", "--out", "{tmp}/p.safetensors"], "num_pairs=0 is not allowed"),
+        (["train", "--out", "{tmp}/a-file"], "File exists: '{tmp}/a-file'"),
+    ],
+)
+def test_a_user_error_is_one_line_with_status_2(tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-file").write_text("not a folder")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main([arg.replace("{tmp}", str(tmp_path)) for arg in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"d2f {argv[0]}: error: "), err
+    assert message.replace("{tmp}", str(tmp_path)) in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
