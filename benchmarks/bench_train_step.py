@@ -28,7 +28,7 @@ def test_train_step(benchmark, objective, lora_rank):
     data = load_dataset("mnist", 24, 1)
     conditioning = Conditioning.plan(config, network, data)
     if lora_rank:
-        add_lora(network.unet, lora_rank, full_convs=True)
+        add_lora(network, lora_rank, full_convs=True)
     network.unet.train()
     optimizer = torch.optim.AdamW(trainable_parameters(network.unet).values(), lr=1e-4)
     stream = Stream(len(data), 0)

@@ -37,3 +37,22 @@ def test_a_user_error_is_one_line_with_status_2(tmp_path, capsys, monkeypatch, a
     assert err.count("\n") == 1 and err.startswith(f"d2f {argv[0]}: error: "), err
     assert message.replace("{tmp}", str(tmp_path)) in err
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_every_flag_has_a_help_line_showing_its_default():
+    import argparse
+
+    from d2f.cli import COMMANDS, build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(commands) == set(COMMANDS)
+    for name, command in commands.items():
+        text = " ".join(command.format_help().split())
+        for action in command._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, (name, action.option_strings)
+                assert f"(default: {action.default})" in text or f"(default: {action.default!r})" in text, (
+                    name,
+                    action.option_strings,
+                )

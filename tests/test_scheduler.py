@@ -361,34 +361,12 @@ def test_exports_load_with_standard_calls_and_sample_with_the_scheduler(tmp_path
 
 def test_readme_pipeline_snippet_runs_on_a_tiny_local_pipeline(tmp_path):
     """The README's StableDiffusionPipeline snippet, executed as written against a tiny saved pipeline."""
-    import json
     import re
     from pathlib import Path
 
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from pipelines import tiny_sd_pipeline
 
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "a</w>": 2}
-    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
-    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"), model_max_length=77)
-    torch.manual_seed(0)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=3,
-            hidden_size=12,
-            intermediate_size=16,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            max_position_embeddings=77,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-        )
-    )
-    pipe = tiny_pipeline("epsilon", steps_offset=1, set_alpha_to_one=False)
-    StableDiffusionPipeline(
-        **{**pipe.components, "text_encoder": text_encoder, "tokenizer": tokenizer}
-    ).save_pretrained(tmp_path / "sd")
+    tiny_sd_pipeline(tmp_path / "sd")
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     block = re.search(r"<!-- snippet: sd-pipeline.*?-->\s*```python\n(.*?)```", readme, re.S).group(1)
     namespace = {}

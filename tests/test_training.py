@@ -440,3 +440,17 @@ def test_a_run_whose_every_step_is_skipped_exports_nothing(tmp_path, nan_at_trai
     with pytest.raises(FloatingPointError, match="every step of this run \\(1 to 3\\) had a non-finite loss"):
         train(config(tmp_path, max_steps=3, on_nonfinite="skip"), progress=False)
     assert not (tmp_path / "run" / "export").exists()
+
+
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_gradient_checkpointing_computes_the_same_update(tmp_path, lora_rank):
+    """Recomputing activations in backward changes memory, not the result (measured here: bit for bit)."""
+    runs = {}
+    for flag in (False, True):
+        name = f"gc-{flag}"
+        train(
+            config(tmp_path, name, lora_rank=lora_rank, checkpoint_every=2, gradient_checkpointing=flag), progress=False
+        )
+        runs[flag] = tensors(tmp_path / name / "checkpoints" / "step-00000002" / "trainable.safetensors")
+    assert runs[True].keys() == runs[False].keys()
+    assert all(torch.equal(runs[True][k], runs[False][k]) for k in runs[True])

@@ -32,7 +32,7 @@ def _train_parser(sub) -> None:
         description="Finetune a diffusers UNet with Diff2Flow (or naive FM / diffusion). With no arguments: "
         "convert the embedded MNIST teacher, show zero-shot FM samples, and LoRA-finetune it to 24x24 digits.",
     )
-    p.add_argument("--out", default=None, help="output folder (default: runs/<objective>-<data>)")
+    p.add_argument("--out", default=None, help="output folder; unset: runs/<objective>-<data>")
     p.add_argument(
         "--pretrained", default=defaults.pretrained, help="'teacher', a d2f export or a diffusers UNet folder"
     )
@@ -40,38 +40,64 @@ def _train_parser(sub) -> None:
     p.add_argument(
         "--pairs", default=None, help="reflow: train on a `d2f pairs` file (noise -> sample) instead of --data"
     )
-    p.add_argument("--resolution", type=int, default=defaults.resolution)
+    p.add_argument("--resolution", type=int, default=defaults.resolution, help="train at this size in pixels (square)")
     p.add_argument("--classes", type=int, nargs="+", default=None, help="keep only these labels (mnist, digits)")
-    p.add_argument("--objective", choices=OBJECTIVES, default=defaults.objective)
-    p.add_argument("--t-sampler", choices=T_SAMPLERS, default=None, help="default: logit-normal (d2f, fm)")
+    p.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        default=defaults.objective,
+        help="d2f (Diff2Flow), fm (naive flow matching) or diffusion (the teacher's own loss)",
+    )
+    p.add_argument("--t-sampler", choices=T_SAMPLERS, default=None, help="unset: logit-normal (d2f, fm)")
     p.add_argument("--lora-rank", type=int, default=defaults.lora_rank, help="0 = full finetuning")
     p.add_argument(
-        "--no-full-convs",
+        "--full-convs",
         dest="lora_full_convs",
-        action="store_false",
-        help="with LoRA, keep conv_in and conv_out frozen too",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.lora_full_convs,
+        help="with LoRA, train conv_in and conv_out fully; unset: yes, but not for a pipeline's UNet, whose LoRA "
+        "export loads with pipe.load_lora_weights (LoRA weights only)",
     )
-    p.add_argument("--max-steps", type=int, default=defaults.max_steps)
+    p.add_argument(
+        "--max-steps", type=int, default=defaults.max_steps, help="optimizer steps in all (counted across resumes)"
+    )
     p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="per process")
-    p.add_argument("--grad-accum", type=int, default=defaults.grad_accum)
+    p.add_argument("--grad-accum", type=int, default=defaults.grad_accum, help="micro-batches per optimizer step")
     p.add_argument(
         "--lr",
         type=float,
         default=defaults.lr,
-        help=f"default: {DEFAULT_LR_LORA:g} with LoRA, {DEFAULT_LR_FULL:g} for full finetuning (the settings study)",
+        help=f"unset: {DEFAULT_LR_LORA:g} with LoRA, {DEFAULT_LR_FULL:g} for full finetuning (the settings study)",
     )
-    p.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
-    p.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    p.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps, help="linear lr warmup, then constant")
+    p.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="AdamW's decoupled weight decay")
     p.add_argument("--grad-clip", type=float, default=defaults.grad_clip, help="0 = off")
-    p.add_argument("--ema-decay", type=float, default=defaults.ema_decay)
-    p.add_argument("--cond-dropout", type=float, default=defaults.cond_dropout)
+    p.add_argument(
+        "--ema-decay", type=float, default=defaults.ema_decay, help="EMA of the trainable weights, exported and sampled"
+    )
+    p.add_argument(
+        "--cond-dropout",
+        type=float,
+        default=defaults.cond_dropout,
+        help="probability of training a sample on the null condition (for classifier-free guidance)",
+    )
     p.add_argument(
         "--zero-terminal-snr",
         action="store_true",
         help="rescale the pretrained schedule to zero terminal SNR (Lin et al.) and train on it; v_prediction only",
     )
-    p.add_argument("--mixed-precision", choices=MIXED_PRECISION, default=defaults.mixed_precision)
-    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument(
+        "--mixed-precision",
+        choices=MIXED_PRECISION,
+        default=defaults.mixed_precision,
+        help="autocast the forward pass; trainable weights stay float32",
+    )
+    p.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute the UNet's activations in backward: less memory for more compute, the same result",
+    )
+    p.add_argument("--seed", type=int, default=defaults.seed, help="seeds LoRA init, data order and every draw")
     p.add_argument(
         "--on-nonfinite",
         choices=ON_NONFINITE,
@@ -86,10 +112,19 @@ def _train_parser(sub) -> None:
         default=None,
         help="continue from the latest checkpoint in --out, or from the given checkpoint folder",
     )
-    p.add_argument("--sample-steps", type=int, default=defaults.sample_steps)
-    p.add_argument("--num-samples", type=int, default=defaults.num_samples)
-    p.add_argument("--guidance", type=float, default=defaults.guidance)
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--sample-steps", type=int, default=defaults.sample_steps, help="ODE steps of the final samples")
+    p.add_argument("--num-samples", type=int, default=defaults.num_samples, help="images in samples.png")
+    p.add_argument("--guidance", type=float, default=defaults.guidance, help="classifier-free guidance of the samples")
+    p.add_argument(
+        "--validation-prompt",
+        dest="validation_prompts",
+        action="append",
+        default=None,
+        help="repeatable: sample these prompts through the base pipeline with D2FScheduler (CFG --guidance, fixed "
+        "seed) every --validation-every steps, into <out>/validation/",
+    )
+    p.add_argument("--validation-every", type=int, default=defaults.validation_every, help="steps; 0 = never")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
 def _sampling_arguments(p: argparse.ArgumentParser, num_samples: int) -> None:
@@ -98,21 +133,21 @@ def _sampling_arguments(p: argparse.ArgumentParser, num_samples: int) -> None:
     from .solvers import SOLVERS
 
     p.add_argument("--model", default="teacher", help="a d2f export folder, or 'teacher'")
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--solver", choices=SOLVERS, default="euler")
+    p.add_argument("--steps", type=int, default=25, help="ODE steps (network calls: twice that for heun/midpoint)")
+    p.add_argument("--solver", choices=SOLVERS, default="euler", help="the ODE solver")
     p.add_argument("--grid", choices=GRIDS, default="uniform", help="uniform in t (default), ddim (DDIM's own), shift")
     p.add_argument("--shift", type=float, default=3.0, help="with --grid shift")
-    p.add_argument("--guidance", type=float, default=1.0)
-    p.add_argument("--num-samples", type=int, default=num_samples)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--num-samples", type=int, default=num_samples, help="images to generate")
+    p.add_argument("--seed", type=int, default=0, help="seeds the starting noise")
 
 
 def _sample_parser(sub) -> None:
     p = sub.add_parser("sample", help="sample a d2f export into a PNG grid")
     _sampling_arguments(p, num_samples=40)
     p.add_argument("--lora", default=None, help="a LoRA export folder to apply to --model")
-    p.add_argument("--resolution", type=int, default=None, help="default: the export's training resolution")
-    p.add_argument("--out", default="grid.png")
+    p.add_argument("--resolution", type=int, default=None, help="unset: the export's training resolution")
+    p.add_argument("--out", default="grid.png", help="the PNG to write")
 
 
 def _pairs_parser(sub) -> None:
@@ -139,12 +174,12 @@ def _reproduce_parser(sub) -> None:
         "reproduce",
         help="the paper's experiments in miniature: E1 zero-shot, E2 finetuning, E3 reflow, E4 terminal SNR",
     )
-    p.add_argument("--experiment", choices=(*EXPERIMENTS, "all"), default="all")
+    p.add_argument("--experiment", choices=(*EXPERIMENTS, "all"), default="all", help="which experiment to run")
     p.add_argument(
-        "--num-samples", type=int, default=None, help="default: 1000 for e1, e3, e4; 300 per checkpoint for e2"
+        "--num-samples", type=int, default=None, help="unset: 1000 for e1, e3, e4; 300 per checkpoint for e2"
     )
     p.add_argument("--scale", type=float, default=1.0, help="multiply sample counts and training steps")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds training and sampling")
     p.add_argument("--out", default="results", help="folder for the JSON results and figures")
 
 
@@ -157,7 +192,7 @@ def _study_parser(sub) -> None:
     )
     p.add_argument("--max-steps", type=int, default=400, help="finetuning steps of every run")
     p.add_argument("--num-samples", type=int, default=300, help="samples per FID")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds of every setting")
     p.add_argument("--runs", default="runs/study", help="folder for the training runs")
     p.add_argument("--workers", type=int, default=1, help="runs trained at once, in separate processes")
     p.add_argument(
@@ -168,9 +203,9 @@ def _study_parser(sub) -> None:
 
 def _teacher_parser(sub) -> None:
     p = sub.add_parser("teacher", help="retrain the embedded MNIST teacher from scratch")
-    p.add_argument("--out", default="runs/teacher")
-    p.add_argument("--max-steps", type=int, default=3000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/teacher", help="the run folder")
+    p.add_argument("--max-steps", type=int, default=3000, help="training steps")
+    p.add_argument("--seed", type=int, default=0, help="seeds the initial weights and every draw")
 
 
 def _classifier_parser(sub) -> None:
@@ -197,6 +232,7 @@ def _train(args: argparse.Namespace) -> None:
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
     values["classes"] = tuple(args.classes) if args.classes else None
+    values["validation_prompts"] = tuple(args.validation_prompts) if args.validation_prompts else None
     values["out"] = args.out or f"runs/{args.objective}-{Path(args.data).name}"
     _print_json(train(TrainConfig(**values), resume=args.resume, progress=args.progress))
 
@@ -273,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for add_parser, _ in COMMANDS.values():
         add_parser(sub)
+    for command in sub.choices.values():  # every flag's help line ends with its default
+        command.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     return parser
 
 

@@ -63,7 +63,9 @@ def _batch_conditions(uncond: Mapping[str, Any], cond: Mapping[str, Any], batch:
     out = {}
     for key, c in cond.items():
         u = uncond[key]
-        if isinstance(c, Tensor) and isinstance(u, Tensor):
+        if isinstance(c, Mapping) and isinstance(u, Mapping):  # SDXL's added_cond_kwargs
+            out[key] = _batch_conditions(u, c, batch)
+        elif isinstance(c, Tensor) and isinstance(u, Tensor):
             if u.ndim >= 1 and u.shape[0] == 1 and batch > 1:
                 u = u.expand(batch, *u.shape[1:])
             if u.shape != c.shape:

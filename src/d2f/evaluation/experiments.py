@@ -132,18 +132,17 @@ def full_finetune_16px(out: str, objective: str, max_steps: int, seed: int, **se
 E2_OBJECTIVES = ("d2f", "fm", "diffusion")
 
 
-def _checkpoint_field(config, step: int, data):
+def _checkpoint_field(config, step: int):
     """The EMA weights of ``config``'s run at ``step`` (step 0: the model before finetuning), as a velocity field."""
     from safetensors.torch import load_file
 
-    from ..training.conditioning import Conditioning
     from ..training.export import load_network
     from ..training.models import add_lora, trainable_parameters
     from ..training.sampling import velocity_field
 
     network = load_network(config.pretrained)
     if config.lora_rank:
-        add_lora(network.unet, config.lora_rank, config.lora_full_convs)
+        add_lora(network, config.lora_rank, config.lora_full_convs)
     else:
         network.unet.requires_grad_(True)
     if step:
@@ -152,7 +151,7 @@ def _checkpoint_field(config, step: int, data):
             for name, p in trainable_parameters(network.unet).items():
                 p.copy_(ema[name])
     network.unet.eval().requires_grad_(False)
-    return velocity_field(network, config.objective, 1.0, Conditioning.plan(config, network, data))
+    return velocity_field(network, config.objective)
 
 
 def finetune(
@@ -200,7 +199,7 @@ def finetune(
                 train(config, progress=False)
                 fids, accs, ddim_fids = [], [], []
                 for step in steps:
-                    field = _checkpoint_field(config, step, data)
+                    field = _checkpoint_field(config, step)
                     natural = "ddim" if objective == "diffusion" else "uniform"
                     grid = sampling_grid(natural, sample_steps, field.schedule, field.prediction_type)
                     images = field.sample(noise, grid, class_labels=labels)

@@ -18,6 +18,7 @@ class Conditioning:
 
     null_class: int | None  # class labels are fed when this is set
     text: bool  # encoder_hidden_states are fed
+    added: bool = False  # SDXL: added_cond_kwargs (pooled text_embeds and time_ids) are fed too
 
     @staticmethod
     def plan(config: TrainConfig, network: Network, data: Dataset) -> Conditioning:
@@ -41,7 +42,20 @@ class Conditioning:
             raise ValueError(f"{network.source} is a UNet2DConditionModel: the data must carry encoder_hidden_states")
         if text and config.cond_dropout > 0 and data.null_encoder_hidden_states is None:
             raise ValueError("cond_dropout > 0 needs null_encoder_hidden_states in the latents file")
-        return Conditioning(null_class, text)
+        added = text and unet.config.addition_embed_type == "text_time"
+        if added and (data.text_embeds is None or data.time_ids is None):
+            raise ValueError(
+                f"{network.source} is an SDXL-type UNet (addition_embed_type='text_time'): the data must carry "
+                "text_embeds and time_ids (d2f encode writes them from an SDXL pipeline)"
+            )
+        if added and config.cond_dropout > 0 and data.null_text_embeds is None:
+            raise ValueError("cond_dropout > 0 needs null_text_embeds in the latents file (SDXL)")
+        if not added and data.text_embeds is not None:
+            raise ValueError(
+                f"data={config.data!r} holds SDXL's text_embeds, but {network.source} takes no added conditioning "
+                "(an SD 1.x/2.x UNet): encode the data with this model's own pipeline"
+            )
+        return Conditioning(null_class, text, added)
 
     def kwargs(self, data: Dataset, indices: torch.Tensor, drop: torch.Tensor, device) -> dict[str, torch.Tensor]:
         """The network's conditioning kwargs for the samples ``indices``, dropped to null where ``drop``."""
@@ -57,6 +71,14 @@ class Conditioning:
             if bool(drop.any()):
                 states[drop] = data.null_encoder_hidden_states.to(states.dtype)
             cond["encoder_hidden_states"] = states.to(device)
+        if self.added:  # dropout replaces the pooled embedding too; the time ids describe the image and stay
+            pooled = data.text_embeds[indices].clone()
+            if bool(drop.any()):
+                pooled[drop] = data.null_text_embeds.to(pooled.dtype)
+            cond["added_cond_kwargs"] = {
+                "text_embeds": pooled.to(device),
+                "time_ids": data.time_ids[indices].to(device),
+            }
         return cond
 
 
@@ -69,20 +91,36 @@ class SampleRequest:
     size: tuple[int, int]
     cond: dict[str, torch.Tensor]
     concat: torch.Tensor | None
+    uncond: dict  # the null condition for classifier-free guidance ({} when the data has none)
 
     @staticmethod
     def make(conditioning: Conditioning, data: Dataset, n: int, size: tuple[int, int], device) -> SampleRequest:
         pick = torch.arange(n) % len(data)
-        cond: dict[str, torch.Tensor] = {}
+        cond: dict = {}
+        uncond: dict = {}
         if conditioning.null_class is not None:
             classes = data.labels.unique() if data.labels is not None else torch.tensor([conditioning.null_class])
             cond["class_labels"] = classes[torch.arange(n) % classes.numel()].to(device)
+            uncond["class_labels"] = torch.tensor([conditioning.null_class], device=device)
         if conditioning.text:
             cond["encoder_hidden_states"] = data.encoder_hidden_states[pick].to(device)
+            if data.null_encoder_hidden_states is not None:
+                uncond["encoder_hidden_states"] = data.null_encoder_hidden_states[None].to(device)
+        if conditioning.added:
+            added = {"text_embeds": data.text_embeds[pick], "time_ids": data.time_ids[pick]}
+            cond["added_cond_kwargs"] = {k: v.to(device) for k, v in added.items()}
+            if data.null_text_embeds is not None:  # as SDXL's pipeline guides: the same time ids in both halves
+                null = data.null_text_embeds[None].expand(n, -1)
+                uncond["added_cond_kwargs"] = {
+                    "text_embeds": null.to(device),
+                    "time_ids": cond["added_cond_kwargs"]["time_ids"],
+                }
+        if set(uncond) != set(cond):  # a null for every condition, or no guidance
+            uncond = {}
         concat = data.concat[pick].to(device) if data.concat is not None else None
         if concat is not None:
             size = tuple(concat.shape[-2:])
-        return SampleRequest(n, size, cond, concat)
+        return SampleRequest(n, size, cond, concat, uncond)
 
     def noise(self, channels: int, seed: int, device) -> torch.Tensor:
         """The request's starting noise: one draw of ``torch.Generator().manual_seed(seed)``."""

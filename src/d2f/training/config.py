@@ -14,7 +14,18 @@ from .objectives import OBJECTIVES
 MIXED_PRECISION = ("no", "bf16", "fp16")
 ON_NONFINITE = ("stop", "skip")
 # Settings that may change between a run and its resumption; any other difference is refused.
-RESUMABLE_CHANGES = {"out", "max_steps", "checkpoint_every", "sample_steps", "num_samples", "guidance", "on_nonfinite"}
+RESUMABLE_CHANGES = {
+    "out",
+    "max_steps",
+    "checkpoint_every",
+    "sample_steps",
+    "num_samples",
+    "guidance",
+    "on_nonfinite",
+    "gradient_checkpointing",  # recomputes activations, computes the same
+    "validation_prompts",
+    "validation_every",
+}
 DEFAULT_T_SAMPLER = "logit-normal"  # best or tied in the settings study (docs/results.md, "Choosing settings")
 # The settings study tuned the lr per capacity; these are its picks (docs/results.md, "Choosing settings").
 DEFAULT_LR_LORA = 3e-3
@@ -34,7 +45,9 @@ class TrainConfig:
     objective: str = "d2f"
     t_sampler: str | None = None  # None: logit-normal for d2f and fm; diffusion draws integer timesteps
     lora_rank: int = 8  # 0 = full finetuning
-    lora_full_convs: bool = True  # with LoRA, also train conv_in and conv_out fully (the paper's best)
+    # With LoRA, also train conv_in and conv_out fully (the paper's best); None: yes, except for a UNet from a
+    # diffusers pipeline, whose LoRA export is in diffusers' format (LoRA weights only; models.add_lora).
+    lora_full_convs: bool | None = None
     max_steps: int = 600
     batch_size: int = 32
     grad_accum: int = 1
@@ -45,11 +58,14 @@ class TrainConfig:
     ema_decay: float = 0.999
     cond_dropout: float = 0.1  # drop class labels to the null label, for classifier-free guidance
     mixed_precision: str = "no"
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30 % more compute
     seed: int = 0
     checkpoint_every: int = 200  # 0 = never
     sample_steps: int = 25
     num_samples: int = 40
     guidance: float = 1.0
+    validation_prompts: tuple[str, ...] | None = None  # sampled through the base pipeline every validation_every
+    validation_every: int = 0  # steps; 0 = never
     on_nonfinite: str = "stop"  # a non-finite loss stops the run (naming the step and batch), or skips the step
     zero_terminal_snr: bool = False  # rescale the pretrained schedule to zero terminal SNR first (v_prediction)
     init: str | None = None  # "teacher-config": train from scratch with the teacher's architecture
@@ -76,7 +92,7 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 fail(name, "a positive integer")
-        for name in ("lora_rank", "warmup_steps", "checkpoint_every", "seed"):
+        for name in ("lora_rank", "warmup_steps", "checkpoint_every", "seed", "validation_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 fail(name, "an integer >= 0")
@@ -98,8 +114,11 @@ class TrainConfig:
             not self.classes or any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in self.classes)
         ):
             fail("classes", "a non-empty list of labels >= 0")
-        if not isinstance(self.zero_terminal_snr, bool):
-            fail("zero_terminal_snr", "True or False")
+        for name in ("zero_terminal_snr", "gradient_checkpointing"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, "True or False")
+        if self.lora_full_convs is not None and not isinstance(self.lora_full_convs, bool):
+            fail("lora_full_convs", "None (the default for the base model), True or False")
         if self.pairs is not None:
             if self.objective == "diffusion":
                 raise ValueError(
@@ -108,6 +127,15 @@ class TrainConfig:
                 )
             if self.data != "mnist" or self.classes is not None:
                 raise ValueError(f"pairs={self.pairs!r} replaces data: give data (and classes) or pairs, not both")
+        if self.validation_prompts is not None and (
+            not self.validation_prompts or not all(isinstance(p, str) for p in self.validation_prompts)
+        ):
+            fail("validation_prompts", "None or a non-empty list of prompts")
+        if bool(self.validation_prompts) != bool(self.validation_every):
+            raise ValueError(
+                f"validation_prompts={self.validation_prompts!r} and validation_every={self.validation_every} go "
+                "together: give both (prompts and how often), or neither"
+            )
         if self.init not in (None, "teacher-config"):
             fail("init", "None or 'teacher-config'")
         if self.prediction_type is not None and self.init is None:
@@ -144,7 +172,8 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["classes"] = list(self.classes) if self.classes is not None else None
+        for name in ("classes", "validation_prompts"):
+            d[name] = list(d[name]) if d[name] is not None else None
         return d
 
     @classmethod
@@ -155,8 +184,9 @@ class TrainConfig:
                 hint = difflib.get_close_matches(key, known, n=1)
                 raise ValueError(f"unknown training setting {key!r}" + (f"; did you mean {hint[0]!r}?" if hint else ""))
         values = dict(data)
-        if values.get("classes") is not None:
-            values["classes"] = tuple(values["classes"])
+        for name in ("classes", "validation_prompts"):
+            if values.get(name) is not None:
+                values[name] = tuple(values[name])
         return cls(**values)
 
     def replace(self, **changes: Any) -> TrainConfig:

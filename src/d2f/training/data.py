@@ -13,6 +13,7 @@ embeddings with ``null_encoder_hidden_states`` ``(1, L, D)`` for conditioning dr
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,10 @@ class Dataset:
     null_encoder_hidden_states: Tensor | None = None
     concat: Tensor | None = None
     noise: Tensor | None = None  # reflow pairs: the noise coupled to each image (see pairs.py)
+    # SDXL's added conditioning: the pooled text embedding (and the empty prompt's) and the six time ids
+    text_embeds: Tensor | None = None
+    null_text_embeds: Tensor | None = None
+    time_ids: Tensor | None = None
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -186,21 +191,16 @@ def latents(path: Path) -> Dataset:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"data={str(path)!r}: not a readable latents file ({e})") from e
-    unknown = set(tensors) - {"latents", "labels", "encoder_hidden_states", "null_encoder_hidden_states", "concat"}
+    optional = [f.name for f in dataclasses.fields(Dataset) if f.name not in ("images", "noise")]
+    unknown = set(tensors) - {"latents", *optional}
     if "latents" not in tensors or unknown:
         raise ValueError(
-            f"{path}: a latents file needs the key 'latents' and may hold labels, encoder_hidden_states, "
-            f"null_encoder_hidden_states and concat; found {sorted(tensors)}"
+            f"{path}: a latents file needs the key 'latents' and may hold {', '.join(optional)}; "
+            f"found {sorted(tensors)}"
         )
-    data = Dataset(
-        images=tensors["latents"].float(),
-        labels=tensors.get("labels"),
-        encoder_hidden_states=tensors.get("encoder_hidden_states"),
-        null_encoder_hidden_states=tensors.get("null_encoder_hidden_states"),
-        concat=tensors.get("concat"),
-    )
+    data = Dataset(images=tensors["latents"].float(), **{name: tensors.get(name) for name in optional})
     n = len(data)
-    for name in ("labels", "encoder_hidden_states", "concat"):
+    for name in ("labels", "encoder_hidden_states", "concat", "text_embeds", "time_ids"):
         value = getattr(data, name)
         if value is not None and value.shape[0] != n:
             raise ValueError(f"{path}: {name} has {value.shape[0]} entries but latents has {n}")
@@ -215,7 +215,8 @@ def latents(path: Path) -> Dataset:
             raise ValueError(
                 f"{path}: labels must be one label >= 0 per sample; got shape {tuple(labels.shape)}, min {low}"
             )
-    for name in ("encoder_hidden_states", "null_encoder_hidden_states", "concat"):
+    conditions = ("encoder_hidden_states", "null_encoder_hidden_states", "concat", "text_embeds", "null_text_embeds")
+    for name in (*conditions, "time_ids"):
         value = getattr(data, name)
         if value is not None and not (value.is_floating_point() and bool(torch.isfinite(value).all())):
             raise ValueError(f"{path}: {name} must be finite floating-point values (dtype {value.dtype})")

@@ -14,6 +14,12 @@ Layout (format ``d2f.export``, version 1)::
                         for the base model named in d2f.json; conv_in / conv_out, when trained fully,
                         are its ``modules_to_save``. Load it with
                         ``PeftModel.from_pretrained(base_unet, export / "adapter")``
+    pytorch_lora_weights.safetensors
+                        kind=lora of a UNet from a diffusers pipeline (d2f.json names it in ``pipeline``), with
+                        no fully trained convs: the same adapter in diffusers' LoRA format, written by the
+                        pipeline class's own ``save_lora_weights``, so ``pipe.load_lora_weights(export)`` loads
+                        it. (diffusers' format holds LoRA weights only: with fully trained convs it would lose
+                        them, so it is not written then.)
 
 Everything is safetensors or JSON; nothing pickled is written or read.
 """
@@ -52,7 +58,8 @@ META_TYPES = {
     "resolution": (int,),
     "train_config": (dict,),
 }
-EXPORT = Document("d2f.export", 1, frozenset(META_TYPES), types=META_TYPES)
+META_TYPES["pipeline"] = (str, type(None))  # optional: exports written before it have none
+EXPORT = Document("d2f.export", 1, frozenset(META_TYPES) - {"pipeline"}, frozenset({"pipeline"}), META_TYPES)
 KINDS = ("full", "lora")
 
 
@@ -89,6 +96,7 @@ def run_meta(config: TrainConfig, network: Network, null_class: int | None) -> d
         "lora_rank": config.lora_rank,
         "resolution": config.resolution,
         "train_config": config.to_dict(),
+        "pipeline": network.pipeline,
     }
 
 
@@ -113,6 +121,8 @@ def write_export(folder: Path, unet: torch.nn.Module, schedule: Schedule, meta: 
         state = {f"base_model.model.{k}": v.detach().contiguous().cpu() for k, v in state.items()}
         save_file(state, str(adapter / "adapter_model.safetensors"))
         lora_config(meta["lora_rank"], full or None).save_pretrained(str(adapter))
+        if meta.get("pipeline") and not full:
+            save_diffusers_lora(tmp, unet, meta["pipeline"])
     else:
         unet.save_pretrained(str(tmp / "unet"), safe_serialization=True)
     (tmp / "schedule.json").write_text(json.dumps(schedule.to_dict()))
@@ -126,6 +136,20 @@ def write_export(folder: Path, unet: torch.nn.Module, schedule: Schedule, meta: 
         folder.rename(old)
     tmp.rename(folder)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def save_diffusers_lora(folder: Path, unet: torch.nn.Module, pipeline: str) -> None:
+    """The UNet's LoRA in diffusers' format, with ``pipeline``'s own ``save_lora_weights`` (what diffusers'
+    LoRA training scripts call), for ``pipe.load_lora_weights(folder)``."""
+    import diffusers
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    saver = getattr(getattr(diffusers, pipeline, None), "save_lora_weights", None)
+    if saver is None:
+        raise ValueError(f"pipeline={pipeline!r}: diffusers has no LoRA loader for it (no save_lora_weights)")
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    saver(str(folder), unet_lora_layers={k: v.detach().cpu().contiguous() for k, v in layers.items()})
 
 
 def remove_interrupted(folder: Path) -> list[str]:

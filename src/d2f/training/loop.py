@@ -36,6 +36,7 @@ from .objectives import objective_loss
 from .pairs import load_pairs
 from .sampling import sample_images, save_images, velocity_field, zero_shot_check
 from .teacher import from_scratch
+from .validation import Validation
 
 
 def train(config: TrainConfig, resume: str | None = None, progress: bool = True) -> dict[str, Any]:
@@ -176,14 +177,23 @@ def _train_locked(config: TrainConfig, resume: str | None, progress: bool, accel
     source = f"resolution={config.resolution}" if size == (config.resolution,) * 2 else f"data={config.data!r}"
     check_sample_size(unet, size, source)
     conditioning = Conditioning.plan(config, network, data)
+    if config.validation_prompts and network.pipeline is None:
+        raise ValueError(
+            f"validation_prompts need a diffusers pipeline folder as pretrained (its VAE and text encoders sample "
+            f"them); {network.source} is not one"
+        )
     metrics: dict[str, Any] = {"objective": config.objective, "pretrained": network.source}
     if main:
         out.mkdir(parents=True, exist_ok=True)
         if not config.init and checkpoint is None:
             metrics.update(zero_shot_check(network, conditioning, data, config, out, device))
 
+    if config.gradient_checkpointing:
+        if not getattr(unet, "_supports_gradient_checkpointing", False):
+            raise ValueError(f"gradient_checkpointing=True: {type(unet).__name__} does not support it")
+        unet.enable_gradient_checkpointing()
     if config.lora_rank:
-        add_lora(unet, config.lora_rank, config.lora_full_convs)
+        add_lora(network, config.lora_rank, config.lora_full_convs)
     else:
         unet.requires_grad_(True)
     unet.train()
@@ -196,6 +206,9 @@ def _train_locked(config: TrainConfig, resume: str | None, progress: bool, accel
         start, losses = state["step"], state["losses"]
     if main:  # only now: a broken checkpoint above must leave the run folder as it was
         write_json(out / "config.json", config.to_dict())
+    validation = None
+    if main and config.validation_prompts:
+        validation = Validation(network.source, network.schedule, network.prediction_type, config.objective, unet)
     model, prepared_optimizer = accelerator.prepare(unet, optimizer)
     stream = Stream(len(data), config.seed)
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -237,6 +250,11 @@ def _train_locked(config: TrainConfig, resume: str | None, progress: bool, accel
         prepared_optimizer.zero_grad(set_to_none=True)
         losses.append(total)
         bar.set_postfix(loss=f"{total:.4f}")
+        if validation is not None and (step + 1) % config.validation_every == 0:
+            unet.eval()
+            png = out / "validation" / f"step-{step + 1:08d}.png"
+            validation.save(config.validation_prompts, config.sample_steps, config.guidance, config.seed + 3, png)
+            unet.train()
         if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
             _check_weights(config, out, step + 1, trainable, ema)
             if main:
@@ -254,7 +272,7 @@ def _train_locked(config: TrainConfig, resume: str | None, progress: bool, accel
         with ema_weights(trainable, ema):
             unet.eval()
             request = SampleRequest.make(conditioning, data, config.num_samples, size, device)
-            field = velocity_field(network, config.objective, config.guidance, conditioning, request.concat)
+            field = velocity_field(network, config.objective, config.guidance, request)
             images = sample_images(field, config.objective, config.sample_steps, request, config.seed + 2, device)
             metrics["samples_png"] = save_images(images, out / "samples.png")
             write_export(out / "export", unet, network.schedule, run_meta(config, network, conditioning.null_class))

@@ -28,6 +28,7 @@ class Network:
     prediction_type: str
     null_class: int | None  # the label that means "no class" (conditioning dropout), if any
     source: str
+    pipeline: str | None = None  # the diffusers pipeline class the UNet came in (model_index.json), if any
 
 
 def unet_class(config: dict[str, Any], where: Path) -> type:
@@ -108,7 +109,9 @@ def diffusers_unet(folder: Path, spec: str, source: str) -> Network:
         )
     if schedule.prediction_type is None:
         raise ValueError(f"pretrained={spec!r}: its scheduler config names no prediction_type")
-    return Network(load_unet(folder), schedule, schedule.prediction_type, None, source)
+    index = folder.parent / "model_index.json"
+    pipeline = read_json(index).get("_class_name") if index.is_file() else None
+    return Network(load_unet(folder), schedule, schedule.prediction_type, None, source, pipeline)
 
 
 def check_sample_size(unet: torch.nn.Module, size: tuple[int, ...], source: str) -> None:
@@ -128,16 +131,22 @@ def check_sample_size(unet: torch.nn.Module, size: tuple[int, ...], source: str)
         )
 
 
-def add_lora(unet: torch.nn.Module, rank: int, full_convs: bool) -> None:
-    """Inject LoRA adapters (B = 0, so the model is unchanged) and freeze everything else.
+def add_lora(network: Network, rank: int, full_convs: bool | None) -> bool:
+    """Inject LoRA adapters (B = 0, so the model is unchanged) and freeze everything else; returns
+    ``full_convs`` as resolved.
 
     With ``full_convs`` the first and last convolutions stay fully trainable, as in the paper's best runs.
+    ``None`` means that recipe, except for a UNet from a diffusers pipeline: its export must load with
+    ``pipe.load_lora_weights``, and diffusers' LoRA format holds LoRA weights only.
     """
     from peft import inject_adapter_in_model
 
+    full_convs = network.pipeline is None if full_convs is None else full_convs
+    unet = network.unet
     inject_adapter_in_model(lora_config(rank), unet)
     for name, param in unet.named_parameters():
         param.requires_grad_("lora_" in name or (full_convs and name.startswith(FULL_CONVS)))
+    return full_convs
 
 
 def lora_config(rank: int, modules_to_save: list[str] | None = None):

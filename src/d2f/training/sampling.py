@@ -50,21 +50,22 @@ class SamplingSettings:
 
 
 def velocity_field(
-    network: Network, objective: str, guidance: float, conditioning: Conditioning, concat: torch.Tensor | None = None
+    network: Network, objective: str, guidance: float = 1.0, request: SampleRequest | None = None
 ) -> D2FVelocity:
-    """The velocity field of ``network`` as ``objective`` trained it, guided with the null class label."""
-    uncond = None
-    if guidance != 1:
-        if conditioning.null_class is None:
-            raise ValueError(f"guidance={guidance} needs a class-conditional model with a null class")
-        uncond = {"class_labels": torch.tensor([conditioning.null_class])}
+    """The velocity field of ``network`` as ``objective`` trained it, guided with the request's null condition
+    (the null class label, or the empty prompt's embeddings)."""
+    if guidance != 1 and not (request and request.uncond):
+        raise ValueError(
+            f"guidance={guidance} needs a null condition: a class-conditional model with a null class, or text "
+            "data with null_encoder_hidden_states"
+        )
     return D2FVelocity(
         network.unet,
         network.schedule,
         objectives.prediction_type(objective, network.prediction_type),
         guidance_scale=guidance,
-        uncond=uncond,
-        concat=concat,
+        uncond=request.uncond if guidance != 1 else None,
+        concat=request.concat if request else None,
         align_input=objectives.aligned(objective),
     )
 
@@ -111,7 +112,7 @@ def zero_shot_check(
     size = unet.config.sample_size
     size = (size, size) if isinstance(size, int) else tuple(size)
     request = SampleRequest.make(conditioning, data, min(config.num_samples, 40), size, device)
-    field = velocity_field(network, "d2f", 1.0, conditioning, request.concat)
+    field = velocity_field(network, "d2f", 1.0, request)
     noise = request.noise(unet.config.out_channels, config.seed + 1, device)
     x = field.sample(
         noise, sampling_grid("ddim", config.sample_steps, network.schedule, field.prediction_type), **request.cond
