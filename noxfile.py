@@ -22,11 +22,12 @@ PINS = [
     "accelerate==1.15.0",
     "safetensors==0.8.0",
     "transformers==5.24.0",  # peft needs it; the pipeline tests build a tiny CLIP text encoder
+    "tensorboard==2.21.0",  # d2f train --report-to tensorboard
 ]
 
 
 def _install(session: nox.Session) -> None:
-    session.install(*PINS, ".[test,triton]")
+    session.install(*PINS, ".[test,triton,tensorboard]")
 
 
 @nox.session(python="3.11")

@@ -126,6 +126,21 @@ def test_unreadable_json_and_nan_weights_name_their_file(runs, tmp_path):
         load_unet(folder)
 
 
+@pytest.mark.parametrize("component", ["text_encoder", "vae"])
+def test_a_pickled_pipeline_component_is_refused(tmp_path, component):
+    """Validation images load the base pipeline's VAE and text encoder: each passes the same gate."""
+    from d2f.training.validation import check_pipeline_folder
+    from pipelines import tiny_sd_pipeline
+
+    folder = tiny_sd_pipeline(tmp_path / "pipeline")
+    weights = {"text_encoder": "model", "vae": "diffusion_pytorch_model"}[component]
+    (folder / component / f"{weights}.safetensors").unlink()
+    plant(folder / component / f"{weights}.bin", tmp_path / "pwned")
+    with pytest.raises(ValueError, match=f"{component}: no {weights}.safetensors; d2f loads weights from safetensors"):
+        check_pipeline_folder(folder, skip=("unet",))
+    assert not (tmp_path / "pwned").exists()
+
+
 @pytest.mark.parametrize("file", ["trainable.safetensors", "ema.safetensors", "optimizer.safetensors"])
 def test_pickle_in_place_of_a_checkpoint_file_is_refused(runs, tmp_path, file):
     out = tmp_path / "run"

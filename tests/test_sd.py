@@ -63,6 +63,7 @@ def lora_run(tmp_path_factory):
         validation_prompts=("a", "a a"),
         validation_every=3,
         guidance=2.0,
+        report_to="tensorboard",
     )
     train(config, progress=False)
     return root, pipeline, data
@@ -123,6 +124,21 @@ def test_validation_images_come_from_the_pipeline_with_the_current_weights(lora_
     assert pngs == ["step-00000003.png"]
     with Image.open(root / "run" / "validation" / pngs[0]) as image:
         assert image.size == (2 * 9 + 1, 9 + 1)  # two 8x8 images, one per prompt, with 1-pixel borders
+
+
+def test_tensorboard_gets_loss_lr_and_validation_images(lora_run):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    root, _, _ = lora_run
+    (logs,) = (root / "run" / "logs").iterdir()
+    events = EventAccumulator(str(logs), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    losses = [e.value for e in events.Scalars("loss")]
+    meta = d2f.training.export.read_export(root / "run" / "export").meta  # the run finished
+    assert meta["kind"] == "lora" and [e.step for e in events.Scalars("loss")] == [1, 2, 3]
+    assert all(v > 0 for v in losses) and [e.value for e in events.Scalars("lr")] == pytest.approx([3e-2] * 3)
+    assert [(e.step, e.width, e.height) for e in events.Images("validation")] == [(3, 2 * 8, 8)]  # two prompts
 
 
 def test_a_pipeline_lora_trains_no_full_convs_by_default(lora_run):

@@ -22,6 +22,7 @@ def _train_parser(sub) -> None:
         MIXED_PRECISION,
         OBJECTIVES,
         ON_NONFINITE,
+        REPORT_TO,
         TrainConfig,
     )
 
@@ -124,6 +125,12 @@ def _train_parser(sub) -> None:
         "seed) every --validation-every steps, into <out>/validation/",
     )
     p.add_argument("--validation-every", type=int, default=defaults.validation_every, help="steps; 0 = never")
+    p.add_argument(
+        "--report-to",
+        choices=REPORT_TO,
+        default=defaults.report_to,
+        help="log loss, lr and validation images with accelerate's tracker, under <out>/logs",
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 

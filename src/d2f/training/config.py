@@ -12,6 +12,7 @@ from ..time_samplers import T_SAMPLERS
 from .objectives import OBJECTIVES
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
+REPORT_TO = ("tensorboard",)  # accelerate's trackers d2f logs to
 ON_NONFINITE = ("stop", "skip")
 # Settings that may change between a run and its resumption; any other difference is refused.
 RESUMABLE_CHANGES = {
@@ -25,6 +26,7 @@ RESUMABLE_CHANGES = {
     "gradient_checkpointing",  # recomputes activations, computes the same
     "validation_prompts",
     "validation_every",
+    "report_to",
 }
 DEFAULT_T_SAMPLER = "logit-normal"  # best or tied in the settings study (docs/results.md, "Choosing settings")
 # The settings study tuned the lr per capacity; these are its picks (docs/results.md, "Choosing settings").
@@ -66,6 +68,7 @@ class TrainConfig:
     guidance: float = 1.0
     validation_prompts: tuple[str, ...] | None = None  # sampled through the base pipeline every validation_every
     validation_every: int = 0  # steps; 0 = never
+    report_to: str | None = None  # "tensorboard": loss, lr and validation images under <out>/logs
     on_nonfinite: str = "stop"  # a non-finite loss stops the run (naming the step and batch), or skips the step
     zero_terminal_snr: bool = False  # rescale the pretrained schedule to zero terminal SNR first (v_prediction)
     init: str | None = None  # "teacher-config": train from scratch with the teacher's architecture
@@ -86,6 +89,8 @@ class TrainConfig:
             )
         if self.mixed_precision not in MIXED_PRECISION:
             fail("mixed_precision", f"one of {MIXED_PRECISION}")
+        if self.report_to is not None and self.report_to not in REPORT_TO:
+            fail("report_to", f"None or one of {REPORT_TO}")
         if self.on_nonfinite not in ON_NONFINITE:
             fail("on_nonfinite", f"one of {ON_NONFINITE}")
         for name in ("resolution", "max_steps", "batch_size", "grad_accum", "sample_steps", "num_samples"):
@@ -193,4 +198,4 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
-__all__ = ["MIXED_PRECISION", "ON_NONFINITE", "RESUMABLE_CHANGES", "TrainConfig"]
+__all__ = ["MIXED_PRECISION", "ON_NONFINITE", "REPORT_TO", "RESUMABLE_CHANGES", "TrainConfig"]

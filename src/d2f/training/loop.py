@@ -58,7 +58,10 @@ def train(config: TrainConfig, resume: str | None = None, progress: bool = True)
     # accelerate keeps one mixed-precision setting per process; a second run in the same process (a notebook,
     # the tests) may ask for another. The process group (PartialState) is kept.
     AcceleratorState._reset_state(reset_partial_state=False)
-    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    if config.report_to == "tensorboard":
+        require("tensorboard", extra="tensorboard", feature="report_to='tensorboard'")
+    tracking = {"log_with": config.report_to, "project_dir": str(Path(config.out) / "logs")} if config.report_to else {}
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, **tracking)
     with run_lock(Path(config.out)) if accelerator.is_main_process else contextlib.nullcontext():
         return _train_locked(config, resume, progress, accelerator, started)
 
@@ -210,6 +213,10 @@ def _train_locked(config: TrainConfig, resume: str | None, progress: bool, accel
     if main and config.validation_prompts:
         validation = Validation(network.source, network.schedule, network.prediction_type, config.objective, unet)
     model, prepared_optimizer = accelerator.prepare(unet, optimizer)
+    if config.report_to:  # only now: a refused run must leave no logs behind
+        scalars = (bool, int, float, str)  # what a tracker's hyperparameter table takes
+        flat = {k: v if isinstance(v, scalars) else str(v) for k, v in config.to_dict().items()}
+        accelerator.init_trackers("d2f", config=flat)
     stream = Stream(len(data), config.seed)
     world, rank = accelerator.num_processes, accelerator.process_index
 
@@ -250,11 +257,18 @@ def _train_locked(config: TrainConfig, resume: str | None, progress: bool, accel
         prepared_optimizer.zero_grad(set_to_none=True)
         losses.append(total)
         bar.set_postfix(loss=f"{total:.4f}")
+        if config.report_to:
+            accelerator.log({"loss": total, "lr": config.lr_at(step)}, step=step + 1)
         if validation is not None and (step + 1) % config.validation_every == 0:
             unet.eval()
             png = out / "validation" / f"step-{step + 1:08d}.png"
-            validation.save(config.validation_prompts, config.sample_steps, config.guidance, config.seed + 3, png)
+            images = validation.save(
+                config.validation_prompts, config.sample_steps, config.guidance, config.seed + 3, png
+            )
             unet.train()
+            if config.report_to:
+                tracker = accelerator.get_tracker(config.report_to)
+                tracker.log_images({"validation": (images + 1) / 2}, step=step + 1, dataformats="NCHW")
         if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
             _check_weights(config, out, step + 1, trainable, ema)
             if main:
