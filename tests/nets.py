@@ -39,8 +39,9 @@ def tiny_unet(in_channels=1, out_channels=1):
     )
 
 
-def tiny_cond_unet(channels=4, cross_attention_dim=12):
-    """A real diffusers UNet2DConditionModel (text cross-attention), small enough for CPU tests."""
+def tiny_cond_unet(channels=4, cross_attention_dim=12, **config):
+    """A real diffusers UNet2DConditionModel (text cross-attention), small enough for CPU tests; ``config`` adds
+    keys (SDXL's added conditioning)."""
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
@@ -54,4 +55,5 @@ def tiny_cond_unet(channels=4, cross_attention_dim=12):
         cross_attention_dim=cross_attention_dim,
         norm_num_groups=4,
         attention_head_dim=2,
+        **config,
     )

@@ -9,48 +9,16 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import (  # noqa: E402
-    AutoencoderKL,
     DDIMPipeline,
     DDIMScheduler,
     DDPMPipeline,
     DDPMScheduler,
-    StableDiffusionPipeline,
 )
 
 import d2f  # noqa: E402
 from d2f import D2FScheduler, Schedule  # noqa: E402
-from nets import tiny_cond_unet, tiny_unet  # noqa: E402
-
-SD_SCHEDULE = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-SD_CONFIG = dict(**SD_SCHEDULE, clip_sample=False)
-
-
-def tiny_pipeline(prediction_type="epsilon", **scheduler_config):
-    torch.manual_seed(0)
-    unet = tiny_cond_unet()
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(8,),
-        norm_num_groups=4,
-        down_block_types=("DownEncoderBlock2D",),
-        up_block_types=("UpDecoderBlock2D",),
-        sample_size=8,
-    )
-    scheduler = DDIMScheduler(**{**SD_CONFIG, "prediction_type": prediction_type, **scheduler_config})
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=None,
-        tokenizer=None,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+from nets import tiny_unet  # noqa: E402
+from pipelines import SD_CONFIG, SD_SCHEDULE, tiny_pipeline  # noqa: E402
 
 
 def run(pipe, steps=10, guidance=1.0, **kwargs):

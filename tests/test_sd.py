@@ -147,3 +147,35 @@ def test_a_pipeline_lora_trains_no_full_convs_by_default(lora_run):
     assert meta["pipeline"] == "StableDiffusionPipeline"
     adapter = load_file(str(root / "run" / "export" / "adapter" / "adapter_model.safetensors"))
     assert not any(".conv_in." in k or ".conv_out." in k for k in adapter)
+
+
+def test_train_on_a_pipeline_and_a_captioned_folder_encodes_once(tmp_path, capsys):
+    """``d2f train --pretrained PIPELINE --data FOLDER`` encodes into the run folder, reuses that file on resume
+    only while data and settings are unchanged, and writes what ``d2f encode`` writes."""
+    from d2f.cli import main
+    from pipelines import captioned_folder
+
+    pipeline = tiny_sd_pipeline(tmp_path / "pipeline", prediction_type="v_prediction")
+    images = captioned_folder(tmp_path / "images", n=12, formats="jsonl")
+    small = dict(resolution=8, lora_rank=4, batch_size=4, warmup_steps=0, num_samples=2, sample_steps=2)
+    config = TrainConfig(out=str(tmp_path / "run"), pretrained=str(pipeline), data=str(images), **small)
+    train(config.replace(max_steps=2, checkpoint_every=2), progress=False)
+    cache = tmp_path / "run" / "latents.safetensors"
+    before = cache.stat().st_mtime_ns
+    train(config.replace(max_steps=3, checkpoint_every=2), resume="latest", progress=False)
+    assert cache.stat().st_mtime_ns == before  # reused, not encoded again
+    with pytest.raises(ValueError, match="was written with different flip"):
+        train(config.replace(max_steps=4, flip=True), resume="latest", progress=False)
+    metadata = images / "metadata.jsonl"
+    captions = metadata.read_text()
+    metadata.write_text(captions.replace('"text": "', '"text": "a ', 1))  # one caption edited
+    with pytest.raises(ValueError, match="encoded from other data or with other settings"):
+        train(config.replace(max_steps=4, checkpoint_every=2), resume="latest", progress=False)
+
+    out = tmp_path / "encoded.safetensors"
+    metadata.write_text(captions)
+    argv = ["encode", "--pretrained", str(pipeline), "--data", str(images), "--resolution", "8", "--out", str(out)]
+    assert main(argv) == 0
+    capsys.readouterr()
+    a, b = load_file(str(out)), load_file(str(cache))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -1,4 +1,4 @@
-"""The ``d2f`` command: ``d2f train``, ``d2f sample``, ``d2f eval``, ``d2f pairs``, ``d2f reproduce``,
+"""The ``d2f`` command: ``d2f train``, ``d2f encode``, ``d2f sample``, ``d2f eval``, ``d2f pairs``, ``d2f reproduce``,
 ``d2f study``, ``d2f teacher``, ``d2f classifier``.
 
 ``python -m d2f`` is the same command.
@@ -43,6 +43,7 @@ def _train_parser(sub) -> None:
     )
     p.add_argument("--resolution", type=int, default=defaults.resolution, help="train at this size in pixels (square)")
     p.add_argument("--classes", type=int, nargs="+", default=None, help="keep only these labels (mnist, digits)")
+    _caption_arguments(p, defaults.caption_column)
     p.add_argument(
         "--objective",
         choices=OBJECTIVES,
@@ -132,6 +133,31 @@ def _train_parser(sub) -> None:
         help="log loss, lr and validation images with accelerate's tracker, under <out>/logs",
     )
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def _caption_arguments(p: argparse.ArgumentParser, caption_column: str) -> None:
+    """How a captioned image folder is read (``d2f encode``, and ``d2f train`` on a pipeline)."""
+    p.add_argument("--caption-column", default=caption_column, help="metadata.jsonl's caption key (or .txt files)")
+    p.add_argument("--flip", action="store_true", help="flip images left-right at random (seeded by --seed)")
+
+
+def _encode_parser(sub) -> None:
+    p = sub.add_parser(
+        "encode",
+        help="encode a captioned image folder with a pipeline's VAE and text encoders into a latents file",
+        description="Latents (VAE mean times scaling_factor), text embeddings and the null embedding (and SDXL's "
+        "pooled embeddings and time ids) for d2f train --data. d2f train on a pipeline and an image folder "
+        "runs this itself.",
+    )
+    p.add_argument("--pretrained", required=True, help="a diffusers pipeline folder (SD 1.x/2.x or SDXL)")
+    p.add_argument("--data", required=True, help="an image folder with metadata.jsonl or a .txt beside each image")
+    p.add_argument("--resolution", type=int, required=True, help="center crop and resize to this many pixels")
+    p.add_argument("--out", required=True, help="the latents file to write (.safetensors)")
+    _caption_arguments(p, "text")
+    p.add_argument("--sample", action="store_true", help="draw from the VAE's latent distribution, not its mean")
+    p.add_argument("--seed", type=int, default=0, help="seeds --flip and --sample")
+    p.add_argument("--batch-size", type=int, default=8, help="images per VAE call")
+    p.add_argument("--device", default=None, help="where the VAE and text encoders run; unset: cuda if available")
 
 
 def _sampling_arguments(p: argparse.ArgumentParser, num_samples: int) -> None:
@@ -259,6 +285,25 @@ def _eval(args: argparse.Namespace) -> None:
     _print_json(evaluate(args.model, _sampling_settings(args), args.num_samples), out)
 
 
+def _encode(args: argparse.Namespace) -> None:
+    from .training.encode import encode
+
+    report = encode(
+        args.pretrained,
+        args.data,
+        args.resolution,
+        args.out,
+        caption_column=args.caption_column,
+        flip=args.flip,
+        sample=args.sample,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        device=args.device,
+    )
+    report.pop("tensors")
+    _print_json(report)
+
+
 def _pairs(args: argparse.Namespace) -> None:
     from .training.pairs import generate_pairs
 
@@ -304,6 +349,7 @@ COMMANDS = {
     "sample": (_sample_parser, _sample),
     "eval": (_eval_parser, _eval),
     "pairs": (_pairs_parser, _pairs),
+    "encode": (_encode_parser, _encode),
     "reproduce": (_reproduce_parser, _reproduce),
     "study": (_study_parser, _study),
     "teacher": (_teacher_parser, _teacher),

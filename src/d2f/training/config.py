@@ -44,6 +44,8 @@ class TrainConfig:
     pairs: str | None = None  # reflow: a `d2f pairs` file, trained on instead of data
     resolution: int = 24  # the default task adapts the 16x16 teacher to 24x24
     classes: tuple[int, ...] | None = None  # keep only these labels (mnist, digits)
+    caption_column: str = "text"  # a pipeline and a captioned image folder: metadata.jsonl's caption key
+    flip: bool = False  # ... and flip images at random (seeded) before encoding
     objective: str = "d2f"
     t_sampler: str | None = None  # None: logit-normal for d2f and fm; diffusion draws integer timesteps
     lora_rank: int = 8  # 0 = full finetuning
@@ -119,7 +121,9 @@ class TrainConfig:
             not self.classes or any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in self.classes)
         ):
             fail("classes", "a non-empty list of labels >= 0")
-        for name in ("zero_terminal_snr", "gradient_checkpointing"):
+        if not isinstance(self.caption_column, str) or not self.caption_column:
+            fail("caption_column", "a non-empty string")
+        for name in ("zero_terminal_snr", "gradient_checkpointing", "flip"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, "True or False")
         if self.lora_full_convs is not None and not isinstance(self.lora_full_convs, bool):

@@ -27,6 +27,7 @@ from .conditioning import Conditioning, SampleRequest
 from .config import TrainConfig
 from .data import Dataset, load_dataset
 from .draws import Stream, draws, positions
+from .encode import check_encoded, encode
 from .export import load_network, run_meta, write_export
 from .export import remove_interrupted as remove_interrupted_export
 from .images import save_loss_curve
@@ -78,10 +79,27 @@ def _network(config: TrainConfig) -> Network:
     return dataclasses.replace(network, schedule=network.schedule.with_zero_terminal_snr())
 
 
-def _data(config: TrainConfig, channels: int) -> Dataset:
+def _data(config: TrainConfig, network: Network, out: Path, accelerator, progress: bool) -> Dataset:
+    channels = network.unet.config.in_channels
     if config.pairs is not None:
         return load_pairs(config.pairs, (channels, config.resolution, config.resolution))
+    if network.pipeline is not None and Path(config.data).is_dir():
+        return load_dataset(str(_encoded(config, network, out, accelerator, progress)), config.resolution, channels)
     return load_dataset(config.data, config.resolution, channels, config.classes)
+
+
+def _encoded(config: TrainConfig, network: Network, out: Path, accelerator, progress: bool) -> Path:
+    """A pipeline and a captioned image folder: the run encodes the images and captions once with the pipeline's
+    own VAE and text encoders into ``<out>/latents.safetensors``, and reuses that file on resume only if the
+    data and settings are unchanged (``encode.check_encoded``)."""
+    cache = out / "latents.safetensors"
+    settings = dict(caption_column=config.caption_column, flip=config.flip, seed=config.seed)
+    if accelerator.is_main_process and not cache.is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        encode(network.source, config.data, config.resolution, cache, progress=progress, **settings)
+    accelerator.wait_for_everyone()
+    check_encoded(cache, network.source, config.data, config.resolution, **settings)
+    return cache
 
 
 def _remove_interrupted(out: Path) -> None:
@@ -175,7 +193,7 @@ def _train_locked(config: TrainConfig, resume: str | None, progress: bool, accel
     torch.manual_seed(config.seed)  # LoRA's A matrices and from-scratch weights
     network = _network(config)
     unet = network.unet.to(device)
-    data = _data(config, unet.config.in_channels)
+    data = _data(config, network, out, accelerator, progress and main)
     size = tuple(data.images.shape[-2:])  # images come at config.resolution, latents as stored
     source = f"resolution={config.resolution}" if size == (config.resolution,) * 2 else f"data={config.data!r}"
     check_sample_size(unet, size, source)

@@ -1,0 +1,452 @@
+"""Encode a captioned image folder once with a diffusers pipeline's own VAE and text encoder(s): the latents
+file ``d2f train`` trains on (``d2f encode``).
+
+What is computed, as the pipelines themselves compute it:
+
+- ``latents`` float32 ``(N, C, R/f, R/f)``: the VAE's ``latent_dist`` mean (or, with ``sample``, a draw
+  ``mean + std * noise``, the noise drawn image by image from ``torch.Generator().manual_seed(seed)``),
+  then ``(latent - shift_factor) * scaling_factor`` (``shift_factor`` where the VAE config has one).
+- SD 1.x / 2.x (``StableDiffusionPipeline``): ``encoder_hidden_states`` ``(N, L, D)``, the text encoder's
+  last hidden state for each caption padded to the tokenizer's ``model_max_length``, as
+  ``StableDiffusionPipeline.encode_prompt``; ``null_encoder_hidden_states`` ``(L, D)``, the same for "".
+- SDXL (``StableDiffusionXLPipeline``): ``encoder_hidden_states`` ``(N, L, D1 + D2)``, both encoders'
+  penultimate hidden states concatenated; ``text_embeds`` ``(N, P)``, the pooled (projected) embedding of the
+  second encoder; ``time_ids`` ``(N, 6)``: original height and width, the crop's top and left in the resized
+  image, and the target size ``(R, R)``, as ``StableDiffusionXLPipeline.encode_prompt`` and
+  ``_get_add_time_ids`` compute them. The null embeddings ``null_encoder_hidden_states`` ``(L, D1 + D2)`` and
+  ``null_text_embeds`` ``(P,)`` are what the pipeline guides with when given no negative prompt: zeros where
+  its ``force_zeros_for_empty_prompt`` is set (SDXL base's own setting), else the encoding of "".
+
+The file's safetensors metadata ``d2f`` holds a ``d2f.encoded`` document: the settings, fingerprints of the
+data folder and of the pipeline's VAE, text encoders and tokenizers (file names, sizes and modification times,
+hashed) and counts. :func:`check_encoded` refuses a file whose data or settings differ from a new request.
+Images are decoded a batch at a time (``captions.batches``), so memory holds one batch of pixels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .._files import output_path, write_safetensors
+from .._versioned import Document
+from .captions import Captions, batches, check_resolution, find_captions, flips
+from .models import check_safetensors
+
+ENCODED = Document(
+    "d2f.encoded",
+    1,
+    frozenset(
+        {
+            "pretrained",
+            "pretrained_fingerprint",
+            "kind",
+            "resolution",
+            "caption_column",
+            "flip",
+            "sample",
+            "seed",
+            "data",
+            "data_fingerprint",
+            "captions",
+            "null",
+            "scaling_factor",
+            "shift_factor",
+            "images",
+            "skipped",
+            "truncated",
+        }
+    ),
+    types={
+        "pretrained": (str,),
+        "kind": (str,),
+        "resolution": (int,),
+        "caption_column": (str,),
+        "flip": (bool,),
+        "sample": (bool,),
+        "seed": (int,),
+        "data": (str,),
+        "images": (int,),
+        "skipped": (dict,),
+        "truncated": (int,),
+        "scaling_factor": (int, float),
+        "shift_factor": (int, float, type(None)),
+    },
+)
+# What must match for an encoded file to stand for a new request (paths may move; the fingerprints may not).
+IDENTITY = (
+    "kind",
+    "resolution",
+    "caption_column",
+    "flip",
+    "sample",
+    "seed",
+    "data_fingerprint",
+    "pretrained_fingerprint",
+)
+KINDS = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
+# The components d2f encode loads, the classes it accepts for each, and the weights file each is saved under.
+COMPONENTS = {
+    "vae": ({"AutoencoderKL"}, "diffusion_pytorch_model"),
+    "text_encoder": ({"CLIPTextModel"}, "model"),
+    "tokenizer": ({"CLIPTokenizer", "CLIPTokenizerFast"}, None),
+    "text_encoder_2": ({"CLIPTextModelWithProjection"}, "model"),
+    "tokenizer_2": ({"CLIPTokenizer", "CLIPTokenizerFast"}, None),
+}
+NEEDS = {"sd": ("vae", "text_encoder", "tokenizer"), "sdxl": tuple(COMPONENTS)}
+
+
+def _present(index: dict, name: str) -> bool:
+    entry = index.get(name)
+    return isinstance(entry, list) and len(entry) == 2 and entry[0] is not None and entry[1] is not None
+
+
+def find_pipeline(pretrained: str | Path, kind: str | None = None) -> tuple[Path, dict, str]:
+    """The pipeline folder (``pretrained``, or the folder above it when given its ``unet/``), its
+    ``model_index.json`` and its kind, ``"sd"`` or ``"sdxl"``; refused unless it holds what encoding needs,
+    or when ``kind`` is given and the pipeline is of the other kind."""
+    from .._files import read_json
+
+    if kind is not None and kind not in KINDS:
+        raise ValueError(f"kind={kind!r} is not allowed: 'sd' (SD 1.x/2.x), 'sdxl' or None (the pipeline's own)")
+    folder = Path(pretrained).resolve()
+    if not (folder / "model_index.json").is_file() and (folder.parent / "model_index.json").is_file():
+        folder = folder.parent
+    if not (folder / "model_index.json").is_file():
+        raise ValueError(
+            f"pretrained={str(pretrained)!r}: not a diffusers pipeline folder (no model_index.json); encoding needs "
+            "a pipeline's VAE and text encoder(s)"
+        )
+    index = read_json(folder / "model_index.json")
+    if not isinstance(index, dict):
+        raise ValueError(f"{folder / 'model_index.json'}: expected a JSON object")
+    name = index.get("_class_name")
+    for other in ("transformer", "text_encoder_3"):
+        if _present(index, other):
+            raise ValueError(
+                f"{folder}: a {name} (it has {other}/); d2f encodes for {' and '.join(KINDS.values())} only"
+            )
+    found = "sdxl" if _present(index, "text_encoder_2") or _present(index, "tokenizer_2") else "sd"
+    if kind is not None and kind != found:
+        raise ValueError(
+            f"pretrained={str(pretrained)!r} is an {'SDXL' if found == 'sdxl' else 'SD 1.x/2.x'} pipeline ({name}"
+            + (", with text_encoder_2 and tokenizer_2" if found == "sdxl" else ", with one text encoder")
+            + f"), but kind={kind!r} asks for {'an SDXL' if kind == 'sdxl' else 'an SD 1.x/2.x'} one ({KINDS[kind]})"
+        )
+    for component in NEEDS[found]:
+        if not _present(index, component) or not (folder / component).is_dir():
+            why = "no such folder" if _present(index, component) else "model_index.json names none"
+            raise ValueError(
+                f"{folder}: the pipeline has no {component}/ ({why}); encoding needs its {', '.join(NEEDS[found])}"
+            )
+        classes, _ = COMPONENTS[component]
+        if index[component][1] not in classes:
+            raise ValueError(
+                f"{folder / 'model_index.json'}: {component} is a {index[component][1]}; d2f encodes with "
+                f"{' or '.join(sorted(classes))}"
+            )
+    return folder, index, found
+
+
+def fingerprint(folder: str | Path, parts: tuple[str, ...] | None = None) -> str:
+    """A SHA-256 of the sorted relative names, sizes and modification times (ns) of the files under
+    ``folder`` (or under its ``parts``, files or subfolders), hidden ones excluded: changes when a file is
+    added, removed, renamed, rewritten or touched. The data's fingerprint covers the files its images and
+    captions come from (``Captions.used``), so a latents file written into the data folder leaves it alone."""
+    folder = Path(folder)
+    roots = [folder] if parts is None else [folder / p for p in parts]
+    files = []
+    for root in roots:
+        candidates = [root] if root.is_file() else root.rglob("*")
+        for path in candidates:
+            relative = path.relative_to(folder)
+            if path.is_file() and not any(part.startswith(".") for part in relative.parts):
+                files.append((relative.as_posix(), path))
+    digest = hashlib.sha256()
+    for name, path in sorted(files):
+        stat = path.stat()
+        digest.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _pipeline_fingerprint(folder: Path, kind: str) -> str:
+    return fingerprint(folder, ("model_index.json", *NEEDS[kind]))
+
+
+def _load(folder: Path, index: dict, kind: str, device) -> dict[str, Any]:
+    """The VAE, text encoder(s) and tokenizer(s), each weights file through the safetensors gate first."""
+    try:
+        import diffusers
+        import transformers
+    except ImportError as e:
+        raise ImportError("encoding needs diffusers and transformers: pip install diffusers transformers") from e
+    loaded = {}
+    for name in NEEDS[kind]:
+        class_name = index[name][1]
+        _, weights = COMPONENTS[name]
+        if weights is None:
+            loaded[name] = getattr(transformers, class_name).from_pretrained(folder / name, local_files_only=True)
+            continue
+        check_safetensors(folder / name, weights, sharded=True)
+        if name == "vae":  # diffusers casts with torch_dtype (a later .to(dtype) warns); the encoders run in fp32
+            model = diffusers.AutoencoderKL.from_pretrained(
+                folder / name, use_safetensors=True, local_files_only=True, torch_dtype=torch.float32
+            )
+        else:
+            model = getattr(transformers, class_name).from_pretrained(
+                folder / name, use_safetensors=True, local_files_only=True
+            )
+            model = model.to(torch.float32)
+        loaded[name] = model.to(device).eval().requires_grad_(False)
+    return loaded
+
+
+def _check_unet(folder: Path, kind: str, width: int, pooled: int | None) -> None:
+    """Refuse a pipeline whose UNet could not take what is encoded, before anything is encoded."""
+    from .._files import read_json
+
+    config_file = folder / "unet" / "config.json"
+    if not config_file.is_file():
+        return
+    config = read_json(config_file)
+    cross = config.get("cross_attention_dim")
+    if isinstance(cross, int) and cross != width:
+        raise ValueError(
+            f"{config_file}: cross_attention_dim={cross}, but the text encoder(s) give {width} wide states"
+        )
+    added = config.get("addition_embed_type")
+    if kind == "sd" and added == "text_time":
+        raise ValueError(
+            f"{config_file}: addition_embed_type='text_time' is SDXL's UNet, but the pipeline has no text_encoder_2"
+        )
+    if kind == "sdxl":
+        if added != "text_time":
+            raise ValueError(f"{config_file}: addition_embed_type={added!r}; an SDXL UNet takes 'text_time'")
+        time_dim, expected = config.get("addition_time_embed_dim"), config.get("projection_class_embeddings_input_dim")
+        if not isinstance(time_dim, int) or expected != 6 * time_dim + pooled:
+            raise ValueError(
+                f"{config_file}: projection_class_embeddings_input_dim={expected!r}; six time ids of "
+                f"addition_time_embed_dim={time_dim!r} plus text_encoder_2's projection_dim={pooled} give "
+                f"{6 * time_dim + pooled if isinstance(time_dim, int) else '?'}"
+            )
+
+
+class _TextEncoder:
+    """Captions to the pipeline's prompt embeddings (and SDXL's pooled embedding), as ``encode_prompt``."""
+
+    def __init__(self, models: dict[str, Any], kind: str, device):
+        self.kind, self.device = kind, device
+        names = [("tokenizer", "text_encoder")] + ([("tokenizer_2", "text_encoder_2")] if kind == "sdxl" else [])
+        self.pairs = [(models[t], models[e]) for t, e in names]
+        self.truncated = 0
+
+    def _ids(self, tokenizer, captions: list[str]):
+        length = tokenizer.model_max_length  # padded to it, as encode_prompt pads
+        return tokenizer(captions, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+
+    @torch.no_grad()
+    def __call__(self, captions: list[str], count: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if count:  # a prompt longer than model_max_length is cut, as the pipelines cut it (they warn)
+            long = [False] * len(captions)
+            for tokenizer, _ in self.pairs:
+                lengths = [len(ids) for ids in tokenizer(captions).input_ids]
+                long = [a or n > tokenizer.model_max_length for a, n in zip(long, lengths)]
+            self.truncated += sum(long)
+        if self.kind == "sd":
+            tokenizer, encoder = self.pairs[0]
+            inputs = self._ids(tokenizer, captions)
+            mask = (
+                inputs.attention_mask.to(self.device) if getattr(encoder.config, "use_attention_mask", False) else None
+            )
+            return encoder(inputs.input_ids.to(self.device), attention_mask=mask)[0].float().cpu(), None
+        states, pooled = [], None
+        for tokenizer, encoder in self.pairs:
+            out = encoder(self._ids(tokenizer, captions).input_ids.to(self.device), output_hidden_states=True)
+            if pooled is None and out[0].ndim == 2:  # the projected pooled embedding: text_encoder_2's
+                pooled = out[0]
+            states.append(out.hidden_states[-2])
+        return torch.cat(states, dim=-1).float().cpu(), pooled.float().cpu()
+
+
+def _check_options(batch_size, sample, out) -> Path | None:
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} is not allowed: a positive integer")
+    if not isinstance(sample, bool):
+        raise ValueError(f"sample={sample!r} must be True or False")
+    if out is None:
+        return None
+    if Path(out).suffix != ".safetensors":
+        raise ValueError(f"out={str(out)!r}: the latents file is written as .safetensors")
+    return output_path(out)
+
+
+def encode(
+    pretrained: str | Path,
+    data: str | Path,
+    resolution: int,
+    out: str | Path | None = None,
+    caption_column: str = "text",
+    flip: bool = False,
+    sample: bool = False,
+    seed: int = 0,
+    batch_size: int = 8,
+    progress: bool = True,
+    device: str | torch.device | None = None,
+    kind: str | None = None,
+) -> dict[str, Any]:
+    """Encode the captioned images of ``data`` with the pipeline ``pretrained`` (see the module docstring).
+
+    ``kind`` (``"sd"`` or ``"sdxl"``) refuses a pipeline of the other kind; ``None`` takes the pipeline's own.
+    ``device``: where the VAE and text encoders run (default: CUDA when available). With ``out``, writes the
+    latents file there (atomically, with the ``d2f.encoded`` document as its metadata). Returns the document
+    plus ``seconds`` and ``tensors`` (what the file holds).
+    """
+    started = time.perf_counter()
+    check_resolution(resolution)
+    flips(0, flip, seed)  # checks flip and seed
+    out = _check_options(batch_size, sample, out)
+    folder, index, kind = find_pipeline(pretrained, kind)
+    captions = find_captions(data, caption_column)  # caption errors before any model is loaded
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    models = _load(folder, index, kind, device)
+    vae = models["vae"]
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    if resolution % factor:
+        raise ValueError(
+            f"resolution={resolution} is not allowed for {folder / 'vae'}: a multiple of {factor}, the VAE's "
+            "downsampling factor"
+        )
+    if getattr(vae.config, "latents_mean", None) is not None or getattr(vae.config, "latents_std", None) is not None:
+        raise ValueError(
+            f"{folder / 'vae' / 'config.json'}: latents_mean / latents_std are set; d2f encodes with "
+            "scaling_factor (and shift_factor) only"
+        )
+    text = _TextEncoder(models, kind, device)
+    null, null_pooled = text([""], count=False)
+    zeros = kind == "sdxl" and index.get("force_zeros_for_empty_prompt", True) is True
+    if zeros:  # what StableDiffusionXLPipeline guides with when given no negative prompt
+        null, null_pooled = torch.zeros_like(null), torch.zeros_like(null_pooled)
+    _check_unet(folder, kind, null.shape[-1], None if null_pooled is None else null_pooled.shape[-1])
+
+    latents, states, pooled, time_ids = [], [], [], []
+    scaling, shift = float(vae.config.scaling_factor), getattr(vae.config, "shift_factor", None)
+    noise = torch.Generator().manual_seed(seed)
+    skipped: dict[str, list[str]] = {}
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(captions.files), desc="d2f encode", unit="image", disable=not progress)
+    done = 0
+    with torch.no_grad():
+        for batch in batches(captions, resolution, batch_size, flip, seed):
+            skipped = batch.skipped or skipped
+            step = min(done + batch_size, len(captions.files)) - done
+            done += step
+            if len(batch):
+                dist = vae.encode(batch.images.to(device)).latent_dist
+                z = dist.mean
+                if sample:
+                    draws = torch.stack([torch.randn(z.shape[1:], generator=noise) for _ in range(len(batch))])
+                    z = z + dist.std * draws.to(device)
+                if shift is not None:
+                    z = z - shift
+                latents.append((z * scaling).float().cpu())
+                embeddings, pooled_embeddings = text(batch.captions)
+                states.append(embeddings)
+                if kind == "sdxl":
+                    pooled.append(pooled_embeddings)
+                    target = torch.tensor([[resolution, resolution]] * len(batch), dtype=torch.int64)
+                    time_ids.append(torch.cat([batch.original_sizes, batch.crops_top_left, target], 1).float())
+            bar.update(step)
+    bar.close()
+    if text.truncated:
+        warnings.warn(
+            f"{captions.folder}: {text.truncated} caption(s) are longer than the tokenizer's model_max_length and "
+            "were truncated, as the pipeline truncates prompts",
+            stacklevel=2,
+        )
+    tensors = {
+        "latents": torch.cat(latents),
+        "encoder_hidden_states": torch.cat(states),
+        "null_encoder_hidden_states": null[0],
+    }
+    if kind == "sdxl":
+        tensors |= {
+            "text_embeds": torch.cat(pooled),
+            "null_text_embeds": null_pooled[0],
+            "time_ids": torch.cat(time_ids),
+        }
+    document = ENCODED.new(
+        **_identity(folder, kind, captions, resolution, caption_column, flip, sample, seed),
+        pretrained=str(folder),
+        data=str(captions.folder.resolve()),
+        captions=captions.source,
+        null="zeros" if zeros else "empty prompt",
+        scaling_factor=scaling,
+        shift_factor=None if shift is None else float(shift),
+        images=int(tensors["latents"].shape[0]),
+        skipped={reason: len(names) for reason, names in skipped.items()},
+        truncated=text.truncated,
+    )
+    if out is not None:
+        write_safetensors(out, tensors, metadata={"d2f": json.dumps(document)})
+    return {**document, "seconds": round(time.perf_counter() - started, 2), "tensors": tensors}
+
+
+def _identity(folder: Path, kind: str, captions: Captions, resolution, caption_column, flip, sample, seed) -> dict:
+    return {
+        "kind": kind,
+        "resolution": resolution,
+        "caption_column": caption_column,
+        "flip": flip,
+        "sample": sample,
+        "seed": seed,
+        "data_fingerprint": fingerprint(captions.folder, tuple(captions.used)),
+        "pretrained_fingerprint": _pipeline_fingerprint(folder, kind),
+    }
+
+
+def read_encoded(path: str | Path) -> dict[str, Any]:
+    """The ``d2f.encoded`` document of a latents file written by :func:`encode`."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata() or {}
+        document = json.loads(metadata.get("d2f", "null"))
+    except (SafetensorError, OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a latents file written by d2f encode ({e})") from e
+    return ENCODED.check(document, str(path))
+
+
+def check_encoded(
+    path: str | Path,
+    pretrained: str | Path,
+    data: str | Path,
+    resolution: int,
+    caption_column: str = "text",
+    flip: bool = False,
+    sample: bool = False,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The document of the latents file ``path`` if it was encoded from this pipeline and data with these
+    settings (the data and the pipeline's encoders unchanged since); else a ``ValueError`` naming what differs."""
+    document = read_encoded(path)
+    folder, _, kind = find_pipeline(pretrained)
+    captions = find_captions(data, caption_column)
+    now = _identity(folder, kind, captions, resolution, caption_column, flip, sample, seed)
+    changed = [f"{key}={document[key]!r} then, {now[key]!r} now" for key in IDENTITY if document[key] != now[key]]
+    if changed:
+        raise ValueError(
+            f"{path} was encoded from other data or with other settings ({'; '.join(changed)}); remove it to encode "
+            "again"
+        )
+    return document
+
+
+__all__ = ["ENCODED", "check_encoded", "encode", "find_pipeline", "fingerprint", "read_encoded"]
