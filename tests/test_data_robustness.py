@@ -213,3 +213,21 @@ def test_bad_labels_and_conditions_in_a_latents_file_are_named(tmp_path, key, va
     save_file({"latents": torch.zeros(4, 1, 16, 16), key: value}, str(path))
     with pytest.raises(ValueError, match=re.escape(f"{path}: {message}")):
         load_dataset(str(path), 16, 2 if key == "concat" else 1)
+
+
+@pytest.mark.parametrize(
+    ("tensors", "message"),
+    [
+        ({"null_encoder_hidden_states": torch.zeros(2, 3, 5)}, "null_encoder_hidden_states has shape (2, 3, 5); it"),
+        ({"null_text_embeds": torch.zeros(7)}, "null_text_embeds has shape (7,); it must be one sample's, text_embeds"),
+        ({"text_embeds": torch.zeros(4, 7), "time_ids": torch.zeros(4, 5)}, "time_ids has shape (4, 5); SDXL's are"),
+    ],
+)
+def test_null_conditions_and_time_ids_must_fit_the_samples(tmp_path, tensors, message):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "latents.safetensors"
+    states = {"encoder_hidden_states": torch.zeros(4, 3, 5)}
+    save_file({"latents": torch.zeros(4, 4, 8, 8), **states, **tensors}, str(path))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_dataset(str(path), 8, 4)

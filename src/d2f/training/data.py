@@ -7,8 +7,9 @@ antialiasing, shorter side first, then center-cropped). Latent files are used as
 Latent files (``.safetensors`` or ``.npy``): the key ``latents`` (or the ``.npy`` array itself) holds
 ``(N, C, H, W)`` float latents, already scaled as the model expects (e.g. SD's VAE factor 0.18215).
 Optional keys: ``labels`` ``(N,)`` int64 class labels, ``encoder_hidden_states`` ``(N, L, D)`` text
-embeddings with ``null_encoder_hidden_states`` ``(1, L, D)`` for conditioning dropout, and ``concat``
-``(N, C', H, W)`` channels appended to the network input (image-to-X tasks).
+embeddings with ``null_encoder_hidden_states`` ``(L, D)`` (or ``(1, L, D)``) for conditioning dropout, ``concat``
+``(N, C', H, W)`` channels appended to the network input (image-to-X tasks), and SDXL's ``text_embeds``
+``(N, P)`` with ``null_text_embeds`` ``(P,)`` and ``time_ids`` ``(N, 6)``. ``d2f encode`` writes them all.
 """
 
 from __future__ import annotations
@@ -215,6 +216,16 @@ def latents(path: Path) -> Dataset:
             raise ValueError(
                 f"{path}: labels must be one label >= 0 per sample; got shape {tuple(labels.shape)}, min {low}"
             )
+    for null, of in (("null_encoder_hidden_states", "encoder_hidden_states"), ("null_text_embeds", "text_embeds")):
+        value, per_sample = getattr(data, null), getattr(data, of)
+        if value is not None and per_sample is not None and value.shape == (1, *per_sample.shape[1:]):
+            value = value[0]  # a batch of one, as files written before d2f encode hold it
+            setattr(data, null, value)
+        if value is not None and (per_sample is None or value.shape != per_sample.shape[1:]):
+            want = tuple(per_sample.shape[1:]) if per_sample is not None else f"{of} beside it"
+            raise ValueError(f"{path}: {null} has shape {tuple(value.shape)}; it must be one sample's, {want}")
+    if data.time_ids is not None and tuple(data.time_ids.shape) != (n, 6):
+        raise ValueError(f"{path}: time_ids has shape {tuple(data.time_ids.shape)}; SDXL's are ({n}, 6)")
     conditions = ("encoder_hidden_states", "null_encoder_hidden_states", "concat", "text_embeds", "null_text_embeds")
     for name in (*conditions, "time_ids"):
         value = getattr(data, name)
