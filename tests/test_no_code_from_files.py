@@ -129,7 +129,7 @@ def test_unreadable_json_and_nan_weights_name_their_file(runs, tmp_path):
 @pytest.mark.parametrize("component", ["text_encoder", "vae"])
 def test_a_pickled_pipeline_component_is_refused(tmp_path, component):
     """Validation images load the base pipeline's VAE and text encoder: each passes the same gate."""
-    from d2f.training.validation import check_pipeline_folder
+    from d2f.training.models import check_pipeline_folder
     from pipelines import tiny_sd_pipeline
 
     folder = tiny_sd_pipeline(tmp_path / "pipeline")

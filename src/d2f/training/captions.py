@@ -27,7 +27,7 @@ from pathlib import Path, PurePosixPath
 import torch
 from torch import Tensor
 
-from .data import IMAGE_SUFFIXES, _pixels, _resize
+from .data import IMAGE_SUFFIXES, _pixels, _resize, crop_box
 
 METADATA = "metadata.jsonl"
 
@@ -170,16 +170,6 @@ class Unreadable(Exception):
     def __init__(self, reason: str, detail: str):
         super().__init__(detail)
         self.reason, self.detail = reason, detail
-
-
-def crop_box(height: int, width: int, resolution: int) -> tuple[int, int, int, int]:
-    """``(top, left, resized height, resized width)``: where ``data._resize`` takes its square from the image
-    resized to shorter side ``resolution`` (the same arithmetic)."""
-    if (height, width) == (resolution, resolution):
-        return 0, 0, resolution, resolution
-    scale = resolution / min(height, width)
-    size = (max(resolution, round(height * scale)), max(resolution, round(width * scale)))
-    return (size[0] - resolution) // 2, (size[1] - resolution) // 2, *size
 
 
 def load_image(path: Path, resolution: int) -> tuple[Tensor, tuple[int, int], tuple[int, int], int]:

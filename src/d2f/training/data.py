@@ -44,15 +44,23 @@ class Dataset:
         return self.images.shape[0]
 
 
+def crop_box(height: int, width: int, resolution: int) -> tuple[int, int, int, int]:
+    """``(top, left, resized height, resized width)``: :func:`_resize` scales the shorter side to
+    ``resolution`` and takes the centered square at ``(top, left)`` (SDXL's time ids record it)."""
+    if (height, width) == (resolution, resolution):
+        return 0, 0, resolution, resolution
+    scale = resolution / min(height, width)
+    size = (max(resolution, round(height * scale)), max(resolution, round(width * scale)))
+    return (size[0] - resolution) // 2, (size[1] - resolution) // 2, *size
+
+
 def _resize(images: Tensor, resolution: int) -> Tensor:
-    """Shorter side to ``resolution`` with antialiasing, then a center crop to a square."""
+    """Shorter side to ``resolution`` with antialiasing, then a center crop to a square (:func:`crop_box`)."""
     h, w = images.shape[-2:]
     if (h, w) == (resolution, resolution):
         return images
-    scale = resolution / min(h, w)
-    size = (max(resolution, round(h * scale)), max(resolution, round(w * scale)))
+    top, left, *size = crop_box(h, w, resolution)
     images = F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
-    top, left = (size[0] - resolution) // 2, (size[1] - resolution) // 2
     return images[..., top : top + resolution, left : left + resolution].contiguous()
 
 

@@ -37,7 +37,7 @@ import torch
 from .._files import output_path, write_safetensors
 from .._versioned import Document
 from .captions import Captions, batches, check_resolution, find_captions, flips
-from .models import check_safetensors
+from .models import check_pipeline_folder
 
 ENCODED = Document(
     "d2f.encoded",
@@ -186,6 +186,7 @@ def _load(folder: Path, index: dict, kind: str, device) -> dict[str, Any]:
         import transformers
     except ImportError as e:
         raise ImportError("encoding needs diffusers and transformers: pip install diffusers transformers") from e
+    check_pipeline_folder(folder, skip=("unet",))  # the UNet is not read here
     loaded = {}
     for name in NEEDS[kind]:
         class_name = index[name][1]
@@ -193,7 +194,6 @@ def _load(folder: Path, index: dict, kind: str, device) -> dict[str, Any]:
         if weights is None:
             loaded[name] = getattr(transformers, class_name).from_pretrained(folder / name, local_files_only=True)
             continue
-        check_safetensors(folder / name, weights, sharded=True)
         if name == "vae":  # diffusers casts with torch_dtype (a later .to(dtype) warns); the encoders run in fp32
             model = diffusers.AutoencoderKL.from_pretrained(
                 folder / name, use_safetensors=True, local_files_only=True, torch_dtype=torch.float32

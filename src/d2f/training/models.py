@@ -78,6 +78,22 @@ def check_safetensors(folder: Path, weights: str, sharded: bool) -> None:
             raise ValueError(f"{file}: not a readable safetensors file ({e})") from e
 
 
+# The weights file diffusers' models and transformers' models are saved under in a pipeline folder.
+WEIGHTS = {"diffusers": "diffusion_pytorch_model", "transformers": "model"}
+
+
+def check_pipeline_folder(folder: Path, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``model_index.json`` of a diffusers pipeline folder, after the safetensors gate on every model in it
+    (``models.check_safetensors``); components in ``skip`` are not loaded from the folder."""
+    index = read_json(folder / "model_index.json")
+    for name, entry in index.items():
+        if name.startswith("_") or name in skip or not isinstance(entry, list) or entry[0] not in WEIGHTS:
+            continue
+        if (folder / name / "config.json").is_file():
+            check_safetensors(folder / name, WEIGHTS[entry[0]], sharded=True)
+    return index
+
+
 def load_unet(folder: Path) -> torch.nn.Module:
     config_file = folder / "config.json"
     config = read_json(config_file)

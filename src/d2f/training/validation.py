@@ -8,31 +8,14 @@ checks the export path, since it is the loop a user runs after ``pipe.load_lora_
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from .._files import read_json
 from ..schedule import Schedule
 from . import objectives
 from .export import ddim_config
 from .images import save_grid
-from .models import check_safetensors
-
-# The weights file diffusers' models and transformers' models are saved under in a pipeline folder.
-WEIGHTS = {"diffusers": "diffusion_pytorch_model", "transformers": "model"}
-
-
-def check_pipeline_folder(folder: Path, skip: tuple[str, ...] = ()) -> dict[str, Any]:
-    """``model_index.json`` of a diffusers pipeline folder, after the safetensors gate on every model in it
-    (``models.check_safetensors``); components in ``skip`` are not loaded from the folder."""
-    index = read_json(folder / "model_index.json")
-    for name, entry in index.items():
-        if name.startswith("_") or name in skip or not isinstance(entry, list) or entry[0] not in WEIGHTS:
-            continue
-        if (folder / name / "config.json").is_file():
-            check_safetensors(folder / name, WEIGHTS[entry[0]], sharded=True)
-    return index
+from .models import check_pipeline_folder
 
 
 class Validation:
