@@ -50,6 +50,9 @@ bench() {  # NAME LIMIT PYTEST_ARGS...
 }
 bench kernels 120 benchmarks/bench_loss.py benchmarks/bench_step.py -k "triton or torch or (reference and 64x4x96x96)"
 bench compile 180 benchmarks/bench_loss.py benchmarks/bench_step.py -k "compile and not same"
+# SD 2.1's UNet architecture (random weights), one train step, d2f against diffusion: needs diffusers, which
+# the card's image lacks (install its wheel, carried over, first); without it these rows skip.
+bench sd21 300 -rs benchmarks/bench_sd_train_step.py
 python benchmarks/table.py --copy-gbps "$copy_gbps" "$out"/bench-*.json | tee "$out/table.txt"
 echo "## wall clock against the kernels' device time"
 timeout 150 python benchmarks/device_time.py "$copy_gbps" 2>&1 | tee "$out/device-time.txt" || status=1

@@ -3,7 +3,8 @@
 Usage: python benchmarks/table.py [--copy-gbps GBPS] BENCH_JSON [BENCH_JSON ...]
 
 Several JSON files (say, one per gpu.sh stage) merge into one table; rows are the benchmarks with an
-``impl`` parameter (bench_loss.py, bench_step.py).
+``impl`` parameter (bench_loss.py, bench_step.py). Every other benchmark (the SD 2.1 train step, say)
+follows as one line: its name, median, IQR and ``extra_info``.
 """
 
 import argparse
@@ -12,7 +13,7 @@ from collections import defaultdict
 
 
 def main(paths: list[str], copy_gbps: float | None) -> None:
-    groups = defaultdict(dict)
+    groups, others = defaultdict(dict), []
     for path in paths:
         with open(path) as f:
             report = json.load(f)
@@ -20,6 +21,8 @@ def main(paths: list[str], copy_gbps: float | None) -> None:
             impl = bench["params"].get("impl")
             if impl:
                 groups[bench["group"]][impl] = (bench["stats"]["median"], bench["extra_info"]["GB/s"])
+            else:
+                others.append(bench)
         machine = report.get("machine_info", {})
         print(f"# {path}: {report.get('datetime', '')}  {machine.get('cpu', {}).get('brand_raw', '')}")
     header = f"{'benchmark':<36} {'impl':<10} {'median':>11} {'GB/s':>8}"
@@ -35,6 +38,9 @@ def main(paths: list[str], copy_gbps: float | None) -> None:
                 ref = rows.get(base)
                 line += f" {ref[0] / median:>8.2f}x" if ref else f" {'-':>9}"
             print(line)
+    for bench in others:
+        stats = bench["stats"]
+        print(f"{bench['name']:<48} {stats['median']:>9.4f} s (IQR {stats['iqr']:.4f}) {bench['extra_info']}")
 
 
 if __name__ == "__main__":

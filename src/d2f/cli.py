@@ -41,7 +41,12 @@ def _train_parser(sub) -> None:
     p.add_argument(
         "--pairs", default=None, help="reflow: train on a `d2f pairs` file (noise -> sample) instead of --data"
     )
-    p.add_argument("--resolution", type=int, default=defaults.resolution, help="train at this size in pixels (square)")
+    p.add_argument(
+        "--resolution",
+        type=int,
+        default=defaults.resolution,
+        help="train at this size in pixels (square); with a latents file from d2f encode, the size it was encoded at",
+    )
     p.add_argument("--classes", type=int, nargs="+", default=None, help="keep only these labels (mnist, digits)")
     _caption_arguments(p, defaults.caption_column)
     p.add_argument(
@@ -115,7 +120,12 @@ def _train_parser(sub) -> None:
         help="continue from the latest checkpoint in --out, or from the given checkpoint folder",
     )
     p.add_argument("--sample-steps", type=int, default=defaults.sample_steps, help="ODE steps of the final samples")
-    p.add_argument("--num-samples", type=int, default=defaults.num_samples, help="images in samples.png")
+    p.add_argument(
+        "--num-samples",
+        type=int,
+        default=defaults.num_samples,
+        help="images in samples.png (from a pipeline: one per --validation-prompt instead)",
+    )
     p.add_argument("--guidance", type=float, default=defaults.guidance, help="classifier-free guidance of the samples")
     p.add_argument(
         "--validation-prompt",

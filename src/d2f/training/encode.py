@@ -449,4 +449,41 @@ def check_encoded(
     return document
 
 
-__all__ = ["ENCODED", "check_encoded", "encode", "find_pipeline", "fingerprint", "read_encoded"]
+def check_training_latents(path: str | Path, pretrained: str | Path | None, resolution: int) -> dict[str, Any] | None:
+    """``d2f train --data LATENTS``: None for a latents file d2f did not write (nothing to check against); for
+    one :func:`encode` wrote, its document, once it is known to be encoded at ``resolution`` and, where
+    ``pretrained`` is a pipeline folder, with that pipeline's own VAE and text encoders (a file encoded by
+    other encoders would train on embeddings the UNet never saw)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            if "d2f" not in (f.metadata() or {}):
+                return None
+    except (SafetensorError, OSError):
+        return None  # not safetensors at all: the latents loader refuses it, naming the file
+    document = read_encoded(path)
+    if document["resolution"] != resolution:
+        raise ValueError(
+            f"resolution={resolution} is not what {path} was encoded at (resolution={document['resolution']}); "
+            f"pass --resolution {document['resolution']}"
+        )
+    if pretrained is not None:
+        folder, _, kind = find_pipeline(pretrained)
+        if document["pretrained_fingerprint"] != _pipeline_fingerprint(folder, kind):
+            raise ValueError(
+                f"{path} was encoded by the VAE and text encoders of {document['pretrained']}, which differ from "
+                f"those of pretrained={str(pretrained)!r}; encode the data with the pipeline being trained"
+            )
+    return document
+
+
+__all__ = [
+    "ENCODED",
+    "check_encoded",
+    "check_training_latents",
+    "encode",
+    "find_pipeline",
+    "fingerprint",
+    "read_encoded",
+]

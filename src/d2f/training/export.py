@@ -4,7 +4,8 @@
 Layout (format ``d2f.export``, version 1)::
 
     d2f.json            what the model is: kind (full | lora), prediction_type, align_input, null_class,
-                        base (lora only), objective, resolution, the training config
+                        base (lora only), objective, resolution (the side of the samples it trained on: pixels,
+                        or latent pixels for latents), the training config
     schedule.json       the d2f Schedule (float64 alphas_cumprod)
     scheduler/          converted models: a d2f.D2FScheduler config of the same schedule
                         (``D2FScheduler.from_pretrained(export / "scheduler")``)
@@ -84,8 +85,8 @@ def ddim_config(schedule: Schedule, prediction_type: str) -> dict[str, Any]:
     }
 
 
-def run_meta(config: TrainConfig, network: Network, null_class: int | None) -> dict[str, Any]:
-    """``d2f.json`` of the export of a run of ``config`` that trained ``network``."""
+def run_meta(config: TrainConfig, network: Network, null_class: int | None, side: int) -> dict[str, Any]:
+    """``d2f.json`` of the export of a run of ``config`` that trained ``network`` on samples ``side`` wide."""
     return {
         "kind": "lora" if config.lora_rank else "full",
         "objective": config.objective,
@@ -94,7 +95,7 @@ def run_meta(config: TrainConfig, network: Network, null_class: int | None) -> d
         "null_class": null_class,
         "base": network.source if config.lora_rank else None,
         "lora_rank": config.lora_rank,
-        "resolution": config.resolution,
+        "resolution": side,
         "train_config": config.to_dict(),
         "pipeline": network.pipeline,
     }

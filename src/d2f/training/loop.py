@@ -27,7 +27,7 @@ from .conditioning import Conditioning, SampleRequest
 from .config import TrainConfig
 from .data import Dataset, load_dataset
 from .draws import Stream, draws, positions
-from .encode import check_encoded, encode
+from .encode import check_encoded, check_training_latents, encode
 from .export import load_network, run_meta, write_export
 from .export import remove_interrupted as remove_interrupted_export
 from .images import save_loss_curve
@@ -35,9 +35,9 @@ from .lock import run_lock
 from .models import Network, add_lora, check_sample_size, trainable_parameters
 from .objectives import objective_loss
 from .pairs import load_pairs
-from .sampling import sample_images, save_images, velocity_field, zero_shot_check
+from .sampling import SHOWN_CHANNELS, sample_images, save_images, velocity_field, zero_shot_check
 from .teacher import from_scratch
-from .validation import Validation
+from .validation import Validation, pipeline_class
 
 
 def train(config: TrainConfig, resume: str | None = None, progress: bool = True) -> dict[str, Any]:
@@ -85,6 +85,8 @@ def _data(config: TrainConfig, network: Network, out: Path, accelerator, progres
         return load_pairs(config.pairs, (channels, config.resolution, config.resolution))
     if network.pipeline is not None and Path(config.data).is_dir():
         return load_dataset(str(_encoded(config, network, out, accelerator, progress)), config.resolution, channels)
+    if Path(config.data).suffix == ".safetensors" and Path(config.data).is_file():
+        check_training_latents(config.data, network.source if network.pipeline else None, config.resolution)
     return load_dataset(config.data, config.resolution, channels, config.classes)
 
 
@@ -96,7 +98,15 @@ def _encoded(config: TrainConfig, network: Network, out: Path, accelerator, prog
     settings = dict(caption_column=config.caption_column, flip=config.flip, seed=config.seed)
     if accelerator.is_main_process and not cache.is_file():
         out.mkdir(parents=True, exist_ok=True)
-        encode(network.source, config.data, config.resolution, cache, progress=progress, **settings)
+        encode(
+            network.source,
+            config.data,
+            config.resolution,
+            cache,
+            progress=progress,
+            device=accelerator.device,
+            **settings,
+        )
     accelerator.wait_for_everyone()
     check_encoded(cache, network.source, config.data, config.resolution, **settings)
     return cache
@@ -198,11 +208,8 @@ def _train_locked(config: TrainConfig, resume: str | None, progress: bool, accel
     source = f"resolution={config.resolution}" if size == (config.resolution,) * 2 else f"data={config.data!r}"
     check_sample_size(unet, size, source)
     conditioning = Conditioning.plan(config, network, data)
-    if config.validation_prompts and network.pipeline is None:
-        raise ValueError(
-            f"validation_prompts need a diffusers pipeline folder as pretrained (its VAE and text encoders sample "
-            f"them); {network.source} is not one"
-        )
+    if config.validation_prompts:
+        pipeline_class(network)  # refused here, before anything is written
     metrics: dict[str, Any] = {"objective": config.objective, "pretrained": network.source}
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -229,7 +236,7 @@ def _train_locked(config: TrainConfig, resume: str | None, progress: bool, accel
         write_json(out / "config.json", config.to_dict())
     validation = None
     if main and config.validation_prompts:
-        validation = Validation(network.source, network.schedule, network.prediction_type, config.objective, unet)
+        validation = Validation(network, config, device)
     model, prepared_optimizer = accelerator.prepare(unet, optimizer)
     if config.report_to:  # only now: a refused run must leave no logs behind
         scalars = (bool, int, float, str)  # what a tracker's hyperparameter table takes
@@ -280,9 +287,7 @@ def _train_locked(config: TrainConfig, resume: str | None, progress: bool, accel
         if validation is not None and (step + 1) % config.validation_every == 0:
             unet.eval()
             png = out / "validation" / f"step-{step + 1:08d}.png"
-            images = validation.save(
-                config.validation_prompts, config.sample_steps, config.guidance, config.seed + 3, png
-            )
+            images = validation.save(png)
             unet.train()
             if config.report_to:
                 tracker = accelerator.get_tracker(config.report_to)
@@ -303,11 +308,17 @@ def _train_locked(config: TrainConfig, resume: str | None, progress: bool, accel
     if main:
         with ema_weights(trainable, ema):
             unet.eval()
-            request = SampleRequest.make(conditioning, data, config.num_samples, size, device)
-            field = velocity_field(network, config.objective, config.guidance, request)
-            images = sample_images(field, config.objective, config.sample_steps, request, config.seed + 2, device)
-            metrics["samples_png"] = save_images(images, out / "samples.png")
-            write_export(out / "export", unet, network.schedule, run_meta(config, network, conditioning.null_class))
+            if validation is not None:  # latents: the exported weights on the validation prompts, decoded
+                validation.save(out / "samples.png")
+                metrics["samples_png"] = "samples.png"
+            elif data.images.shape[1] in SHOWN_CHANNELS:  # latents without a decoder are not sampled at all
+                request = SampleRequest.make(conditioning, data, config.num_samples, size, device)
+                field = velocity_field(network, config.objective, config.guidance, request)
+                images = sample_images(field, config.objective, config.sample_steps, request, config.seed + 2, device)
+                metrics["samples_png"] = save_images(images, out / "samples.png")
+            write_export(
+                out / "export", unet, network.schedule, run_meta(config, network, conditioning.null_class, size[-1])
+            )
         save_loss_curve(losses, out / "loss.png", title=f"{config.objective} loss ({len(losses)} steps)")
         tail = [v for v in losses[-50:] if math.isfinite(v)]
         metrics.update(

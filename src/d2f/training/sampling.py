@@ -94,9 +94,12 @@ def ddim_reference(
     return z
 
 
+SHOWN_CHANNELS = (1, 3)  # grey or RGB pixels; latents cannot be shown without their decoder
+
+
 def save_images(images: torch.Tensor, path: Path) -> str | None:
-    """Images (1 or 3 channels) become a PNG grid; latents cannot be shown without their decoder."""
-    if images.shape[1] not in (1, 3):
+    """Images (grey or RGB) become a PNG grid; latents write nothing (None)."""
+    if images.shape[1] not in SHOWN_CHANNELS:
         return None
     save_grid(images, path)
     return path.name

@@ -7,48 +7,77 @@ checks the export path, since it is the loop a user runs after ``pipe.load_lora_
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import torch
 
-from ..schedule import Schedule
 from . import objectives
+from .config import TrainConfig
 from .export import ddim_config
 from .images import save_grid
-from .models import check_pipeline_folder
+from .models import Network, check_pipeline_folder
+
+
+def pipeline_class(network: Network) -> type:
+    """The diffusers pipeline class that samples the validation images, or a ValueError saying why none can."""
+    import diffusers
+
+    if network.pipeline is None:
+        raise ValueError(
+            f"validation_prompts need a diffusers pipeline folder as pretrained (its VAE and text encoders sample "
+            f"them); {network.source} is not one"
+        )
+    cls = getattr(diffusers, network.pipeline, None)
+    if not isinstance(cls, type) or not issubclass(cls, diffusers.DiffusionPipeline):
+        raise ValueError(
+            f"validation_prompts: {network.source}'s model_index.json names _class_name={network.pipeline!r}, "
+            "which is not a diffusers pipeline class"
+        )
+    return cls
 
 
 class Validation:
-    """Loads the pipeline once (without its UNet, which is the one being trained) and samples on demand."""
+    """Loads the pipeline once (without its UNet, which is the one being trained) and samples on demand: the
+    run's ``validation_prompts``, ``sample_steps`` and ``guidance``, from the same seeded noise every time."""
 
-    def __init__(self, pipeline_folder: str, schedule: Schedule, prediction_type: str, objective: str, unet):
-        from diffusers import DiffusionPipeline
-
+    def __init__(self, network: Network, config: TrainConfig, device: torch.device) -> None:
         from ..scheduler import D2FScheduler
 
-        folder = Path(pipeline_folder)  # the pipeline, or its unet/ folder
+        folder = Path(network.source)  # the pipeline, or its unet/ folder
         folder = folder if (folder / "model_index.json").is_file() else folder.parent
         check_pipeline_folder(folder, skip=("unet",))
         # Flow objectives sample on the uniform FM grid (their best after finetuning), diffusion on DDIM's.
-        grid = "ddim" if objective == "diffusion" else "uniform"
-        config = ddim_config(schedule, objectives.prediction_type(objective, prediction_type))
-        scheduler = D2FScheduler.from_config(config, grid=grid)
-        self.pipe = DiffusionPipeline.from_pretrained(
-            folder, unet=unet, scheduler=scheduler, use_safetensors=True, safety_checker=None
+        grid = "ddim" if config.objective == "diffusion" else "uniform"
+        scheduler_config = ddim_config(
+            network.schedule, objectives.prediction_type(config.objective, network.prediction_type)
         )
+        scheduler = D2FScheduler.from_config(scheduler_config, grid=grid)
+        cls = pipeline_class(network)
+        # Without the safety checker where the class has one: a blacked-out validation image hides the training.
+        extra = {"safety_checker": None} if "safety_checker" in inspect.signature(cls.__init__).parameters else {}
+        pipe = cls.from_pretrained(folder, unet=network.unet, scheduler=scheduler, use_safetensors=True, **extra)
+        self.pipe = pipe.to(device)  # the VAE and text encoders join the UNet on the training device
         self.pipe.set_progress_bar_config(disable=True)
+        self.prompts, self.steps, self.guidance = list(config.validation_prompts), config.sample_steps, config.guidance
+        self.seed = config.seed + 3
 
     @torch.no_grad()
-    def images(self, prompts: tuple[str, ...], steps: int, guidance: float, seed: int) -> torch.Tensor:
+    def images(self) -> torch.Tensor:
         """One image per prompt, in [-1, 1], from the noise of ``torch.Generator().manual_seed(seed)``."""
-        generator = torch.Generator().manual_seed(seed)
+        generator = torch.Generator().manual_seed(self.seed)
         out = self.pipe(
-            list(prompts), num_inference_steps=steps, guidance_scale=guidance, generator=generator, output_type="pt"
+            self.prompts,
+            num_inference_steps=self.steps,
+            guidance_scale=self.guidance,
+            generator=generator,
+            output_type="pt",
         )
         return out.images.float().cpu() * 2 - 1
 
-    def save(self, prompts, steps: int, guidance: float, seed: int, path: Path) -> torch.Tensor:
-        images = self.images(prompts, steps, guidance, seed)
+    def save(self, path: Path) -> torch.Tensor:
+        """The images as one row of a grid at ``path``; returns them."""
+        images = self.images()
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_grid(images, path, columns=len(prompts), upscale=1)
+        save_grid(images, path, columns=len(self.prompts), upscale=1)
         return images

@@ -1,0 +1,47 @@
+"""``d2f encode`` end to end on the tests' tiny SD and SDXL pipelines: a folder of 64 captioned PNGs to a
+latents file, pipeline loading, image decoding, fingerprints and the atomic write included. Time
+(pytest-benchmark; images per second in ``extra_info``) and the process's peak resident memory.
+
+The pipelines are tiny (a one-block VAE, two-layer CLIP text encoders), so this measures d2f's own work
+around the models (reading, cropping, tokenising, batching, writing) more than the models; an SD-size
+VAE at 768 px is a GPU's job and is not measured here.
+"""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+from d2f.training.encode import encode  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' tiny pipeline builders
+from pipelines import captioned_folder, tiny_sd_pipeline  # noqa: E402
+
+IMAGES = 64
+
+
+def peak_gib() -> float:
+    status = Path("/proc/self/status").read_text().splitlines()
+    return int(next(line for line in status if line.startswith("VmHWM")).split()[1]) / 2**20
+
+
+@pytest.mark.parametrize("resolution", [32, 128])
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_encode_a_captioned_folder(benchmark, tmp_path, kind, resolution):
+    pipeline = tiny_sd_pipeline(tmp_path / "pipeline", xl=kind == "sdxl")
+    images = captioned_folder(tmp_path / "images", n=IMAGES, formats="jsonl")
+    out = tmp_path / "latents.safetensors"
+    benchmark.group = f"d2f encode, {IMAGES} captioned images, tiny pipeline, cpu"
+    Path("/proc/self/clear_refs").write_text("5")  # resets the resident high-water mark
+
+    def once():
+        out.unlink(missing_ok=True)
+        encode(pipeline, images, resolution, out, progress=False, device="cpu")
+
+    benchmark.pedantic(once, rounds=5, warmup_rounds=1)
+    benchmark.extra_info["images_per_second"] = round(IMAGES / benchmark.stats.stats.median, 1)
+    benchmark.extra_info["peak_memory_gib"] = round(peak_gib(), 3)
+    benchmark.extra_info["latents_file_mib"] = round(out.stat().st_size / 2**20, 2)
