@@ -2,9 +2,10 @@
 latents file, pipeline loading, image decoding, fingerprints and the atomic write included. Time
 (pytest-benchmark; images per second in ``extra_info``) and the process's peak resident memory.
 
-The pipelines are tiny (a one-block VAE, two-layer CLIP text encoders), so this measures d2f's own work
-around the models (reading, cropping, tokenising, batching, writing) more than the models; an SD-size
-VAE at 768 px is a GPU's job and is not measured here.
+The pipelines are tiny (a one-block VAE, two-layer CLIP text encoders). At 32 px this measures mostly d2f's
+own work around the models (reading, cropping, tokenising, batching, writing). The tiny VAE does not
+downsample, so at 128 px its mid-block attention runs over all 16384 positions of each image and the VAE
+dominates. An SD-size VAE at 768 px is a GPU's job and is not measured here.
 """
 
 import sys
