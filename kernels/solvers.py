@@ -2,15 +2,17 @@
 network input.
 
 With per-step scalars ``A, B`` (the velocity coefficients at the evaluation time), the step size ``h``,
-the guidance scale ``g``, ``s`` the next network input's scale and ``c`` the predictor fraction (Heun 1,
-midpoint 1/2; ``w = 1/(2c)``), each program reads its block of the float32 state ``x`` and the raw network
-outputs once:
+the guidance scale ``g``, ``s`` the next network input's scale, ``c`` the predictor fraction (Heun 1,
+midpoint 1/2; ``w = 1/(2c)``) and ``k`` the multistep weight of the previous velocity, each program
+reads its block of the float32 state ``x`` and the raw network outputs once:
 
     o = o_u + g*(o_c - o_u)          (only when guided; else o = o_u)
     u = A*x + B*o
     EULER:    x' = x + h*u;                                          writes x' (fp32) and z' = s*x'
     PREDICT:  writes u (fp32) and z_p = s*(x + c*h*u)                (the predictor state is not stored)
     CORRECT:  u2 = A*(x + c*h*u1) + B*o;  x' = x + h*((1-w)*u1 + w*u2);  writes x', z'
+    MULTISTEP: x' = x + h*((1+k)*u - k*u1)  (u1 the previous velocity, absent on the first step);
+              writes x', z' and u (fp32), the next step's u1
 
 ``z`` is written in the network's dtype, ready for the next call, so the sampler does not rescale x in a
 separate pass (only across the gaps of a DDIM step table).
@@ -39,8 +41,10 @@ def _ode_step_kernel(
     g,
     s_next,
     c,
-    MODE: tl.constexpr,  # d2f.solvers' EULER = 0, PREDICT = 1, CORRECT = 2
+    k,
+    MODE: tl.constexpr,  # d2f.solvers' EULER = 0, PREDICT = 1, CORRECT = 2, MULTISTEP = 3
     GUIDED: tl.constexpr,
+    HISTORY: tl.constexpr,  # MULTISTEP: u1 holds the previous velocity
     BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -58,6 +62,17 @@ def _ode_step_kernel(
         u = a * x + b * o
         tl.store(u_out_ptr + offs, u, mask=mask)
         tl.store(z_out_ptr + offs, (s_next * (x + (c * h) * u)).to(z_out_ptr.dtype.element_ty), mask=mask)
+    elif MODE == 3:
+        # Adams-Bashforth 2: u is linear in t through (t - h_prev, u1) and (t, u); its integral over [t, t + h]
+        # is h*(u + (h / (2*h_prev))*(u - u1)) = h*((1+k)*u - k*u1).
+        u = a * x + b * o
+        step = (1.0 + k) * u
+        if HISTORY:
+            step = step - k * tl.load(u1_ptr + offs, mask=mask, other=0.0)
+        x_new = x + h * step
+        tl.store(u_out_ptr + offs, u, mask=mask)
+        tl.store(x_out_ptr + offs, x_new, mask=mask)
+        tl.store(z_out_ptr + offs, (s_next * x_new).to(z_out_ptr.dtype.element_ty), mask=mask)
     else:
         w = 0.5 / c
         u1 = tl.load(u1_ptr + offs, mask=mask, other=0.0)
@@ -67,9 +82,9 @@ def _ode_step_kernel(
         tl.store(z_out_ptr + offs, (s_next * x_new).to(z_out_ptr.dtype.element_ty), mask=mask)
 
 
-def ode_step(mode, x, o_u, o_c, u1, a, b, h, g, s_next, z_dtype, c) -> tuple[torch.Tensor, torch.Tensor]:
+def ode_step(mode, x, o_u, o_c, u1, a, b, h, g, s_next, z_dtype, c, k) -> tuple[torch.Tensor, ...]:
     """Arguments as ``d2f.solvers.ode_step`` takes them; returns ``(x', z')`` for EULER and CORRECT,
-    ``(u, z_p)`` for PREDICT.
+    ``(u, z_p)`` for PREDICT, ``(x', z', u)`` for MULTISTEP.
 
     ``x`` is contiguous float32, ``u1`` float32 (made contiguous here); outputs are fresh buffers.
     """
@@ -79,6 +94,7 @@ def ode_step(mode, x, o_u, o_c, u1, a, b, h, g, s_next, z_dtype, c) -> tuple[tor
     o_c = o_c.contiguous() if guided else o_u
     first = torch.empty_like(x)  # x' or u
     z = torch.empty(x.shape, dtype=z_dtype, device=x.device)
+    u = torch.empty_like(x) if mode == 3 else first
     block = block_size(4096)
     _ode_step_kernel[(triton.cdiv(x.numel(), block),)](
         x,
@@ -87,7 +103,7 @@ def ode_step(mode, x, o_u, o_c, u1, a, b, h, g, s_next, z_dtype, c) -> tuple[tor
         u1.contiguous() if u1 is not None else x,
         first,
         z,
-        first,
+        u,
         x.numel(),
         a,
         b,
@@ -95,9 +111,11 @@ def ode_step(mode, x, o_u, o_c, u1, a, b, h, g, s_next, z_dtype, c) -> tuple[tor
         g,
         s_next,
         c,
+        k,
         MODE=mode,
         GUIDED=guided,
+        HISTORY=mode == 3 and u1 is not None,
         BLOCK=block,
         num_warps=8,
     )
-    return first, z
+    return (first, z, u) if mode == 3 else (first, z)

@@ -16,7 +16,7 @@ triton = pytest.importorskip("triton")
 import d2f  # noqa: E402
 from d2f import PREDICTION_TYPES, D2FVelocity, ddim_grid, fm_loss, network_input, uniform_grid  # noqa: E402
 from d2f._backend import use_triton  # noqa: E402
-from d2f.solvers import CORRECT, EULER, PREDICT, ode_step  # noqa: E402
+from d2f.solvers import CORRECT, EULER, MULTISTEP, PREDICT, SOLVERS, ode_step  # noqa: E402
 from nets import TinyNet  # noqa: E402
 from test_loss import reference_loss  # noqa: E402
 
@@ -172,7 +172,28 @@ def test_ode_step_kernel_matches_the_torch_step(mode, guided, out_dtype, c):
     torch.testing.assert_close(z_k, z_t, rtol=1e-3 if out_dtype == torch.float16 else 1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("solver", ["euler", "heun", "midpoint"])
+@pytest.mark.parametrize("guided", [False, True])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("history", [False, True], ids=["first-step", "with-history"])
+def test_multistep_kernel_matches_the_torch_step(guided, out_dtype, history):
+    g = torch.Generator().manual_seed(7)
+    x, u_prev = (torch.randn(3, 4, 9, 7, generator=g).to(DEVICE) for _ in range(2))
+    o_u = torch.randn(3, 4, 9, 7, generator=g).to(DEVICE, out_dtype)
+    o_c = torch.randn(3, 4, 9, 7, generator=g).to(DEVICE, out_dtype) if guided else None
+    k = 0.75 if history else 0.0
+    args = (MULTISTEP, x, o_u, o_c, u_prev if history else None, 1.3, -0.7, 0.05, 4.5, 1.2, out_dtype)
+    kernel, torch_step = ode_step(*args, backend="triton", k=k), ode_step(*args, backend="torch", k=k)
+    assert [v.dtype for v in kernel] == [torch.float32, out_dtype, torch.float32]
+    o = o_u.float() if o_c is None else o_u.float() + 4.5 * (o_c.float() - o_u.float())
+    u = 1.3 * x - 0.7 * o
+    x_next = x + 0.05 * ((1 + k) * u - (k * u_prev if history else 0))
+    for got, ref in zip(kernel, torch_step):
+        torch.testing.assert_close(got, ref, rtol=1e-3 if got.dtype == torch.float16 else 1e-5, atol=1e-5)
+    torch.testing.assert_close(kernel[0], x_next, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kernel[2], u, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
 @pytest.mark.parametrize("grid", ["leading", "trailing3", "uniform"])
 def test_fused_sampler_equals_the_torch_sampler_and_ddim(solver, grid):
     schedule = d2f.Schedule.scaled_linear(prediction_type="v_prediction")
@@ -186,6 +207,10 @@ def test_fused_sampler_equals_the_torch_sampler_and_ddim(solver, grid):
     uncond = {"label": torch.zeros(1, device=DEVICE)}
     velocity = D2FVelocity(net, schedule, "v_prediction", guidance_scale=3.0, uncond=uncond)
     noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    if solver == "multistep" and ts.ndim == 2:
+        with pytest.raises(ValueError, match="solver='multistep' needs steps that chain"):
+            velocity.sample(noise, ts, solver=solver, label=label)
+        return
     fused = velocity.sample(noise, ts, solver=solver, backend="triton", label=label)
     plain = velocity.sample(noise, ts, solver=solver, backend="torch", label=label)
     generic = velocity.sample(noise, ts, solver=solver, callback=lambda *a: None, label=label)
@@ -223,11 +248,11 @@ def test_loss_kernel_on_gpu(dtype, prediction_type):
 @pytest.mark.gpu
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_ode_step_kernel_on_gpu(out_dtype):
-    for mode in (EULER, PREDICT, CORRECT):
+    for mode in (EULER, PREDICT, CORRECT, MULTISTEP):
         x, u1 = torch.randn(2, 4, 96, 96, device="cuda"), torch.randn(2, 4, 96, 96, device="cuda")
         o_u, o_c = (torch.randn(2, 4, 96, 96, device="cuda").to(out_dtype) for _ in range(2))
         args = (mode, x, o_u, o_c, u1, 1.3, -0.7, 0.05, 4.5, 1.2, out_dtype)
-        for got, ref in zip(ode_step(*args, backend="triton"), ode_step(*args, backend="torch")):
+        for got, ref in zip(ode_step(*args, backend="triton", k=0.5), ode_step(*args, backend="torch", k=0.5)):
             torch.testing.assert_close(got.float(), ref.float(), rtol=1e-2, atol=1e-2)
 
 

@@ -94,7 +94,7 @@ def test_scheduler_semantics():
     assert len(scheduler) == 1000
 
 
-@pytest.mark.parametrize("solver", ["euler", "heun", "midpoint"])
+@pytest.mark.parametrize("solver", ["euler", "heun", "midpoint", "multistep"])
 def test_pred_original_sample_is_the_clean_latent_of_each_evaluation(solver):
     """``x + (1 - t) * u`` at the FM state ``x = latent / scale(t)`` the network saw: for a two-stage step's
     second evaluation that is the predictor the pipeline passed in, as diffusers' own Heun scheduler does."""
@@ -250,6 +250,28 @@ def test_ddpm_pipeline_samples_with_d2f():
     np.testing.assert_allclose(generate(pipe), ddim, rtol=0, atol=1e-5)
     pipe.scheduler = D2FScheduler(**V_CONFIG, solver="heun", grid="shift")
     np.testing.assert_allclose(generate(pipe), d2f_reference(pipe.unet, pipe.scheduler), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("grid", ["ddim", "uniform", "shift"])
+def test_multistep_in_a_pipeline_is_d2f_sample(grid):
+    """One network call per step, Euler first and Adams-Bashforth after: the pipeline's images are
+    d2f.sample's (and so the fused kernel's, test_kernels) for every grid (DDIM's leading steps: 3 steps of
+    trailing spacing do not chain)."""
+    config = {**V_CONFIG, "timestep_spacing": "leading"}
+    pipe = unconditional(DDPMPipeline, D2FScheduler(**config, solver="multistep", grid=grid))
+    pipe.scheduler.set_timesteps(3)
+    assert pipe.scheduler.order == 1 and len(pipe.scheduler.timesteps) == 3
+    images = generate(pipe)
+    np.testing.assert_allclose(images, d2f_reference(pipe.unet, pipe.scheduler), rtol=0, atol=1e-5)
+    euler = generate(unconditional(DDPMPipeline, D2FScheduler(**config, grid=grid)))
+    assert np.abs(images - euler).max() > 1e-3  # the history is used
+
+
+def test_multistep_refuses_a_ddim_step_table_with_gaps():
+    scheduler = D2FScheduler(**V_CONFIG, solver="multistep")
+    with pytest.raises(ValueError, match="solver='multistep' needs steps that chain.*'trailing' and 7 steps has gaps"):
+        scheduler.set_timesteps(7)
+    scheduler.set_timesteps(8)  # 8 divides 1000: DDIM's trailing steps chain
 
 
 def test_ddim_pipeline_constructor_turns_any_scheduler_into_ddim(tmp_path):

@@ -215,11 +215,15 @@ def _reproduce_parser(sub) -> None:
 
     p = sub.add_parser(
         "reproduce",
-        help="the paper's experiments in miniature: E1 zero-shot, E2 finetuning, E3 reflow, E4 terminal SNR",
+        help="the paper's experiments in miniature: E1 zero-shot, E2 finetuning, E3 reflow, E4 terminal SNR, "
+        "E5 few-step samplers against diffusers' at equal network calls",
     )
     p.add_argument("--experiment", choices=(*EXPERIMENTS, "all"), default="all", help="which experiment to run")
     p.add_argument(
-        "--num-samples", type=int, default=None, help="unset: 1000 for e1, e3, e4; 300 per checkpoint for e2"
+        "--num-samples",
+        type=int,
+        default=None,
+        help="unset: 1000 for e1, e3, e4; 300 per checkpoint for e2; 200 per seed for e5",
     )
     p.add_argument("--scale", type=float, default=1.0, help="multiply sample counts and training steps")
     p.add_argument("--seed", type=int, default=0, help="seeds training and sampling")

@@ -7,7 +7,7 @@ and the pipeline runs unchanged. The pipeline's latents hold what DDIM's hold, t
 
 - ``init_noise_sigma = 1`` and ``scale_model_input`` is the identity, as for DDIM;
 - ``timesteps`` are float32 network timesteps ``k = timestep(t)`` of every evaluation (Heun and midpoint
-  evaluate twice per step, and ``order = 2`` tells the pipeline);
+  evaluate twice per step, and ``order = 2`` tells the pipeline; Euler and multistep once);
 - ``step`` divides the latent by ``scale(t)``, converts the (already guided) output into a velocity, takes
   the FM step and returns ``scale(t') * x'`` (a two-stage step's predictor likewise); it finds ``t`` by its
   step index, never by inverting a float ``k``. Across a gap of DDIM's step table the latent is kept, as
@@ -18,8 +18,9 @@ under every key DDIM takes: ``timestep_spacing``, ``steps_offset``, ``set_alpha_
 step included), ``clip_sample``/``clip_sample_range``, ``thresholding`` and ``step``'s ``eta``,
 ``use_clipped_model_output``, ``generator`` and ``variance_noise`` (``d2f.solvers.ddim_step``,
 ``docs/conventions.md`` §5). ``grid="uniform"`` and ``grid="shift"`` (SD3's shift) are FM grids; with Euler,
-clipping and ``eta`` keep their meaning there (DDIM's transition between the grid's noise levels). Heun and
-midpoint refuse both.
+clipping and ``eta`` keep their meaning there (DDIM's transition between the grid's noise levels). Heun,
+midpoint and multistep refuse both; multistep also refuses a DDIM step table with gaps (``timestep_spacing``
+other than ``leading`` where the step count does not divide ``num_train_timesteps``).
 """
 
 from __future__ import annotations
@@ -38,7 +39,17 @@ from .grids import GRIDS, SPACINGS, ddim_timesteps, grid_steps, sampling_grid
 from .parametrization import SINGULAR_TIMES, diffusion_to_velocity, velocity_to_diffusion
 from .path import network_input, scale
 from .schedule import Schedule
-from .solvers import CORRECT, EULER, PREDICT, PREDICTOR_FRACTION, SOLVERS, ddim_step, ode_step, stage_times
+from .solvers import (
+    CORRECT,
+    EULER,
+    MULTISTEP,
+    PREDICT,
+    PREDICTOR_FRACTION,
+    SOLVERS,
+    ddim_step,
+    ode_step,
+    stage_times,
+)
 
 
 @dataclass
@@ -67,11 +78,12 @@ class D2FScheduler(SchedulerMixin, ConfigMixin):
     the step rule (``timestep_spacing``, ``steps_offset``, ``set_alpha_to_one``) and the clipping of the
     predicted clean sample (``clip_sample``, ``clip_sample_range``, ``thresholding``,
     ``dynamic_thresholding_ratio``, ``sample_max_value``). Keys of other schedulers are kept in the config by
-    ``from_config`` and not read. d2f's own: ``solver`` (euler | heun | midpoint), ``grid`` (ddim | uniform |
-    shift) and ``shift``. ``betas``, ``alphas``, ``alphas_cumprod`` and ``final_alpha_cumprod`` are DDIM's
-    float32 attributes, from d2f's float64 table. The boolean keys (``clip_sample``, ``set_alpha_to_one``,
-    ``thresholding``, ``rescale_betas_zero_snr``) must be ``True`` or ``False``; ``trained_betas`` (a list, array
-    or tensor) must be 1-D with ``num_train_timesteps`` entries (``Schedule.from_diffusers``).
+    ``from_config`` and not read. d2f's own: ``solver`` (euler | heun | midpoint | multistep), ``grid``
+    (ddim | uniform | shift) and ``shift``. ``betas``, ``alphas``, ``alphas_cumprod`` and
+    ``final_alpha_cumprod`` are DDIM's float32 attributes, from d2f's float64 table. The boolean keys
+    (``clip_sample``, ``set_alpha_to_one``, ``thresholding``, ``rescale_betas_zero_snr``) must be ``True`` or
+    ``False``; ``trained_betas`` (a list, array or tensor) must be 1-D with ``num_train_timesteps`` entries
+    (``Schedule.from_diffusers``).
     """
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
@@ -125,7 +137,7 @@ class D2FScheduler(SchedulerMixin, ConfigMixin):
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = torch.from_numpy(self.schedule.alphas_cumprod.copy()).to(torch.float32)
         self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
-        self.order = 1 if solver == "euler" else 2
+        self.order = 2 if solver in PREDICTOR_FRACTION else 1  # network calls per step
         self.init_noise_sigma = 1.0  # DDIM's: the latent at the grid's start is the noise itself
         self.num_inference_steps: int | None = None
         self.timesteps = torch.empty(0)
@@ -134,6 +146,7 @@ class D2FScheduler(SchedulerMixin, ConfigMixin):
         self._step_index: int | None = None
         self._begin_index: int | None = None
         self._first: tuple[torch.Tensor, torch.Tensor] | None = None  # (x, u) at a 2-stage step's start
+        self._previous: tuple[torch.Tensor, float] | None = None  # multistep: the last step's (u, h)
 
     # ------------------------------------------------------------------------------------------ grid
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
@@ -151,6 +164,12 @@ class D2FScheduler(SchedulerMixin, ConfigMixin):
             cfg.set_alpha_to_one,
         )
         self._steps = grid_steps(grid)
+        if cfg.solver == "multistep" and grid.ndim == 2:
+            raise ValueError(
+                f"solver='multistep' needs steps that chain, and DDIM's step table for timestep_spacing="
+                f"{cfg.timestep_spacing!r} and {num_inference_steps} steps has gaps; use timestep_spacing='leading', "
+                "a step count that divides num_train_timesteps, or grid='uniform'"
+            )
         if cfg.grid == "ddim" and not cfg.set_alpha_to_one:
             T, spacing = self.schedule.num_train_timesteps, cfg.timestep_spacing
             if ddim_timesteps(T, num_inference_steps, spacing, cfg.steps_offset)[-1] == 0:
@@ -170,7 +189,7 @@ class D2FScheduler(SchedulerMixin, ConfigMixin):
         self._evaluations = evaluations
         t = torch.tensor([e.t for e in evaluations], dtype=torch.float64)
         self.timesteps = self.schedule.timestep(t).to(device=device, dtype=torch.float32)
-        self._step_index, self._begin_index, self._first = None, None, None
+        self._step_index, self._begin_index, self._first, self._previous = None, None, None, None
 
     # ----------------------------------------------------------------------------------- indexing
     @property
@@ -262,6 +281,10 @@ class D2FScheduler(SchedulerMixin, ConfigMixin):
             x0, u1 = self._first
             _, prev = ode_step(CORRECT, x0, u, None, u1, 0.0, 1.0, h, 1.0, s_end, sample.dtype, c=c)
             self._first = None
+        elif self.config.solver == "multistep":  # Euler on the first step (and where the pipeline began)
+            u_prev, k = (None, 0.0) if self._previous is None else (self._previous[0], 0.5 * h / self._previous[1])
+            _, prev, _ = ode_step(MULTISTEP, x, u, None, u_prev, 0.0, 1.0, h, 1.0, s_end, sample.dtype, k=k)
+            self._previous = (u, h)
         else:
             _, prev = ode_step(EULER, x, u, None, None, 0.0, 1.0, h, 1.0, s_end, sample.dtype)
         self._step_index = next_index

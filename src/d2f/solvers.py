@@ -14,6 +14,9 @@ The solvers (one loop, :func:`integrate`, takes them all):
   1/2): ``x_p = x + c*h*u1``, ``u2 = u(x_p, t0 + c*h)``, ``x' = x + h*((1 - w)*u1 + w*u2)`` with
   ``w = 1/(2c)``. Heun's corrector is skipped on a step that ends at a singular time of the field, which
   then is a plain Euler step.
+- ``multistep`` (order 2, one evaluation per step), Adams-Bashforth 2 on grids of any spacing:
+  ``x' = x + h*((1 + k)*u - k*u_prev)`` with ``k = h / (2*h_prev)``, the velocity and step size of the step
+  before; the first step is Euler (``k = 0``). ``docs/conventions.md`` §5 derives it.
 
 Every update is :func:`ode_step`, written once here in torch and mirrored by the fused kernel in
 ``d2f.kernels.solvers``: guidance, conversion, update and the next network input in one pass per network
@@ -40,9 +43,9 @@ from .grids import grid_steps
 from .parametrization import velocity_to_diffusion
 from .path import alpha_sigma, relabel_ratio, scale
 
-SOLVERS = ("euler", "heun", "midpoint")
+SOLVERS = ("euler", "heun", "midpoint", "multistep")
 PREDICTOR_FRACTION = {"heun": 1.0, "midpoint": 0.5}
-EULER, PREDICT, CORRECT = 0, 1, 2
+EULER, PREDICT, CORRECT, MULTISTEP = 0, 1, 2, 3
 Callback = Callable[[int, float, Tensor, Tensor], None]
 
 
@@ -61,7 +64,8 @@ def ode_step(
     z_dtype: torch.dtype,
     backend: str = "auto",
     c: float = 1.0,
-) -> tuple[Tensor, Tensor]:
+    k: float = 0.0,
+) -> tuple[Tensor, ...]:
     """One solver update from the state ``x`` and one network evaluation, with the next network input.
 
     With ``o = o_u + g*(o_c - o_u)`` when guided (``o_c`` given), else ``o = o_u``, ``u = A*x + B*o`` and
@@ -70,7 +74,9 @@ def ode_step(
     - ``EULER``: ``x' = x + h*u``; returns ``(x', s*x')``;
     - ``PREDICT``: returns ``(u, s*(x + c*h*u))``, the velocity and the predictor's network input;
     - ``CORRECT`` (``o`` evaluated at the predictor): ``u2 = A*(x + c*h*u1) + B*o``,
-      ``x' = x + h*((1 - w)*u1 + w*u2)`` with ``w = 1/(2c)``; returns ``(x', s*x')``.
+      ``x' = x + h*((1 - w)*u1 + w*u2)`` with ``w = 1/(2c)``; returns ``(x', s*x')``;
+    - ``MULTISTEP`` (``u1`` the previous step's velocity, or None with ``k = 0``):
+      ``x' = x + h*((1 + k)*u - k*u1)``; returns ``(x', s*x', u)``, ``u`` for the next step.
 
     ``x`` (and ``u1``) are the float32 or float64 state; the results are fresh tensors, the first in the
     state's dtype and the network input in ``z_dtype``. ``backend`` as in :func:`d2f.fm_loss`; a step through
@@ -79,6 +85,8 @@ def ode_step(
     ``o_u``, ``o_c`` or ``u1`` when one of them holds NaN or inf, else saying that the step overflowed.
     """
     outputs = (o_u,) if o_c is None else (o_u, o_c)
+    if mode == MULTISTEP and u1 is None and k != 0:
+        raise ValueError(f"ode_step: k={k!r} weighs the previous velocity u1, which is None; the first step has k=0")
     if torch.is_grad_enabled() and any(v is not None and v.requires_grad for v in (x, o_u, o_c, u1)):
         if backend == "triton":
             raise ValueError(
@@ -87,22 +95,23 @@ def ode_step(
             )
         backend = "torch"
     if use_triton(backend, x, *outputs):
-        first, z = kernels().ode_step(mode, x.contiguous(), o_u, o_c, u1, a, b, h, g, s_next, z_dtype, c)
+        results = kernels().ode_step(mode, x.contiguous(), o_u, o_c, u1, a, b, h, g, s_next, z_dtype, c, k)
     else:
-        first, z = _ode_step_torch(mode, x, o_u, o_c, u1, a, b, h, g, s_next, z_dtype, c)
-    # One check of the two fresh results (a NaN or inf input always reaches them: 0 * inf is NaN); the
-    # inputs are scanned only once something is already wrong.
+        results = _ode_step_torch(mode, x, o_u, o_c, u1, a, b, h, g, s_next, z_dtype, c, k)
+    first, z = results[:2]
+    # One check of the fresh state and network input (a NaN or inf input always reaches them: 0 * inf is
+    # NaN; a multistep velocity is a term of x'); the inputs are scanned only once something is already wrong.
     if not bool(first.isfinite().all() & z.isfinite().all()):
         raise_on_nonfinite_input("ode_step", x=x, o_u=o_u, o_c=o_c, u1=u1)
         raise ValueError(
             f"ode_step: the step overflowed (its result is not representable in {first.dtype}, or the next "
             f"network input in {z_dtype}) although the inputs are finite; a={a!r}, b={b!r}, h={h!r}, g={g!r}, "
-            f"s_next={s_next!r}"
+            f"s_next={s_next!r}, k={k!r}"
         )
-    return first, z
+    return results
 
 
-def _ode_step_torch(mode, x, o_u, o_c, u1, a, b, h, g, s_next, z_dtype, c) -> tuple[Tensor, Tensor]:
+def _ode_step_torch(mode, x, o_u, o_c, u1, a, b, h, g, s_next, z_dtype, c, k) -> tuple[Tensor, ...]:
     # Each result is a fixed linear combination of the inputs: the scalars are folded into one coefficient
     # per input and the sum formed in one accumulation.
     o_terms = [(1.0, o_u)] if o_c is None else [(1 - g, o_u), (g, o_c)]
@@ -112,6 +121,10 @@ def _ode_step_torch(mode, x, o_u, o_c, u1, a, b, h, g, s_next, z_dtype, c) -> tu
         (u,) = _combine([(a, x)] + [(b * k, v) for k, v in o_terms], [(1.0, x.dtype)])
         (z,) = _combine([(1.0, x), (c * h, u)], [(s_next, z_dtype)])
         return u, z
+    if mode == MULTISTEP:
+        (u,) = _combine([(a, x)] + [(b * q, v) for q, v in o_terms], [(1.0, x.dtype)])
+        history = [] if u1 is None else [(-h * k, u1)]
+        return (*_combine([(1.0, x), (h * (1 + k), u)] + history, [(1.0, x.dtype), (s_next, z_dtype)]), u)
     w = 0.5 / c  # x + h*(1-w)*u1 + h*w*(A*(x + c*h*u1) + B*o), expanded per input
     terms = [(1 + h * w * a, x), (h * ((1 - w) + w * a * c * h), u1)] + [(h * w * b * k, v) for k, v in o_terms]
     return _combine(terms, [(1.0, x.dtype), (s_next, z_dtype)])
@@ -190,8 +203,9 @@ def ddim_step(
 def stage_times(solver: str, t0: float, t1: float, singular: Sequence[float]) -> tuple[float, ...]:
     """The FM times at which a step from ``t0`` to ``t1`` evaluates the field: ``t0``, then the predictor's
     point ``t0 + c*h`` (``t1`` itself for Heun), unless that point is singular, the solver is Euler or the
-    step does not move (DDIM's identity last step, which ``D2FScheduler`` takes)."""
-    if solver == "euler" or t0 == t1:
+    step does not move (DDIM's identity last step, which ``D2FScheduler`` takes). A multistep step
+    evaluates once, at its start."""
+    if solver in ("euler", "multistep") or t0 == t1:
         return (t0,)
     c = PREDICTOR_FRACTION[solver]
     t_mid = t1 if c == 1 else t0 + c * (t1 - t0)
@@ -279,9 +293,9 @@ def _carry(field: Field, x: Tensor, z: Tensor, t_from: float, t_to: float) -> tu
     return x, field.model_input(x, t_to)
 
 
-def _step(mode: int, field: Field, x: Tensor, out: Outputs, u1, h: float, t_next: float, z_dtype, backend, c=1.0):
+def _step(mode: int, field: Field, x: Tensor, out: Outputs, u1, h: float, t_next, z_dtype, backend, c=1.0, k=0.0):
     s = field.input_scale(t_next)
-    return ode_step(mode, x, out.o_u, out.o_c, u1, out.a, out.b, h, out.g, s, z_dtype, backend, c)
+    return ode_step(mode, x, out.o_u, out.o_c, u1, out.a, out.b, h, out.g, s, z_dtype, backend, c, k)
 
 
 # ode_step's inputs (and D2FVelocity's, for a field sampled through its velocity), as the caller of sample
@@ -293,7 +307,7 @@ STEP_INPUTS = {
     "uncond": "the model's output",
     "o_c": "the model's conditional output",
     "cond": "the model's conditional output",
-    "u1": "the first-stage velocity",
+    "u1": "the first-stage velocity",  # multistep: the previous step's velocity
 }
 
 
@@ -302,6 +316,7 @@ def integrate(field: Field, x: Tensor, z: Tensor, steps, solver: str, cond, call
     the last step's end. A step evaluates the field at each of its :func:`stage_times`: once for Euler (and
     for Heun on a step ending at a singular time), twice for the two-stage solvers."""
     c, end, z_dtype = PREDICTOR_FRACTION.get(solver, 1.0), steps[0][0], field.input_dtype(x)
+    previous = None  # multistep: the velocity and size of the step before
     for i, (t0, t1) in enumerate(tqdm(steps, disable=not progress, desc=f"d2f {solver}", unit="step")):
         x, z = _carry(field, x, z, end, t0)
         h, times = t1 - t0, stage_times(solver, t0, t1, field.singular_times)
@@ -309,7 +324,11 @@ def integrate(field: Field, x: Tensor, z: Tensor, steps, solver: str, cond, call
             out = field.outputs(z, t0, cond)
             if callback is not None:
                 callback(i, t0, x, out.o_u)  # the field is in velocity form whenever there is a callback
-            if len(times) == 1:
+            if solver == "multistep":
+                u_prev, k = (None, 0.0) if previous is None else (previous[0], 0.5 * h / previous[1])
+                x, z, u = _step(MULTISTEP, field, x, out, u_prev, h, t1, z_dtype, backend, k=k)
+                previous = (u, h)
+            elif len(times) == 1:
                 x, z = _step(EULER, field, x, out, None, h, t1, z_dtype, backend)
             else:
                 u1, z_p = _step(PREDICT, field, x, out, None, h, times[1], z_dtype, backend, c)
@@ -329,6 +348,13 @@ def _solve(field, x: Tensor, steps, solver, cond, callback, progress, backend) -
                 f"(singular_times={tuple(field.singular_times)}); start the grid inside the open interval, "
                 "e.g. at schedule.t_min"
             )
+    gaps = [i for i in range(1, len(steps)) if steps[i][0] != steps[i - 1][1]]
+    if solver == "multistep" and gaps:
+        raise ValueError(
+            f"solver='multistep' needs steps that chain, and step {gaps[0]} starts at t={steps[gaps[0]][0]}, not "
+            f"where step {gaps[0] - 1} ended (t={steps[gaps[0] - 1][1]}): a DDIM step table with gaps; use a 1-D "
+            "grid (leading spacing, or an FM grid) or another solver"
+        )
     return integrate(field, x, field.model_input(x, steps[0][0]), steps, solver, cond, callback, progress, backend)
 
 
@@ -350,7 +376,8 @@ def sample(
         x: the FM state at ``ts[0]``. From pure noise at ``ts[0] > 0`` start with ``noise / scale(ts[0])``,
             as DDIM does (``D2FVelocity.sample`` does this for you).
         ts: a grid from :mod:`d2f.grids`; increasing generates, decreasing inverts (data -> noise).
-        solver: ``"euler"`` (order 1), ``"heun"`` or ``"midpoint"`` (order 2).
+        solver: ``"euler"`` (order 1), ``"heun"`` or ``"midpoint"`` (order 2, two evaluations per step) or
+            ``"multistep"`` (order 2, one evaluation per step; needs steps that chain).
         callback: ``callback(i, t, x, u)`` before step ``i`` with the state and velocity at its start.
         progress: show a progress bar.
         backend: for the update, as in :func:`d2f.fm_loss`.

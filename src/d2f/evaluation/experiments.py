@@ -132,6 +132,20 @@ def full_finetune_16px(out: str, objective: str, max_steps: int, seed: int, **se
 E2_OBJECTIVES = ("d2f", "fm", "diffusion")
 
 
+def finetune_run(out: str, kind: str, objective: str, seed: int, max_steps: int = 600, every: int = 150) -> TrainConfig:
+    """One run of E2: ``kind`` lora (rank 8) or full, checkpoints every ``every`` steps, in ``out``."""
+    return committed_run(
+        f"{out}/{kind}-{objective}-seed{seed}",
+        objective,
+        lora_rank=8 if kind == "lora" else 0,
+        max_steps=max_steps,
+        checkpoint_every=every,
+        seed=seed,
+        num_samples=10,
+        sample_steps=10,
+    )
+
+
 def _checkpoint_field(config, step: int):
     """The EMA weights of ``config``'s run at ``step`` (step 0: the model before finetuning), as a velocity field."""
     from safetensors.torch import load_file
@@ -179,23 +193,14 @@ def finetune(
     labels = torch.arange(num_samples) % 10
     steps = list(range(0, max_steps + 1, every))
     results: dict = {"steps": steps}
-    for kind, seeds, rank in (("lora", lora_seeds, 8), ("full", full_seeds, 0)):
+    for kind, seeds in (("lora", lora_seeds), ("full", full_seeds)):
         results[kind] = {}
         for objective in E2_OBJECTIVES:
             entry: dict = {"fid": [], "class_accuracy": []}
             if objective == "d2f":
                 entry["fid_ddim_grid"] = []
             for run_seed in seeds:
-                config = committed_run(
-                    f"{out}/{kind}-{objective}-seed{run_seed}",
-                    objective,
-                    lora_rank=rank,
-                    max_steps=max_steps,
-                    checkpoint_every=every,
-                    seed=run_seed,
-                    num_samples=10,
-                    sample_steps=10,
-                )
+                config = finetune_run(out, kind, objective, run_seed, max_steps, every)
                 train(config, progress=False)
                 fids, accs, ddim_fids = [], [], []
                 for step in steps:

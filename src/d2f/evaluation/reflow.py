@@ -28,6 +28,18 @@ from .metrics import features, score
 E3_STEPS = (1, 2, 4, 25)
 
 
+def train_reflow(out: str, num_pairs: int, pair_steps: int, max_steps: int, seed: int):
+    """Steps 1 and 2: the pairs file and the reflow run under ``out``; returns the run's config, its metrics and
+    the pairs' metadata (the export is ``config.out/export``)."""
+    from ..training.loop import train
+    from ..training.pairs import generate_pairs
+
+    pairs = Path(out) / "pairs.safetensors"
+    pair_meta = generate_pairs("teacher", pairs, num_pairs, SamplingSettings(pair_steps, seed=seed + 7))
+    config = full_finetune_16px(str(Path(out) / "reflow"), "d2f", max_steps, seed, pairs=str(pairs), sample_steps=4)
+    return config, train(config, progress=False), pair_meta
+
+
 def reflow(
     out: str = "runs/e3",
     num_pairs: int = 5000,
@@ -38,14 +50,8 @@ def reflow(
     grid_png: Path | None = None,
 ) -> dict:
     """E3. Returns ``{"steps": {"1": {"teacher": cell, "teacher_ddim": cell, "reflow": cell}, ...}, ...}``."""
-    from ..training.loop import train
-    from ..training.pairs import generate_pairs
-
     started = time.perf_counter()
-    pairs = Path(out) / "pairs.safetensors"
-    pair_meta = generate_pairs("teacher", pairs, num_pairs, SamplingSettings(pair_steps, seed=seed + 7))
-    config = full_finetune_16px(str(Path(out) / "reflow"), "d2f", max_steps, seed, pairs=str(pairs), sample_steps=4)
-    metrics = train(config, progress=False)
+    config, metrics, pair_meta = train_reflow(out, num_pairs, pair_steps, max_steps, seed)
 
     classifier = load_classifier()
     real = features(classifier, mnist(16).images)

@@ -1,6 +1,6 @@
-"""``d2f reproduce``: run the experiments E1-E4 and write their JSON results and figures.
+"""``d2f reproduce``: run the experiments E1-E5 and write their JSON results and figures.
 
-Default scale (one seed, 2-core CPU, measured): E1 5.3 min, E2 28.5 min, E3 and E4 as stated in the
+Default scale (one seed, 2-core CPU, measured): E1 5.3 min, E2 28.5 min, E3, E4 and E5 as stated in the
 README. ``scale`` multiplies the sample counts and the training steps; the committed results are scale 1.
 The training runs go to ``runs/`` (not committed), the scores and figures to ``out``.
 """
@@ -12,8 +12,14 @@ from pathlib import Path
 from .._files import write_json
 from ..training.images import save_line_plot
 
-EXPERIMENTS = ("e1", "e2", "e3", "e4")
-FILES = {"e1": "zero_shot.json", "e2": "finetune.json", "e3": "reflow.json", "e4": "terminal_snr.json"}
+EXPERIMENTS = ("e1", "e2", "e3", "e4", "e5")
+FILES = {
+    "e1": "zero_shot.json",
+    "e2": "finetune.json",
+    "e3": "reflow.json",
+    "e4": "terminal_snr.json",
+    "e5": "few_step.json",
+}
 
 
 def plot_finetune(report: dict, path: Path) -> None:
@@ -32,6 +38,7 @@ def plot_finetune(report: dict, path: Path) -> None:
 def reproduce(experiment: str, out: str = "results", seed: int = 0, num_samples: int | None = None, scale=1.0):
     """Run one experiment (or ``all``) and write ``out/<name>.json`` plus its figure; returns the reports."""
     from .experiments import finetune, zero_shot
+    from .few_step import few_step
     from .reflow import reflow
     from .terminal_snr import terminal_snr
 
@@ -56,6 +63,14 @@ def reproduce(experiment: str, out: str = "results", seed: int = 0, num_samples:
         ),
         "e4": lambda: terminal_snr(
             "runs/e4", max_steps=steps(600), num_samples=n(1000), seed=seed, plot_png=folder / "terminal_snr.png"
+        ),
+        "e5": lambda: few_step(
+            "runs/e5",
+            num_samples=n(200),
+            seeds=(seed, seed + 1, seed + 2),
+            finetune_steps=steps(600),
+            reflow_steps=steps(300),
+            plot_png=folder / "few_step_fid.png",
         ),
     }
     reports = {}

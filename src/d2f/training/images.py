@@ -53,6 +53,14 @@ PALETTE = [
     (127, 127, 127),
     (188, 189, 34),
     (23, 190, 207),
+    # beyond ten lines (E5 draws seventeen): darker and purer hues, still far from the ten above
+    (0, 0, 0),
+    (0, 110, 110),
+    (120, 0, 0),
+    (0, 0, 140),
+    (110, 110, 0),
+    (230, 0, 230),
+    (0, 200, 90),
 ]
 
 
@@ -64,8 +72,10 @@ def save_line_plot(
     log_y: bool = False,
     size: tuple[int, int] = (640, 400),
     colors: dict[str, tuple[int, int, int]] | None = None,
+    bands: dict[str, tuple[list[float], list[float]]] | None = None,
 ) -> None:
-    """Lines ``name -> (xs, ys)`` on shared axes, with a legend (names starting with ``_`` get none).
+    """Lines ``name -> (xs, ys)`` on shared axes, with a legend (names starting with ``_`` get none), and for
+    the names in ``bands`` a light band ``(lows, highs)`` at the same ``xs`` (a seed range, say).
 
     Non-finite points are left out rather than drawn as zero.
     """
@@ -74,13 +84,19 @@ def save_line_plot(
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
     draw.text((left, 8), title, fill="black")
-    prepared = {}
-    for name, (xs, ys) in series.items():
+
+    def finite(xs, ys) -> tuple[np.ndarray, np.ndarray]:
         x, y = np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
         y = np.log10(np.maximum(y, 1e-12)) if log_y else y
         keep = np.isfinite(x) & np.isfinite(y)
-        prepared[name] = (x[keep], y[keep])
-    points = [v for xy in prepared.values() for v in zip(*xy)]
+        return x[keep], y[keep]
+
+    prepared = {name: finite(xs, ys) for name, (xs, ys) in series.items()}
+    shaded = {
+        name: (finite(series[name][0], lows), finite(series[name][0], highs))
+        for name, (lows, highs) in (bands or {}).items()
+    }
+    points = [v for xy in (*prepared.values(), *(b for pair in shaded.values() for b in pair)) for v in zip(*xy)]
     if not points:
         save_image(image, path)
         return
@@ -94,6 +110,15 @@ def save_line_plot(
         )
 
     draw.rectangle([left, top, width - right, height - bottom], outline="black")
+    names = list(prepared)
+    for name, ((x_lo_band, y_lo_band), (x_hi_band, y_hi_band)) in shaded.items():
+        color = (colors or {}).get(name, PALETTE[names.index(name) % len(PALETTE)])
+        light = tuple(255 - (255 - c) // 4 for c in color)  # a quarter of the way from white
+        outline = [xy(a, b) for a, b in zip(x_lo_band, y_lo_band)] + [
+            xy(a, b) for a, b in zip(x_hi_band[::-1], y_hi_band[::-1])
+        ]
+        if len(outline) > 2:
+            draw.polygon(outline, fill=light)
     legend_y = top + 6
     for i, (name, (x, y)) in enumerate(prepared.items()):
         color = (colors or {}).get(name, PALETTE[i % len(PALETTE)])

@@ -3,6 +3,7 @@ check against diffusers' own DDIM, and ``sample_export`` behind ``d2f sample``, 
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -86,11 +87,31 @@ def ddim_reference(
     from diffusers import DDIMScheduler
 
     scheduler = DDIMScheduler.from_config({**ddim_config(schedule, prediction_type), **rule})
+    return scheduler_loop(unet, scheduler, noise, steps, cond, concat)
+
+
+@torch.no_grad()
+def scheduler_loop(
+    unet: torch.nn.Module,
+    scheduler,
+    noise: torch.Tensor,
+    steps: int,
+    cond: dict[str, torch.Tensor],
+    concat: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The sampling loop of diffusers' pipelines with any of its schedulers, ``steps`` as ``set_timesteps``
+    takes them: the noise times ``init_noise_sigma``, then per timestep ``scale_model_input``, the network and
+    ``step`` (with ``generator`` where it takes one, as pipelines pass it). Returns the final latent."""
     scheduler.set_timesteps(steps)
-    z = noise
+    z = noise * scheduler.init_noise_sigma
+    takes_generator = "generator" in inspect.signature(scheduler.step).parameters
+    extra = {"generator": generator} if generator is not None and takes_generator else {}
     for k in scheduler.timesteps:
-        z_in = z if concat is None else torch.cat([z, concat.to(z.dtype)], dim=1)
-        z = scheduler.step(unet(z_in, k.to(noise.device), **cond).sample, k, z).prev_sample
+        z_in = scheduler.scale_model_input(z, k)
+        z_in = z_in if concat is None else torch.cat([z_in, concat.to(z.dtype)], dim=1)
+        k_in = k.to(noise.device, torch.float32).expand(noise.shape[0])  # a float tensor: never truncated
+        z = scheduler.step(unet(z_in, k_in, **cond).sample, k, z, **extra).prev_sample
     return z
 
 

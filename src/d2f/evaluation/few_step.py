@@ -1,0 +1,298 @@
+"""E5, few-step sampling at equal network calls: d2f's FM solvers against the schedulers diffusers users run.
+
+Rows, each at every NFE (network calls per sample) of ``nfe`` that it reaches exactly:
+
+- ``diffusers:<name>`` on the embedded teacher as it is (``DIFFUSERS``): each scheduler with the settings
+  diffusers documents for few steps, several candidates each; the candidate with the lowest FID at the
+  calibration NFE (first seed) is the row, and every candidate's calibration FID is in the JSON;
+- ``d2f:<solver>/<grid>``, d2f's FM solvers on the uniform and shift grids (``D2F_ROWS``): on the converted
+  teacher (zero-shot), on an E2-style d2f LoRA finetune (24 px) and on an E3-style reflow model (16 px),
+  both trained here under ``out``;
+- ``d2f:<solver>/calibrated`` at NFE <= 6 (``CALIBRATED_ROWS``): a grid made for each model from a short
+  calibration pass (:func:`velocity_profile`, on noise of its own seed): the steps go where the velocity
+  changes fastest (:func:`profile_grid`).
+
+NFE is counted as the network is called: a two-stage d2f step costs two calls, one when its second stage
+would fall on a singular end; a diffusers scheduler costs ``len(timesteps)`` (Heun's warm-up evaluation
+included, UniPC's corrector free because it reuses the next call). Every row of a seed samples the same noise
+and labels (0..9 in turn), and is scored by FID against the 5000 real digits, precision and recall (k = 3)
+against ``num_samples`` of them, and the class accuracy of ``d2f eval``'s classifier.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from ..grids import sampling_grid
+from ..solvers import stage_times
+from ..training.data import mnist
+from ..training.export import ddim_config, load
+from ..training.images import save_line_plot
+from ..training.loop import train
+from ..training.sampling import scheduler_loop
+from ..velocity import D2FVelocity
+from .classifier import load_classifier
+from .experiments import finetune_run
+from .metrics import class_accuracy, features, fid, precision_recall
+from .reflow import train_reflow
+
+E5_NFE = (1, 2, 3, 4, 6, 8, 10)
+E5_SEEDS = (0, 1, 2)
+CALIBRATION_NFE = (6, 5)  # the first one a scheduler reaches exactly (Heun reaches odd counts only)
+
+# diffusers' few-step advice: trailing timesteps (Lin et al., "Common diffusion noise schedules and sample
+# steps are flawed") or Karras sigmas where the scheduler has them; lower_order_final for the multistep ones.
+_SPACINGS = ({"timestep_spacing": "trailing"}, {"use_karras_sigmas": True})
+_MULTISTEP = {"lower_order_final": True}
+DIFFUSERS = {
+    "ddim": ("DDIMScheduler", ({"timestep_spacing": "trailing"}, {})),  # {}: the teacher's own rule
+    "dpmpp_2m": (
+        "DPMSolverMultistepScheduler",
+        tuple({"algorithm_type": "dpmsolver++", "solver_order": 2, **_MULTISTEP, **s} for s in _SPACINGS),
+    ),
+    "dpmpp_3m": (
+        "DPMSolverMultistepScheduler",
+        tuple({"algorithm_type": "dpmsolver++", "solver_order": 3, **_MULTISTEP, **s} for s in _SPACINGS),
+    ),
+    "dpmpp_2m_sde": (
+        "DPMSolverMultistepScheduler",
+        tuple({"algorithm_type": "sde-dpmsolver++", "solver_order": 2, **_MULTISTEP, **s} for s in _SPACINGS),
+    ),
+    "unipc_bh2": ("UniPCMultistepScheduler", tuple({"solver_type": "bh2", **_MULTISTEP, **s} for s in _SPACINGS)),
+    "euler": ("EulerDiscreteScheduler", _SPACINGS),
+    "heun": ("HeunDiscreteScheduler", _SPACINGS),
+}
+D2F_SOLVERS = ("euler", "heun", "midpoint", "multistep")
+D2F_ROWS = tuple((solver, grid) for grid in ("uniform", "shift") for solver in D2F_SOLVERS)
+CALIBRATED_ROWS = ("euler", "multistep")
+CALIBRATED_MAX_NFE = 6
+
+
+@torch.no_grad()
+def velocity_profile(field: D2FVelocity, resolution: int, samples: int = 64, steps: int = 64, seed: int = 3000):
+    """How fast the velocity changes along the model's own trajectories: ``steps`` Euler steps on the uniform
+    grid from ``samples`` noises (classes 0..9 in turn); returns the grid's times and, per step, the RMS of
+    ``(u(t') - u(t)) / (t' - t)`` over the samples (one value per step, at the step's start)."""
+    ts = sampling_grid("uniform", steps, field.schedule, field.prediction_type).tolist()
+    noise = torch.randn(samples, 1, resolution, resolution, generator=torch.Generator().manual_seed(seed))
+    velocities = []
+    field.sample(noise, ts, callback=lambda i, t, x, u: velocities.append(u), class_labels=torch.arange(samples) % 10)
+    rates = [
+        float(((b - a) / (t1 - t0)).pow(2).mean().sqrt())
+        for a, b, t0, t1 in zip(velocities, velocities[1:], ts, ts[1:])
+    ]
+    return ts, rates + rates[-1:]  # the last step has no later velocity: it keeps its neighbour's rate
+
+
+def profile_grid(ts: list[float], rates: list[float], n: int) -> torch.Tensor:
+    """``n`` steps from ``ts[0]`` to ``ts[-1]`` at equal increments of the integral of ``rates`` (piecewise
+    constant on the steps of ``ts``): the step density is proportional to the rate, which minimises the sum
+    of Euler's local errors ``h^2 * rate`` for a fixed number of steps."""
+    t = torch.tensor(ts, dtype=torch.float64)
+    rate = torch.tensor(rates, dtype=torch.float64).clamp_min(1e-12)
+    mass = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(rate * (t[1:] - t[:-1]), 0)])
+    targets = torch.linspace(0, float(mass[-1]), n + 1, dtype=torch.float64)
+    i = torch.searchsorted(mass, targets, right=True).clamp(1, len(t) - 1)
+    fraction = (targets - mass[i - 1]) / (mass[i] - mass[i - 1])
+    grid = t[i - 1] + fraction * (t[i] - t[i - 1])
+    grid[0], grid[-1] = t[0], t[-1]
+    return grid
+
+
+def d2f_grid(field: D2FVelocity, grid: str, profile, steps: int) -> torch.Tensor:
+    """The grid named ``grid`` (``d2f.grids.sampling_grid``), or ``calibrated`` from the model's ``profile``."""
+    if grid == "calibrated":
+        return profile_grid(*profile, steps)
+    return sampling_grid(grid, steps, field.schedule, field.prediction_type)
+
+
+def d2f_calls(field: D2FVelocity, solver: str, grid: str, profile, steps: int) -> int:
+    """Network calls of ``steps`` steps of ``solver`` on ``grid`` (``d2f.solvers.stage_times``)."""
+    ts = d2f_grid(field, grid, profile, steps).tolist()
+    return sum(len(stage_times(solver, a, b, field.singular_times)) for a, b in zip(ts, ts[1:]))
+
+
+def diffusers_scheduler(name: str, settings: dict, teacher: D2FVelocity):
+    import diffusers
+
+    class_name, _ = DIFFUSERS[name]
+    config = {**ddim_config(teacher.schedule, teacher.prediction_type), **settings}
+    return getattr(diffusers, class_name).from_config(config)
+
+
+def diffusers_calls(name: str, settings: dict, teacher: D2FVelocity, steps: int) -> int:
+    """Network calls of the scheduler ``name`` with ``settings`` asked for ``steps`` steps."""
+    scheduler = diffusers_scheduler(name, settings, teacher)
+    scheduler.set_timesteps(steps)
+    return len(scheduler.timesteps)
+
+
+def steps_for(nfe: int, calls, *row) -> int | None:
+    """The step count whose ``calls(*row, steps)`` is exactly ``nfe``, or None where none is."""
+    return next((n for n in range(1, nfe + 1) if calls(*row, n) == nfe), None)
+
+
+class Scorer:
+    """One seed's noise and labels, and the scores of samples against the real digits at one resolution."""
+
+    def __init__(self, classifier, resolution: int, num_samples: int, seed: int, batch: int = 500):
+        self.classifier, self.batch = classifier, batch
+        self.real = features(classifier, mnist(resolution).images)
+        pick = torch.randperm(len(self.real), generator=torch.Generator().manual_seed(seed))[:num_samples]
+        self.real_subset = self.real[pick]
+        generator = torch.Generator().manual_seed(1000 + seed)
+        self.noise = torch.randn(num_samples, 1, resolution, resolution, generator=generator)
+        self.labels = torch.arange(num_samples) % 10
+        self.seed = seed
+
+    def batches(self, sample) -> torch.Tensor:
+        """``sample(noise, labels)`` over the seed's noise in batches."""
+        starts = range(0, len(self.noise), self.batch)
+        return torch.cat([sample(self.noise[i : i + self.batch], self.labels[i : i + self.batch]) for i in starts])
+
+    def score(self, images: torch.Tensor) -> dict[str, float]:
+        fake = features(self.classifier, images)
+        precision, recall = precision_recall(self.real_subset, fake)
+        return {
+            "fid": fid(self.real, fake),
+            "precision": precision,
+            "recall": recall,
+            "class_accuracy": class_accuracy(self.classifier, images, self.labels),
+        }
+
+
+def _diffusers_images(name, settings, teacher, scorer: Scorer, steps: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(2000 + scorer.seed)  # the SDE scheduler's noise, per seed
+
+    def run(noise, labels):
+        scheduler = diffusers_scheduler(name, settings, teacher)
+        return scheduler_loop(teacher.net, scheduler, noise, steps, {"class_labels": labels}, generator=generator)
+
+    return scorer.batches(run)
+
+
+def _d2f_images(field: D2FVelocity, solver: str, ts: torch.Tensor, scorer: Scorer) -> torch.Tensor:
+    return scorer.batches(lambda noise, labels: field.sample(noise, ts, solver=solver, class_labels=labels))
+
+
+def _calibrate(teacher: D2FVelocity, scorer: Scorer) -> tuple[dict, dict]:
+    """Each scheduler's candidates at the calibration NFE: the chosen settings and every candidate's FID."""
+    chosen, report = {}, {}
+    for name, (_, candidates) in DIFFUSERS.items():
+        tried = []
+        for settings in candidates:
+            row = (name, settings, teacher)
+            nfe = next(c for c in CALIBRATION_NFE if steps_for(c, diffusers_calls, *row))
+            steps = steps_for(nfe, diffusers_calls, *row)
+            images = _diffusers_images(name, settings, teacher, scorer, steps)
+            tried.append({"settings": settings, "nfe": nfe, "fid": scorer.score(images)["fid"]})
+        report[name] = tried
+        chosen[name] = min(tried, key=lambda row: row["fid"])["settings"]
+    return chosen, report
+
+
+def _add(cells: dict, nfe: int, scores: dict) -> None:
+    cell = cells.setdefault(str(nfe), {key: [] for key in scores})
+    for key, value in scores.items():
+        cell[key].append(value)
+
+
+def few_step(
+    out: str = "runs/e5",
+    num_samples: int = 200,
+    nfe: tuple[int, ...] = E5_NFE,
+    seeds: tuple[int, ...] = E5_SEEDS,
+    finetune_steps: int = 600,
+    reflow_pairs: int = 2000,
+    reflow_pair_steps: int = 25,
+    reflow_steps: int = 300,
+    plot_png: Path | None = None,
+) -> dict:
+    """E5. Returns ``{"models": {model: {"resolution", "rows": {row: {"settings"?, "cells": {nfe: {metric:
+    [one per seed]}}}}}}, "calibration": ..., ...}``; ``plot_png`` gets FID against NFE per model
+    (``<stem>_<model>.png``: the mean over seeds, the seed range shaded)."""
+    started = time.perf_counter()
+    classifier = load_classifier()
+    finetune = finetune_run(out, "lora", "d2f", seeds[0], finetune_steps, finetune_steps)
+    train(finetune, progress=False)
+    reflow_config, reflow_metrics, pair_meta = train_reflow(
+        str(Path(out) / "e3"), reflow_pairs, reflow_pair_steps, reflow_steps, seeds[0]
+    )
+    teacher = load("teacher")
+    models = {
+        "teacher": (teacher, 16),
+        "e2_d2f_lora": (load(str(Path(finetune.out) / "export")), 24),
+        "e3_reflow": (load(str(Path(reflow_config.out) / "export")), 16),
+    }
+    calibration_scorer = Scorer(classifier, 16, num_samples, seeds[0])
+    chosen, calibration = _calibrate(teacher, calibration_scorer)
+    report: dict = {"models": {}}
+    for model, (field, resolution) in models.items():
+        rows: dict = {}
+        profile = velocity_profile(field, resolution)
+        d2f_rows = [(solver, grid, nfe) for solver, grid in D2F_ROWS] + [
+            (solver, "calibrated", tuple(n for n in nfe if n <= CALIBRATED_MAX_NFE)) for solver in CALIBRATED_ROWS
+        ]
+        for seed in seeds:
+            scorer = (
+                calibration_scorer
+                if (seed, resolution) == (seeds[0], 16)
+                else Scorer(classifier, resolution, num_samples, seed)
+            )
+            if model == "teacher":
+                for name, settings in chosen.items():
+                    row = rows.setdefault(f"diffusers:{name}", {"settings": settings, "cells": {}})
+                    for target in nfe:
+                        steps = steps_for(target, diffusers_calls, name, settings, teacher)
+                        if steps is not None:
+                            images = _diffusers_images(name, settings, teacher, scorer, steps)
+                            _add(row["cells"], target, scorer.score(images))
+            for solver, grid, targets in d2f_rows:
+                row = rows.setdefault(f"d2f:{solver}/{grid}", {"cells": {}})
+                for target in targets:
+                    steps = steps_for(target, d2f_calls, field, solver, grid, profile)
+                    if steps is not None:
+                        ts = d2f_grid(field, grid, profile, steps)
+                        _add(row["cells"], target, scorer.score(_d2f_images(field, solver, ts, scorer)))
+        report["models"][model] = {"resolution": resolution, "rows": rows, "velocity_profile": profile}
+        if plot_png is not None:
+            plot_fid(rows, model, plot_png.with_name(f"{plot_png.stem}_{model}{plot_png.suffix}"))
+    report.update(
+        {
+            "nfe": list(nfe),
+            "seeds": list(seeds),
+            "num_samples": num_samples,
+            "calibration": {
+                "nfe_first_reachable_of": list(CALIBRATION_NFE),
+                "seed": seeds[0],
+                "candidates": calibration,
+            },
+            "train": {
+                "e2_d2f_lora": finetune.to_dict(),
+                "e3_reflow": {
+                    "pairs": pair_meta,
+                    **reflow_config.to_dict(),
+                    "seconds_train": reflow_metrics["seconds_train"],
+                },
+            },
+            "reference": "FID in the evaluation classifier's features against the 5000 real digits at the model's "
+            "resolution; precision/recall (k=3) against num_samples of them",
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+    )
+    return report
+
+
+def plot_fid(rows: dict, model: str, path: Path) -> None:
+    series, bands = {}, {}
+    for name, row in rows.items():
+        nfes = sorted(row["cells"], key=int)
+        fids = [row["cells"][n]["fid"] for n in nfes]
+        xs = [int(n) for n in nfes]
+        series[name] = (xs, [sum(f) / len(f) for f in fids])
+        bands[name] = ([min(f) for f in fids], [max(f) for f in fids])
+    title = f"E5 {model}: FID (log scale) vs network calls, mean and range over seeds"
+    save_line_plot(series, path, title, "NFE", log_y=True, size=(900, 560), bands=bands)
