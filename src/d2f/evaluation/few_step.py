@@ -273,8 +273,8 @@ def few_step(
             "train": {
                 "e2_d2f_lora": finetune.to_dict(),
                 "e3_reflow": {
-                    "pairs": pair_meta,
-                    **reflow_config.to_dict(),
+                    **reflow_config.to_dict(),  # its "pairs" is the file; the generation's record is beside it
+                    "pair_generation": pair_meta,
                     "seconds_train": reflow_metrics["seconds_train"],
                 },
             },
