@@ -47,6 +47,7 @@ from .solvers import (
     PREDICTOR_FRACTION,
     SOLVERS,
     ddim_step,
+    multistep_history,
     ode_step,
     stage_times,
 )
@@ -282,7 +283,7 @@ class D2FScheduler(SchedulerMixin, ConfigMixin):
             _, prev = ode_step(CORRECT, x0, u, None, u1, 0.0, 1.0, h, 1.0, s_end, sample.dtype, c=c)
             self._first = None
         elif self.config.solver == "multistep":  # Euler on the first step (and where the pipeline began)
-            u_prev, k = (None, 0.0) if self._previous is None else (self._previous[0], 0.5 * h / self._previous[1])
+            u_prev, k = multistep_history(self._previous, h)
             _, prev, _ = ode_step(MULTISTEP, x, u, None, u_prev, 0.0, 1.0, h, 1.0, s_end, sample.dtype, k=k)
             self._previous = (u, h)
         else:

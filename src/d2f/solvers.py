@@ -200,6 +200,12 @@ def ddim_step(
     return x_next, data
 
 
+def multistep_history(previous: tuple[Tensor, float] | None, h: float) -> tuple[Tensor | None, float]:
+    """The multistep update's ``(u1, k)`` for a step of size ``h`` after the step ``previous = (u, h_prev)``:
+    ``k = h / (2*h_prev)``; none and 0 (Euler) on the first step."""
+    return (None, 0.0) if previous is None else (previous[0], 0.5 * h / previous[1])
+
+
 def stage_times(solver: str, t0: float, t1: float, singular: Sequence[float]) -> tuple[float, ...]:
     """The FM times at which a step from ``t0`` to ``t1`` evaluates the field: ``t0``, then the predictor's
     point ``t0 + c*h`` (``t1`` itself for Heun), unless that point is singular, the solver is Euler or the
@@ -325,7 +331,7 @@ def integrate(field: Field, x: Tensor, z: Tensor, steps, solver: str, cond, call
             if callback is not None:
                 callback(i, t0, x, out.o_u)  # the field is in velocity form whenever there is a callback
             if solver == "multistep":
-                u_prev, k = (None, 0.0) if previous is None else (previous[0], 0.5 * h / previous[1])
+                u_prev, k = multistep_history(previous, h)
                 x, z, u = _step(MULTISTEP, field, x, out, u_prev, h, t1, z_dtype, backend, k=k)
                 previous = (u, h)
             elif len(times) == 1:
@@ -348,8 +354,8 @@ def _solve(field, x: Tensor, steps, solver, cond, callback, progress, backend) -
                 f"(singular_times={tuple(field.singular_times)}); start the grid inside the open interval, "
                 "e.g. at schedule.t_min"
             )
-    gaps = [i for i in range(1, len(steps)) if steps[i][0] != steps[i - 1][1]]
-    if solver == "multistep" and gaps:
+    gaps = [i for i in range(1, len(steps)) if steps[i][0] != steps[i - 1][1]] if solver == "multistep" else []
+    if gaps:
         raise ValueError(
             f"solver='multistep' needs steps that chain, and step {gaps[0]} starts at t={steps[gaps[0]][0]}, not "
             f"where step {gaps[0] - 1} ended (t={steps[gaps[0] - 1][1]}): a DDIM step table with gaps; use a 1-D "
