@@ -17,8 +17,9 @@ coefficients are formed in float64 and cast once (conventions §6). Its rounding
 where ``y_abs = sum_i |c_i| * |v_i|`` is the same formula evaluated on absolute values, so ``y_abs / |y|`` is
 the condition number of the sum (large where terms cancel, e.g. epsilon's ``(x - o)/t`` for ``o ~ x``);
 ``u_work`` is the unit roundoff of the dtype the work runs in, ``u_out`` that of the result's dtype (its final
-rounding) and ``spacing_*`` a dtype's subnormal spacing (the absolute floor of its rounding near 0). K = 16
-covers the longest chain of roundings (cast coefficient, products, sums; Heun's corrector has about six).
+rounding) and ``spacing_*`` a dtype's smallest normal number (the absolute floor near 0, where subnormal
+results may be flushed to zero). K = 16 covers the longest chain of roundings (cast coefficient, products,
+sums; Heun's corrector has about six).
 
     inputs      work      u_work    result dtype          u_out
     float64     float64   2^-53     float64               2^-53
@@ -188,8 +189,10 @@ def work_dtype(*tensors) -> torch.dtype:
 
 
 def spacing(dtype: torch.dtype) -> float:
-    """The subnormal spacing of ``dtype``: no result in it can be closer to a tiny value than this."""
-    return torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps
+    """The absolute floor near 0: ``dtype``'s smallest normal number. Not its subnormal spacing: CPUs and GPUs
+    may flush subnormal results to zero (seen here: a float32 step whose float64 reference is -4.6e-42 came back
+    0 on a 2-core AMD EPYC)."""
+    return torch.finfo(dtype).smallest_normal
 
 
 def assert_close(got, ref, bound, work, what, k=K):
