@@ -117,12 +117,13 @@ def test_e3_reflow_and_e4_terminal_snr_in_miniature(tmp_path):
 def test_e5_few_step_in_miniature_counts_network_calls_honestly(tmp_path):
     """E5 end to end at toy scale: every row at each NFE it reaches exactly, one score per seed, a chosen
     setting per diffusers scheduler, and a figure per model."""
-    from d2f.evaluation.few_step import CALIBRATED_ROWS, D2F_ROWS, DIFFUSERS, few_step
+    from d2f.evaluation.few_step import DIFFUSERS, FINETUNED_ROWS, TEACHER_ROWS, few_step
 
     report = few_step(
         str(tmp_path / "e5"),
         num_samples=20,
         nfe=(1, 2, 3),
+        finetuned_nfe=(1, 2),
         seeds=(0, 1),
         finetune_steps=2,
         reflow_pairs=40,
@@ -131,11 +132,14 @@ def test_e5_few_step_in_miniature_counts_network_calls_honestly(tmp_path):
         plot_png=tmp_path / "e5.png",
     )
     teacher = report["models"]["teacher"]["rows"]
-    calibrated = {f"d2f:{s}/calibrated" for s in CALIBRATED_ROWS}
-    assert set(teacher) == {f"diffusers:{n}" for n in DIFFUSERS} | {f"d2f:{s}/{g}" for s, g in D2F_ROWS} | calibrated
+    assert set(teacher) == {f"diffusers:{n}" for n in DIFFUSERS} | {f"d2f:{s}/{g}" for s, g in TEACHER_ROWS}
     for model in ("teacher", "e2_d2f_lora", "e3_reflow"):
         assert (tmp_path / f"e5_{model}.png").is_file()
-        for cells in (row["cells"] for row in report["models"][model]["rows"].values()):
+        rows = report["models"][model]["rows"]
+        if model != "teacher":
+            assert set(rows) == {f"d2f:{s}/{g}" for s, g in FINETUNED_ROWS}
+            assert set(rows["d2f:multistep/shift"]["cells"]) == {"1", "2"}
+        for cells in (row["cells"] for row in rows.values()):
             assert all(len(cell["fid"]) == 2 and all(math.isfinite(v) for v in cell["fid"]) for cell in cells.values())
     # d2f's two-stage steps cost 2 calls on the epsilon teacher (its velocity is singular at t = 0 only, where
     # no step ends); diffusers' Heun evaluates 2n - 1 times (its last step is Euler).
@@ -145,24 +149,12 @@ def test_e5_few_step_in_miniature_counts_network_calls_honestly(tmp_path):
     # At one call every first-order start is Euler: d2f's multistep and Euler give the same samples.
     one_call = teacher["d2f:multistep/uniform"]["cells"]["1"], teacher["d2f:euler/uniform"]["cells"]["1"]
     assert one_call[0]["fid"] == pytest.approx(one_call[1]["fid"], rel=1e-6)
-    ts, rates = report["models"]["teacher"]["velocity_profile"]
-    assert len(ts) == len(rates) + 1 and all(r > 0 for r in rates)
     candidates = report["calibration"]["candidates"]
     for name, row in teacher.items():
         if name.startswith("diffusers:"):
             tried = candidates[name.split(":")[1]]
             assert row["settings"] == min(tried, key=lambda c: c["fid"])["settings"]
-
-
-def test_profile_grid_puts_steps_where_the_rate_is_high():
-    """A rate twice as high on the second half of [0, 1] gets twice the steps there; a constant rate gives the
-    uniform grid."""
-    from d2f.evaluation.few_step import profile_grid
-
-    ts = [i / 4 for i in range(5)]
-    torch.testing.assert_close(profile_grid(ts, [1, 1, 1, 1], 4), torch.tensor(ts, dtype=torch.float64))
-    grid = profile_grid(ts, [1, 1, 2, 2], 3)
-    torch.testing.assert_close(grid, torch.tensor([0, 0.5, 0.75, 1], dtype=torch.float64))
+    assert set(report["seconds_by_part"]) == {"train_and_calibrate", "teacher", "e2_d2f_lora", "e3_reflow"}
 
 
 def test_wasserstein_of_shifted_samples_is_the_shift():

@@ -1,16 +1,18 @@
 """E5, few-step sampling at equal network calls: d2f's FM solvers against the schedulers diffusers users run.
 
-Rows, each at every NFE (network calls per sample) of ``nfe`` that it reaches exactly:
+Rows, each at every NFE (network calls per sample) of its model's list that it reaches exactly:
 
-- ``diffusers:<name>`` on the embedded teacher as it is (``DIFFUSERS``): each scheduler with the settings
-  diffusers documents for few steps, several candidates each; the candidate with the lowest FID at the
-  calibration NFE (first seed) is the row, and every candidate's calibration FID is in the JSON;
-- ``d2f:<solver>/<grid>``, d2f's FM solvers on the uniform and shift grids (``D2F_ROWS``): on the converted
-  teacher (zero-shot), on an E2-style d2f LoRA finetune (24 px) and on an E3-style reflow model (16 px),
-  both trained here under ``out``;
-- ``d2f:<solver>/calibrated`` at NFE <= 6 (``CALIBRATED_ROWS``): a grid made for each model from a short
-  calibration pass (:func:`velocity_profile`, on noise of its own seed): the steps go where the velocity
-  changes fastest (:func:`profile_grid`).
+- ``diffusers:<name>`` on the embedded teacher as it is (``DIFFUSERS``), at ``nfe``: each scheduler with the
+  settings diffusers documents for few steps, several candidates each; the candidate with the lowest FID at
+  the calibration NFE (first seed) is the row, and every candidate's calibration FID is in the JSON (DDIM's
+  own rule, ``{}``, is the DDIM-equivalent grid: d2f's Euler on ``grid="ddim"`` gives its samples);
+- ``d2f:<solver>/<grid>``, d2f's FM solvers on the uniform and shift grids: on the converted teacher
+  (zero-shot, ``TEACHER_ROWS``, at ``nfe``), and on an E2-style d2f LoRA finetune (24 px) and an E3-style
+  reflow model (16 px), both trained here under ``out`` (``FINETUNED_ROWS``, at ``finetuned_nfe``).
+
+The finetuned models skip Heun, and every model skips Heun on the shift grid and a grid calibrated to the
+model's velocity (steps placed where it changes fastest): all were measured in the first E5 run (commit
+63a0774, ``docs/results.md``) and lost at every NFE on every model, so the time goes to the rows that compete.
 
 NFE is counted as the network is called: a two-stage d2f step costs two calls, one when its second stage
 would fall on a singular end; a diffusers scheduler costs ``len(timesteps)`` (Heun's warm-up evaluation
@@ -39,7 +41,8 @@ from .experiments import finetune_run
 from .metrics import class_accuracy, features, fid, precision_recall
 from .reflow import train_reflow
 
-E5_NFE = (1, 2, 3, 4, 6, 8, 10)
+E5_NFE = (1, 2, 3, 4, 6, 8, 10, 15, 25)  # the teacher's rows, diffusers' included
+FINETUNED_NFE = (1, 2, 3, 4, 6, 8, 10)
 E5_SEEDS = (0, 1, 2)
 CALIBRATION_NFE = (6, 5)  # the first one a scheduler reaches exactly (Heun reaches odd counts only)
 
@@ -65,53 +68,17 @@ DIFFUSERS = {
     "euler": ("EulerDiscreteScheduler", _SPACINGS),
     "heun": ("HeunDiscreteScheduler", _SPACINGS),
 }
-D2F_SOLVERS = ("euler", "heun", "midpoint", "multistep")
-D2F_ROWS = tuple((solver, grid) for grid in ("uniform", "shift") for solver in D2F_SOLVERS)
-CALIBRATED_ROWS = ("euler", "multistep")
-CALIBRATED_MAX_NFE = 6
+FINETUNED_ROWS = tuple((solver, grid) for grid in ("uniform", "shift") for solver in ("euler", "midpoint", "multistep"))
+TEACHER_ROWS = (("heun", "uniform"), *FINETUNED_ROWS)
 
 
-@torch.no_grad()
-def velocity_profile(field: D2FVelocity, resolution: int, samples: int = 64, steps: int = 64, seed: int = 3000):
-    """How fast the velocity changes along the model's own trajectories: ``steps`` Euler steps on the uniform
-    grid from ``samples`` noises (classes 0..9 in turn); returns the grid's times and, per step, the RMS of
-    ``(u(t') - u(t)) / (t' - t)`` over the samples (one value per step, at the step's start)."""
-    ts = sampling_grid("uniform", steps, field.schedule, field.prediction_type).tolist()
-    noise = torch.randn(samples, 1, resolution, resolution, generator=torch.Generator().manual_seed(seed))
-    velocities = []
-    field.sample(noise, ts, callback=lambda i, t, x, u: velocities.append(u), class_labels=torch.arange(samples) % 10)
-    rates = [
-        float(((b - a) / (t1 - t0)).pow(2).mean().sqrt())
-        for a, b, t0, t1 in zip(velocities, velocities[1:], ts, ts[1:])
-    ]
-    return ts, rates + rates[-1:]  # the last step has no later velocity: it keeps its neighbour's rate
-
-
-def profile_grid(ts: list[float], rates: list[float], n: int) -> torch.Tensor:
-    """``n`` steps from ``ts[0]`` to ``ts[-1]`` at equal increments of the integral of ``rates`` (piecewise
-    constant on the steps of ``ts``): the step density is proportional to the rate, which minimises the sum
-    of Euler's local errors ``h^2 * rate`` for a fixed number of steps."""
-    t = torch.tensor(ts, dtype=torch.float64)
-    rate = torch.tensor(rates, dtype=torch.float64).clamp_min(1e-12)
-    mass = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(rate * (t[1:] - t[:-1]), 0)])
-    targets = torch.linspace(0, float(mass[-1]), n + 1, dtype=torch.float64)
-    i = torch.searchsorted(mass, targets, right=True).clamp(1, len(t) - 1)
-    fraction = (targets - mass[i - 1]) / (mass[i] - mass[i - 1])
-    grid = t[i - 1] + fraction * (t[i] - t[i - 1])
-    grid[0], grid[-1] = t[0], t[-1]
-    return grid
-
-
-def d2f_grid(field: D2FVelocity, grid: str, profile, steps: int) -> torch.Tensor:
-    """The grid named ``grid`` (``d2f.grids.sampling_grid``), or ``calibrated`` from the model's ``profile``."""
-    if grid == "calibrated":
-        return profile_grid(*profile, steps)
+def d2f_grid(field: D2FVelocity, grid: str, steps: int) -> torch.Tensor:
     return sampling_grid(grid, steps, field.schedule, field.prediction_type)
 
 
-def d2f_calls(field: D2FVelocity, solver: str, grid: str, profile, steps: int) -> int:
+def d2f_calls(field: D2FVelocity, solver: str, grid: str, steps: int) -> int:
     """Network calls of ``steps`` steps of ``solver`` on ``grid`` (``d2f.solvers.stage_times``)."""
-    ts = d2f_grid(field, grid, profile, steps).tolist()
+    ts = d2f_grid(field, grid, steps).tolist()
     return sum(len(stage_times(solver, a, b, field.singular_times)) for a, b in zip(ts, ts[1:]))
 
 
@@ -204,6 +171,7 @@ def few_step(
     out: str = "runs/e5",
     num_samples: int = 200,
     nfe: tuple[int, ...] = E5_NFE,
+    finetuned_nfe: tuple[int, ...] = FINETUNED_NFE,
     seeds: tuple[int, ...] = E5_SEEDS,
     finetune_steps: int = 600,
     reflow_pairs: int = 2000,
@@ -230,12 +198,11 @@ def few_step(
     calibration_scorer = Scorer(classifier, 16, num_samples, seeds[0])
     chosen, calibration = _calibrate(teacher, calibration_scorer)
     report: dict = {"models": {}}
+    seconds = {"train_and_calibrate": round(time.perf_counter() - started, 1)}
     for model, (field, resolution) in models.items():
+        model_started = time.perf_counter()
         rows: dict = {}
-        profile = velocity_profile(field, resolution)
-        d2f_rows = [(solver, grid, nfe) for solver, grid in D2F_ROWS] + [
-            (solver, "calibrated", tuple(n for n in nfe if n <= CALIBRATED_MAX_NFE)) for solver in CALIBRATED_ROWS
-        ]
+        d2f_rows, targets = (TEACHER_ROWS, nfe) if model == "teacher" else (FINETUNED_ROWS, finetuned_nfe)
         for seed in seeds:
             scorer = (
                 calibration_scorer
@@ -245,24 +212,24 @@ def few_step(
             if model == "teacher":
                 for name, settings in chosen.items():
                     row = rows.setdefault(f"diffusers:{name}", {"settings": settings, "cells": {}})
-                    for target in nfe:
+                    for target in targets:
                         steps = steps_for(target, diffusers_calls, name, settings, teacher)
                         if steps is not None:
                             images = _diffusers_images(name, settings, teacher, scorer, steps)
                             _add(row["cells"], target, scorer.score(images))
-            for solver, grid, targets in d2f_rows:
+            for solver, grid in d2f_rows:
                 row = rows.setdefault(f"d2f:{solver}/{grid}", {"cells": {}})
                 for target in targets:
-                    steps = steps_for(target, d2f_calls, field, solver, grid, profile)
+                    steps = steps_for(target, d2f_calls, field, solver, grid)
                     if steps is not None:
-                        ts = d2f_grid(field, grid, profile, steps)
+                        ts = d2f_grid(field, grid, steps)
                         _add(row["cells"], target, scorer.score(_d2f_images(field, solver, ts, scorer)))
-        report["models"][model] = {"resolution": resolution, "rows": rows, "velocity_profile": profile}
+        seconds[model] = round(time.perf_counter() - model_started, 1)
+        report["models"][model] = {"resolution": resolution, "nfe": list(targets), "rows": rows}
         if plot_png is not None:
             plot_fid(rows, model, plot_png.with_name(f"{plot_png.stem}_{model}{plot_png.suffix}"))
     report.update(
         {
-            "nfe": list(nfe),
             "seeds": list(seeds),
             "num_samples": num_samples,
             "calibration": {
@@ -281,6 +248,7 @@ def few_step(
             "reference": "FID in the evaluation classifier's features against the 5000 real digits at the model's "
             "resolution; precision/recall (k=3) against num_samples of them",
             "seconds": round(time.perf_counter() - started, 1),
+            "seconds_by_part": seconds,
         }
     )
     return report

@@ -38,7 +38,7 @@ def generate_pairs(
     Many ODE steps make the coupling close to the model's exact ODE map; ``settings`` are those of
     ``d2f sample`` (default: 50 Euler steps on the uniform grid). Returns the metadata written with the file.
     """
-    settings = settings or SamplingSettings(steps=50)
+    settings = settings or SamplingSettings(steps=50, solver="euler", grid="uniform")
     if not isinstance(num_pairs, int) or isinstance(num_pairs, bool) or num_pairs < 1:
         raise ValueError(f"num_pairs={num_pairs!r} is not allowed: a positive integer")
     if Path(out).suffix != ".safetensors":
