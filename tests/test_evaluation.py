@@ -66,6 +66,7 @@ def test_eval_command_writes_a_report(tmp_path, capsys):
     assert main(["eval", "--model", "teacher", "--steps", "2", "--num-samples", "20", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["num_samples"] == 20 and report["resolution"] == 16
+    assert (report["solver"], report["grid"], report["steps"]) == ("multistep", "uniform", 2)  # auto, resolved
     for key in ("fid", "precision", "recall", "class_accuracy"):
         assert math.isfinite(report[key]), key
     assert np.isclose(json.loads(capsys.readouterr().out)["fid"], report["fid"])
@@ -284,7 +285,8 @@ def test_study_lr_search_walks_off_edges_and_records_divergence(monkeypatch, tmp
 def test_defaults_follow_the_committed_study():
     """d2f train's defaults are what results/study.json supports: the lr per capacity is the picked one or
     within 5 % of its FID, the default t sampler's mean FID at 10 and 25 steps is within 5 % of the best
-    sampler's, and the uniform grid is d2f's best at 2 to 10 steps."""
+    sampler's, and the uniform grid is d2f's best for Euler at 2 to 10 steps (the grid a named solver gets
+    by default; --solver auto follows E5 instead, test_auto_sampler)."""
     from pathlib import Path
     from statistics import fmean
 

@@ -210,19 +210,19 @@ def unconditional(pipeline_class, scheduler):
     return pipe
 
 
-def generate(pipe, **kwargs):
+def generate(pipe, steps=3, **kwargs):
     return pipe(
-        batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=3, output_type="np", **kwargs
+        batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=steps, output_type="np", **kwargs
     ).images
 
 
-def d2f_reference(unet, scheduler, steps=3):
-    """``d2f.sample`` of the same network from the pipeline's noise on the scheduler's grid and solver,
-    turned into the pipeline's ``np`` images: what the scheduler must give inside the pipeline."""
+def d2f_reference(unet, scheduler, steps=3, solver=None, grid=None):
+    """``d2f.sample`` of the same network from the pipeline's noise on the scheduler's grid and solver (or the
+    ones given), turned into the pipeline's ``np`` images: what the scheduler must give inside the pipeline."""
     cfg = scheduler.config
     schedule = Schedule.from_diffusers(cfg)
     ts = d2f.sampling_grid(
-        cfg.grid,
+        grid or cfg.grid or "ddim",
         steps,
         schedule,
         cfg.prediction_type,
@@ -233,7 +233,7 @@ def d2f_reference(unet, scheduler, steps=3):
     )
     noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))  # the pipeline's draw
     with torch.no_grad():
-        x = d2f.D2FVelocity(unet, schedule, cfg.prediction_type).sample(noise, ts, solver=cfg.solver)
+        x = d2f.D2FVelocity(unet, schedule, cfg.prediction_type).sample(noise, ts, solver=solver or cfg.solver)
     latent = d2f.scale(float(ts[-1])) * x
     return (latent / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
 
@@ -265,6 +265,33 @@ def test_multistep_in_a_pipeline_is_d2f_sample(grid):
     np.testing.assert_allclose(images, d2f_reference(pipe.unet, pipe.scheduler), rtol=0, atol=1e-5)
     euler = generate(unconditional(DDPMPipeline, D2FScheduler(**config, grid=grid)))
     assert np.abs(images - euler).max() > 1e-3  # the history is used
+
+
+@pytest.mark.parametrize("flow_finetuned", [False, True])
+@pytest.mark.parametrize("calls", [1, 2, 3])
+def test_auto_samples_with_the_tables_sampler_in_a_pipeline(calls, flow_finetuned):
+    """solver="auto": num_inference_steps network calls of d2f.auto_sampler's sampler (one midpoint step at two
+    calls after flow finetuning), order 1 so the pipeline counts calls; a grid that is set is kept."""
+    pipe = unconditional(DDPMPipeline, D2FScheduler(**V_CONFIG, solver="auto", flow_finetuned=flow_finetuned))
+    solver, grid, steps = d2f.auto_sampler(calls, flow_finetuned)
+    pipe.scheduler.set_timesteps(calls)
+    assert pipe.scheduler.order == 1 and len(pipe.scheduler.timesteps) == calls
+    expected = d2f_reference(pipe.unet, pipe.scheduler, steps, solver, grid)
+    np.testing.assert_allclose(generate(pipe, calls), expected, rtol=0, atol=1e-5)
+    pipe.scheduler = D2FScheduler(**V_CONFIG, solver="auto", grid="shift", flow_finetuned=flow_finetuned)
+    expected = d2f_reference(pipe.unet, pipe.scheduler, steps, solver, "shift")
+    np.testing.assert_allclose(generate(pipe, calls), expected, rtol=0, atol=1e-5)
+
+
+def test_auto_refuses_what_only_euler_does():
+    with pytest.raises(ValueError, match="clip_sample=True .* solver='auto' needs clip_sample=False"):
+        D2FScheduler(solver="auto")
+    scheduler = D2FScheduler(**V_CONFIG, solver="auto")
+    scheduler.set_timesteps(3)
+    with pytest.raises(ValueError, match="eta=1.0 makes DDIM's stochastic step.*solver='multistep' needs eta=0"):
+        scheduler.step(torch.zeros(1, 3, 4, 4), scheduler.timesteps[0], torch.zeros(1, 3, 4, 4), eta=1.0)
+    with pytest.raises(ValueError, match="flow_finetuned='yes' must be True or False"):
+        D2FScheduler(**V_CONFIG, solver="auto", flow_finetuned="yes")
 
 
 def test_multistep_refuses_a_ddim_step_table_with_gaps():
@@ -362,4 +389,4 @@ def test_readme_pipeline_snippet_runs_on_a_tiny_local_pipeline(tmp_path):
     namespace = {}
     exec(block.replace("path/to/stable-diffusion", str(tmp_path / "sd")), namespace)
     assert namespace["image"].size == (8, 8)
-    assert isinstance(namespace["pipe"].scheduler, D2FScheduler) and namespace["pipe"].scheduler.config.grid == "shift"
+    assert isinstance(namespace["pipe"].scheduler, D2FScheduler) and namespace["pipe"].scheduler.config.solver == "auto"

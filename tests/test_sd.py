@@ -103,7 +103,8 @@ def test_the_readme_loading_snippet_reproduces_the_trained_model_in_a_fresh_proc
     fresh = load_file(str(out))
     assert tuple(fresh["image"].shape) == (8, 8, 3)
 
-    scheduler = d2f.D2FScheduler.from_pretrained(export, subfolder="scheduler")
+    scheduler = d2f.D2FScheduler.from_pretrained(export, subfolder="scheduler", solver="auto")
+    assert scheduler.config.flow_finetuned  # the export says what it is: auto takes the flow column
     trained = d2f.load(export).net  # the peft adapter on the base UNet: the trained model itself
     own = sample(load_pipeline(kind, pipeline, unet=trained, scheduler=scheduler))
     torch.testing.assert_close(fresh["latents"], own, rtol=1e-5, atol=1e-5)

@@ -5,6 +5,7 @@ timestep ``k`` means ``alphas_cumprod[k]``.
 """
 
 from ._checks import NonFiniteError
+from .auto_sampler import auto_sampler
 from .grids import ddim_grid, sampling_grid, shift_grid, uniform_grid
 from .guidance import guidance
 from .loss import fm_loss
@@ -41,6 +42,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "auto_sampler",
     "PREDICTION_TYPES",
     "D2FScheduler",
     "TrainConfig",

@@ -172,13 +172,29 @@ def _encode_parser(sub) -> None:
 
 def _sampling_arguments(p: argparse.ArgumentParser, num_samples: int) -> None:
     """The flags of ``d2f.training.sampling.SamplingSettings`` that ``d2f sample``, ``eval`` and ``pairs`` share."""
+    from .auto_sampler import AUTO
     from .grids import GRIDS
     from .solvers import SOLVERS
 
     p.add_argument("--model", default="teacher", help="a d2f export folder, or 'teacher'")
-    p.add_argument("--steps", type=int, default=25, help="ODE steps (network calls: twice that for heun/midpoint)")
-    p.add_argument("--solver", choices=SOLVERS, default="euler", help="the ODE solver")
-    p.add_argument("--grid", choices=GRIDS, default="uniform", help="uniform in t (default), ddim (DDIM's own), shift")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=25,
+        help="network calls with --solver auto; else ODE steps (network calls: twice that for heun/midpoint)",
+    )
+    p.add_argument(
+        "--solver",
+        choices=(*SOLVERS, AUTO),
+        default=AUTO,
+        help="the ODE solver; auto: E5's best for --steps network calls and this model (see d2f.auto_sampler)",
+    )
+    p.add_argument(
+        "--grid",
+        choices=(*GRIDS, AUTO),
+        default=AUTO,
+        help="uniform in t, ddim (DDIM's own), shift; auto: the table's with --solver auto, else uniform",
+    )
     p.add_argument("--shift", type=float, default=3.0, help="with --grid shift")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
     p.add_argument("--num-samples", type=int, default=num_samples, help="images to generate")
@@ -200,7 +216,7 @@ def _pairs_parser(sub) -> None:
         description="Sample an export with many ODE steps and store each image with the noise it came from.",
     )
     _sampling_arguments(p, num_samples=5000)
-    p.set_defaults(steps=50, grid="uniform")
+    p.set_defaults(steps=50, solver="euler", grid="uniform")
     p.add_argument("--out", required=True, help="the pairs file to write (.safetensors)")
 
 

@@ -13,7 +13,8 @@ and the pipeline runs unchanged. The pipeline's latents hold what DDIM's hold, t
   step index, never by inverting a float ``k``. Across a gap of DDIM's step table the latent is kept, as
   DDIM keeps it.
 
-With the default ``grid="ddim"`` and ``solver="euler"`` the pipeline reproduces DDIMScheduler step for step,
+With the defaults (``grid`` unset, which is ``"ddim"``, and ``solver="euler"``) the pipeline reproduces
+DDIMScheduler step for step,
 under every key DDIM takes: ``timestep_spacing``, ``steps_offset``, ``set_alpha_to_one`` (its identity last
 step included), ``clip_sample``/``clip_sample_range``, ``thresholding`` and ``step``'s ``eta``,
 ``use_clipped_model_output``, ``generator`` and ``variance_noise`` (``d2f.solvers.ddim_step``,
@@ -21,6 +22,11 @@ step included), ``clip_sample``/``clip_sample_range``, ``thresholding`` and ``st
 clipping and ``eta`` keep their meaning there (DDIM's transition between the grid's noise levels). Heun,
 midpoint and multistep refuse both; multistep also refuses a DDIM step table with gaps (``timestep_spacing``
 other than ``leading`` where the step count does not divide ``num_train_timesteps``).
+
+``solver="auto"`` takes ``num_inference_steps`` as network calls and samples with what E5 measured best for
+that budget (``d2f.auto_sampler``): for a converted diffusion network by default, for a network finetuned as a
+flow with ``flow_finetuned=True`` (d2f's exports of flow objectives write that, with ``solver="auto"``). It
+picks the grid too unless ``grid`` is set.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from ._checks import check_bool, check_choice, compute_dtype
+from .auto_sampler import AUTO, auto_sampler
 from .grids import GRIDS, SPACINGS, ddim_timesteps, grid_steps, sampling_grid
 from .parametrization import SINGULAR_TIMES, diffusion_to_velocity, velocity_to_diffusion
 from .path import network_input, scale
@@ -79,11 +86,13 @@ class D2FScheduler(SchedulerMixin, ConfigMixin):
     the step rule (``timestep_spacing``, ``steps_offset``, ``set_alpha_to_one``) and the clipping of the
     predicted clean sample (``clip_sample``, ``clip_sample_range``, ``thresholding``,
     ``dynamic_thresholding_ratio``, ``sample_max_value``). Keys of other schedulers are kept in the config by
-    ``from_config`` and not read. d2f's own: ``solver`` (euler | heun | midpoint | multistep), ``grid``
-    (ddim | uniform | shift) and ``shift``. ``betas``, ``alphas``, ``alphas_cumprod`` and
-    ``final_alpha_cumprod`` are DDIM's float32 attributes, from d2f's float64 table. The boolean keys
-    (``clip_sample``, ``set_alpha_to_one``, ``thresholding``, ``rescale_betas_zero_snr``) must be ``True`` or
-    ``False``; ``trained_betas`` (a list, array or tensor) must be 1-D with ``num_train_timesteps`` entries
+    ``from_config`` and not read. d2f's own: ``solver`` (euler | heun | midpoint | multistep | auto), ``grid``
+    (ddim | uniform | shift; unset: ddim, or the table's with ``solver="auto"``), ``shift`` and
+    ``flow_finetuned`` (what the network is, read by ``solver="auto"`` only). ``betas``, ``alphas``,
+    ``alphas_cumprod`` and ``final_alpha_cumprod`` are DDIM's float32 attributes, from d2f's float64 table.
+    The boolean keys (``clip_sample``, ``set_alpha_to_one``, ``thresholding``, ``rescale_betas_zero_snr``,
+    ``flow_finetuned``) must be ``True`` or ``False``; ``trained_betas`` (a list, array or tensor) must be 1-D
+    with ``num_train_timesteps`` entries
     (``Schedule.from_diffusers``).
     """
 
@@ -109,18 +118,21 @@ class D2FScheduler(SchedulerMixin, ConfigMixin):
         dynamic_thresholding_ratio: float = 0.995,
         sample_max_value: float = 1.0,
         solver: str = "euler",
-        grid: str = "ddim",
+        grid: str | None = None,
         shift: float = 3.0,
+        flow_finetuned: bool = False,
     ):
         for name, value in (
             ("rescale_betas_zero_snr", rescale_betas_zero_snr),
             ("set_alpha_to_one", set_alpha_to_one),
             ("clip_sample", clip_sample),
             ("thresholding", thresholding),
+            ("flow_finetuned", flow_finetuned),
         ):
             check_bool(name, value)
-        check_choice("solver", solver, SOLVERS)
-        check_choice("grid", grid, GRIDS)
+        check_choice("solver", solver, (*SOLVERS, AUTO))
+        if grid is not None:
+            check_choice("grid", grid, GRIDS)
         check_choice("timestep_spacing", timestep_spacing, SPACINGS)
         if (clip_sample or thresholding) and solver != "euler":
             which = "thresholding=True" if thresholding else "clip_sample=True (DDIMScheduler's default)"
@@ -138,7 +150,9 @@ class D2FScheduler(SchedulerMixin, ConfigMixin):
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = torch.from_numpy(self.schedule.alphas_cumprod.copy()).to(torch.float32)
         self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
-        self.order = 2 if solver in PREDICTOR_FRACTION else 1  # network calls per step
+        # Network calls per requested step; auto's requested steps are network calls.
+        self.order = 2 if solver in PREDICTOR_FRACTION else 1
+        self._solver = solver  # auto's choice is made per step count, by set_timesteps
         self.init_noise_sigma = 1.0  # DDIM's: the latent at the grid's start is the noise itself
         self.num_inference_steps: int | None = None
         self.timesteps = torch.empty(0)
@@ -154,9 +168,14 @@ class D2FScheduler(SchedulerMixin, ConfigMixin):
         """Build the FM grid for ``num_inference_steps`` steps and the network timesteps of its evaluations."""
         cfg = self.config
         self.num_inference_steps = num_inference_steps
+        if cfg.solver == AUTO:
+            self._solver, grid_name, steps = auto_sampler(num_inference_steps, cfg.flow_finetuned)
+        else:
+            grid_name, steps = "ddim", num_inference_steps
+        grid_name = cfg.grid or grid_name
         grid = sampling_grid(
-            cfg.grid,
-            num_inference_steps,
+            grid_name,
+            steps,
             self.schedule,
             cfg.prediction_type,
             cfg.shift,
@@ -165,22 +184,22 @@ class D2FScheduler(SchedulerMixin, ConfigMixin):
             cfg.set_alpha_to_one,
         )
         self._steps = grid_steps(grid)
-        if cfg.solver == "multistep" and grid.ndim == 2:
+        if self._solver == "multistep" and grid.ndim == 2:
             raise ValueError(
                 f"solver='multistep' needs steps that chain, and DDIM's step table for timestep_spacing="
-                f"{cfg.timestep_spacing!r} and {num_inference_steps} steps has gaps; use timestep_spacing='leading', "
+                f"{cfg.timestep_spacing!r} and {steps} steps has gaps; use timestep_spacing='leading', "
                 "a step count that divides num_train_timesteps, or grid='uniform'"
             )
-        if cfg.grid == "ddim" and not cfg.set_alpha_to_one:
+        if grid_name == "ddim" and not cfg.set_alpha_to_one:
             T, spacing = self.schedule.num_train_timesteps, cfg.timestep_spacing
-            if ddim_timesteps(T, num_inference_steps, spacing, cfg.steps_offset)[-1] == 0:
+            if ddim_timesteps(T, steps, spacing, cfg.steps_offset)[-1] == 0:
                 # DDIM's last step, timestep 0 to alphas_cumprod[0], which ddim_grid drops: taken too (it clips)
                 self._steps.append((float(self.schedule.taus[0]),) * 2)
         singular = SINGULAR_TIMES[cfg.prediction_type]
         evaluations = [
             _Evaluation(i, stage, t)
             for i, (t0, t1) in enumerate(self._steps)
-            for stage, t in enumerate(stage_times(cfg.solver, t0, t1, singular))
+            for stage, t in enumerate(stage_times(self._solver, t0, t1, singular))
         ]
         if evaluations[0].t in singular:
             raise ValueError(
@@ -259,7 +278,7 @@ class D2FScheduler(SchedulerMixin, ConfigMixin):
         """
         evaluation = self._current(timestep)
         t0, t1 = self._steps[evaluation.step]
-        h, c = t1 - t0, PREDICTOR_FRACTION.get(self.config.solver, 1.0)
+        h, c = t1 - t0, PREDICTOR_FRACTION.get(self._solver, 1.0)
         x = sample.to(compute_dtype(sample)) / float(scale(evaluation.t))
         u = diffusion_to_velocity(model_output, x, evaluation.t, self.config.prediction_type)
         next_index = self._step_index + 1
@@ -282,7 +301,7 @@ class D2FScheduler(SchedulerMixin, ConfigMixin):
             x0, u1 = self._first
             _, prev = ode_step(CORRECT, x0, u, None, u1, 0.0, 1.0, h, 1.0, s_end, sample.dtype, c=c)
             self._first = None
-        elif self.config.solver == "multistep":  # Euler on the first step (and where the pipeline began)
+        elif self._solver == "multistep":  # Euler on the first step (and where the pipeline began)
             u_prev, k = multistep_history(self._previous, h)
             _, prev, _ = ode_step(MULTISTEP, x, u, None, u_prev, 0.0, 1.0, h, 1.0, s_end, sample.dtype, k=k)
             self._previous = (u, h)
@@ -299,10 +318,10 @@ class D2FScheduler(SchedulerMixin, ConfigMixin):
         """DDIM's checks of ``eta`` and its noise draw (none for ``eta = 0``)."""
         if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not (math.isfinite(eta) and eta >= 0):
             raise ValueError(f"eta={eta!r} must be a finite number >= 0 (DDIM's eta; 0 is deterministic)")
-        if eta and self.config.solver != "euler":
+        if eta and self._solver != "euler":
             raise ValueError(
                 f"eta={eta!r} makes DDIM's stochastic step, which D2FScheduler takes with solver='euler' only; "
-                f"solver={self.config.solver!r} needs eta=0"
+                f"solver={self._solver!r} needs eta=0"
             )
         if variance_noise is not None and generator is not None:
             raise ValueError("pass either generator or variance_noise to step(), not both")

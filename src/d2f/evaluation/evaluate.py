@@ -22,7 +22,7 @@ def evaluate(model: str, settings: SamplingSettings, num_samples: int = 1000, k:
             f"nearest neighbour, so d2f eval needs at least {k + 1} samples"
         )
     started = time.perf_counter()
-    images, labels, _, meta = sample_export(model, settings, num_samples)
+    images, labels, _, meta, settings = sample_export(model, settings, num_samples)
     if images.shape[1] != 1:
         raise ValueError(f"d2f eval scores 1-channel MNIST models; {model} generates {images.shape[1]} channels")
     resolution = meta["resolution"]

@@ -35,7 +35,8 @@ def train_reflow(out: str, num_pairs: int, pair_steps: int, max_steps: int, seed
     from ..training.pairs import generate_pairs
 
     pairs = Path(out) / "pairs.safetensors"
-    pair_meta = generate_pairs("teacher", pairs, num_pairs, SamplingSettings(pair_steps, "euler", "uniform", seed=seed + 7))
+    settings = SamplingSettings(pair_steps, "euler", "uniform", seed=seed + 7)
+    pair_meta = generate_pairs("teacher", pairs, num_pairs, settings)
     config = full_finetune_16px(str(Path(out) / "reflow"), "d2f", max_steps, seed, pairs=str(pairs), sample_steps=4)
     return config, train(config, progress=False), pair_meta
 

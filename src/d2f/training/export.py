@@ -7,8 +7,9 @@ Layout (format ``d2f.export``, version 1)::
                         base (lora only), objective, resolution (the side of the samples it trained on: pixels,
                         or latent pixels for latents), the training config
     schedule.json       the d2f Schedule (float64 alphas_cumprod)
-    scheduler/          converted models: a d2f.D2FScheduler config of the same schedule
-                        (``D2FScheduler.from_pretrained(export / "scheduler")``)
+    scheduler/          converted models: a d2f.D2FScheduler config of the same schedule, with
+                        flow_finetuned for flow objectives
+                        (``D2FScheduler.from_pretrained(export / "scheduler", solver="auto")``)
     unet/               kind=full: the finetuned UNet (diffusers save_pretrained, safetensors;
                         ``UNet2DModel.from_pretrained(export / "unet")``)
     adapter/            kind=lora: a standard peft adapter (adapter_config.json, adapter_model.safetensors)
@@ -130,7 +131,9 @@ def write_export(folder: Path, unet: torch.nn.Module, schedule: Schedule, meta: 
     if meta["align_input"]:
         from ..scheduler import D2FScheduler
 
-        D2FScheduler.from_config(ddim_config(schedule, meta["prediction_type"])).save_pretrained(str(tmp / "scheduler"))
+        flow = meta["objective"] != "diffusion"  # read by solver="auto" (d2f.auto_sampler's right-hand column)
+        config = ddim_config(schedule, meta["prediction_type"])
+        D2FScheduler.from_config(config, flow_finetuned=flow).save_pretrained(str(tmp / "scheduler"))
     (tmp / "d2f.json").write_text(json.dumps(EXPORT.new(**meta), indent=1))
     old = folder.parent / f".{folder.name}.old-{os.getpid()}"
     if folder.exists():

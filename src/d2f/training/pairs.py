@@ -45,7 +45,7 @@ def generate_pairs(
         raise ValueError(f"out={str(out)!r}: a pairs file is written as .safetensors")
     out = output_path(out)
     started = time.perf_counter()
-    images, labels, noise, _ = sample_export(model, settings, num_pairs, progress=progress)
+    images, labels, noise, _, settings = sample_export(model, settings, num_pairs, progress=progress)
     if not bool(torch.isfinite(images).all()):
         raise FloatingPointError(f"{model} produced non-finite samples; no pairs written")
     tensors = {"noise": noise.contiguous(), "sample": images.float().contiguous()}

@@ -4,14 +4,15 @@ check against diffusers' own DDIM, and ``sample_export`` behind ``d2f sample``, 
 from __future__ import annotations
 
 import inspect
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from .._checks import check_choice, check_positive_int
 from .._files import output_path
+from ..auto_sampler import AUTO, auto_sampler
 from ..grids import GRIDS, sampling_grid
 from ..schedule import Schedule
 from ..solvers import SOLVERS
@@ -29,25 +30,45 @@ from .teacher import teacher_path
 @dataclass(frozen=True)
 class SamplingSettings:
     """How to sample: ``steps`` of ``solver`` on the grid ``grid`` (``shift`` for the shift grid), with
-    classifier-free ``guidance`` (1 = none), from the noise of ``torch.Generator().manual_seed(seed)``."""
+    classifier-free ``guidance`` (1 = none), from the noise of ``torch.Generator().manual_seed(seed)``.
+
+    ``solver="auto"`` (the default) takes ``steps`` as network calls and picks the sampler that E5 measured
+    best for that many calls and this kind of model (``d2f.auto_sampler``); a ``grid`` named with it is kept.
+    ``grid="auto"`` is the table's grid with ``solver="auto"``, else ``uniform``. :meth:`resolve` names both.
+    """
 
     steps: int = 25
-    solver: str = "euler"
-    grid: str = "uniform"
+    solver: str = AUTO
+    grid: str = AUTO
     shift: float = 3.0
     guidance: float = 1.0
     seed: int = 0
 
     def __post_init__(self) -> None:
         check_positive_int("steps", self.steps)
-        check_choice("solver", self.solver, SOLVERS)
-        check_choice("grid", self.grid, GRIDS)
+        check_choice("solver", self.solver, (*SOLVERS, AUTO))
+        check_choice("grid", self.grid, (*GRIDS, AUTO))
+
+    def resolve(self, flow_finetuned: bool) -> SamplingSettings:
+        """These settings with ``auto`` replaced, for a model finetuned as a flow or not (:func:`flow_finetuned`)."""
+        if self.solver != AUTO:
+            return replace(self, grid="uniform" if self.grid == AUTO else self.grid)
+        solver, grid, steps = auto_sampler(self.steps, flow_finetuned)
+        return replace(self, solver=solver, grid=grid if self.grid == AUTO else self.grid, steps=steps)
 
     def grid_for(self, field: D2FVelocity) -> torch.Tensor:
+        if AUTO in (self.solver, self.grid):
+            raise ValueError(f"solver={self.solver!r}, grid={self.grid!r}: resolve() the settings for the model first")
         return sampling_grid(self.grid, self.steps, field.schedule, field.prediction_type, self.shift)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def flow_finetuned(meta: dict[str, Any]) -> bool:
+    """Whether an export's network was trained on a flow objective (Diff2Flow, naive FM, reflow), the
+    right-hand column of ``d2f.auto_sampler``'s table; the teacher and diffusion finetunes are not."""
+    return meta["objective"] != "diffusion"
 
 
 def velocity_field(
@@ -165,6 +186,14 @@ def sample_images(field: D2FVelocity, objective: str, steps: int, request: Sampl
     return field.sample(request.noise(field.net.config.out_channels, seed, device), ts, **request.cond)
 
 
+class ExportSamples(NamedTuple):
+    images: torch.Tensor
+    labels: torch.Tensor | None  # None for an unconditional export
+    noise: torch.Tensor  # what the images started from
+    meta: dict  # the export's metadata
+    settings: SamplingSettings  # as resolved for the export (no "auto")
+
+
 def sample_export(
     model: str,
     settings: SamplingSettings,
@@ -172,17 +201,15 @@ def sample_export(
     resolution: int | None = None,
     batch_size: int = 250,
     progress: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, dict]:
-    """``num_samples`` images from an export (classes in turn when class-conditional), in batches.
-
-    Returns ``(images, labels or None, the noise they started from, the export's metadata)``; images are
-    at ``resolution`` (default: the export's training resolution).
-    """
+) -> ExportSamples:
+    """``num_samples`` images from an export (classes in turn when class-conditional), in batches, at
+    ``resolution`` (default: the export's training resolution), with ``settings`` resolved for the export."""
     check_positive_int("num_samples", num_samples)
     if resolution is not None:
         check_positive_int("resolution", resolution)
     field = load(model, guidance_scale=settings.guidance)
     meta = read_export(teacher_path() if model == "teacher" else Path(model)).meta
+    settings = settings.resolve(flow_finetuned(meta))
     ts = settings.grid_for(field)
     resolution = resolution or meta["resolution"]
     check_sample_size(field.net, (resolution, resolution), f"resolution={resolution}")
@@ -195,7 +222,7 @@ def sample_export(
         cond = {} if labels is None else {"class_labels": labels[start : start + batch_size]}
         batch = noise[start : start + batch_size]
         images.append(field.sample(batch, ts, solver=settings.solver, progress=progress, **cond))
-    return torch.cat(images), labels, noise, meta
+    return ExportSamples(torch.cat(images), labels, noise, meta, settings)
 
 
 def write_sample_grid(
@@ -209,5 +236,5 @@ def write_sample_grid(
         base = read_export(Path(lora)).meta["base"]
         if base != model and base != str(Path(model).resolve()):
             raise ValueError(f"--lora {lora} was trained on base {base!r}, not --model {model!r}")
-    images, _, _, _ = sample_export(lora or model, settings, num_samples, resolution, progress=True)
+    images = sample_export(lora or model, settings, num_samples, resolution, progress=True).images
     save_grid(images, out)
