@@ -158,6 +158,23 @@ def test_e5_few_step_in_miniature_counts_network_calls_honestly(tmp_path):
     assert set(report["seconds_by_part"]) == {"train_and_calibrate", "teacher", "e2_d2f_lora", "e3_reflow"}
 
 
+def test_depth_experiment_in_miniature(tmp_path):
+    """Every arm and the regression reference at every NFE, one score per seed, finite metrics and a figure
+    of inputs, ground truth and one row per method."""
+    from d2f.evaluation.depth import ARMS, depth
+
+    figure = tmp_path / "d.png"
+    report = depth(str(tmp_path / "e"), steps=2, batch_size=4, seeds=(0,), nfe=(1, 2), held_out=10, figure_png=figure)
+    assert set(report["arms"]) == {"/".join(arm) for arm in ARMS}
+    for cells in report["arms"].values():
+        assert set(cells) == {"1", "2"}
+        for cell in cells.values():
+            assert set(cell) == {"abs_rel", "rmse", "delta1"} and all(len(v) == 1 for v in cell.values())
+            assert 0 <= cell["delta1"][0] <= 1 and math.isfinite(cell["abs_rel"][0])
+    assert len(report["regression"]["abs_rel"]) == 1 and figure.is_file()
+    assert len(report["figure_rows"]) == 2 + len(ARMS) + 1
+
+
 def test_wasserstein_of_shifted_samples_is_the_shift():
     from d2f.evaluation.terminal_snr import wasserstein_1d
 

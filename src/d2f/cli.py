@@ -25,6 +25,7 @@ def _train_parser(sub) -> None:
         REPORT_TO,
         TrainConfig,
     )
+    from .training.widen import COND_INITS
 
     defaults = TrainConfig()
     p = sub.add_parser(
@@ -40,6 +41,18 @@ def _train_parser(sub) -> None:
     p.add_argument("--data", default=defaults.data, help="mnist | digits | image folder | latents .safetensors/.npy")
     p.add_argument(
         "--pairs", default=None, help="reflow: train on a `d2f pairs` file (noise -> sample) instead of --data"
+    )
+    p.add_argument(
+        "--cond-data",
+        default=None,
+        help="image-to-X: each sample's condition, appended to the network input: a folder paired by name with "
+        "the image folder --data, or a latents file (one per sample); a UNet that does not take it is widened",
+    )
+    p.add_argument(
+        "--cond-init",
+        choices=COND_INITS,
+        default=defaults.cond_init,
+        help="a widened conv_in's new weights: zero (the condition starts ignored) or marigold (copied, halved)",
     )
     p.add_argument(
         "--resolution",
@@ -221,8 +234,21 @@ def _pairs_parser(sub) -> None:
 
 
 def _eval_parser(sub) -> None:
-    p = sub.add_parser("eval", help="FID, precision/recall and class accuracy of an export's samples")
+    p = sub.add_parser(
+        "eval",
+        help="FID, precision/recall and class accuracy of an export's samples; or depth metrics (--task dense)",
+    )
     _sampling_arguments(p, num_samples=1000)
+    p.add_argument(
+        "--task",
+        choices=("mnist", "dense"),
+        default="mnist",
+        help="mnist: FID and the rest against the embedded digits; dense: AbsRel, RMSE and delta1 of predicted "
+        "depth on held-out pairs (--data, --cond-data), after scale-and-shift alignment",
+    )
+    p.add_argument("--data", default=None, help="--task dense: the held-out targets (depth images, or latents)")
+    p.add_argument("--cond-data", default=None, help="--task dense: their conditions, paired by name (or order)")
+    p.add_argument("--ensemble", type=int, default=1, help="--task dense: samples per prediction, merged (median)")
     p.add_argument("--out", default=None, help="also write the report to this JSON file")
 
 
@@ -232,14 +258,14 @@ def _reproduce_parser(sub) -> None:
     p = sub.add_parser(
         "reproduce",
         help="the paper's experiments in miniature: E1 zero-shot, E2 finetuning, E3 reflow, E4 terminal SNR, "
-        "E5 few-step samplers against diffusers' at equal network calls",
+        "E5 few-step samplers against diffusers' at equal network calls, depth: image-to-depth finetuning",
     )
     p.add_argument("--experiment", choices=(*EXPERIMENTS, "all"), default="all", help="which experiment to run")
     p.add_argument(
         "--num-samples",
         type=int,
         default=None,
-        help="unset: 1000 for e1, e3, e4; 300 per checkpoint for e2; 200 per seed for e5",
+        help="unset: 1000 for e1, e3, e4; 300 per checkpoint for e2; 200 per seed for e5; 500 held-out for depth",
     )
     p.add_argument("--scale", type=float, default=1.0, help="multiply sample counts and training steps")
     p.add_argument("--seed", type=int, default=0, help="seeds training and sampling")
@@ -312,7 +338,19 @@ def _eval(args: argparse.Namespace) -> None:
     from .evaluation.evaluate import evaluate
 
     out = output_path(args.out) if args.out else None
-    _print_json(evaluate(args.model, _sampling_settings(args), args.num_samples), out)
+    settings = _sampling_settings(args)
+    if args.task == "dense":
+        from .evaluation.dense import evaluate_dense
+
+        if not (args.data and args.cond_data):
+            raise ValueError("--task dense needs --data (held-out targets) and --cond-data (their conditions)")
+        report = evaluate_dense(args.model, settings, args.data, args.cond_data, args.num_samples, args.ensemble)
+        _print_json(report, out)
+        return
+    given = [flag for flag, value in (("--data", args.data), ("--cond-data", args.cond_data)) if value is not None]
+    if given or args.ensemble != 1:
+        raise ValueError(f"{', '.join(given) or '--ensemble'}: for --task dense only")
+    _print_json(evaluate(args.model, settings, args.num_samples), out)
 
 
 def _encode(args: argparse.Namespace) -> None:

@@ -72,13 +72,13 @@ FINETUNED_ROWS = tuple((solver, grid) for grid in ("uniform", "shift") for solve
 TEACHER_ROWS = (("heun", "uniform"), *FINETUNED_ROWS)
 
 
-def d2f_grid(field: D2FVelocity, grid: str, steps: int) -> torch.Tensor:
-    return sampling_grid(grid, steps, field.schedule, field.prediction_type)
+def d2f_grid(field: D2FVelocity, grid: str, steps: int, shift: float = 3.0) -> torch.Tensor:
+    return sampling_grid(grid, steps, field.schedule, field.prediction_type, shift)
 
 
-def d2f_calls(field: D2FVelocity, solver: str, grid: str, steps: int) -> int:
+def d2f_calls(field: D2FVelocity, solver: str, grid: str, steps: int, shift: float = 3.0) -> int:
     """Network calls of ``steps`` steps of ``solver`` on ``grid`` (``d2f.solvers.stage_times``)."""
-    ts = d2f_grid(field, grid, steps).tolist()
+    ts = d2f_grid(field, grid, steps, shift).tolist()
     return sum(len(stage_times(solver, a, b, field.singular_times)) for a, b in zip(ts, ts[1:]))
 
 

@@ -1,4 +1,4 @@
-"""``d2f reproduce``: run the experiments E1-E5 and write their JSON results and figures.
+"""``d2f reproduce``: run the experiments E1-E5 and depth, and write their JSON results and figures.
 
 Default scale (one seed, 2-core CPU, measured): E1 5.3 min, E2 28.5 min, E3, E4 and E5 as stated in the
 README. ``scale`` multiplies the sample counts and the training steps; the committed results are scale 1.
@@ -12,13 +12,14 @@ from pathlib import Path
 from .._files import write_json
 from ..training.images import save_line_plot
 
-EXPERIMENTS = ("e1", "e2", "e3", "e4", "e5")
+EXPERIMENTS = ("e1", "e2", "e3", "e4", "e5", "depth")
 FILES = {
     "e1": "zero_shot.json",
     "e2": "finetune.json",
     "e3": "reflow.json",
     "e4": "terminal_snr.json",
     "e5": "few_step.json",
+    "depth": "depth.json",
 }
 
 
@@ -37,6 +38,7 @@ def plot_finetune(report: dict, path: Path) -> None:
 
 def reproduce(experiment: str, out: str = "results", seed: int = 0, num_samples: int | None = None, scale=1.0):
     """Run one experiment (or ``all``) and write ``out/<name>.json`` plus its figure; returns the reports."""
+    from .depth import depth
     from .experiments import finetune, zero_shot
     from .few_step import few_step
     from .reflow import reflow
@@ -71,6 +73,13 @@ def reproduce(experiment: str, out: str = "results", seed: int = 0, num_samples:
             finetune_steps=steps(600),
             reflow_steps=steps(300),
             plot_png=folder / "few_step_fid.png",
+        ),
+        "depth": lambda: depth(
+            "runs/depth",
+            steps=steps(300),
+            held_out=n(500),
+            seeds=(seed, seed + 1, seed + 2),
+            figure_png=folder / "depth.png",
         ),
     }
     reports = {}

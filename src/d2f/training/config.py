@@ -10,6 +10,7 @@ from typing import Any
 
 from ..time_samplers import T_SAMPLERS
 from .objectives import OBJECTIVES
+from .widen import COND_INITS
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 REPORT_TO = ("tensorboard",)  # accelerate's trackers d2f logs to
@@ -42,6 +43,10 @@ class TrainConfig:
     pretrained: str = "teacher"  # the embedded teacher, a d2f export, or a diffusers UNet folder
     data: str = "mnist"  # mnist | digits | an image folder | a latents file (.safetensors / .npy)
     pairs: str | None = None  # reflow: a `d2f pairs` file, trained on instead of data
+    # Image-to-X: each sample's condition, appended to the network input (a folder paired by name with an image
+    # folder data, or a latents file of conditions); a UNet that does not take them is widened (widen.py).
+    cond_data: str | None = None
+    cond_init: str = "zero"  # how a widened conv_in starts: zero | marigold (widen.COND_INITS)
     resolution: int = 24  # the default task adapts the 16x16 teacher to 24x24
     classes: tuple[int, ...] | None = None  # keep only these labels (mnist, digits)
     caption_column: str = "text"  # a pipeline and a captioned image folder: metadata.jsonl's caption key
@@ -136,6 +141,10 @@ class TrainConfig:
                 )
             if self.data != "mnist" or self.classes is not None:
                 raise ValueError(f"pairs={self.pairs!r} replaces data: give data (and classes) or pairs, not both")
+        if self.cond_init not in COND_INITS:
+            fail("cond_init", f"one of {COND_INITS}")
+        if self.cond_data is not None and self.pairs is not None:
+            raise ValueError(f"cond_data={self.cond_data!r} conditions data; reflow pairs take no conditions")
         if self.validation_prompts is not None and (
             not self.validation_prompts or not all(isinstance(p, str) for p in self.validation_prompts)
         ):

@@ -124,7 +124,7 @@ def _pixels(im, channels: int) -> np.ndarray:
     return np.array(im, dtype=np.float32).reshape(im.height, im.width, channels)
 
 
-def image_folder(path: Path, resolution: int, channels: int) -> Dataset:
+def _read_folder(path: Path, resolution: int, channels: int, what: str = "data") -> dict[str, Tensor]:
     """Every PNG/JPEG under ``path`` (recursively), as 1 channel (PIL "L") or 3 channels (PIL "RGB").
 
     Conversions, all to [-1, 1], after applying the EXIF orientation tag (as photo viewers do):
@@ -141,6 +141,8 @@ def image_folder(path: Path, resolution: int, channels: int) -> Dataset:
     so PIL raises instead of filling the missing part with grey) and files that are not images are skipped;
     files with other suffixes (``notes.txt``, ``.DS_Store``) are ignored. One warning counts the skipped files
     by reason and the ignored ones. A folder with no readable image is an error.
+
+    Returns each image under its path relative to ``path`` without the suffix (how pairs are matched).
     """
     from PIL import Image, ImageFile, UnidentifiedImageError
 
@@ -148,7 +150,7 @@ def image_folder(path: Path, resolution: int, channels: int) -> Dataset:
         raise ValueError(f"channels={channels}: an image folder gives 1 (greyscale) or 3 (RGB) channels")
     files = sorted(p for p in path.rglob("*") if p.is_file())
     ignored = [p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
-    images, skipped = [], {}  # skipped: reason -> file names
+    images, skipped = {}, {}  # images: relative path without suffix -> image; skipped: reason -> file names
     truncated_setting = ImageFile.LOAD_TRUNCATED_IMAGES
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
@@ -171,7 +173,7 @@ def image_folder(path: Path, resolution: int, channels: int) -> Dataset:
                 skipped.setdefault(reason, []).append(f"{file.name} ({e})")
                 continue
             tensor = torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0) / 127.5 - 1
-            images.append(_resize(tensor, resolution))
+            images[file.relative_to(path).with_suffix("").as_posix()] = _resize(tensor, resolution)
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = truncated_setting
     if skipped or ignored:
@@ -185,8 +187,35 @@ def image_folder(path: Path, resolution: int, channels: int) -> Dataset:
             parts.append(f"ignored {len(ignored)} file(s) not .png/.jpg/.jpeg ({examples})")
         warnings.warn(f"{path}: {'; '.join(parts)}; loaded {len(images)} image(s)", stacklevel=2)
     if not images:
-        raise ValueError(f"data={str(path)!r} holds no readable PNG or JPEG image")
-    return Dataset(images=torch.cat(images))
+        raise ValueError(f"{what}={str(path)!r} holds no readable PNG or JPEG image")
+    return images
+
+
+def image_folder(path: Path, resolution: int, channels: int) -> Dataset:
+    """Every readable PNG/JPEG under ``path`` (:func:`_read_folder`), in file-name order."""
+    return Dataset(images=torch.cat(list(_read_folder(path, resolution, channels).values())))
+
+
+def paired_folders(path: Path, cond_path: Path, resolution: int, channels: int) -> Dataset:
+    """Targets from ``path`` and their condition images (``concat``) from ``cond_path``, both read as
+    :func:`_read_folder` reads them with ``channels`` channels, paired by relative path without the suffix
+    (``a/0001.png`` with ``a/0001.jpg``). An image without a partner is an error that counts them by reason;
+    nothing is dropped silently."""
+    targets = _read_folder(path, resolution, channels, "data")
+    conditions = _read_folder(cond_path, resolution, channels, "cond_data")
+    unmatched = {
+        f"in data, not in cond_data ({cond_path})": sorted(set(targets) - set(conditions)),
+        f"in cond_data, not in data ({path})": sorted(set(conditions) - set(targets)),
+    }
+    unmatched = {why: names for why, names in unmatched.items() if names}
+    if unmatched:
+        counts = "; ".join(f"{len(names)} {why}: {', '.join(names[:3])}" for why, names in unmatched.items())
+        raise ValueError(
+            f"data and cond_data must hold the same image names (any suffix; unreadable files count as missing): "
+            f"{counts}"
+        )
+    names = sorted(targets)
+    return Dataset(images=torch.cat([targets[n] for n in names]), concat=torch.cat([conditions[n] for n in names]))
 
 
 def latents(path: Path) -> Dataset:
@@ -242,11 +271,23 @@ def latents(path: Path) -> Dataset:
     return data
 
 
-def load_dataset(spec: str, resolution: int, channels: int, classes: tuple[int, ...] | None = None) -> Dataset:
+def load_dataset(
+    spec: str,
+    resolution: int,
+    channels: int,
+    classes: tuple[int, ...] | None = None,
+    cond: str | None = None,
+) -> Dataset:
     """``spec``: ``mnist``, ``digits``, an image folder, or a ``.safetensors`` / ``.npy`` latents file.
 
-    ``channels`` is the model's input channel count (image channels plus any concat channels).
+    ``cond`` gives each sample a condition (``concat``): with an image folder, a folder of images paired with
+    it by name (:func:`paired_folders`, both read with ``channels`` channels); with a latents file, another
+    latents file whose ``latents`` are the conditions, sample for sample. ``channels`` is the model's input
+    channel count: the images' channels plus the concat channels, or the images' channels alone for a model
+    that will be widened to take the concat channels (``widen.py``).
     """
+    if cond is not None and spec in ("mnist", "digits"):
+        raise ValueError(f"cond_data={cond!r} pairs conditions with an image folder or a latents file, not {spec!r}")
     if spec == "mnist":
         data = mnist(resolution, classes)
     elif spec == "digits":
@@ -257,21 +298,46 @@ def load_dataset(spec: str, resolution: int, channels: int, classes: tuple[int, 
             raise ValueError(f"data={spec!r}: no such file or folder (or use 'mnist' or 'digits')")
         if classes is not None:
             raise ValueError("classes selects labels of mnist or digits only")
-        if path.is_dir():
+        if path.is_dir() and cond is not None:
+            if not Path(cond).is_dir():
+                raise ValueError(f"cond_data={cond!r}: the conditions of an image folder are a folder of images")
+            data = paired_folders(path, Path(cond), resolution, channels)
+        elif path.is_dir():
             data = image_folder(path, resolution, channels)  # image folders carry no concat channels
         elif path.suffix in (".safetensors", ".npy"):
             data = latents(path)
+            if cond is not None:
+                data.concat = _conditions(data, Path(cond))
         else:
             raise ValueError(f"data={spec!r}: expected a folder of images or a .safetensors / .npy latents file")
     if len(data) == 0:
         raise ValueError(f"data={spec!r} is empty")
     extra = data.concat.shape[1] if data.concat is not None else 0
-    if data.images.ndim != 4 or data.images.shape[1] + extra != channels:
+    fits = data.images.shape[1] + extra == channels or (extra and data.images.shape[1] == channels)
+    if data.images.ndim != 4 or not fits:
         raise ValueError(
             f"data={spec!r} gives images of shape {tuple(data.images.shape[1:])}"
             + (f" plus {extra} concat channel(s)" if extra else "")
             + f", but the model takes {channels} input channel(s)"
+            + (" (or that many image channels, widened for the concat ones)" if extra else "")
         )
     if not bool(torch.isfinite(data.images).all()):
         raise ValueError(f"data={spec!r} contains NaN or inf")
     return data
+
+
+def _conditions(data: Dataset, path: Path) -> Tensor:
+    """The ``latents`` of the latents file ``path`` as the conditions of ``data``'s samples, in order."""
+    if path.suffix not in (".safetensors", ".npy") or not path.is_file():
+        raise ValueError(f"cond_data={str(path)!r}: the conditions of a latents file are another latents file")
+    if data.concat is not None:
+        raise ValueError(f"cond_data={str(path)!r}: the data already holds concat conditions; give one or the other")
+    conditions = latents(path).images
+    if conditions.shape[0] != len(data) or conditions.shape[2:] != data.images.shape[2:]:
+        raise ValueError(
+            f"cond_data={str(path)!r} holds {tuple(conditions.shape)}; the data's latents are "
+            f"{tuple(data.images.shape)}: one condition per sample, of the same height and width"
+        )
+    if not bool(torch.isfinite(conditions).all()):
+        raise ValueError(f"cond_data={str(path)!r} contains NaN or inf")
+    return conditions

@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from .._checks import check_choice
+from .._checks import check_choice, describe
 from .._extras import require
 from .._files import read_json
 from .._versioned import Document
@@ -48,6 +48,7 @@ from . import objectives
 from .config import TrainConfig
 from .models import FULL_CONVS, Network, check_safetensors, diffusers_unet, load_unet, lora_config
 from .teacher import teacher_path
+from .widen import widen_conv_in
 
 META_TYPES = {
     "kind": (str,),
@@ -60,8 +61,10 @@ META_TYPES = {
     "resolution": (int,),
     "train_config": (dict,),
 }
-META_TYPES["pipeline"] = (str, type(None))  # optional: exports written before it have none
-EXPORT = Document("d2f.export", 1, frozenset(META_TYPES) - {"pipeline"}, frozenset({"pipeline"}), META_TYPES)
+# Optional: exports written before them have none (no pipeline, no condition).
+OPTIONAL = {"pipeline": (str, type(None)), "cond_channels": (int,), "cond_init": (str, type(None))}
+META_TYPES.update(OPTIONAL)
+EXPORT = Document("d2f.export", 1, frozenset(META_TYPES) - set(OPTIONAL), frozenset(OPTIONAL), META_TYPES)
 KINDS = ("full", "lora")
 
 
@@ -86,9 +89,20 @@ def ddim_config(schedule: Schedule, prediction_type: str) -> dict[str, Any]:
     }
 
 
-def run_meta(config: TrainConfig, network: Network, null_class: int | None, side: int) -> dict[str, Any]:
-    """``d2f.json`` of the export of a run of ``config`` that trained ``network`` on samples ``side`` wide."""
+def run_meta(
+    config: TrainConfig,
+    network: Network,
+    null_class: int | None,
+    side: int,
+    concat: torch.Tensor | None = None,
+    widened: str | None = None,
+) -> dict[str, Any]:
+    """``d2f.json`` of the export of a run of ``config`` that trained ``network`` on samples ``side`` wide,
+    with ``concat`` conditions (their channels are recorded) through a conv_in widened by ``widened``'s
+    initialisation (None: the pretrained UNet took them already)."""
     return {
+        "cond_channels": 0 if concat is None else concat.shape[1],
+        "cond_init": widened,
         "kind": "lora" if config.lora_rank else "full",
         "objective": config.objective,
         "prediction_type": objectives.prediction_type(config.objective, network.prediction_type),
@@ -187,10 +201,17 @@ def read_export(folder: Path) -> Export:
     return Export(folder, meta, schedule)
 
 
-def load(path: str | os.PathLike, guidance_scale: float = 1.0, device: str | torch.device | None = None):
+def load(
+    path: str | os.PathLike,
+    guidance_scale: float = 1.0,
+    device: str | torch.device | None = None,
+    concat: torch.Tensor | None = None,
+):
     """A d2f export (or ``"teacher"``, the embedded one) as a ready ``D2FVelocity`` in eval mode.
 
-    With ``guidance_scale != 1`` the unconditional branch uses the export's null class label.
+    With ``guidance_scale != 1`` the unconditional branch uses the export's null class label. An export trained
+    with conditions (``cond_channels`` in ``d2f.json``) samples with ``concat``, one condition per sample of
+    that many channels (``D2FVelocity(concat=...)``); without them it is refused.
     """
     from ..velocity import D2FVelocity
 
@@ -200,6 +221,14 @@ def load(path: str | os.PathLike, guidance_scale: float = 1.0, device: str | tor
         raise ValueError(f"path={str(path)!r}: no d2f.json there, so it is not a d2f export")
     export = read_export(folder)
     meta = export.meta
+    cond_channels = meta.get("cond_channels", 0)
+    if concat is not None and not (isinstance(concat, torch.Tensor) and concat.ndim == 4):
+        raise ValueError(f"concat must be a (B, C, H, W) tensor, got {describe(concat)}")
+    if (0 if concat is None else concat.shape[1]) != cond_channels:
+        raise ValueError(
+            f"concat={describe(concat)}: {folder} was trained with "
+            + (f"a {cond_channels}-channel condition per sample; pass it" if cond_channels else "no condition")
+        )
     if meta["kind"] == "full":
         unet = load_unet(folder / "unet")
     else:
@@ -207,8 +236,11 @@ def load(path: str | os.PathLike, guidance_scale: float = 1.0, device: str | tor
 
         adapter = folder / "adapter"
         check_safetensors(adapter, "adapter_model", sharded=False)
-        # The standard peft call, as a user would make it; it restores modules_to_save (conv_in/conv_out) too.
+        # The standard peft call, as a user would make it; it restores modules_to_save (conv_in/conv_out) too,
+        # a widened conv_in included once the base has its shape.
         base = load_network(meta["base"]).unet
+        if meta.get("cond_init"):
+            widen_conv_in(base, meta["cond_channels"], "zero")
         unet = PeftModel.from_pretrained(base, str(adapter)).get_base_model()
     unet = unet.eval().requires_grad_(False)
     if device is not None:
@@ -224,6 +256,7 @@ def load(path: str | os.PathLike, guidance_scale: float = 1.0, device: str | tor
         meta["prediction_type"],
         guidance_scale=guidance_scale,
         uncond=uncond,
+        concat=concat if concat is None or device is None else concat.to(device),
         align_input=meta["align_input"],
     )
 

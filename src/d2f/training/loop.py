@@ -38,6 +38,7 @@ from .pairs import load_pairs
 from .sampling import SHOWN_CHANNELS, sample_images, save_images, velocity_field, zero_shot_check
 from .teacher import from_scratch
 from .validation import Validation, pipeline_class
+from .widen import widen_conv_in
 
 
 def train(config: TrainConfig, resume: str | None = None, progress: bool = True) -> dict[str, Any]:
@@ -87,7 +88,16 @@ def _data(config: TrainConfig, network: Network, out: Path, accelerator, progres
         return load_dataset(str(_encoded(config, network, out, accelerator, progress)), config.resolution, channels)
     if Path(config.data).suffix == ".safetensors" and Path(config.data).is_file():
         check_training_latents(config.data, network.source if network.pipeline else None, config.resolution)
-    return load_dataset(config.data, config.resolution, channels, config.classes)
+    return load_dataset(config.data, config.resolution, channels, config.classes, config.cond_data)
+
+
+def _widen(config: TrainConfig, network: Network, data: Dataset) -> str | None:
+    """Widen the UNet's conv_in for the data's concat channels if it does not take them yet; returns the
+    initialisation used (None: nothing widened)."""
+    if data.concat is None or network.unet.config.in_channels != data.images.shape[1]:
+        return None
+    widen_conv_in(network.unet, data.concat.shape[1], config.cond_init)
+    return config.cond_init
 
 
 def _encoded(config: TrainConfig, network: Network, out: Path, accelerator, progress: bool) -> Path:
@@ -204,6 +214,7 @@ def _train_locked(config: TrainConfig, resume: str | None, progress: bool, accel
     network = _network(config)
     unet = network.unet.to(device)
     data = _data(config, network, out, accelerator, progress and main)
+    widened = _widen(config, network, data)
     size = tuple(data.images.shape[-2:])  # images come at config.resolution, latents as stored
     source = f"resolution={config.resolution}" if size == (config.resolution,) * 2 else f"data={config.data!r}"
     check_sample_size(unet, size, source)
@@ -221,7 +232,7 @@ def _train_locked(config: TrainConfig, resume: str | None, progress: bool, accel
             raise ValueError(f"gradient_checkpointing=True: {type(unet).__name__} does not support it")
         unet.enable_gradient_checkpointing()
     if config.lora_rank:
-        add_lora(network, config.lora_rank, config.lora_full_convs)
+        add_lora(network, config.lora_rank, config.lora_full_convs, train_conv_in=widened is not None)
     else:
         unet.requires_grad_(True)
     unet.train()
@@ -317,7 +328,10 @@ def _train_locked(config: TrainConfig, resume: str | None, progress: bool, accel
                 images = sample_images(field, config.objective, config.sample_steps, request, config.seed + 2, device)
                 metrics["samples_png"] = save_images(images, out / "samples.png")
             write_export(
-                out / "export", unet, network.schedule, run_meta(config, network, conditioning.null_class, size[-1])
+                out / "export",
+                unet,
+                network.schedule,
+                run_meta(config, network, conditioning.null_class, size[-1], data.concat, widened),
             )
         save_loss_curve(losses, out / "loss.png", title=f"{config.objective} loss ({len(losses)} steps)")
         tail = [v for v in losses[-50:] if math.isfinite(v)]

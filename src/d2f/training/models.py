@@ -147,13 +147,14 @@ def check_sample_size(unet: torch.nn.Module, size: tuple[int, ...], source: str)
         )
 
 
-def add_lora(network: Network, rank: int, full_convs: bool | None) -> bool:
+def add_lora(network: Network, rank: int, full_convs: bool | None, train_conv_in: bool = False) -> bool:
     """Inject LoRA adapters (B = 0, so the model is unchanged) and freeze everything else; returns
     ``full_convs`` as resolved.
 
     With ``full_convs`` the first and last convolutions stay fully trainable, as in the paper's best runs.
     ``None`` means that recipe, except for a UNet from a diffusers pipeline: its export must load with
-    ``pipe.load_lora_weights``, and diffusers' LoRA format holds LoRA weights only.
+    ``pipe.load_lora_weights``, and diffusers' LoRA format holds LoRA weights only. ``train_conv_in`` trains
+    ``conv_in`` fully whatever ``full_convs`` says: a widened one has new weights that LoRA cannot reach.
     """
     from peft import inject_adapter_in_model
 
@@ -161,7 +162,8 @@ def add_lora(network: Network, rank: int, full_convs: bool | None) -> bool:
     unet = network.unet
     inject_adapter_in_model(lora_config(rank), unet)
     for name, param in unet.named_parameters():
-        param.requires_grad_("lora_" in name or (full_convs and name.startswith(FULL_CONVS)))
+        full = (full_convs and name.startswith(FULL_CONVS)) or (train_conv_in and name.startswith("conv_in."))
+        param.requires_grad_("lora_" in name or full)
     return full_convs
 
 

@@ -201,26 +201,34 @@ def sample_export(
     resolution: int | None = None,
     batch_size: int = 250,
     progress: bool = False,
+    concat: torch.Tensor | None = None,
 ) -> ExportSamples:
     """``num_samples`` images from an export (classes in turn when class-conditional), in batches, at
-    ``resolution`` (default: the export's training resolution), with ``settings`` resolved for the export."""
+    ``resolution`` (default: the export's training resolution), with ``settings`` resolved for the export.
+    An export trained with conditions takes one per sample in ``concat`` (``(num_samples, C, H, W)``, the
+    resolution then being theirs)."""
     check_positive_int("num_samples", num_samples)
     if resolution is not None:
         check_positive_int("resolution", resolution)
-    field = load(model, guidance_scale=settings.guidance)
+    if concat is not None and (concat.ndim != 4 or concat.shape[0] != num_samples):
+        raise ValueError(f"concat has shape {tuple(concat.shape)}; it needs one condition per sample, {num_samples}")
+    field = load(model, guidance_scale=settings.guidance, concat=None if concat is None else concat[:1])
     meta = read_export(teacher_path() if model == "teacher" else Path(model)).meta
     settings = settings.resolve(flow_finetuned(meta))
     ts = settings.grid_for(field)
     resolution = resolution or meta["resolution"]
-    check_sample_size(field.net, (resolution, resolution), f"resolution={resolution}")
+    size = (resolution, resolution) if concat is None else tuple(concat.shape[-2:])
+    check_sample_size(field.net, size, f"resolution={resolution}" if concat is None else "concat")
     channels = field.net.config.out_channels
     generator = torch.Generator().manual_seed(settings.seed)
-    noise = torch.randn(num_samples, channels, resolution, resolution, generator=generator)
+    noise = torch.randn(num_samples, channels, *size, generator=generator)
     labels = None if meta["null_class"] is None else torch.arange(num_samples) % meta["null_class"]
     images = []
     for start in range(0, num_samples, batch_size):
         cond = {} if labels is None else {"class_labels": labels[start : start + batch_size]}
         batch = noise[start : start + batch_size]
+        if concat is not None:
+            field.concat = concat[start : start + batch_size]
         images.append(field.sample(batch, ts, solver=settings.solver, progress=progress, **cond))
     return ExportSamples(torch.cat(images), labels, noise, meta, settings)
 
