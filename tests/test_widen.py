@@ -160,6 +160,12 @@ def test_eval_task_dense_scores_depth_with_an_ensemble(tmp_path, capsys):
     assert (report["solver"], report["steps"], report["ensemble"]) == ("midpoint", 1, 3)  # auto, flow-finetuned
     assert report["network_calls_per_prediction"] == 6 and report["num_pairs"] == 4
     assert 0 <= report["delta1"] <= 1 and report["abs_rel"] > 0 and report["rmse"] > 0
+    png = tmp_path / "grid.png"
+    sample = ["sample", "--model", str(out / "export"), "--cond-data", flags["cond_data"], "--steps", "2"]
+    assert main([*sample, "--num-samples", "4", "--out", str(png)]) == 0
+    assert Image.open(png).size == ((10 * 17 + 1) * 3, (2 * 17 + 1) * 3)  # conditions above samples, 10 a row
+    assert main(["sample", "--cond-data", flags["cond_data"], "--out", str(png)]) == 2
+    assert "teacher was trained without conditions" in capsys.readouterr().err
     assert main(["eval", "--data", flags["data"]]) == 2
     assert "--data: for --task dense only" in capsys.readouterr().err
     assert main(["eval", "--task", "dense", "--model", "teacher"]) == 2

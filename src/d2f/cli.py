@@ -218,6 +218,11 @@ def _sample_parser(sub) -> None:
     p = sub.add_parser("sample", help="sample a d2f export into a PNG grid")
     _sampling_arguments(p, num_samples=40)
     p.add_argument("--lora", default=None, help="a LoRA export folder to apply to --model")
+    p.add_argument(
+        "--cond-data",
+        default=None,
+        help="an export trained with conditions: one sample per condition (an image folder or a latents file)",
+    )
     p.add_argument("--resolution", type=int, default=None, help="unset: the export's training resolution")
     p.add_argument("--out", default="grid.png", help="the PNG to write")
 
@@ -329,7 +334,8 @@ def _train(args: argparse.Namespace) -> None:
 def _sample(args: argparse.Namespace) -> None:
     from .training.sampling import write_sample_grid
 
-    write_sample_grid(args.model, _sampling_settings(args), args.num_samples, args.resolution, args.out, args.lora)
+    settings = _sampling_settings(args)
+    write_sample_grid(args.model, settings, args.num_samples, args.resolution, args.out, args.lora, args.cond_data)
     print(f"wrote {args.out}")
 
 

@@ -20,7 +20,7 @@ from ..velocity import D2FVelocity
 from . import objectives
 from .conditioning import Conditioning, SampleRequest
 from .config import TrainConfig
-from .data import Dataset
+from .data import Dataset, image_folder, latents
 from .export import ddim_config, load, read_export
 from .images import image_format, save_grid
 from .models import Network, check_sample_size
@@ -234,15 +234,42 @@ def sample_export(
 
 
 def write_sample_grid(
-    model: str, settings: SamplingSettings, num_samples: int, resolution: int | None, out: Path, lora: str | None
+    model: str,
+    settings: SamplingSettings,
+    num_samples: int,
+    resolution: int | None,
+    out: Path,
+    lora: str | None,
+    cond: str | None = None,
 ) -> None:
     """``d2f sample``: a PNG grid of ``num_samples`` samples of ``model``, or of the LoRA export ``lora``
-    trained on the base ``model``."""
+    trained on the base ``model``. An export trained with conditions samples one per condition in ``cond``
+    (an image folder, read at the export's resolution, or a latents file), the first ``num_samples`` of them;
+    the grid then shows each condition above its sample, ten to a row."""
     image_format(out)
     out = output_path(out)
     if lora is not None:
         base = read_export(Path(lora)).meta["base"]
         if base != model and base != str(Path(model).resolve()):
             raise ValueError(f"--lora {lora} was trained on base {base!r}, not --model {model!r}")
-    images = sample_export(lora or model, settings, num_samples, resolution, progress=True).images
+    export = lora or model
+    concat = None
+    if cond is not None:
+        meta = read_export(teacher_path() if export == "teacher" else Path(export)).meta
+        path = Path(cond)
+        if not meta.get("cond_channels"):
+            raise ValueError(f"--cond-data {cond}: {export} was trained without conditions")
+        if path.is_dir():
+            concat = image_folder(path, resolution or meta["resolution"], meta["cond_channels"]).images
+        elif path.suffix in (".safetensors", ".npy") and path.is_file():
+            concat = latents(path).images
+        else:
+            raise ValueError(f"--cond-data {cond}: expected a folder of images or a .safetensors / .npy latents file")
+        concat = concat[:num_samples]
+        num_samples = len(concat)
+    images = sample_export(export, settings, num_samples, resolution, progress=True, concat=concat).images
+    if concat is not None and concat.shape[1] == images.shape[1]:
+        pad = -torch.ones(-num_samples % 10, *images.shape[1:])  # black cells keep each condition above its sample
+        conditions, images = torch.cat([concat, pad]), torch.cat([images, pad])
+        images = torch.cat([torch.cat([conditions[i : i + 10], images[i : i + 10]]) for i in range(0, len(images), 10)])
     save_grid(images, out)
