@@ -319,3 +319,26 @@ def test_bad_arguments_are_refused(root, kwargs, message):
     kwargs = {"resolution": R, **kwargs}
     with pytest.raises(ValueError, match=re.escape(message)):
         encode(root / "sd", root / "jsonl", progress=False, **kwargs)
+
+
+def test_paired_conditions_are_encoded_cropped_and_flipped_with_their_targets(root, tmp_path):
+    """Conditions that are copies of their targets (saved as JPEG-named PNGs: any suffix pairs) encode to the
+    targets' own latents, flip included; a missing partner is refused, counted on each side; a changed
+    condition folder makes a reused file stale."""
+    cond = tmp_path / "cond"
+    cond.mkdir()
+    for image in sorted((root / "jsonl").glob("*.png")):
+        shutil.copy(image, cond / image.with_suffix(".jpeg").name)
+    out = tmp_path / "pairs.safetensors"
+    report = encode(root / "sd", root / "jsonl", R, out, flip=True, seed=2, cond_data=cond, progress=False)
+    tensors = load_file(str(out))
+    assert tensors["concat"].shape == tensors["latents"].shape == (12, 4, R, R)
+    torch.testing.assert_close(tensors["concat"], tensors["latents"], rtol=0, atol=0)
+    assert report["cond_data"] == str(cond.resolve()) and report["cond_fingerprint"]
+    check_encoded(out, root / "sd", root / "jsonl", R, flip=True, seed=2, cond_data=cond)
+    with pytest.raises(ValueError, match="cond_fingerprint="):
+        check_encoded(out, root / "sd", root / "jsonl", R, flip=True, seed=2)
+    (cond / "image-03.jpeg").rename(cond / "other.jpeg")
+    message = "1 in data, not in cond_data: image-03.png; 1 in cond_data, not in data: other"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        encode(root / "sd", root / "jsonl", R, cond_data=cond, progress=False)

@@ -170,3 +170,39 @@ def test_eval_task_dense_scores_depth_with_an_ensemble(tmp_path, capsys):
     assert "--data: for --task dense only" in capsys.readouterr().err
     assert main(["eval", "--task", "dense", "--model", "teacher"]) == 2
     assert "--task dense needs --data" in capsys.readouterr().err
+
+
+def test_a_pipeline_run_encodes_the_pairs_and_widens_its_unet(tmp_path):
+    """d2f train on a tiny SD pipeline with a captioned folder and its conditions: both go through the VAE into
+    the run's latents file (concat), the UNet2DConditionModel is widened by the VAE's 4 latent channels, the
+    LoRA export trains conv_in fully (so no diffusers-format file, which holds LoRA weights only) and loads."""
+    import shutil
+
+    from pipelines import captioned_folder, tiny_sd_pipeline
+
+    pipeline = tiny_sd_pipeline(tmp_path / "sd", prediction_type="v_prediction")
+    images = captioned_folder(tmp_path / "images", n=6)
+    cond = tmp_path / "cond"
+    cond.mkdir()
+    for image in sorted(images.glob("*.png")):
+        shutil.copy(image, cond / image.name)
+    out = tmp_path / "run"
+    config = TrainConfig(
+        out=str(out), pretrained=str(pipeline), data=str(images), cond_data=str(cond), resolution=8, batch_size=3
+    )
+    train(config.replace(max_steps=2, num_samples=2, sample_steps=2, checkpoint_every=0), progress=False)
+    encoded = load_file(str(out / "latents.safetensors"))
+    assert encoded["concat"].shape == encoded["latents"].shape == (6, 4, 8, 8)
+    meta = json.loads((out / "export/d2f.json").read_text())
+    assert (meta["cond_channels"], meta["cond_init"], meta["pipeline"]) == (4, "zero", "StableDiffusionPipeline")
+    adapter = load_file(str(out / "export/adapter/adapter_model.safetensors"))
+    assert adapter["base_model.model.conv_in.weight"].shape[1] == 8
+    assert not (out / "export/pytorch_lora_weights.safetensors").exists()
+    field = d2f.load(out / "export", concat=encoded["concat"][:2])
+    assert field.net.config.in_channels == 8
+    # d2f eval --task dense on pixel pairs: conditions through the VAE in, predictions decoded and averaged out.
+    from d2f.evaluation.dense import evaluate_dense
+
+    report = evaluate_dense(str(out / "export"), SamplingSettings(2), str(images), str(cond), num_samples=4)
+    assert report["num_pairs"] == 4 and report["decoded_by"] == f"{pipeline.resolve()}/vae"
+    assert 0 <= report["delta1"] <= 1 and report["abs_rel"] > 0

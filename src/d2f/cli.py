@@ -176,6 +176,11 @@ def _encode_parser(sub) -> None:
     p.add_argument("--data", required=True, help="an image folder with metadata.jsonl or a .txt beside each image")
     p.add_argument("--resolution", type=int, required=True, help="center crop and resize to this many pixels")
     p.add_argument("--out", required=True, help="the latents file to write (.safetensors)")
+    p.add_argument(
+        "--cond-data",
+        default=None,
+        help="image-to-X: condition images paired by name with --data's, encoded into the file's concat key",
+    )
     _caption_arguments(p, "text")
     p.add_argument("--sample", action="store_true", help="draw from the VAE's latent distribution, not its mean")
     p.add_argument("--seed", type=int, default=0, help="seeds --flip and --sample")
@@ -373,6 +378,7 @@ def _encode(args: argparse.Namespace) -> None:
         seed=args.seed,
         batch_size=args.batch_size,
         device=args.device,
+        cond_data=args.cond_data,
     )
     report.pop("tensors")
     _print_json(report)

@@ -85,9 +85,15 @@ def image_to_depth(images: Tensor) -> Tensor:
 def evaluate_dense(model: str, settings, data: str, cond_data: str, num_samples: int = 1000, members: int = 1):
     """``d2f eval --task dense``: the export ``model`` predicts the depth of each held-out condition (the first
     ``num_samples`` pairs of ``data`` and ``cond_data``, by name), ``members`` samples each from different noise,
-    merged by :func:`ensemble`; scored by :func:`depth_metrics`."""
+    merged by :func:`ensemble`; scored by :func:`depth_metrics`.
+
+    An export trained on a Stable Diffusion pipeline's latents reads image pairs at the VAE's pixel size (a grey
+    target as RGB, its value in all three channels), encodes the conditions with the pipeline's VAE
+    (``latent_dist`` mean) and decodes each prediction with it before averaging the channels back, as Marigold
+    does; the UNet is conditioned on the empty prompt, as Marigold's is (SD 1.x/2.x pipelines only)."""
     from .._checks import check_positive_int
     from ..training.data import load_dataset
+    from ..training.encode import empty_prompt, load_vae, vae_images, vae_latents
     from ..training.export import load, read_export
     from ..training.sampling import sample_export
     from .few_step import d2f_calls
@@ -99,12 +105,27 @@ def evaluate_dense(model: str, settings, data: str, cond_data: str, num_samples:
     if not meta.get("cond_channels"):
         raise ValueError(f"--task dense needs a model trained with conditions (--cond-data); {model} has none")
     probe = load(model, concat=torch.zeros(1, meta["cond_channels"], 8, 8))
-    pairs = load_dataset(data, meta["resolution"], probe.net.config.out_channels, cond=cond_data)
+    vae, shared = None, None
+    if meta.get("pipeline"):
+        vae, shared = load_vae(meta["train_config"]["pretrained"]), empty_prompt(meta["train_config"]["pretrained"])
+    if vae is None:
+        pairs = load_dataset(data, meta["resolution"], probe.net.config.out_channels, cond=cond_data)
+    else:
+        pixels = meta["resolution"] * 2 ** (len(vae.config.block_out_channels) - 1)
+        pairs = load_dataset(data, pixels, 3, cond=cond_data)
     gt, cond = image_to_depth(pairs.images[:num_samples]), pairs.concat[:num_samples]
+    if vae is not None:
+        with torch.no_grad():
+            cond = torch.cat([vae_latents(vae, c) for c in cond.split(8)])
     predictions = []
     for member in range(members):
-        samples = sample_export(model, replace(settings, seed=settings.seed + member), len(cond), concat=cond)
-        predictions.append(image_to_depth(samples.images))
+        member_settings = replace(settings, seed=settings.seed + member)
+        samples = sample_export(model, member_settings, len(cond), concat=cond, shared=shared)
+        images = samples.images
+        if vae is not None:
+            with torch.no_grad():
+                images = torch.cat([vae_images(vae, z) for z in images.split(8)])
+        predictions.append(image_to_depth(images))
     merged = predictions[0] if members == 1 else ensemble(torch.stack(predictions))
     used = samples.settings
     return {
@@ -116,6 +137,7 @@ def evaluate_dense(model: str, settings, data: str, cond_data: str, num_samples:
         "network_calls_per_prediction": members * d2f_calls(probe, used.solver, used.grid, used.steps, used.shift),
         "num_pairs": len(cond),
         **depth_metrics(merged, gt),
-        "reference": f"{data} (depth images read as (x + 1) / 2) with conditions from {cond_data}",
+        "decoded_by": None if vae is None else f"{meta['train_config']['pretrained']}/vae",
+        "reference": f"{data} (depth images read as (x + 1) / 2, channels averaged) with conditions from {cond_data}",
         "seconds": round(time.perf_counter() - started, 1),
     }

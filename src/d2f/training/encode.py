@@ -36,8 +36,9 @@ import torch
 
 from .._files import output_path, write_safetensors
 from .._versioned import Document
-from .captions import Captions, batches, check_resolution, find_captions, flips
-from .models import check_pipeline_folder
+from .captions import Captions, Unreadable, batches, check_resolution, find_captions, flips, load_image
+from .data import IMAGE_SUFFIXES
+from .models import check_pipeline_folder, check_safetensors
 
 ENCODED = Document(
     "d2f.encoded",
@@ -63,6 +64,7 @@ ENCODED = Document(
             "truncated",
         }
     ),
+    optional=frozenset({"cond_data", "cond_fingerprint"}),  # image-to-X pairs; files written before have none
     types={
         "pretrained": (str,),
         "kind": (str,),
@@ -89,6 +91,7 @@ IDENTITY = (
     "seed",
     "data_fingerprint",
     "pretrained_fingerprint",
+    "cond_fingerprint",
 )
 KINDS = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
 # The components d2f encode loads, the classes it accepts for each, and the weights file each is saved under.
@@ -299,8 +302,13 @@ def encode(
     progress: bool = True,
     device: str | torch.device | None = None,
     kind: str | None = None,
+    cond_data: str | Path | None = None,
 ) -> dict[str, Any]:
     """Encode the captioned images of ``data`` with the pipeline ``pretrained`` (see the module docstring).
+
+    ``cond_data``: a folder of condition images paired by name with ``data``'s (any suffix), cropped, resized
+    and flipped as their targets, and encoded by the VAE's ``latent_dist`` mean into ``concat`` (image-to-X,
+    Marigold's recipe). A grey target is read as RGB, its value repeated in the three channels the VAE takes.
 
     ``kind`` (``"sd"`` or ``"sdxl"``) refuses a pipeline of the other kind; ``None`` takes the pipeline's own.
     ``device``: where the VAE and text encoders run (default: CUDA when available). With ``out``, writes the
@@ -313,6 +321,7 @@ def encode(
     out = _check_options(batch_size, sample, out)
     folder, index, kind = find_pipeline(pretrained, kind)
     captions = find_captions(data, caption_column)  # caption errors before any model is loaded
+    partners = None if cond_data is None else _partners(captions, Path(cond_data))
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     models = _load(folder, index, kind, device)
     vae = models["vae"]
@@ -334,7 +343,7 @@ def encode(
         null, null_pooled = torch.zeros_like(null), torch.zeros_like(null_pooled)
     _check_unet(folder, kind, null.shape[-1], None if null_pooled is None else null_pooled.shape[-1])
 
-    latents, states, pooled, time_ids = [], [], [], []
+    latents, states, pooled, time_ids, concat = [], [], [], [], []
     scaling, shift = float(vae.config.scaling_factor), getattr(vae.config, "shift_factor", None)
     noise = torch.Generator().manual_seed(seed)
     skipped: dict[str, list[str]] = {}
@@ -353,9 +362,15 @@ def encode(
                 if sample:
                     draws = torch.stack([torch.randn(z.shape[1:], generator=noise) for _ in range(len(batch))])
                     z = z + dist.std * draws.to(device)
-                if shift is not None:
-                    z = z - shift
-                latents.append((z * scaling).float().cpu())
+                latents.append(scaled_latents(vae, z).float().cpu())
+                if partners is not None:
+                    conditions = torch.stack(
+                        [
+                            _condition(partners[name], resolution, mirrored)
+                            for name, mirrored in zip(batch.files, batch.flipped)
+                        ]
+                    )
+                    concat.append(vae_latents(vae, conditions.to(device)).float().cpu())
                 embeddings, pooled_embeddings = text(batch.captions)
                 states.append(embeddings)
                 if kind == "sdxl":
@@ -375,6 +390,8 @@ def encode(
         "encoder_hidden_states": torch.cat(states),
         "null_encoder_hidden_states": null[0],
     }
+    if partners is not None:
+        tensors["concat"] = torch.cat(concat)
     if kind == "sdxl":
         tensors |= {
             "text_embeds": torch.cat(pooled),
@@ -382,7 +399,8 @@ def encode(
             "time_ids": torch.cat(time_ids),
         }
     document = ENCODED.new(
-        **_identity(folder, kind, captions, resolution, caption_column, flip, sample, seed),
+        **_identity(folder, kind, captions, resolution, caption_column, flip, sample, seed, cond_data),
+        cond_data=None if cond_data is None else str(Path(cond_data).resolve()),
         pretrained=str(folder),
         data=str(captions.folder.resolve()),
         captions=captions.source,
@@ -398,8 +416,87 @@ def encode(
     return {**document, "seconds": round(time.perf_counter() - started, 2), "tensors": tensors}
 
 
-def _identity(folder: Path, kind: str, captions: Captions, resolution, caption_column, flip, sample, seed) -> dict:
+def scaled_latents(vae, z: torch.Tensor) -> torch.Tensor:
+    """What the UNet sees of a VAE latent ``z``: ``(z - shift_factor) * scaling_factor``."""
+    shift = getattr(vae.config, "shift_factor", None)
+    return (z - shift if shift is not None else z) * vae.config.scaling_factor
+
+
+def vae_latents(vae, images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] to scaled latents by the ``latent_dist`` mean (how conditions are encoded)."""
+    return scaled_latents(vae, vae.encode(images.to(vae.dtype)).latent_dist.mean)
+
+
+def vae_images(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Scaled latents back to images in [-1, 1] (the pipelines' decode: unscale, unshift, ``decode``)."""
+    shift = getattr(vae.config, "shift_factor", None)
+    z = latents.to(vae.dtype) / vae.config.scaling_factor
+    return vae.decode(z + shift if shift is not None else z).sample.clamp(-1, 1)
+
+
+def load_vae(pretrained: str | Path, device=None):
+    """The VAE of the pipeline ``pretrained`` (through the safetensors gate), in fp32 and eval mode."""
+    import diffusers
+
+    folder, _, _ = find_pipeline(pretrained)
+    check_safetensors(folder / "vae", COMPONENTS["vae"][1], sharded=True)
+    vae = diffusers.AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True, local_files_only=True)
+    return vae.to(device or "cpu", torch.float32).eval().requires_grad_(False)
+
+
+def empty_prompt(pretrained: str | Path, device=None) -> dict[str, torch.Tensor]:
+    """The UNet kwargs of the empty prompt for an SD 1.x/2.x pipeline, ``{"encoder_hidden_states": (1, L, D)}``,
+    as ``encode`` computes its null embedding (image-to-X models are conditioned on it, as Marigold's are)."""
+    folder, index, kind = find_pipeline(pretrained)
+    if kind != "sd":
+        raise ValueError(
+            f"pretrained={str(pretrained)!r} is an SDXL pipeline; dense prediction is built for SD 1.x/2.x pipelines "
+            "(an SDXL UNet also needs pooled text embeddings and time ids)"
+        )
+    device = torch.device(device or "cpu")
+    models = _load(folder, index, kind, device)
+    with torch.no_grad():
+        states, _ = _TextEncoder(models, kind, device)([""], count=False)
+    return {"encoder_hidden_states": states}
+
+
+def _partners(captions: Captions, cond: Path) -> dict[str, Path]:
+    """Each captioned image's condition in ``cond``: the file with the same relative path and any image suffix.
+    Images without a partner, and conditions without an image, are an error that counts them."""
+    if not cond.is_dir():
+        raise ValueError(f"cond_data={str(cond)!r}: the conditions of an image folder are a folder of images")
+    found = {
+        path.relative_to(cond).with_suffix("").as_posix(): path
+        for path in sorted(cond.rglob("*"))
+        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+    }
+    stems = {name: Path(name).with_suffix("").as_posix() for name in captions.files}
+    missing = sorted(name for name, stem in stems.items() if stem not in found)
+    extra = sorted(set(found) - set(stems.values()))
+    if missing or extra:
+        counts = [f"{len(missing)} in data, not in cond_data: {', '.join(missing[:3])}"] if missing else []
+        counts += [f"{len(extra)} in cond_data, not in data: {', '.join(extra[:3])}"] if extra else []
+        raise ValueError(f"data and cond_data must hold the same image names (any suffix): {'; '.join(counts)}")
+    return {name: found[stem] for name, stem in stems.items()}
+
+
+def _condition(path: Path, resolution: int, mirrored: bool) -> torch.Tensor:
+    """A condition image as its target was read (``load_image``), mirrored with it; an unreadable one is an
+    error, since its target cannot be trained without it."""
+    try:
+        image = load_image(path, resolution)[0]
+    except Unreadable as e:
+        raise ValueError(
+            f"cond_data: {path} is unreadable ({e.reason}: {e.detail}); its target has no condition"
+        ) from e
+    return image.flip(-1) if mirrored else image
+
+
+def _identity(
+    folder: Path, kind: str, captions: Captions, resolution, caption_column, flip, sample, seed, cond_data=None
+) -> dict:
     return {
+        "cond_fingerprint": None if cond_data is None else fingerprint(cond_data),
         "kind": kind,
         "resolution": resolution,
         "caption_column": caption_column,
@@ -433,14 +530,17 @@ def check_encoded(
     flip: bool = False,
     sample: bool = False,
     seed: int = 0,
+    cond_data: str | Path | None = None,
 ) -> dict[str, Any]:
     """The document of the latents file ``path`` if it was encoded from this pipeline and data with these
     settings (the data and the pipeline's encoders unchanged since); else a ``ValueError`` naming what differs."""
     document = read_encoded(path)
     folder, _, kind = find_pipeline(pretrained)
     captions = find_captions(data, caption_column)
-    now = _identity(folder, kind, captions, resolution, caption_column, flip, sample, seed)
-    changed = [f"{key}={document[key]!r} then, {now[key]!r} now" for key in IDENTITY if document[key] != now[key]]
+    now = _identity(folder, kind, captions, resolution, caption_column, flip, sample, seed, cond_data)
+    changed = [
+        f"{key}={document.get(key)!r} then, {now[key]!r} now" for key in IDENTITY if document.get(key) != now[key]
+    ]
     if changed:
         raise ValueError(
             f"{path} was encoded from other data or with other settings ({'; '.join(changed)}); remove it to encode "

@@ -105,7 +105,9 @@ def _encoded(config: TrainConfig, network: Network, out: Path, accelerator, prog
     own VAE and text encoders into ``<out>/latents.safetensors``, and reuses that file on resume only if the
     data and settings are unchanged (``encode.check_encoded``)."""
     cache = out / "latents.safetensors"
-    settings = dict(caption_column=config.caption_column, flip=config.flip, seed=config.seed)
+    settings = dict(
+        caption_column=config.caption_column, flip=config.flip, seed=config.seed, cond_data=config.cond_data
+    )
     if accelerator.is_main_process and not cache.is_file():
         out.mkdir(parents=True, exist_ok=True)
         encode(

@@ -202,11 +202,13 @@ def sample_export(
     batch_size: int = 250,
     progress: bool = False,
     concat: torch.Tensor | None = None,
+    shared: dict[str, torch.Tensor] | None = None,
 ) -> ExportSamples:
     """``num_samples`` images from an export (classes in turn when class-conditional), in batches, at
     ``resolution`` (default: the export's training resolution), with ``settings`` resolved for the export.
     An export trained with conditions takes one per sample in ``concat`` (``(num_samples, C, H, W)``, the
-    resolution then being theirs)."""
+    resolution then being theirs). ``shared``: network kwargs of batch 1 given to every sample (a text UNet's
+    ``encoder_hidden_states``)."""
     check_positive_int("num_samples", num_samples)
     if resolution is not None:
         check_positive_int("resolution", resolution)
@@ -225,8 +227,9 @@ def sample_export(
     labels = None if meta["null_class"] is None else torch.arange(num_samples) % meta["null_class"]
     images = []
     for start in range(0, num_samples, batch_size):
-        cond = {} if labels is None else {"class_labels": labels[start : start + batch_size]}
         batch = noise[start : start + batch_size]
+        cond = {} if labels is None else {"class_labels": labels[start : start + batch_size]}
+        cond |= {key: value.expand(len(batch), *value.shape[1:]) for key, value in (shared or {}).items()}
         if concat is not None:
             field.concat = concat[start : start + batch_size]
         images.append(field.sample(batch, ts, solver=settings.solver, progress=progress, **cond))
