@@ -6,7 +6,8 @@ import torch
 
 from d2f import PREDICTION_TYPES, Schedule
 from d2f.parametrization import T_MARGIN, valid_range
-from d2f.time_samplers import diffusion_matched_t, logit_normal_t, sample_t, uniform_t
+from d2f.time_samplers import diffusion_matched_t, logit_normal_t, sample_t, uniform_t, uniform_timestep
+from d2f.training.draws import normals, uniforms
 
 N = 20000
 # Kolmogorov-Smirnov: with N = 20000 draws the 0.1 % critical value is 1.95 / sqrt(N) = 0.0138.
@@ -20,8 +21,13 @@ def ks_statistic(samples: torch.Tensor, cdf) -> float:
     return float(max(np.max(ranks - theory), np.max(theory - (ranks - 1 / x.size))))
 
 
-def gen(seed=0):
-    return torch.Generator().manual_seed(seed)
+def u(seed=0, n=N):
+    """The trainer's own uniform draws (Philox, d2f.training.draws): the samplers are tested on what they get."""
+    return uniforms(seed, torch.arange(n), 1, 1)[:, 0]
+
+
+def z(seed=0, n=N):
+    return normals(seed, torch.arange(n), 2, 1)[:, 0]
 
 
 def test_valid_ranges_keep_away_from_singular_ends():
@@ -33,7 +39,7 @@ def test_valid_ranges_keep_away_from_singular_ends():
 @pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
 def test_uniform_matches_its_density(prediction_type):
     lo, hi = valid_range(prediction_type)
-    t = uniform_t(N, gen(), prediction_type)
+    t = uniform_t(u(), prediction_type)
     assert t.dtype == torch.float64 and float(t.min()) >= lo and float(t.max()) <= hi
     assert ks_statistic(t, lambda x: (x - lo) / (hi - lo)) < KS_CRITICAL
 
@@ -41,7 +47,7 @@ def test_uniform_matches_its_density(prediction_type):
 @pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
 def test_logit_normal_matches_its_density(prediction_type):
     lo, hi = valid_range(prediction_type)
-    t = logit_normal_t(N, gen(1), prediction_type)
+    t = logit_normal_t(z(1), prediction_type)
     assert float(t.min()) >= lo and float(t.max()) <= hi
     normal_cdf = np.vectorize(lambda v: 0.5 * (1 + math.erf(v / math.sqrt(2))))
     assert ks_statistic(t, lambda x: normal_cdf(np.log(x / (1 - x)))) < KS_CRITICAL
@@ -51,7 +57,7 @@ def test_logit_normal_matches_its_density(prediction_type):
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_diffusion_matched_draws_the_teachers_noise_levels_uniformly(zero_snr, prediction_type):
     schedule = Schedule.linear(10, 0.01, 0.3, zero_terminal_snr=zero_snr)
-    t = diffusion_matched_t(N, gen(2), prediction_type, schedule)
+    t = diffusion_matched_t(u(2), prediction_type, schedule)
     support = schedule.taus if not (zero_snr and prediction_type == "epsilon") else schedule.taus[:-1]
     values, counts = np.unique(t.numpy(), return_counts=True)
     np.testing.assert_array_equal(np.sort(values), np.sort(support))
@@ -63,10 +69,14 @@ def test_diffusion_matched_draws_the_teachers_noise_levels_uniformly(zero_snr, p
 
 
 def test_sample_t_dispatch_and_errors():
-    assert sample_t("uniform", 3, gen(), "epsilon").shape == (3,)
+    assert sample_t("uniform", u(n=3), z(n=3), "epsilon").shape == (3,)
+    torch.testing.assert_close(sample_t("logit-normal", u(n=3), z(n=3), "v_prediction"), torch.sigmoid(z(n=3).double()))
     with pytest.raises(ValueError, match="t_sampler='beta' is not supported"):
-        sample_t("beta", 3, gen(), "epsilon")
+        sample_t("beta", u(n=3), z(n=3), "epsilon")
     with pytest.raises(ValueError, match="needs the teacher's schedule"):
-        sample_t("diffusion-matched", 3, gen(), "epsilon")
-    with pytest.raises(ValueError, match="n=0 must be a positive integer"):
-        uniform_t(0, gen(), "epsilon")
+        sample_t("diffusion-matched", u(n=3), z(n=3), "epsilon")
+
+
+def test_uniform_timestep_covers_every_k_and_no_other():
+    k = uniform_timestep(torch.tensor([0.0, 0.5, 1 - 2.0**-25, 0.999]), 1000)
+    assert k.tolist() == [0, 500, 999, 999] and k.dtype == torch.int64

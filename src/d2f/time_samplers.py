@@ -1,8 +1,9 @@
-"""Training-time samplers of FM time ``t``: pure functions of a generator.
+"""Training-time samplers of FM time ``t``: pure functions of standard draws, ``u ~ U(0, 1)`` or ``z ~ N(0, 1)``.
 
-Each keeps ``t`` where the prediction type's velocity is finite by construction (``docs/conventions.md``
-§3): epsilon needs ``t > 0`` and sample needs ``t < 1``. ``uniform`` and ``logit-normal`` draw from the
-prediction type's ``valid_range`` (``T_MARGIN`` away from a singular end, so ``|A|, |B| <= 1/T_MARGIN``);
+The trainer makes the draws on its device (``d2f.training.draws``); the samplers only shape them. Each keeps
+``t`` where the prediction type's velocity is finite by construction (``docs/conventions.md`` §3): epsilon
+needs ``t > 0`` and sample needs ``t < 1``. ``uniform`` and ``logit-normal`` draw from the prediction type's
+``valid_range`` (``T_MARGIN`` away from a singular end, so ``|A|, |B| <= 1/T_MARGIN``);
 ``diffusion-matched`` draws the teacher's own noise levels ``tau_k``, leaving out ``k = T-1`` when that is
 ``t = 0`` for epsilon.
 """
@@ -12,46 +13,46 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._checks import check_choice, check_positive_int
+from ._checks import check_choice
 from .parametrization import valid_range
 from .schedule import Schedule
 
 T_SAMPLERS = ("uniform", "logit-normal", "diffusion-matched")
 
 
-def uniform_t(n: int, generator: torch.Generator, prediction_type: str) -> Tensor:
-    """``t ~ U(lo, hi)`` on the valid range of ``prediction_type`` (float64, shape ``(n,)``)."""
+def uniform_t(u: Tensor, prediction_type: str) -> Tensor:
+    """``t = lo + (hi - lo) * u``, uniform on the valid range of ``prediction_type`` (float64)."""
     lo, hi = valid_range(prediction_type)
-    u = torch.rand(check_positive_int("n", n), generator=generator, dtype=torch.float64)
-    return lo + (hi - lo) * u
+    return lo + (hi - lo) * u.double()
 
 
-def logit_normal_t(
-    n: int, generator: torch.Generator, prediction_type: str, loc: float = 0.0, scale: float = 1.0
-) -> Tensor:
-    """SD3's ``t = sigmoid(N(loc, scale^2))``, clamped to the valid range of ``prediction_type``."""
+def logit_normal_t(z: Tensor, prediction_type: str, loc: float = 0.0, scale: float = 1.0) -> Tensor:
+    """SD3's ``t = sigmoid(loc + scale * z)``, clamped to the valid range of ``prediction_type`` (float64)."""
     lo, hi = valid_range(prediction_type)
-    z = torch.randn(check_positive_int("n", n), generator=generator, dtype=torch.float64)
-    return torch.sigmoid(loc + scale * z).clamp(lo, hi)
+    return torch.sigmoid(loc + scale * z.double()).clamp(lo, hi)
 
 
-def diffusion_matched_t(n: int, generator: torch.Generator, prediction_type: str, schedule: Schedule) -> Tensor:
-    """``k ~ U{0..T-1}``, ``t = fm_time(k)``: the noise levels the teacher was trained on."""
+def uniform_timestep(u: Tensor, top: int) -> Tensor:
+    """``k = floor(u * top)``, uniform on ``{0, ..., top - 1}`` (int64; ``u < 1``)."""
+    return (u.double() * top).long().clamp_max(top - 1)
+
+
+def diffusion_matched_t(u: Tensor, prediction_type: str, schedule: Schedule) -> Tensor:
+    """``k ~ U{0..T-1}`` from ``u``, ``t = fm_time(k)``: the noise levels the teacher was trained on."""
     T = schedule.num_train_timesteps
     top = T - 1 if (prediction_type == "epsilon" and schedule.zero_terminal_snr) else T
-    k = torch.randint(0, top, (check_positive_int("n", n),), generator=generator)
-    return torch.from_numpy(schedule.taus.copy())[k]
+    k = uniform_timestep(u, top)
+    return torch.from_numpy(schedule.taus.copy()).to(u.device)[k]
 
 
-def sample_t(
-    name: str, n: int, generator: torch.Generator, prediction_type: str, schedule: Schedule | None = None
-) -> Tensor:
-    """Dispatch by the CLI's ``--t-sampler`` name."""
+def sample_t(name: str, u: Tensor, z: Tensor, prediction_type: str, schedule: Schedule | None = None) -> Tensor:
+    """Dispatch by the CLI's ``--t-sampler`` name; ``u`` and ``z`` are one standard draw per sample each (a
+    sampler uses one of them)."""
     check_choice("t_sampler", name, T_SAMPLERS)
     if name == "uniform":
-        return uniform_t(n, generator, prediction_type)
+        return uniform_t(u, prediction_type)
     if name == "logit-normal":
-        return logit_normal_t(n, generator, prediction_type)
+        return logit_normal_t(z, prediction_type)
     if schedule is None:
         raise ValueError("t_sampler='diffusion-matched' needs the teacher's schedule")
-    return diffusion_matched_t(n, generator, prediction_type, schedule)
+    return diffusion_matched_t(u, prediction_type, schedule)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .._files import write_json
+from ..training.draws import DRAWS
 from ..training.images import save_line_plot
 
 EXPERIMENTS = ("e1", "e2", "e3", "e4", "e5", "depth")
@@ -84,7 +85,7 @@ def reproduce(experiment: str, out: str = "results", seed: int = 0, num_samples:
     }
     reports = {}
     for name in EXPERIMENTS if experiment == "all" else (experiment,):
-        report = runners[name]()
+        report = {**runners[name](), "draws": DRAWS}  # how the training runs drew noise, t and dropout
         write_json(folder / FILES[name], report)
         if name == "e2":
             plot_finetune(report, folder / "finetune_fid.png")

@@ -46,6 +46,7 @@ from .._files import read_json, write_atomic, write_json
 from ..grids import sampling_grid
 from ..time_samplers import T_SAMPLERS
 from ..training.data import mnist
+from ..training.draws import DRAWS
 from ..training.export import load
 from ..training.images import save_line_plot
 from .classifier import load_classifier
@@ -96,7 +97,7 @@ class Study:
         self.labels = torch.arange(num_samples) % 10
         self.results: dict[str, dict] = {}
         # Finished runs are reused by name, so a runs folder must belong to one setting of the budget.
-        settings = {"max_steps": max_steps, "num_samples": num_samples, "zsnr_steps": zsnr_steps}
+        settings = {"max_steps": max_steps, "num_samples": num_samples, "zsnr_steps": zsnr_steps, "draws": DRAWS}
         marker = self.out / "settings.json"
         if marker.is_file() and read_json(marker) != settings:
             raise ValueError(
@@ -425,6 +426,7 @@ def study(
         "diverged": diverged,
         "verdict_rule": "win/lose: the seeds' FID ranges do not overlap (each side on its best grid); else tie",
         "reference": "FID in the evaluation classifier's features against the 5000 real digits at 24px",
+        "draws": DRAWS,
         "seconds": round(time.perf_counter() - started, 1),
     }
 

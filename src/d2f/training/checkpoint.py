@@ -28,10 +28,12 @@ import torch
 
 from .._files import fsync_dir
 from .._versioned import Document
+from .draws import DRAWS
 from .lock import LOCK_NAME
 
 STATE_TYPES = {"step": (int,), "seed": (int,), "optimizer": (list,), "config": (dict,), "losses": (list,)}
-STATE = Document("d2f.checkpoint", 1, frozenset(STATE_TYPES), types=STATE_TYPES)
+STATE_TYPES["draws"] = (str,)  # optional: checkpoints written before the counter-based draws have none
+STATE = Document("d2f.checkpoint", 1, frozenset(STATE_TYPES) - {"draws"}, frozenset({"draws"}), STATE_TYPES)
 _NAME = re.compile(r"^step-(\d{8})$")
 
 
@@ -67,7 +69,7 @@ def save_checkpoint(
     save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
     save_file({k: v.detach().cpu().contiguous() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    state = STATE.new(step=step, seed=seed, optimizer=groups, config=config, losses=losses)
+    state = STATE.new(step=step, seed=seed, optimizer=groups, config=config, losses=losses, draws=DRAWS)
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
     for file in tmp.iterdir():
         with open(file, "rb") as f:

@@ -3,14 +3,28 @@
 Both are functions of the run's seed and a position in the global data stream alone, so that every rank,
 step and micro-batch finds its samples and draws from the step number: a data-parallel run draws exactly
 what one process with the whole batch would, and resuming needs no sampler or generator state.
+
+Each sample's draws (noise, the uniform and normal that make its time, the dropout coin) come from the
+counter-based generator Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 2011):
+a 10-round bijection of a 128-bit counter under a 64-bit key. The key is the run's seed; the counter is
+(position, stream, index), so any sample's draws are computed where they are needed, all samples of a
+micro-batch in one batched tensor computation on the training device, with no generator state and no
+per-sample loop. The integers and the uniforms made from them are exact on every device and at any batch
+split. The normals and times go through vectorised float math (``log``, ``cos``, ``sigmoid``), which may round
+an element in the last bit differently on another device or in another batch layout: a resumed run, which
+repeats the layout, is bitwise equal; a data-parallel run equals one process to float rounding.
+(Runs of d2f before this generator drew on the CPU from one ``torch.Generator`` per sample; results
+committed from then say so.)
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from ..schedule import Schedule
 from .config import TrainConfig
@@ -49,15 +63,72 @@ def positions(config: TrainConfig, step: int, micro: int, rank: int, world: int)
     return torch.arange(first, first + config.batch_size)
 
 
+# The draw scheme's name, recorded in checkpoints and results: a run is never resumed under another scheme.
+DRAWS = "philox4x32-10 (seed, position)"
+PREVIOUS_DRAWS = "cpu torch.Generator per sample (seed, position)"  # d2f before the counter-based draws
+_M0, _M1 = 0xD2511F53, 0xCD9E8D57  # Philox4x32's multipliers
+_W0, _W1 = 0x9E3779B9, 0xBB67AE85  # its key increments (the golden ratio and sqrt(3) - 1, in 32 bits)
+_MASK = 0xFFFFFFFF
+NOISE, UNIFORMS, NORMALS = 0, 1, 2  # the counter's stream word: one stream per kind of draw
+
+
+def _mulhilo(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
+    """The high and low 32 bits of ``a * b`` for 32-bit ``a`` and ``b`` (int64 tensors holding uint32). The
+    full product needs 64 unsigned bits, so ``b`` is split in 16-bit halves: ``a * b = (a * b_hi) * 2^16 +
+    a * b_lo``, each partial product below 2^48, and the sum is carried by hand."""
+    p_lo, p_hi = a * (b & 0xFFFF), a * (b >> 16)
+    mid = p_lo + ((p_hi & 0xFFFF) << 16)
+    return (p_hi >> 16) + (mid >> 32), mid & _MASK
+
+
+def philox(key: int, counter: tuple[Tensor, Tensor, Tensor, Tensor]) -> tuple[Tensor, ...]:
+    """Philox4x32-10 of the four 32-bit counter words (int64 tensors of one shape) under the 64-bit ``key``:
+    four tensors of uint32 values, each a function of its own counter alone."""
+    c0, c1, c2, c3 = counter
+    k0, k1 = key & _MASK, (key >> 32) & _MASK
+    for _ in range(10):
+        hi0, lo0 = _mulhilo(_M0, c0)
+        hi1, lo1 = _mulhilo(_M1, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + _W0) & _MASK, (k1 + _W1) & _MASK
+    return c0, c1, c2, c3
+
+
+def _bits(key: int, where: Tensor, stream: int, n: int) -> Tensor:
+    """``(len(where), n)`` uint32 values (in int64) for the samples at stream positions ``where``."""
+    blocks = -(-n // 4)  # one counter gives four values
+    index = torch.arange(blocks, device=where.device)
+    position = where.to(torch.int64)[:, None].expand(-1, blocks)
+    counter = (position & _MASK, position >> 32, torch.full_like(position, stream), index.expand_as(position))
+    return torch.stack(philox(key, counter), -1).reshape(len(where), -1)[:, :n]
+
+
+def uniforms(key: int, where: Tensor, stream: int, n: int) -> Tensor:
+    """float32 ``U(0, 1)`` draws, never 0 or 1: the top 24 bits of each value, centred in its bin."""
+    return ((_bits(key, where, stream, n) >> 8).float() + 0.5) * 2.0**-24
+
+
+def normals(key: int, where: Tensor, stream: int, n: int) -> Tensor:
+    """float32 ``N(0, 1)`` draws by Box-Muller, a pair of normals from each pair of uniforms."""
+    u = uniforms(key, where, stream, 2 * -(-n // 2)).reshape(len(where), -1, 2)
+    radius, angle = torch.sqrt(-2 * torch.log(u[..., 0])), 2 * torch.pi * u[..., 1]
+    return torch.stack([radius * torch.cos(angle), radius * torch.sin(angle)], -1).reshape(len(where), -1)[:, :n]
+
+
 def draws(
-    config: TrainConfig, where: torch.Tensor, shape: tuple[int, ...], prediction_type: str, schedule: Schedule
+    config: TrainConfig,
+    where: torch.Tensor,
+    shape: tuple[int, ...],
+    prediction_type: str,
+    schedule: Schedule,
+    device: torch.device | str = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Noise, time (t, or the integer timestep k for diffusion) and the dropout coin of the samples at stream
-    positions ``where``, each from its own generator seeded by ``(seed, position)``."""
-    noise, times, drop = [], [], []
-    for p in where.tolist():
-        g = torch.Generator().manual_seed(seed_of(config.seed, "sample", p))
-        noise.append(torch.randn(shape, generator=g))
-        drop.append(bool(torch.rand((), generator=g) < config.cond_dropout))
-        times.append(draw_time(config.objective, config.resolved_t_sampler, g, prediction_type, schedule))
-    return torch.stack(noise), torch.cat(times), torch.tensor(drop)
+    positions ``where``, on ``device``: Philox draws keyed by the run's seed at counters ``(position, ...)``."""
+    key = seed_of(config.seed, "sample")
+    where = where.to(device)
+    noise = normals(key, where, NOISE, math.prod(shape)).reshape(len(where), *shape)
+    coin, u = uniforms(key, where, UNIFORMS, 2).unbind(1)
+    z = normals(key, where, NORMALS, 1)[:, 0]
+    times = draw_time(config.objective, config.resolved_t_sampler, u, z, prediction_type, schedule)
+    return noise, times, coin < config.cond_dropout

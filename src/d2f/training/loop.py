@@ -26,7 +26,7 @@ from .checkpoint import remove_interrupted as remove_interrupted_checkpoints
 from .conditioning import Conditioning, SampleRequest
 from .config import TrainConfig
 from .data import Dataset, load_dataset
-from .draws import Stream, draws, positions
+from .draws import DRAWS, PREVIOUS_DRAWS, Stream, draws, positions
 from .encode import check_encoded, check_training_latents, encode
 from .export import load_network, run_meta, write_export
 from .export import remove_interrupted as remove_interrupted_export
@@ -153,7 +153,7 @@ def _micro_batch_loss(config, network, model, data, stream, conditioning, where,
     """The loss of the samples at stream positions ``where``."""
     indices = stream.indices(where)
     shape = tuple(data.images.shape[1:])
-    noise, times, drop = draws(config, where, shape, network.prediction_type, network.schedule)
+    noise, times, drop = draws(config, where, shape, network.prediction_type, network.schedule, device)
     if data.noise is not None:  # reflow: each image keeps the noise it was sampled from
         noise = data.noise[indices]
     cond = conditioning.kwargs(data, indices, drop, device)
@@ -205,6 +205,12 @@ def _train_locked(config: TrainConfig, resume: str | None, progress: bool, accel
     if checkpoint is not None:
         saved = read_state(checkpoint)
         config.check_resumable(TrainConfig.from_dict(saved["config"]), str(checkpoint))
+        if saved.get("draws", PREVIOUS_DRAWS) != DRAWS:
+            raise ValueError(
+                f"--resume: {checkpoint} was trained with draws from {saved.get('draws', PREVIOUS_DRAWS)}; this d2f "
+                f"draws with {DRAWS}, so the resumed run would not be the run it continues. Finish it with the "
+                "d2f that started it, or start a new run"
+            )
         if saved["step"] > config.max_steps:
             raise ValueError(
                 f"max_steps={config.max_steps} is below the step of the checkpoint resumed from ({checkpoint}, "

@@ -20,7 +20,7 @@ from ..loss import fm_loss
 from ..parametrization import diffusion_target
 from ..path import interpolate, network_input
 from ..schedule import Schedule
-from ..time_samplers import sample_t
+from ..time_samplers import sample_t, uniform_timestep
 
 OBJECTIVES = ("d2f", "fm", "diffusion")
 
@@ -36,12 +36,13 @@ def aligned(objective: str) -> bool:
 
 
 def draw_time(
-    objective: str, t_sampler: str | None, generator: torch.Generator, network_prediction_type: str, schedule: Schedule
+    objective: str, t_sampler: str | None, u: Tensor, z: Tensor, network_prediction_type: str, schedule: Schedule
 ) -> Tensor:
-    """One sample's time: an integer timestep ``k`` for diffusion, else an FM time from ``t_sampler``."""
+    """Each sample's time from its standard draws ``u ~ U(0, 1)`` and ``z ~ N(0, 1)``: an integer timestep ``k``
+    for diffusion, else an FM time from ``t_sampler``."""
     if objective == "diffusion":
-        return torch.randint(0, schedule.num_train_timesteps, (1,), generator=generator)
-    return sample_t(t_sampler, 1, generator, prediction_type(objective, network_prediction_type), schedule)
+        return uniform_timestep(u, schedule.num_train_timesteps)
+    return sample_t(t_sampler, u, z, prediction_type(objective, network_prediction_type), schedule)
 
 
 def objective_loss(
@@ -55,10 +56,11 @@ def objective_loss(
     dtype: torch.dtype,
 ) -> Tensor:
     """The loss of one batch. ``network(z, k)`` runs the model on input ``z`` (in ``dtype``) at timesteps
-    ``k``; ``times`` are what :func:`draw_time` drew, on the CPU."""
+    ``k``; ``times`` are what :func:`draw_time` drew, on any device."""
     ptype = prediction_type(objective, network_prediction_type)
     if objective == "diffusion":
-        ac = torch.from_numpy(schedule.alphas_cumprod[times.numpy()]).to(data.device, torch.float32)
+        times = times.to(data.device)
+        ac = torch.from_numpy(schedule.alphas_cumprod).to(data.device, torch.float32)[times]
         alpha, sigma = ac.sqrt(), (1 - ac).sqrt()
         z = per_sample(alpha, data) * data + per_sample(sigma, noise) * noise
         target = diffusion_target(data, noise, alpha, sigma, ptype)
