@@ -36,8 +36,9 @@ print(f"{gbps:.1f}")
 PY
 ) 2> >(tee "$out/versions.txt" >&2)
 
-echo "## tests/test_kernels.py, compiled on the GPU"
-timeout 180 python -m pytest -q -p no:cacheprovider -rs tests/test_kernels.py >"$out/gpu-tests.log" 2>&1 || status=1
+echo "## tests/test_kernels.py and tests/test_draws.py, compiled on the GPU"
+timeout 180 python -m pytest -q -p no:cacheprovider -rs tests/test_kernels.py tests/test_draws.py \
+    >"$out/gpu-tests.log" 2>&1 || status=1
 tail -n 15 "$out/gpu-tests.log"
 
 bench() {  # NAME LIMIT PYTEST_ARGS...
@@ -50,6 +51,8 @@ bench() {  # NAME LIMIT PYTEST_ARGS...
 }
 bench kernels 120 benchmarks/bench_loss.py benchmarks/bench_step.py -k "triton or torch or (reference and 64x4x96x96)"
 bench compile 180 benchmarks/bench_loss.py benchmarks/bench_step.py -k "compile and not same"
+# The trainer's draws: the one-launch Philox kernel against its torch path and the earlier per-sample scheme.
+bench draws 60 benchmarks/bench_draws.py
 # SD 2.1's UNet architecture (random weights), one train step, d2f against diffusion: needs diffusers, which
 # the card's image lacks (install its wheel, carried over, first); without it these rows skip.
 bench sd21 300 -rs benchmarks/bench_sd_train_step.py

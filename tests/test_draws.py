@@ -74,6 +74,7 @@ def test_draws_depend_on_the_position_alone(objective):
 
 def test_a_checkpoint_from_the_earlier_draw_scheme_is_not_resumed(tmp_path):
     """Resuming a run under other draws would silently make it another run: refused by name, nothing written."""
+    pytest.importorskip("diffusers")  # the GPU image runs this file for its kernel test, without diffusers
     import json
 
     from d2f.training.draws import DRAWS
@@ -91,3 +92,23 @@ def test_a_checkpoint_from_the_earlier_draw_scheme_is_not_resumed(tmp_path):
     with pytest.raises(ValueError, match="trained with draws from cpu torch.Generator per sample"):
         train(config.replace(max_steps=3), resume="latest", progress=False)
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before
+
+
+@pytest.mark.parametrize("n", [1, 3, 4, 13, 300])
+@pytest.mark.parametrize("key", [0, 2**64 - 1, 0x299F31D0A4093822])
+def test_the_draws_kernel_equals_the_torch_path(key, n):
+    """One launch for a micro-batch (d2f.kernels.draws): the uniforms bit for bit, the normals to float32
+    rounding of log, cos and sin; positions above 2^32 and a sample count that spans blocks and a tail."""
+    pytest.importorskip("triton")
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # compiled on a GPU, interpreted on the CPU
+    where = torch.tensor([0, 1, 7, 2**33 + 5, 123456789012], device=device)
+    for stream in (0, 2):
+        assert torch.equal(
+            uniforms(key, where, stream, n, backend="triton"), uniforms(key, where, stream, n, backend="torch")
+        )
+        torch.testing.assert_close(
+            normals(key, where, stream, n, backend="triton"),
+            normals(key, where, stream, n, backend="torch"),
+            rtol=1e-5,
+            atol=1e-5,
+        )

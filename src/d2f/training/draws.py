@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._backend import kernels, use_triton
 from ..schedule import Schedule
 from .config import TrainConfig
 from .objectives import draw_time
@@ -74,11 +75,11 @@ NOISE, UNIFORMS, NORMALS = 0, 1, 2  # the counter's stream word: one stream per 
 
 def _mulhilo(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
     """The high and low 32 bits of ``a * b`` for 32-bit ``a`` and ``b`` (int64 tensors holding uint32). The
-    full product needs 64 unsigned bits, so ``b`` is split in 16-bit halves: ``a * b = (a * b_hi) * 2^16 +
-    a * b_lo``, each partial product below 2^48, and the sum is carried by hand."""
-    p_lo, p_hi = a * (b & 0xFFFF), a * (b >> 16)
-    mid = p_lo + ((p_hi & 0xFFFF) << 16)
-    return (p_hi >> 16) + (mid >> 32), mid & _MASK
+    product needs 64 unsigned bits: int64 multiplication keeps the low 64 bits of it (two's complement wraps
+    on every device torch runs on; Random123's known answers with all-ones inputs test it), and the masks read
+    the two halves from that bit pattern."""
+    product = a * b
+    return (product >> 32) & _MASK, product & _MASK
 
 
 def philox(key: int, counter: tuple[Tensor, Tensor, Tensor, Tensor]) -> tuple[Tensor, ...]:
@@ -103,14 +104,24 @@ def _bits(key: int, where: Tensor, stream: int, n: int) -> Tensor:
     return torch.stack(philox(key, counter), -1).reshape(len(where), -1)[:, :n]
 
 
-def uniforms(key: int, where: Tensor, stream: int, n: int) -> Tensor:
-    """float32 ``U(0, 1)`` draws, never 0 or 1: the top 24 bits of each value, centred in its bin."""
+def uniforms(key: int, where: Tensor, stream: int, n: int, backend: str = "auto") -> Tensor:
+    """float32 ``U(0, 1)`` draws ``(len(where), n)``, never 0 or 1: the top 24 bits of each value, centred in its
+    bin. ``backend`` as ``d2f.fm_loss`` takes it: ``auto`` runs the one-launch Triton kernel on CUDA."""
+    if use_triton(backend, where):
+        return kernels().uniforms(key, where, stream, n)
+    return _uniforms_torch(key, where, stream, n)
+
+
+def _uniforms_torch(key: int, where: Tensor, stream: int, n: int) -> Tensor:
     return ((_bits(key, where, stream, n) >> 8).float() + 0.5) * 2.0**-24
 
 
-def normals(key: int, where: Tensor, stream: int, n: int) -> Tensor:
-    """float32 ``N(0, 1)`` draws by Box-Muller, a pair of normals from each pair of uniforms."""
-    u = uniforms(key, where, stream, 2 * -(-n // 2)).reshape(len(where), -1, 2)
+def normals(key: int, where: Tensor, stream: int, n: int, backend: str = "auto") -> Tensor:
+    """float32 ``N(0, 1)`` draws ``(len(where), n)`` by Box-Muller, a pair of normals from each pair of
+    uniforms (``cos`` and ``sin`` of the same angle)."""
+    if use_triton(backend, where):
+        return kernels().normals(key, where, stream, n)
+    u = _uniforms_torch(key, where, stream, 2 * -(-n // 2)).reshape(len(where), -1, 2)
     radius, angle = torch.sqrt(-2 * torch.log(u[..., 0])), 2 * torch.pi * u[..., 1]
     return torch.stack([radius * torch.cos(angle), radius * torch.sin(angle)], -1).reshape(len(where), -1)[:, :n]
 
@@ -122,13 +133,14 @@ def draws(
     prediction_type: str,
     schedule: Schedule,
     device: torch.device | str = "cpu",
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Noise, time (t, or the integer timestep k for diffusion) and the dropout coin of the samples at stream
     positions ``where``, on ``device``: Philox draws keyed by the run's seed at counters ``(position, ...)``."""
     key = seed_of(config.seed, "sample")
     where = where.to(device)
-    noise = normals(key, where, NOISE, math.prod(shape)).reshape(len(where), *shape)
-    coin, u = uniforms(key, where, UNIFORMS, 2).unbind(1)
-    z = normals(key, where, NORMALS, 1)[:, 0]
+    noise = normals(key, where, NOISE, math.prod(shape), backend).reshape(len(where), *shape)
+    coin, u = uniforms(key, where, UNIFORMS, 2, backend).unbind(1)
+    z = normals(key, where, NORMALS, 1, backend)[:, 0]
     times = draw_time(config.objective, config.resolved_t_sampler, u, z, prediction_type, schedule)
     return noise, times, coin < config.cond_dropout
