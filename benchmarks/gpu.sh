@@ -56,6 +56,10 @@ bench draws 60 benchmarks/bench_draws.py
 # SD 2.1's UNet architecture (random weights), one train step, d2f against diffusion: needs diffusers, which
 # the card's image lacks (install its wheel, carried over, first); without it these rows skip.
 bench sd21 300 -rs benchmarks/bench_sd_train_step.py
+# The teacher's training step against a plain diffusers step, and 25-call sampling against diffusers' DDIM loop
+# (diffusers again; launch-bound at this size, which is what the zero-overhead issue is about).
+bench trainstep 120 -rs benchmarks/bench_train_step.py
+bench sample 120 -rs benchmarks/bench_sample.py
 python benchmarks/table.py --copy-gbps "$copy_gbps" "$out"/bench-*.json | tee "$out/table.txt"
 echo "## wall clock against the kernels' device time"
 timeout 150 python benchmarks/device_time.py "$copy_gbps" 2>&1 | tee "$out/device-time.txt" || status=1
