@@ -62,7 +62,12 @@ META_TYPES = {
     "train_config": (dict,),
 }
 # Optional: exports written before them have none (no pipeline, no condition).
-OPTIONAL = {"pipeline": (str, type(None)), "cond_channels": (int,), "cond_init": (str, type(None))}
+OPTIONAL = {
+    "pipeline": (str, type(None)),
+    "cond_channels": (int,),
+    "cond_init": (str, type(None)),
+    "labeled": (bool,),
+}
 META_TYPES.update(OPTIONAL)
 EXPORT = Document("d2f.export", 1, frozenset(META_TYPES) - set(OPTIONAL), frozenset(OPTIONAL), META_TYPES)
 KINDS = ("full", "lora")
@@ -96,11 +101,13 @@ def run_meta(
     side: int,
     concat: torch.Tensor | None = None,
     widened: str | None = None,
+    labeled: bool = True,
 ) -> dict[str, Any]:
     """``d2f.json`` of the export of a run of ``config`` that trained ``network`` on samples ``side`` wide,
     with ``concat`` conditions (their channels are recorded) through a conv_in widened by ``widened``'s
     initialisation (None: the pretrained UNet took them already)."""
     return {
+        "labeled": labeled,  # trained on class labels (else on the null class: sample_export follows it)
         "cond_channels": 0 if concat is None else concat.shape[1],
         "cond_init": widened,
         "kind": "lora" if config.lora_rank else "full",

@@ -339,7 +339,9 @@ def _train_locked(config: TrainConfig, resume: str | None, progress: bool, accel
                 out / "export",
                 unet,
                 network.schedule,
-                run_meta(config, network, conditioning.null_class, size[-1], data.concat, widened),
+                run_meta(
+                    config, network, conditioning.null_class, size[-1], data.concat, widened, data.labels is not None
+                ),
             )
         save_loss_curve(losses, out / "loss.png", title=f"{config.objective} loss ({len(losses)} steps)")
         tail = [v for v in losses[-50:] if math.isfinite(v)]

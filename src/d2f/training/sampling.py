@@ -194,6 +194,18 @@ class ExportSamples(NamedTuple):
     settings: SamplingSettings  # as resolved for the export (no "auto")
 
 
+def export_labels(meta: dict, n: int) -> torch.Tensor | None:
+    """The class labels ``n`` samples of an export get: none for an unconditional model; the classes in turn
+    for one trained on labeled data; the null class for a class-conditional model trained on unlabeled data
+    (image-to-X runs), as its training fed it (``Conditioning.kwargs``). Exports written before ``labeled``
+    was recorded were all trained on labels."""
+    if meta["null_class"] is None:
+        return None
+    if not meta.get("labeled", True):
+        return torch.full((n,), meta["null_class"])
+    return torch.arange(n) % meta["null_class"]
+
+
 def sample_export(
     model: str,
     settings: SamplingSettings,
@@ -224,7 +236,7 @@ def sample_export(
     channels = field.net.config.out_channels
     generator = torch.Generator().manual_seed(settings.seed)
     noise = torch.randn(num_samples, channels, *size, generator=generator)
-    labels = None if meta["null_class"] is None else torch.arange(num_samples) % meta["null_class"]
+    labels = export_labels(meta, num_samples)
     images = []
     for start in range(0, num_samples, batch_size):
         batch = noise[start : start + batch_size]
