@@ -16,7 +16,7 @@ import d2f  # noqa: E402
 from d2f.training.config import TrainConfig  # noqa: E402
 from d2f.training.data import load_dataset  # noqa: E402
 from d2f.training.loop import train  # noqa: E402
-from d2f.training.sampling import SamplingSettings, sample_export  # noqa: E402
+from d2f.training.sampling import SamplingSettings, export_labels, sample_export  # noqa: E402
 from d2f.training.teacher import teacher_path  # noqa: E402
 from d2f.training.widen import widen_conv_in  # noqa: E402
 
@@ -91,6 +91,13 @@ def test_paired_folders_match_by_name_and_refuse_missing_partners(tmp_path):
         load_dataset(str(tmp_path / "targets"), 16, 1, cond=str(tmp_path / "inputs"))
     with pytest.raises(ValueError, match="cond_data='x' pairs conditions with an image folder or a latents file"):
         load_dataset("mnist", 16, 1, cond="x")
+    (tmp_path / "inputs" / "d.png").unlink()
+    (tmp_path / "inputs" / "e.png").unlink()
+    (tmp_path / "inputs" / "c.png").write_bytes((tmp_path / "inputs" / "a.png").read_bytes())
+    (tmp_path / "targets" / "a.jpg").write_bytes((tmp_path / "inputs" / "b.jpg").read_bytes())
+    with pytest.raises(ValueError, match="data: two images are named 'a' \\(suffixes aside\\)"):
+        load_dataset(str(tmp_path / "targets"), 16, 1, cond=str(tmp_path / "inputs"))
+    assert len(load_dataset(str(tmp_path / "targets"), 16, 1)) == 4  # unpaired, every file counts
 
 
 def test_latent_conditions_come_from_the_data_file_or_a_second_file(tmp_path):
@@ -122,6 +129,9 @@ def test_a_widened_export_round_trips_and_samples_with_its_condition(tmp_path, l
     train(config, progress=False)
     meta = json.loads((out / "export/d2f.json").read_text())
     assert meta["cond_channels"] == 1 and meta["cond_init"] == "zero"
+    assert meta["labeled"] is False and meta["null_class"] == 10  # trained on the null class: sampled with it
+    assert export_labels(meta, 3).tolist() == [10, 10, 10]
+    assert export_labels({**meta, "labeled": True}, 3).tolist() == [0, 1, 2]
     if lora_rank:
         adapter = load_file(str(out / "export/adapter/adapter_model.safetensors"))
         trained = adapter["base_model.model.conv_in.weight"]
@@ -170,6 +180,13 @@ def test_eval_task_dense_scores_depth_with_an_ensemble(tmp_path, capsys):
     assert "--data: for --task dense only" in capsys.readouterr().err
     assert main(["eval", "--task", "dense", "--model", "teacher"]) == 2
     assert "--task dense needs --data" in capsys.readouterr().err
+    # A latents file that carries its conditions (concat) needs no --cond-data.
+    pairs = load_dataset(flags["data"], 16, 1, cond=flags["cond_data"])
+    save_file({"latents": pairs.images, "concat": pairs.concat}, str(tmp_path / "held_out.safetensors"))
+    held_out = ["eval", "--task", "dense", "--model", str(out / "export"), "--steps", "2", "--ensemble", "3"]
+    held_out += ["--num-samples", "4", "--out", str(tmp_path / "l.json")]
+    assert main([*held_out, "--data", str(tmp_path / "held_out.safetensors")]) == 0
+    assert json.loads((tmp_path / "l.json").read_text())["delta1"] == report["delta1"]  # the same pairs, seeds
 
 
 def test_a_pipeline_run_encodes_the_pairs_and_widens_its_unet(tmp_path):

@@ -257,7 +257,9 @@ def _eval_parser(sub) -> None:
         "depth on held-out pairs (--data, --cond-data), after scale-and-shift alignment",
     )
     p.add_argument("--data", default=None, help="--task dense: the held-out targets (depth images, or latents)")
-    p.add_argument("--cond-data", default=None, help="--task dense: their conditions, paired by name (or order)")
+    p.add_argument(
+        "--cond-data", default=None, help="--task dense: their conditions, paired by name (or order); unset: concat"
+    )
     p.add_argument("--ensemble", type=int, default=1, help="--task dense: samples per prediction, merged (median)")
     p.add_argument("--out", default=None, help="also write the report to this JSON file")
 
@@ -353,8 +355,11 @@ def _eval(args: argparse.Namespace) -> None:
     if args.task == "dense":
         from .evaluation.dense import evaluate_dense
 
-        if not (args.data and args.cond_data):
-            raise ValueError("--task dense needs --data (held-out targets) and --cond-data (their conditions)")
+        if not args.data:
+            raise ValueError(
+                "--task dense needs --data (held-out targets) and their conditions: --cond-data, or a latents file "
+                "whose concat key holds them"
+            )
         report = evaluate_dense(args.model, settings, args.data, args.cond_data, args.num_samples, args.ensemble)
         _print_json(report, out)
         return

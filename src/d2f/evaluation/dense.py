@@ -82,7 +82,9 @@ def image_to_depth(images: Tensor) -> Tensor:
     return ((images.double() + 1) / 2).mean(1, keepdim=True)
 
 
-def evaluate_dense(model: str, settings, data: str, cond_data: str, num_samples: int = 1000, members: int = 1):
+def evaluate_dense(
+    model: str, settings, data: str, cond_data: str | None = None, num_samples: int = 1000, members: int = 1
+):
     """``d2f eval --task dense``: the export ``model`` predicts the depth of each held-out condition (the first
     ``num_samples`` pairs of ``data`` and ``cond_data``, by name), ``members`` samples each from different noise,
     merged by :func:`ensemble`; scored by :func:`depth_metrics`.
@@ -113,6 +115,8 @@ def evaluate_dense(model: str, settings, data: str, cond_data: str, num_samples:
     else:
         pixels = meta["resolution"] * 2 ** (len(vae.config.block_out_channels) - 1)
         pairs = load_dataset(data, pixels, 3, cond=cond_data)
+    if pairs.concat is None:
+        raise ValueError(f"data={data!r} carries no conditions (no concat key); pass --cond-data")
     gt, cond = image_to_depth(pairs.images[:num_samples]), pairs.concat[:num_samples]
     if vae is not None:
         with torch.no_grad():
@@ -138,6 +142,7 @@ def evaluate_dense(model: str, settings, data: str, cond_data: str, num_samples:
         "num_pairs": len(cond),
         **depth_metrics(merged, gt),
         "decoded_by": None if vae is None else f"{meta['train_config']['pretrained']}/vae",
-        "reference": f"{data} (depth images read as (x + 1) / 2, channels averaged) with conditions from {cond_data}",
+        "reference": f"{data} (depth images read as (x + 1) / 2, channels averaged) with conditions from "
+        f"{cond_data or 'its concat key'}",
         "seconds": round(time.perf_counter() - started, 1),
     }

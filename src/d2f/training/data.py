@@ -142,7 +142,7 @@ def _read_folder(path: Path, resolution: int, channels: int, what: str = "data")
     files with other suffixes (``notes.txt``, ``.DS_Store``) are ignored. One warning counts the skipped files
     by reason and the ignored ones. A folder with no readable image is an error.
 
-    Returns each image under its path relative to ``path`` without the suffix (how pairs are matched).
+    Returns each image under its path relative to ``path``.
     """
     from PIL import Image, ImageFile, UnidentifiedImageError
 
@@ -173,7 +173,7 @@ def _read_folder(path: Path, resolution: int, channels: int, what: str = "data")
                 skipped.setdefault(reason, []).append(f"{file.name} ({e})")
                 continue
             tensor = torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0) / 127.5 - 1
-            images[file.relative_to(path).with_suffix("").as_posix()] = _resize(tensor, resolution)
+            images[file.relative_to(path).as_posix()] = _resize(tensor, resolution)
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = truncated_setting
     if skipped or ignored:
@@ -196,13 +196,25 @@ def image_folder(path: Path, resolution: int, channels: int) -> Dataset:
     return Dataset(images=torch.cat(list(_read_folder(path, resolution, channels).values())))
 
 
+def _by_stem(images: dict[str, Tensor], what: str) -> dict[str, Tensor]:
+    """Images keyed by relative path without the suffix; two files that differ only in suffix are an error,
+    since either could be the other's partner."""
+    out: dict[str, Tensor] = {}
+    for name, image in images.items():
+        stem = Path(name).with_suffix("").as_posix()
+        if stem in out:
+            raise ValueError(f"{what}: two images are named {stem!r} (suffixes aside); a pair needs one of each")
+        out[stem] = image
+    return out
+
+
 def paired_folders(path: Path, cond_path: Path, resolution: int, channels: int) -> Dataset:
     """Targets from ``path`` and their condition images (``concat``) from ``cond_path``, both read as
     :func:`_read_folder` reads them with ``channels`` channels, paired by relative path without the suffix
     (``a/0001.png`` with ``a/0001.jpg``). An image without a partner is an error that counts them by reason;
     nothing is dropped silently."""
-    targets = _read_folder(path, resolution, channels, "data")
-    conditions = _read_folder(cond_path, resolution, channels, "cond_data")
+    targets = _by_stem(_read_folder(path, resolution, channels, "data"), "data")
+    conditions = _by_stem(_read_folder(cond_path, resolution, channels, "cond_data"), "cond_data")
     unmatched = {
         f"in data, not in cond_data ({cond_path})": sorted(set(targets) - set(conditions)),
         f"in cond_data, not in data ({path})": sorted(set(conditions) - set(targets)),

@@ -465,11 +465,13 @@ def _partners(captions: Captions, cond: Path) -> dict[str, Path]:
     Images without a partner, and conditions without an image, are an error that counts them."""
     if not cond.is_dir():
         raise ValueError(f"cond_data={str(cond)!r}: the conditions of an image folder are a folder of images")
-    found = {
-        path.relative_to(cond).with_suffix("").as_posix(): path
-        for path in sorted(cond.rglob("*"))
-        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
-    }
+    found: dict[str, Path] = {}
+    for path in sorted(cond.rglob("*")):
+        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+            stem = path.relative_to(cond).with_suffix("").as_posix()
+            if stem in found:
+                raise ValueError(f"cond_data: two images are named {stem!r} (suffixes aside); a pair needs one of each")
+            found[stem] = path
     stems = {name: Path(name).with_suffix("").as_posix() for name in captions.files}
     missing = sorted(name for name, stem in stems.items() if stem not in found)
     extra = sorted(set(found) - set(stems.values()))

@@ -234,7 +234,12 @@ def load(
     if (0 if concat is None else concat.shape[1]) != cond_channels:
         raise ValueError(
             f"concat={describe(concat)}: {folder} was trained with "
-            + (f"a {cond_channels}-channel condition per sample; pass it" if cond_channels else "no condition")
+            + (
+                f"a {cond_channels}-channel condition per sample; pass it (d2f sample and d2f eval --task dense: "
+                "--cond-data)"
+                if cond_channels
+                else "no condition"
+            )
         )
     if meta["kind"] == "full":
         unet = load_unet(folder / "unet")
