@@ -123,6 +123,12 @@ def run_meta(
     }
 
 
+def flow_finetuned(meta: dict[str, Any]) -> bool:
+    """Whether an export's network was trained on a flow objective (Diff2Flow, naive FM, reflow), the
+    right-hand column of ``d2f.auto_sampler``'s table; the teacher and diffusion finetunes are not."""
+    return meta["objective"] != "diffusion"
+
+
 def write_export(folder: Path, unet: torch.nn.Module, schedule: Schedule, meta: dict[str, Any]) -> None:
     """Write atomically: everything goes to a temporary sibling folder, renamed into place at the end."""
     folder = Path(folder)
@@ -152,9 +158,9 @@ def write_export(folder: Path, unet: torch.nn.Module, schedule: Schedule, meta: 
     if meta["align_input"]:
         from ..scheduler import D2FScheduler
 
-        flow = meta["objective"] != "diffusion"  # read by solver="auto" (d2f.auto_sampler's right-hand column)
         config = ddim_config(schedule, meta["prediction_type"])
-        D2FScheduler.from_config(config, flow_finetuned=flow).save_pretrained(str(tmp / "scheduler"))
+        scheduler = D2FScheduler.from_config(config, flow_finetuned=flow_finetuned(meta))
+        scheduler.save_pretrained(str(tmp / "scheduler"))
     (tmp / "d2f.json").write_text(json.dumps(EXPORT.new(**meta), indent=1))
     old = folder.parent / f".{folder.name}.old-{os.getpid()}"
     if folder.exists():

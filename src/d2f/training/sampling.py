@@ -21,7 +21,7 @@ from . import objectives
 from .conditioning import Conditioning, SampleRequest
 from .config import TrainConfig
 from .data import Dataset, image_folder, latents
-from .export import ddim_config, load, read_export
+from .export import ddim_config, flow_finetuned, load, read_export
 from .images import image_format, save_grid
 from .models import Network, check_sample_size
 from .teacher import teacher_path
@@ -50,7 +50,7 @@ class SamplingSettings:
         check_choice("grid", self.grid, (*GRIDS, AUTO))
 
     def resolve(self, flow_finetuned: bool) -> SamplingSettings:
-        """These settings with ``auto`` replaced, for a model finetuned as a flow or not (:func:`flow_finetuned`)."""
+        """These settings with ``auto`` replaced, for a model finetuned as a flow or not (``export.flow_finetuned``)."""
         if self.solver != AUTO:
             return replace(self, grid="uniform" if self.grid == AUTO else self.grid)
         solver, grid, steps = auto_sampler(self.steps, flow_finetuned)
@@ -63,12 +63,6 @@ class SamplingSettings:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def flow_finetuned(meta: dict[str, Any]) -> bool:
-    """Whether an export's network was trained on a flow objective (Diff2Flow, naive FM, reflow), the
-    right-hand column of ``d2f.auto_sampler``'s table; the teacher and diffusion finetunes are not."""
-    return meta["objective"] != "diffusion"
 
 
 def velocity_field(
