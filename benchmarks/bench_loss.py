@@ -3,7 +3,10 @@
 - ``reference``: the naive eager port of the reference implementation's formulas (reference_port.py);
 - ``torch``: d2f's torch path (gradient computed in the forward sweep);
 - ``compile``: torch.compile of the same math written as plain differentiable ops;
-- ``triton``: d2f's fused kernel (CUDA only).
+- ``triton``: d2f's fused kernel (CUDA only), its checks read at the call (a host synchronisation between the
+  forward and the backward);
+- ``torch deferred`` and ``triton deferred``: the same inside ``d2f.deferred_checks()``, the checks read with
+  the loss after the backward, as d2f's trainer reads them: the call itself never waits for the device.
 
 GB/s counts the minimal traffic: model output, data and noise read once, the gradient written once.
 """
@@ -42,10 +45,27 @@ def make_step(impl, o, data, noise, t):
     if impl == "compile":
         p, q, b = (c.float() for c in residual_coefficients_checked(t.double(), "v_prediction"))
         return lambda: compiled_loss(o, data, noise, p, q, b).backward()
-    return lambda: d2f.fm_loss(o, data, noise, t, "v_prediction", backend=impl).backward()
+    backend, _, deferred = impl.partition(" ")
+    if not deferred:
+        return lambda: d2f.fm_loss(o, data, noise, t, "v_prediction", backend=backend).backward()
+
+    def step():
+        with d2f.deferred_checks() as checks:
+            loss = d2f.fm_loss(o, data, noise, t, "v_prediction", backend=backend)
+            loss.backward()
+            checks.read(loss)
+
+    return step
 
 
-IMPLS = ["reference", "torch", "compile", pytest.param("triton", marks=needs_cuda)]
+IMPLS = [
+    "reference",
+    "torch",
+    "torch deferred",
+    "compile",
+    pytest.param("triton", marks=needs_cuda),
+    pytest.param("triton deferred", marks=needs_cuda),
+]
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -2,14 +2,15 @@
 on the DDIM grid, so it computes DDIM's images) against diffusers' own DDIM loop (``DDIMScheduler`` with
 ``set_timesteps``, ``scale_model_input``, the UNet and ``step``, as its pipelines run it) on the same UNet and
 noise. Wall time per batch of 64 class-conditional 16x16 images; the network dominates both, so the gap is
-what each loop adds around it (d2f: the conversion, the fused update and one finiteness check per call)."""
+what each loop adds around it (d2f: the conversion, the fused update and its checks, read once after the loop).
+On CUDA a third row replays d2f's loop recorded as a CUDA graph (``capture=True``)."""
 
 import pytest
 import torch
 
 pytest.importorskip("diffusers")
 
-from common import DEVICE, sync  # noqa: E402
+from common import DEVICE, needs_cuda, sync  # noqa: E402
 from d2f.grids import sampling_grid  # noqa: E402
 from d2f.training.export import ddim_config, load  # noqa: E402
 from d2f.training.sampling import scheduler_loop  # noqa: E402
@@ -17,7 +18,14 @@ from d2f.training.sampling import scheduler_loop  # noqa: E402
 STEPS, BATCH = 25, 64
 
 
-@pytest.mark.parametrize("loop", ["d2f euler, ddim grid", "diffusers ddim"])
+LOOPS = [
+    "d2f euler, ddim grid",
+    pytest.param("d2f euler, ddim grid, captured", marks=needs_cuda),
+    "diffusers ddim",
+]
+
+
+@pytest.mark.parametrize("loop", LOOPS)
 def test_sample_teacher(benchmark, loop):
     from diffusers import DDIMScheduler
 
@@ -33,7 +41,7 @@ def test_sample_teacher(benchmark, loop):
         if loop == "diffusers ddim":
             scheduler_loop(field.net, DDIMScheduler.from_config(config), noise, STEPS, {"class_labels": labels})
         else:
-            field.sample(noise, ts, class_labels=labels)
+            field.sample(noise, ts, capture=loop.endswith("captured"), class_labels=labels)
         sync()
 
     benchmark.pedantic(once, rounds=10, warmup_rounds=2)

@@ -9,7 +9,7 @@ DTYPES = [torch.float32, torch.bfloat16]
 shape_ids = ["x".join(map(str, s)) for s in SHAPES]
 dtype_ids = ["fp32", "bf16"]
 
-needs_cuda = pytest.mark.skipif(DEVICE != "cuda", reason="Triton rows need CUDA")
+needs_cuda = pytest.mark.skipif(DEVICE != "cuda", reason="CUDA only (Triton kernels, CUDA graphs)")
 
 
 def sync() -> None:

@@ -36,8 +36,8 @@ print(f"{gbps:.1f}")
 PY
 ) 2> >(tee "$out/versions.txt" >&2)
 
-echo "## tests/test_kernels.py and tests/test_draws.py, compiled on the GPU"
-timeout 180 python -m pytest -q -p no:cacheprovider -rs tests/test_kernels.py tests/test_draws.py \
+echo "## tests/test_kernels.py, test_draws.py and test_deferred.py (the captured sampler), on the GPU"
+timeout 180 python -m pytest -q -p no:cacheprovider -rs tests/test_kernels.py tests/test_draws.py tests/test_deferred.py \
     >"$out/gpu-tests.log" 2>&1 || status=1
 tail -n 15 "$out/gpu-tests.log"
 

@@ -25,13 +25,13 @@ def main(paths: list[str], copy_gbps: float | None) -> None:
                 others.append(bench)
         machine = report.get("machine_info", {})
         print(f"# {path}: {report.get('datetime', '')}  {machine.get('cpu', {}).get('brand_raw', '')}")
-    header = f"{'benchmark':<36} {'impl':<10} {'median':>11} {'GB/s':>8}"
+    header = f"{'benchmark':<36} {'impl':<16} {'median':>11} {'GB/s':>8}"
     header += f" {'% copy':>7}" if copy_gbps else ""
     header += f" {'vs torch':>9} {'vs compile':>11}"
     print(header)
     for group, rows in groups.items():
         for impl, (median, gbps) in rows.items():
-            line = f"{group:<36} {impl:<10} {median * 1e3:>8.3f} ms {gbps:>8.1f}"
+            line = f"{group:<36} {impl:<16} {median * 1e3:>8.3f} ms {gbps:>8.1f}"
             if copy_gbps:
                 line += f" {100 * gbps / copy_gbps:>6.0f}%"
             for base in ("torch", "compile"):

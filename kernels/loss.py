@@ -13,7 +13,8 @@ and the loss is ``L = sum_b w_b * sum_i r_bi^2 * s`` with ``s = 1/numel`` (mean)
 so each program loads its block of o, data and noise once, stores ``dL/do`` into a fresh buffer and adds
 its block's ``w*s*sum(r^2)`` to the loss accumulator. Nothing is read twice; t and w are one scalar load
 per program. The same pass raises flags (counts) for non-finite inputs and for t or w out of range;
-:func:`fm_loss` reads them together with the loss in one host transfer and raises d2f's own errors.
+:func:`fm_loss` hands them to ``d2f.deferred.verify``, which reads them with the loss in one host transfer
+(at once, or later inside ``d2f.deferred_checks()``) and raises d2f's own errors.
 """
 
 import math
@@ -23,21 +24,15 @@ import triton
 import triton.language as tl
 
 from d2f._checks import NonFiniteError, as_scalars, as_time, as_weights, overflow_message
+from d2f.deferred import verify
 from d2f.loss import SavedGradientFunction, loss_divisor, overflow
 from d2f.parametrization import PREDICTION_TYPES, residual_coefficients_checked
 
+from ._flags import FLT_MAX, flag_nonfinite
 from ._launch import block_size, check_device
-
-FLT_MAX = tl.constexpr(3.4028234663852886e38)
 
 # Flag slots after the loss slots in the accumulator.
 FLAG_NAMES = ("model_output", "data", "noise", "t", "weight")
-
-
-@triton.jit
-def _nonfinite_count(v, mask):
-    bad = (tl.abs(v) > FLT_MAX) | (v != v)
-    return tl.sum(tl.where(mask & bad, 1.0, 0.0), axis=0)
 
 
 @triton.jit
@@ -105,12 +100,9 @@ def _fm_loss_kernel(
     else:
         tl.atomic_add(loss_ptr, partial)
 
-    bad_o = _nonfinite_count(o, mask)
-    bad_d = _nonfinite_count(d, mask)
-    bad_n = _nonfinite_count(n, mask)
-    tl.atomic_add(flags_ptr + 0, bad_o, mask=bad_o > 0)
-    tl.atomic_add(flags_ptr + 1, bad_d, mask=bad_d > 0)
-    tl.atomic_add(flags_ptr + 2, bad_n, mask=bad_n > 0)
+    flag_nonfinite(flags_ptr, 0, o, mask)
+    flag_nonfinite(flags_ptr, 1, d, mask)
+    flag_nonfinite(flags_ptr, 2, n, mask)
 
 
 def fm_loss_forward(
@@ -184,7 +176,7 @@ class FMLossTriton(SavedGradientFunction):
 
 def fm_loss(model_output, data, noise, t, prediction_type: str, weight, reduction: str) -> torch.Tensor:
     """The kernel path of ``d2f.loss.fm_loss``, whose arguments are checked but for t and the weight: those
-    are range-checked inside the kernel and read back with the loss in one transfer.
+    are range-checked inside the kernel, and the flags stay on the device until ``d2f.deferred`` reads them.
 
     t goes in as float64 and the kernel forms its coefficients in float64, as the torch path does: from a
     float32 t, 1/(1 - t) is wrong by O(1) once 1 - t nears float32's spacing below 1, 6e-8 (inf at
@@ -198,16 +190,23 @@ def fm_loss(model_output, data, noise, t, prediction_type: str, weight, reductio
     t64 = one_per_sample(t, "t", torch.float64)
     w32 = None if weight is None else one_per_sample(weight, "weight", torch.float32)
     loss, status = FMLossTriton.apply(model_output, data, noise, t64, w32, prediction_type, reduction)
-    values = status.tolist()
-    n_loss = len(values) - len(FLAG_NAMES)
-    flags = dict(zip(FLAG_NAMES, values[n_loss:]))
-    if flags["t"]:
-        residual_coefficients_checked(as_time(t, like=data), prediction_type)  # raises the precise error
-    if flags["weight"]:
-        as_weights(weight, like=data)
-    for name in ("model_output", "data", "noise"):
-        if flags[name]:
-            raise NonFiniteError("fm_loss", name)
-    if not all(map(math.isfinite, values[:n_loss])):
-        raise overflow(overflow_message("fm_loss", "the loss", loss.dtype), t, data, prediction_type)
+    n_loss = status.numel() - len(FLAG_NAMES)
+
+    def error(values: list[float]) -> Exception | None:
+        flags = dict(zip(FLAG_NAMES, values[n_loss:]))
+        try:  # the torch path's checks of t and the weight raise their precise errors
+            if flags["t"]:
+                residual_coefficients_checked(as_time(t, like=data), prediction_type)
+            if flags["weight"]:
+                as_weights(weight, like=data)
+        except ValueError as e:
+            return e
+        for name in ("model_output", "data", "noise"):
+            if flags[name]:
+                return NonFiniteError("fm_loss", name)
+        if not all(map(math.isfinite, values[:n_loss])):
+            return overflow(overflow_message("fm_loss", "the loss", loss.dtype), t, data, prediction_type)
+        return None
+
+    verify(status, error)
     return loss

@@ -14,6 +14,7 @@ pytest.importorskip("accelerate")
 pytest.importorskip("peft")
 
 import d2f  # noqa: E402
+from d2f import NonFiniteError  # noqa: E402
 from d2f.cli import main  # noqa: E402
 from d2f.training.config import TrainConfig  # noqa: E402
 from d2f.training.loop import train  # noqa: E402
@@ -401,6 +402,33 @@ def test_nonfinite_loss_stops_with_step_batch_and_checkpoint(tmp_path, nan_at_tr
 
     expected = Stream(5000, 0).indices(torch.arange(8, 12)).tolist()  # step 3 = stream positions 8..11
     assert f"batch indices (into the data set) {expected}" in message
+
+
+def test_nan_noise_at_step_k_is_reported_with_its_step_and_indices(tmp_path, monkeypatch):
+    """The step's checks stay on the device and are read with its loss (d2f.deferred): a NaN in the noise of
+    step 3 is still reported as step 3's, with its batch, before its update, and nothing is exported."""
+    import d2f.training.loop as loop
+
+    calls = {"n": 0}
+
+    def draws(*args, **kwargs):
+        noise, times, drop = real(*args, **kwargs)
+        calls["n"] += 1
+        return (noise * math.nan if calls["n"] == 3 else noise), times, drop
+
+    real = loop.draws
+    monkeypatch.setattr(loop, "draws", draws)
+    with pytest.raises(NonFiniteError) as info:
+        train(config(tmp_path, max_steps=4, checkpoint_every=2), progress=False)
+    from d2f.training.draws import Stream
+
+    expected = Stream(5000, 0).indices(torch.arange(8, 12)).tolist()  # step 3 = stream positions 8..11
+    assert str(info.value) == (
+        f"d2f train: step 3, batch indices (into the data set) {expected}: network_input: noise contains NaN or inf"
+    )
+    assert info.value.tensor == "noise"
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-00000002"]
+    assert not (tmp_path / "run" / "export").exists()
 
 
 def test_nonfinite_skip_leaves_the_weights_of_that_step_untouched(tmp_path, nan_at_training_call):

@@ -19,6 +19,8 @@ from typing import TypeVar
 import torch
 from torch import Tensor
 
+from .deferred import verify
+
 TimeLike = float | Tensor
 Choice = TypeVar("Choice")
 # The dtypes a network may take its input in.
@@ -111,9 +113,14 @@ def as_time(t: TimeLike, *, like: Tensor | None = None, name: str = "t") -> Tens
     """
     out = as_scalars(t, like=like, name=name)
     bad = ~((out >= 0) & (out <= 1))  # written this way so NaN counts as bad
-    if bool(bad.any()):
+
+    def error(flag: list[float]) -> ValueError | None:
+        if not flag[0]:
+            return None
         first = out.reshape(-1)[bad.reshape(-1)][0].item()
-        raise ValueError(f"{name} must lie in [0, 1]; got {first!r} (in {describe(t)})")
+        return ValueError(f"{name} must lie in [0, 1]; got {first!r} (in {describe(t)})")
+
+    verify(bad.any(), error)
     return out
 
 
@@ -123,8 +130,10 @@ def as_weights(weight: TimeLike | None, *, like: Tensor) -> Tensor | None:
     if weight is None:
         return None
     w = as_scalars(weight, like=like, name="weight")
-    if bool((~(torch.isfinite(w) & (w >= 0))).any()):
-        raise ValueError(f"weight must be finite and >= 0, got {describe(weight)}")
+    verify(
+        (~(torch.isfinite(w) & (w >= 0))).any(),
+        lambda bad: ValueError(f"weight must be finite and >= 0, got {describe(weight)}") if bad[0] else None,
+    )
     return w.expand(like.shape[0])
 
 
@@ -143,15 +152,16 @@ class NonFiniteError(ValueError):
         self.function, self.tensor = function, tensor
 
 
-def raise_on_nonfinite_input(function: str, **inputs: Tensor | None) -> None:
-    """Raise the :class:`NonFiniteError` naming the first of ``inputs`` that holds NaN or inf.
+def nonfinite_input(function: str, **inputs: Tensor | None) -> NonFiniteError | None:
+    """The :class:`NonFiniteError` naming the first of ``inputs`` that holds NaN or inf, if one does.
 
     For the error path only: callers check their (small or fresh) result first and scan the inputs only
     once that result is already not finite, so the normal path reads no input twice.
     """
     for name, value in inputs.items():
         if value is not None and not bool(torch.isfinite(value).all()):
-            raise NonFiniteError(function, name)
+            return NonFiniteError(function, name)
+    return None
 
 
 def overflow_message(function: str, what: str, dtype: torch.dtype) -> str:
@@ -169,17 +179,22 @@ def check_finite_result(
     inputs: dict[str, Tensor | None],
     overflow: Callable[[str], ValueError] = ValueError,
 ) -> Tensor:
-    """``result`` (``what`` in messages) once it is finite; d2f's one policy for NaN and inf.
+    """``result`` (``what`` in messages), checked to be finite; d2f's one policy for NaN and inf.
 
     One pass over the fresh result on the normal path. A NaN or inf input always reaches the result (an
     elementwise map carries it, and ``0 * inf`` is NaN), so only a bad result costs the scan of ``inputs``:
     a NaN or inf input raises the :class:`NonFiniteError` naming it, finite inputs raise ``overflow`` of the
-    message that ``result`` overflowed its dtype (``overflow`` may add the likely cause).
+    message that ``result`` overflowed its dtype (``overflow`` may add the likely cause). Inside
+    ``d2f.deferred_checks()`` the check is read later (``d2f.deferred``), and the inputs are kept until then.
     """
-    if bool(torch.isfinite(result).all()):
-        return result
-    raise_on_nonfinite_input(function, **inputs)
-    raise overflow(overflow_message(function, what, result.dtype))
+
+    def error(bad: list[float]) -> ValueError | None:
+        if not bad[0]:
+            return None
+        return nonfinite_input(function, **inputs) or overflow(overflow_message(function, what, result.dtype))
+
+    verify(~torch.isfinite(result).all(), error)
+    return result
 
 
 def per_sample(coef: Tensor, x: Tensor) -> Tensor:

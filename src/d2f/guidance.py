@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from ._checks import TimeLike, as_scalars, check_finite_result, check_same_shape, compute_dtype, per_sample
+from .deferred import verify
 
 
 def guidance(uncond: Tensor, cond: Tensor, scale: TimeLike) -> Tensor:
@@ -19,8 +20,7 @@ def guidance(uncond: Tensor, cond: Tensor, scale: TimeLike) -> Tensor:
     """
     check_same_shape(uncond=uncond, cond=cond)
     g = as_scalars(scale, like=cond, name="scale")
-    if not bool(g.isfinite().all()):
-        raise ValueError(f"scale must be finite, got {scale!r}")
+    verify(~g.isfinite().all(), lambda bad: ValueError(f"scale must be finite, got {scale!r}") if bad[0] else None)
     dtype = compute_dtype(uncond, cond)
     guided = torch.lerp(uncond.to(dtype), cond.to(dtype), per_sample(g.to(dtype), cond))
     return check_finite_result("guidance", "the result", guided, {"uncond": uncond, "cond": cond})

@@ -36,8 +36,9 @@ def loss_divisor(o: Tensor, reduction: str) -> int:
 
 class SavedGradientFunction(torch.autograd.Function):
     """A loss whose forward sweep already wrote ``dL/do`` for a unit upstream gradient and saved it; backward
-    only rescales it (per sample for ``reduction="none"``), or hands it back as it is for a plain
-    ``loss.backward()``. The torch path and the kernel (``d2f.kernels.loss``) share it.
+    only rescales it (per sample for ``reduction="none"``). It rescales even for a plain ``loss.backward()``:
+    telling a unit upstream gradient apart would read it back to the host, a synchronisation per step that
+    costs more than the pass. The torch path and the kernel (``d2f.kernels.loss``) share it.
 
     A second derivative (``create_graph=True``, as in gradient penalties or Hessian-vector products) must not
     see a constant: ``dL/do = 2*w*B*r/N`` is affine in ``o`` with slope ``2*w*B^2/N`` per sample, so then
@@ -62,8 +63,6 @@ class SavedGradientFunction(torch.autograd.Function):
             slope = 2 * b * b / loss_divisor(o, ctx.reduction) * (1 if w is None else w.to(b.dtype))
             dtype = compute_dtype(o)
             grad = (grad.to(dtype) + per_sample(slope.to(dtype), o) * (o - o.detach()).to(dtype)).to(grad.dtype)
-        elif not ctx.per_sample and bool(grad_loss == 1):
-            return (grad, *rest)  # loss.backward(): no pass at all
         upstream = per_sample(grad_loss, grad) if ctx.per_sample else grad_loss
         return ((grad * upstream).to(grad.dtype), *rest)
 

@@ -30,6 +30,7 @@ from ._checks import (
     describe,
     per_sample,
 )
+from .deferred import verify
 from .path import norm, norm_squared
 
 # The vocabulary, in one table: each type's singular FM times. The order is also the kernels' compile-time
@@ -75,19 +76,22 @@ def velocity_coefficients_checked(tt: Tensor, prediction_type: str) -> tuple[Ten
         return tt * 0, tt * 0 + 1
     # |A| = |B| = 1/t (or 1/(1-t)): inf at the singular end, and it overflows float64 just beside it too
     # (t below 2**-1024, subnormal), so one finiteness check covers both.
-    if not bool(b.isfinite().all()):
-        (end,) = SINGULAR_TIMES[prediction_type]
-        keep = f"keep t {'> 0' if end == 0 else '< 1'}: samplers should start at schedule.t_min or later"
-        if bool((tt == end).any()):
-            raise ValueError(
-                f"prediction_type={prediction_type!r} gives no velocity at t={end} (got t={describe(tt)}); {keep}"
-            )
-        first = tt.reshape(-1)[~b.reshape(-1).isfinite()][0].item()
-        raise ValueError(
-            f"prediction_type={prediction_type!r} gives no finite velocity at t={first!r}: so close to the "
-            f"singular end t={end} its coefficient overflows float64 (got t={describe(tt)}); {keep}"
-        )
+    verify(~b.isfinite().all(), lambda bad: _singular_error(tt, b, prediction_type) if bad[0] else None)
     return a, b
+
+
+def _singular_error(tt: Tensor, b: Tensor, prediction_type: str) -> ValueError:
+    (end,) = SINGULAR_TIMES[prediction_type]
+    keep = f"keep t {'> 0' if end == 0 else '< 1'}: samplers should start at schedule.t_min or later"
+    if bool((tt == end).any()):
+        return ValueError(
+            f"prediction_type={prediction_type!r} gives no velocity at t={end} (got t={describe(tt)}); {keep}"
+        )
+    first = tt.reshape(-1)[~b.reshape(-1).isfinite()][0].item()
+    return ValueError(
+        f"prediction_type={prediction_type!r} gives no finite velocity at t={first!r}: so close to the "
+        f"singular end t={end} its coefficient overflows float64 (got t={describe(tt)}); {keep}"
+    )
 
 
 def overflow_error_checked(message: str, tt: Tensor, prediction_type: str) -> ValueError:

@@ -27,6 +27,7 @@ from ._checks import (
     time_dtype,
 )
 from ._versioned import Document
+from .deferred import verify
 from .parametrization import DIFFUSERS_PREDICTION_TYPES
 
 _BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
@@ -320,8 +321,14 @@ class Schedule:
     def fm_time(self, k: TimeLike) -> Tensor:
         """Network timestep ``k`` (float, in ``[-1, T]``) -> FM time; the exact inverse of ``timestep``."""
         kk = as_scalars(k, name="k")
-        if bool((~((kk >= -1) & (kk <= self._k_max))).any()):
-            raise ValueError(f"k must lie in [-1, {self._k_max}] for this schedule; got {describe(k)}")
+        verify(
+            (~((kk >= -1) & (kk <= self._k_max))).any(),
+            lambda bad: (
+                ValueError(f"k must lie in [-1, {self._k_max}] for this schedule; got {describe(k)}")
+                if bad[0]
+                else None
+            ),
+        )
         tau_inc, _ = self._device_tables(kk.device)
         tau = tau_inc.flip(0)  # indexed by k + 1
         # The fraction is taken from k itself: k - floor(k) is exact, while shifting k by one first rounds it

@@ -28,6 +28,7 @@ declares nothing is treated as singular at both ends, 0 and 1.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple, Protocol
@@ -37,8 +38,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ._backend import kernels, use_triton
-from ._checks import NonFiniteError, check_choice, compute_dtype, describe, raise_on_nonfinite_input
+from ._checks import NonFiniteError, check_choice, compute_dtype, describe, nonfinite_input
 from ._chunks import row_chunks
+from .deferred import deferred_checks, verify
 from .grids import grid_steps
 from .parametrization import velocity_to_diffusion
 from .path import alpha_sigma, relabel_ratio, scale
@@ -95,20 +97,39 @@ def ode_step(
             )
         backend = "torch"
     if use_triton(backend, x, *outputs):
-        results = kernels().ode_step(mode, x.contiguous(), o_u, o_c, u1, a, b, h, g, s_next, z_dtype, c, k)
+        *results, flags = kernels().ode_step(mode, x.contiguous(), o_u, o_c, u1, a, b, h, g, s_next, z_dtype, c, k)
     else:
         results = _ode_step_torch(mode, x, o_u, o_c, u1, a, b, h, g, s_next, z_dtype, c, k)
-    first, z = results[:2]
-    # One check of the fresh state and network input (a NaN or inf input always reaches them: 0 * inf is
-    # NaN; a multistep velocity is a term of x'); the inputs are scanned only once something is already wrong.
-    if not bool(first.isfinite().all() & z.isfinite().all()):
-        raise_on_nonfinite_input("ode_step", x=x, o_u=o_u, o_c=o_c, u1=u1)
-        raise ValueError(
-            f"ode_step: the step overflowed (its result is not representable in {first.dtype}, or the next "
+        flags = step_flags(results[0], results[1], x=x, o_u=o_u, o_c=o_c, u1=u1)
+
+    def error(bad: list[float]) -> ValueError | None:
+        for name, flag in zip(STEP_FLAGS, bad):
+            if flag:
+                return NonFiniteError("ode_step", name)
+        if not bad[len(STEP_FLAGS)]:
+            return None
+        return ValueError(
+            f"ode_step: the step overflowed (its result is not representable in {results[0].dtype}, or the next "
             f"network input in {z_dtype}) although the inputs are finite; a={a!r}, b={b!r}, h={h!r}, g={g!r}, "
             f"s_next={s_next!r}, k={k!r}"
         )
-    return results
+
+    verify(flags, error)
+    return tuple(results)
+
+
+# ode_step's flags: one per input (NaN or inf in it), then one for its results (the fresh state or velocity and
+# the next network input). They are taken on every call, not only once a result is bad, because the inputs
+# may be gone when deferred flags are read (d2f.deferred); the kernel takes them from the values it loads.
+STEP_FLAGS = ("x", "o_u", "o_c", "u1")
+
+
+def step_flags(first: Tensor, z: Tensor, **inputs: Tensor | None) -> Tensor:
+    """``ode_step``'s flags on the torch path, in the order of ``STEP_FLAGS`` then the results'."""
+    nonfinite = [
+        ~v.isfinite().all() if v is not None else first.new_zeros((), dtype=torch.bool) for v in inputs.values()
+    ]
+    return torch.stack([*nonfinite, ~(first.isfinite().all() & z.isfinite().all())])
 
 
 def _ode_step_torch(mode, x, o_u, o_c, u1, a, b, h, g, s_next, z_dtype, c, k) -> tuple[Tensor, ...]:
@@ -194,9 +215,14 @@ def ddim_step(
             raise ValueError(f"eta={eta!r} > 0 needs noise")
         z = z + std * noise.to(z.dtype)
     x_next = z / float(scale(t_next))
-    if not bool(x_next.isfinite().all()):
-        raise_on_nonfinite_input("ddim_step", x=x, u=u, noise=noise)
-        raise ValueError(f"ddim_step: the step from t={t!r} to t={t_next!r} overflowed although the inputs are finite")
+
+    def error(bad: list[float]) -> ValueError | None:
+        if not bad[0]:
+            return None
+        message = f"ddim_step: the step from t={t!r} to t={t_next!r} overflowed although the inputs are finite"
+        return nonfinite_input("ddim_step", x=x, u=u, noise=noise) or ValueError(message)
+
+    verify(~x_next.isfinite().all(), error)
     return x_next, data
 
 
@@ -323,27 +349,34 @@ def integrate(field: Field, x: Tensor, z: Tensor, steps, solver: str, cond, call
     for Heun on a step ending at a singular time), twice for the two-stage solvers."""
     c, end, z_dtype = PREDICTOR_FRACTION.get(solver, 1.0), steps[0][0], field.input_dtype(x)
     previous = None  # multistep: the velocity and size of the step before
-    for i, (t0, t1) in enumerate(tqdm(steps, disable=not progress, desc=f"d2f {solver}", unit="step")):
-        x, z = _carry(field, x, z, end, t0)
-        h, times = t1 - t0, stage_times(solver, t0, t1, field.singular_times)
-        try:
-            out = field.outputs(z, t0, cond)
-            if callback is not None:
-                callback(i, t0, x, out.o_u)  # the field is in velocity form whenever there is a callback
-            if solver == "multistep":
-                u_prev, k = multistep_history(previous, h)
-                x, z, u = _step(MULTISTEP, field, x, out, u_prev, h, t1, z_dtype, backend, k=k)
-                previous = (u, h)
-            elif len(times) == 1:
-                x, z = _step(EULER, field, x, out, None, h, t1, z_dtype, backend)
-            else:
-                u1, z_p = _step(PREDICT, field, x, out, None, h, times[1], z_dtype, backend, c)
-                x, z = _step(CORRECT, field, x, field.outputs(z_p, times[1], cond), u1, h, t1, z_dtype, backend, c)
-        except NonFiniteError as e:  # ode_step's argument names mean nothing to the caller of sample
+    with deferred_checks() as checks:  # no host synchronisation inside the loop; read once after it
+        for i, (t0, t1) in enumerate(tqdm(steps, disable=not progress, desc=f"d2f {solver}", unit="step")):
             where = f"sample: step {i + 1} of {len(steps)} ({solver}, t {t0:.6g} -> {t1:.6g})"
-            raise NonFiniteError(where, STEP_INPUTS.get(e.tensor, e.tensor)) from e
-        end = t1
+            x, z = _carry(field, x, z, end, t0)
+            h, times = t1 - t0, stage_times(solver, t0, t1, field.singular_times)
+            with checks.within(functools.partial(_at_step, where)):
+                out = field.outputs(z, t0, cond)
+                if callback is not None:
+                    callback(i, t0, x, out.o_u)  # the field is in velocity form whenever there is a callback
+                if solver == "multistep":
+                    u_prev, k = multistep_history(previous, h)
+                    x, z, u = _step(MULTISTEP, field, x, out, u_prev, h, t1, z_dtype, backend, k=k)
+                    previous = (u, h)
+                elif len(times) == 1:
+                    x, z = _step(EULER, field, x, out, None, h, t1, z_dtype, backend)
+                else:
+                    u1, z_p = _step(PREDICT, field, x, out, None, h, times[1], z_dtype, backend, c)
+                    out_p = field.outputs(z_p, times[1], cond)
+                    x, z = _step(CORRECT, field, x, out_p, u1, h, t1, z_dtype, backend, c)
+            end = t1
     return x
+
+
+def _at_step(where: str, error: Exception) -> Exception:
+    """A step's error as the caller of ``sample`` reads it: ode_step's argument names mean nothing to them."""
+    if isinstance(error, NonFiniteError):
+        return NonFiniteError(where, STEP_INPUTS.get(error.tensor, error.tensor))
+    return ValueError(f"{where}: {error}") if type(error) is ValueError else error
 
 
 def _solve(field, x: Tensor, steps, solver, cond, callback, progress, backend) -> Tensor:

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._checks import TimeLike, as_time, check_finite_result, check_same_shape, compute_dtype, describe
+from ._checks import TimeLike, as_time, check_bool, check_finite_result, check_same_shape, compute_dtype, describe
+from .capture import captured_sample
 from .grids import grid_steps
 from .guidance import guidance
 from .parametrization import (
@@ -126,6 +127,7 @@ class D2FVelocity:
         self.concat = concat
         self.align_input = bool(align_input)
         self.singular_times = SINGULAR_TIMES[prediction_type]
+        self._recording = None  # d2f.capture's graph, once sample(capture=True) made one
 
     def model_output(self, x: Tensor, t: TimeLike, **cond: Any) -> Tensor:
         """The (guided) raw network output at FM state ``x``, in at least float32."""
@@ -191,22 +193,34 @@ class D2FVelocity:
 
     def outputs(self, z: Tensor, t: float, cond: Mapping[str, Any]) -> Outputs:
         """The raw outputs at network input ``z`` and the velocity coefficients at ``t``."""
-        o_u, o_c = self._network_outputs(z, torch.tensor(t, dtype=torch.float64, device=z.device), cond)
+        # A fill, not a copy from the host: a copy could wait for the device, and a recorded graph could not
+        # replay it (d2f.capture).
+        o_u, o_c = self._network_outputs(z, torch.full((), t, dtype=torch.float64, device=z.device), cond)
         a, b = velocity_coefficients(t, self.prediction_type)
         return Outputs(o_u, o_c, float(a), float(b), self.guidance_scale)
 
     @torch.no_grad()
     def sample(
-        self, noise: Tensor, ts, solver="euler", callback=None, progress=False, backend="auto", **cond
+        self, noise: Tensor, ts, solver="euler", callback=None, progress=False, backend="auto", capture=False, **cond
     ) -> Tensor:
         """Generate from ``noise`` with :func:`d2f.sample`, starting at ``x = noise / scale(ts[0])`` (``noise``
         itself without ``align_input``): DDIM's start, whose network input ``scale(ts[0]) * x`` is the noise
         (to float rounding).
 
         ``ts``, ``solver``, ``callback``, ``progress``, ``backend`` and the conditioning kwargs as
-        :func:`d2f.sample` takes them. Returns the FM state at ``ts[-1]`` (float32, or float64 for float64
-        noise).
+        :func:`d2f.sample` takes them. ``capture=True`` (CUDA only) records the whole loop as a CUDA graph on
+        the first call for a given noise shape, grid, solver and conditioning, and replays it on later ones
+        (``d2f.capture``); it takes no ``callback`` or ``progress``, which run on the host at every step.
+        Returns the FM state at ``ts[-1]`` (float32, or float64 for float64 noise).
         """
         check_same_shape(noise=noise)
+        if check_bool("capture", capture):
+            for name, value in (("callback", callback), ("progress", progress)):
+                if value:
+                    raise ValueError(
+                        f"capture=True records the loop once and replays it on the device, so {name}={value!r}, "
+                        "which runs on the host at every step, would run only while recording; pass one or the other"
+                    )
+            return captured_sample(self, noise, ts, solver, backend, cond)
         x = noise.to(compute_dtype(noise)) / self.input_scale(grid_steps(ts)[0][0])
         return sample(self, x, ts, solver, callback, progress, backend, **cond)

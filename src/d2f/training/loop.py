@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from .._checks import NonFiniteError
 from .._extras import require
 from .._files import write_json
+from ..deferred import DeferredChecks, deferred_checks
 from .checkpoint import latest_checkpoint, load_checkpoint, read_state, resume_point, save_checkpoint
 from .checkpoint import remove_interrupted as remove_interrupted_checkpoints
 from .conditioning import Conditioning, SampleRequest
@@ -170,14 +171,34 @@ def _micro_batch_loss(config, network, model, data, stream, conditioning, where,
 
 
 def _nonfinite_report(config, out: Path, step: int, stream: Stream, world: int, total: float) -> str:
-    per_step = config.batch_size * config.grad_accum * world
-    indices = stream.indices(torch.arange(step * per_step, (step + 1) * per_step)).tolist()
     last = latest_checkpoint(out)
     return (
-        f"non-finite loss {total} at step {step + 1}; batch indices (into the data set) {indices}; last good "
+        f"non-finite loss {total} at step {step + 1}; batch indices (into the data set) "
+        f"{_batch(step, stream, config, world)}; last good "
         f"checkpoint: {last if last is not None else 'none'}. Resume from it with a lower lr, or pass "
         "--on-nonfinite skip to skip such steps"
     )
+
+
+def _read_step(checks: DeferredChecks, value: torch.Tensor, step: int, stream: Stream, config, world: int) -> float:
+    """The step's mean loss, read with its deferred checks in one transfer: the step's only host
+    synchronisation. A network output with NaN or inf makes the loss NaN (every rank's, through the mean, so
+    all stop or skip together); other failed checks (NaN in the data, say) stop the run, naming the step."""
+    try:
+        (total,) = checks.read(value)
+    except NonFiniteError as e:
+        if e.tensor != "model_output":
+            where = (
+                f"d2f train: step {step + 1}, batch indices (into the data set) {_batch(step, stream, config, world)}"
+            )
+            raise NonFiniteError(f"{where}: {e.function}", e.tensor) from e
+        total = math.nan
+    return total
+
+
+def _batch(step: int, stream: Stream, config, world: int) -> list[int]:
+    per_step = config.batch_size * config.grad_accum * world
+    return stream.indices(torch.arange(step * per_step, (step + 1) * per_step)).tolist()
 
 
 def _check_weights(config, out: Path, step: int, trainable: dict, ema: dict) -> None:
@@ -270,24 +291,17 @@ def _train_locked(config: TrainConfig, resume: str | None, progress: bool, accel
     for step in bar:
         for group in prepared_optimizer.param_groups:
             group["lr"] = config.lr_at(step)
-        total = 0.0
-        for micro in range(config.grad_accum):
-            sync = micro == config.grad_accum - 1
-            with contextlib.nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast():
-                where = positions(config, step, micro, rank, world)
-                try:
+        value = torch.zeros((), device=device)
+        with deferred_checks() as checks:  # the step's checks stay on the device until its loss is read
+            for micro in range(config.grad_accum):
+                sync = micro == config.grad_accum - 1
+                with contextlib.nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast():
+                    where = positions(config, step, micro, rank, world)
                     loss = _micro_batch_loss(config, network, model, data, stream, conditioning, where, device)
-                    value = loss.detach()
-                except NonFiniteError as e:
-                    if e.tensor != "model_output":
-                        raise
-                    # The network diverged. A zero loss over every trainable weight still joins the other
-                    # ranks' gradient all-reduce, and the NaN value below makes them all stop (or skip) together.
-                    loss = sum((p * 0).sum() for p in trainable.values())
-                    value = torch.tensor(math.nan, device=device)
-                accelerator.backward(loss / config.grad_accum)
-            # The mean over all processes: every rank sees the same value (and stops together on a NaN).
-            total += float(accelerator.reduce(value, reduction="mean")) / config.grad_accum
+                    accelerator.backward(loss / config.grad_accum)
+                # The mean over all processes: every rank sees the same value (and stops together on a NaN).
+                value = value + accelerator.reduce(loss.detach(), reduction="mean") / config.grad_accum
+            total = _read_step(checks, value, step, stream, config, world)
         if not math.isfinite(total) and config.on_nonfinite == "stop":
             raise FloatingPointError(_nonfinite_report(config, out, step, stream, world, total))
         if math.isfinite(total):  # else --on-nonfinite skip: the step changes nothing
