@@ -91,7 +91,9 @@ def as_scalars(value: TimeLike, *, like: Tensor | None = None, name: str) -> Ten
             raise ValueError(f"{name} must be real, got dtype {value.dtype}")
         out = value.detach().to(device=device if device is not None else value.device, dtype=torch.float64)
     elif isinstance(value, numbers.Real) and not isinstance(value, bool):
-        out = torch.tensor(float(value), dtype=torch.float64, device=device)
+        # A fill on the device, not a copy from the host, which would wait for the device (and cannot be
+        # recorded in a CUDA graph, d2f.capture).
+        out = torch.full((), float(value), dtype=torch.float64, device=device)
     else:
         raise ValueError(f"{name} must be a float or a tensor, got {type(value).__name__}")
     if out.ndim > 1:

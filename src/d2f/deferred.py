@@ -126,6 +126,12 @@ def deferred_checks() -> Iterator[DeferredChecks]:
     checks.read()
 
 
+def deferring() -> bool:
+    """Whether a :func:`deferred_checks` scope is active: a check may then be read after its inputs are gone, so
+    it must take whatever naming the culprit needs into its flags up front."""
+    return _ACTIVE.get() is not None
+
+
 def verify(flags: Tensor, error: ErrorFor) -> None:
     """Check ``flags``: raise ``error(values)`` now, or queue it when a :func:`deferred_checks` scope is active.
 

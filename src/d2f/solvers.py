@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from ._backend import kernels, use_triton
 from ._checks import NonFiniteError, check_choice, compute_dtype, describe, nonfinite_input
 from ._chunks import row_chunks
-from .deferred import deferred_checks, verify
+from .deferred import deferred_checks, deferring, verify
 from .grids import grid_steps
 from .parametrization import velocity_to_diffusion
 from .path import alpha_sigma, relabel_ratio, scale
@@ -96,40 +96,42 @@ def ode_step(
                 "backend='auto' or 'torch', or sample under torch.no_grad()"
             )
         backend = "torch"
+    overflow = (
+        f"ode_step: the step overflowed (its result is not representable in {x.dtype}, or the next network input "
+        f"in {z_dtype}) although the inputs are finite; a={a!r}, b={b!r}, h={h!r}, g={g!r}, s_next={s_next!r}, "
+        f"k={k!r}"
+    )
     if use_triton(backend, x, *outputs):
         *results, flags = kernels().ode_step(mode, x.contiguous(), o_u, o_c, u1, a, b, h, g, s_next, z_dtype, c, k)
-    else:
-        results = _ode_step_torch(mode, x, o_u, o_c, u1, a, b, h, g, s_next, z_dtype, c, k)
-        flags = step_flags(results[0], results[1], x=x, o_u=o_u, o_c=o_c, u1=u1)
+        verify(flags, functools.partial(_named_step_error, overflow))
+        return tuple(results)
+    results = _ode_step_torch(mode, x, o_u, o_c, u1, a, b, h, g, s_next, z_dtype, c, k)
+    results_bad = ~(results[0].isfinite().all() & results[1].isfinite().all())
+    if deferring():  # the inputs may be gone when the flags are read, so each gets its own flag now
+        none = results_bad.new_zeros(())
+        inputs_bad = [~v.isfinite().all() if v is not None else none for v in (x, o_u, o_c, u1)]
+        verify(torch.stack([*inputs_bad, results_bad]), functools.partial(_named_step_error, overflow))
+    else:  # read at once: the inputs are still here, and scanned only once a result is bad
 
-    def error(bad: list[float]) -> ValueError | None:
-        for name, flag in zip(STEP_FLAGS, bad):
-            if flag:
-                return NonFiniteError("ode_step", name)
-        if not bad[len(STEP_FLAGS)]:
-            return None
-        return ValueError(
-            f"ode_step: the step overflowed (its result is not representable in {results[0].dtype}, or the next "
-            f"network input in {z_dtype}) although the inputs are finite; a={a!r}, b={b!r}, h={h!r}, g={g!r}, "
-            f"s_next={s_next!r}, k={k!r}"
-        )
+        def error(bad: list[bool]) -> ValueError | None:
+            if not bad[0]:
+                return None
+            return nonfinite_input("ode_step", x=x, o_u=o_u, o_c=o_c, u1=u1) or ValueError(overflow)
 
-    verify(flags, error)
+        verify(results_bad, error)
     return tuple(results)
 
 
-# ode_step's flags: one per input (NaN or inf in it), then one for its results (the fresh state or velocity and
-# the next network input). They are taken on every call, not only once a result is bad, because the inputs
-# may be gone when deferred flags are read (d2f.deferred); the kernel takes them from the values it loads.
+# The flags of ode_step when they are read later: one per input (the kernel takes them from the values it
+# loads anyway), then one for the results (the fresh state or velocity and the next network input).
 STEP_FLAGS = ("x", "o_u", "o_c", "u1")
 
 
-def step_flags(first: Tensor, z: Tensor, **inputs: Tensor | None) -> Tensor:
-    """``ode_step``'s flags on the torch path, in the order of ``STEP_FLAGS`` then the results'."""
-    nonfinite = [
-        ~v.isfinite().all() if v is not None else first.new_zeros((), dtype=torch.bool) for v in inputs.values()
-    ]
-    return torch.stack([*nonfinite, ~(first.isfinite().all() & z.isfinite().all())])
+def _named_step_error(overflow: str, bad: list[float]) -> ValueError | None:
+    for name, flag in zip(STEP_FLAGS, bad):
+        if flag:
+            return NonFiniteError("ode_step", name)
+    return ValueError(overflow) if bad[len(STEP_FLAGS)] else None
 
 
 def _ode_step_torch(mode, x, o_u, o_c, u1, a, b, h, g, s_next, z_dtype, c, k) -> tuple[Tensor, ...]:
