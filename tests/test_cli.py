@@ -26,6 +26,15 @@ SAMPLE = ["sample", "--model", "teacher", "--steps", "2", "--num-samples", "4"]
         (["eval", "--model", "{tmp}"], "no d2f.json there, so it is not a d2f export"),
         (["pairs", "--num-samples", "0", "--out", "{tmp}/p.safetensors"], "num_pairs=0 is not allowed"),
         (["train", "--out", "{tmp}/a-file"], "File exists: '{tmp}/a-file'"),
+        (["teacher", "--resolution", "24", "--out", "{tmp}/t"], "resolution=24 has no teacher recipe: one of (16,"),
+        (
+            ["reproduce", "--experiment", "e4", "--resolution", "24", "--out", "{tmp}/r"],
+            "resolution=24 is not allowed for E4: one of (16, 32, 64)",
+        ),
+        (
+            ["reproduce", "--experiment", "e1", "--resolution", "64", "--out", "{tmp}/r"],
+            "resolution=64 is for experiment 'e4' only, not 'e1'",
+        ),
     ],
 )
 def test_a_user_error_is_one_line_with_status_2(tmp_path, capsys, monkeypatch, argv, message):

@@ -115,6 +115,46 @@ def test_e3_reflow_and_e4_terminal_snr_in_miniature(tmp_path):
     assert report["data"]["wasserstein_to_data"] == 0 and (tmp_path / "e4.png").is_file()
 
 
+def test_e4_at_32px_runs_every_arm_on_every_seed_with_its_teacher(tmp_path):
+    """E4 at 32 px in miniature, on the committed 32 px teacher: every arm trains at 32 px from it, every
+    method is scored on each seed, and the spread is the seeds' range."""
+    from d2f.evaluation.terminal_snr import E4_ARMS, E4_METHODS, METRICS, terminal_snr
+
+    report = terminal_snr(
+        str(tmp_path / "e4"), 2, 10, 2, seed=5, resolution=32, seeds=2, batch_size=4, plot_png=tmp_path / "e4.png"
+    )
+    assert report["resolution"] == 32 and report["teacher"] == "teacher32" and report["seeds"] == [5, 6]
+    for arm in E4_ARMS:
+        config = json.loads((tmp_path / "e4" / "seed6" / arm / "config.json").read_text())
+        assert config["resolution"] == 32 and config["pretrained"].endswith("teacher32")
+    assert config["zero_terminal_snr"] is True  # the last arm
+    assert set(report["methods"]) == set(E4_METHODS)
+    for entry in report["methods"].values():
+        assert len(entry["per_seed"]) == 2
+        for metric in METRICS:
+            low, high = entry["spread"][metric]
+            assert low == min(r[metric] for r in entry["per_seed"]) and low <= entry[metric] <= high
+    assert (tmp_path / "e4.png").is_file()
+
+
+def test_teacher_architecture_adds_a_level_per_doubling():
+    from diffusers import UNet2DModel
+
+    from d2f.training.teacher import ARCHITECTURE, architecture, from_scratch
+
+    assert architecture(16) == ARCHITECTURE  # the embedded teacher is unchanged
+    for resolution, levels in ((32, 3), (64, 4)):
+        settings = architecture(resolution)
+        assert len(settings["block_out_channels"]) == len(settings["down_block_types"]) == levels
+        unet = UNet2DModel(**settings)
+        # attention stays at 8x8: the one attention level is the last, after levels - 1 halvings
+        assert settings["down_block_types"][-1] == "AttnDownBlock2D" and resolution >> (levels - 1) == 8
+        x = torch.randn(2, 1, resolution, resolution)
+        assert unet(x, torch.tensor([5, 900]), class_labels=torch.tensor([1, 10])).sample.shape == x.shape
+    with pytest.raises(ValueError, match=r"resolution=24 has no teacher architecture: one of \(16, 32, 64\)"):
+        from_scratch("v_prediction", 24)
+
+
 def test_e5_few_step_in_miniature_counts_network_calls_honestly(tmp_path):
     """E5 end to end at toy scale: every row at each NFE it reaches exactly, one score per seed, a chosen
     setting per diffusers scheduler, and a figure per model."""

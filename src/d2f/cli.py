@@ -282,6 +282,12 @@ def _reproduce_parser(sub) -> None:
     p.add_argument("--scale", type=float, default=1.0, help="multiply sample counts and training steps")
     p.add_argument("--seed", type=int, default=0, help="seeds training and sampling")
     p.add_argument("--out", default="results", help="folder for the JSON results and figures")
+    p.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="e4 only: 16 (default, the embedded teacher), or 32 or 64 (teachers in results/teachers, 3 seeds)",
+    )
 
 
 def _study_parser(sub) -> None:
@@ -303,9 +309,12 @@ def _study_parser(sub) -> None:
 
 
 def _teacher_parser(sub) -> None:
-    p = sub.add_parser("teacher", help="retrain the embedded MNIST teacher from scratch")
+    p = sub.add_parser("teacher", help="retrain the embedded MNIST teacher (or a 32 or 64 px one) from scratch")
     p.add_argument("--out", default="runs/teacher", help="the run folder")
-    p.add_argument("--max-steps", type=int, default=3000, help="training steps")
+    p.add_argument(
+        "--resolution", type=int, default=16, help="16 (the embedded teacher), or 32 or 64 (E4's larger teachers)"
+    )
+    p.add_argument("--max-steps", type=int, default=None, help="training steps (unset: the recipe's, 3000 at 16 px)")
     p.add_argument("--seed", type=int, default=0, help="seeds the initial weights and every draw")
 
 
@@ -399,7 +408,7 @@ def _pairs(args: argparse.Namespace) -> None:
 def _reproduce(args: argparse.Namespace) -> None:
     from .evaluation.reproduce import reproduce
 
-    reports = reproduce(args.experiment, args.out, args.seed, args.num_samples, args.scale)
+    reports = reproduce(args.experiment, args.out, args.seed, args.num_samples, args.scale, args.resolution)
     _print_json({name: report.get("seconds") for name, report in reports.items()})
     print(f"wrote {', '.join(sorted(reports))} to {args.out}")
 
@@ -419,7 +428,7 @@ def _teacher(args: argparse.Namespace) -> None:
     from .training.loop import train
     from .training.teacher import teacher_config
 
-    _print_json(train(teacher_config(args.out, args.max_steps, args.seed)))
+    _print_json(train(teacher_config(args.out, args.max_steps, args.seed, args.resolution)))
 
 
 def _classifier(args: argparse.Namespace) -> None:

@@ -112,20 +112,11 @@ def committed_run(out: str, objective: str, **settings) -> TrainConfig:
     return TrainConfig(out=out, objective=objective, t_sampler=t_sampler, lr=1e-3, **settings)
 
 
-def full_finetune_16px(out: str, objective: str, max_steps: int, seed: int, **settings) -> TrainConfig:
-    """E3's and E4's runs: the 16 px teacher finetuned in full, batch 64, no checkpoints, 20 samples at the end."""
-    return committed_run(
-        out,
-        objective,
-        resolution=16,
-        lora_rank=0,
-        max_steps=max_steps,
-        batch_size=64,
-        checkpoint_every=0,
-        num_samples=20,
-        seed=seed,
-        **settings,
-    )
+def full_finetune(out: str, objective: str, max_steps: int, seed: int, **settings) -> TrainConfig:
+    """E3's and E4's runs: a teacher (unless ``settings`` say otherwise, the 16 px one at batch 64) finetuned in
+    full, no checkpoints, 20 samples at the end."""
+    defaults = {"resolution": 16, "batch_size": 64, "lora_rank": 0, "checkpoint_every": 0, "num_samples": 20}
+    return committed_run(out, objective, max_steps=max_steps, seed=seed, **{**defaults, **settings})
 
 
 # E2: finetuning on the default task (the 16x16 teacher adapted to 24x24 digits), the three objectives.

@@ -22,7 +22,7 @@ from ..training.export import load
 from ..training.images import save_grid
 from ..training.sampling import SamplingSettings, ddim_reference
 from .classifier import load_classifier
-from .experiments import full_finetune_16px
+from .experiments import full_finetune
 from .metrics import features, score
 
 E3_STEPS = (1, 2, 4, 25)
@@ -37,7 +37,7 @@ def train_reflow(out: str, num_pairs: int, pair_steps: int, max_steps: int, seed
     pairs = Path(out) / "pairs.safetensors"
     settings = SamplingSettings(pair_steps, "euler", "uniform", seed=seed + 7)
     pair_meta = generate_pairs("teacher", pairs, num_pairs, settings)
-    config = full_finetune_16px(str(Path(out) / "reflow"), "d2f", max_steps, seed, pairs=str(pairs), sample_steps=4)
+    config = full_finetune(str(Path(out) / "reflow"), "d2f", max_steps, seed, pairs=str(pairs), sample_steps=4)
     return config, train(config, progress=False), pair_meta
 
 

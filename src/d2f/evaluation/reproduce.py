@@ -37,16 +37,34 @@ def plot_finetune(report: dict, path: Path) -> None:
     save_line_plot(series, path, "E2: FID (log scale) vs finetuning steps", "finetuning step", log_y=True)
 
 
-def reproduce(experiment: str, out: str = "results", seed: int = 0, num_samples: int | None = None, scale=1.0):
-    """Run one experiment (or ``all``) and write ``out/<name>.json`` plus its figure; returns the reports."""
+def e4_file(resolution: int) -> str:
+    """E4's result file at ``resolution`` px: 16 px keeps its original name."""
+    return FILES["e4"] if resolution == 16 else f"terminal_snr_{resolution}.json"
+
+
+def reproduce(
+    experiment: str,
+    out: str = "results",
+    seed: int = 0,
+    num_samples: int | None = None,
+    scale=1.0,
+    resolution: int | None = None,
+):
+    """Run one experiment (or ``all``) and write ``out/<name>.json`` plus its figure; returns the reports.
+
+    ``resolution``: E4's (16, 32 or 64; unset: 16); the other experiments have theirs fixed."""
     from .depth import depth
     from .experiments import finetune, zero_shot
     from .few_step import few_step
     from .reflow import reflow
-    from .terminal_snr import terminal_snr
+    from .terminal_snr import E4_SETTINGS, check_resolution, terminal_snr
 
     if experiment != "all" and experiment not in EXPERIMENTS:
         raise ValueError(f"experiment={experiment!r} is not allowed: one of {EXPERIMENTS} or 'all'")
+    if resolution is not None and experiment != "e4":
+        raise ValueError(f"resolution={resolution!r} is for experiment 'e4' only, not {experiment!r}")
+    e4_resolution = check_resolution(16 if resolution is None else resolution)
+    e4 = E4_SETTINGS[e4_resolution]
     if not (isinstance(scale, (int, float)) and scale > 0):
         raise ValueError(f"scale={scale!r} is not allowed: a number > 0")
     folder = Path(out)
@@ -65,7 +83,12 @@ def reproduce(experiment: str, out: str = "results", seed: int = 0, num_samples:
             "runs/e3", max_steps=steps(1000), num_samples=n(1000), seed=seed, grid_png=folder / "reflow_samples.png"
         ),
         "e4": lambda: terminal_snr(
-            "runs/e4", max_steps=steps(600), num_samples=n(1000), seed=seed, plot_png=folder / "terminal_snr.png"
+            "runs/e4" if e4_resolution == 16 else f"runs/e4-{e4_resolution}",
+            max_steps=steps(e4["max_steps"]),
+            num_samples=n(e4["num_samples"]),
+            seed=seed,
+            plot_png=folder / e4_file(e4_resolution).replace(".json", ".png"),
+            resolution=e4_resolution,
         ),
         "e5": lambda: few_step(
             "runs/e5",
@@ -86,7 +109,7 @@ def reproduce(experiment: str, out: str = "results", seed: int = 0, num_samples:
     reports = {}
     for name in EXPERIMENTS if experiment == "all" else (experiment,):
         report = {**runners[name](), "draws": DRAWS}  # how the training runs drew noise, t and dropout
-        write_json(folder / FILES[name], report)
+        write_json(folder / (e4_file(e4_resolution) if name == "e4" else FILES[name]), report)
         if name == "e2":
             plot_finetune(report, folder / "finetune_fid.png")
         reports[name] = report

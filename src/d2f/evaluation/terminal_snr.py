@@ -5,13 +5,20 @@ keeps 7 % of the image, so it never learns to start from pure noise, and its DDI
 timestep 961 (25 leading steps), not at noise alone. Diff2Flow's FM time runs on to t = 0, pure noise,
 and its d2f objective trains there too.
 
-The data: the 5000 MNIST digits at 16 px with every other digit (in a seeded order) inverted to black on
-white, so per-image mean brightness is bimodal, about -0.74 and +0.74 on the [-1, 1] scale, with nothing
-near the mean 0. The teacher (trained on white-on-black digits only) is finetuned in full on it with the
-diffusion objective and with d2f, at the same budget; each is sampled with its natural sampler, and d2f
-also on the DDIM grid to separate the weights from the sampler. Per method: the 1-D Wasserstein distance
-between the per-image mean brightness of samples and data, the share of inverted samples (data: 0.5), and
-the share of grey images (|mean| < 0.3; data: none).
+The data: the 5000 MNIST digits with every other digit (in a seeded order) inverted to black on white, so
+per-image mean brightness is bimodal, about -0.74 and +0.74 on the [-1, 1] scale, with nothing near the mean
+0. The teacher (trained on white-on-black digits only) is finetuned in full on it with the diffusion
+objective, with d2f, and with the diffusion objective on its schedule rescaled to zero terminal SNR (Lin et
+al.), at the same budget; each is sampled with its natural sampler (the zero-SNR model with DDIM's trailing
+steps, which start at timestep 999, pure noise), and d2f also on the DDIM grid to separate the weights from
+the sampler. Per method: the 1-D Wasserstein distance between the per-image mean brightness of samples and
+data, the share of inverted samples (data: 0.5), and the share of grey images (|mean| < 0.3; data: none).
+
+Why resolution matters: the image mean leaking through the last timestep is sqrt(alphabar_999) x 0.74 =
+0.050, while the mean of r x r pixels of pure noise varies by 1/r between images. At 16 px (0.063) the leak
+drowns in that noise; at 64 px (0.016) it does not, so a network trained on the leak can lean on it and the
+flaw should show. E4 runs at 16 px on the embedded teacher, and at 32 and 64 px on teachers trained the same
+way at those sizes (:mod:`d2f.training.teacher`), committed under ``results/teachers``.
 """
 
 from __future__ import annotations
@@ -27,19 +34,57 @@ from ..grids import sampling_grid
 from ..training.data import mnist
 from ..training.export import load
 from ..training.images import save_line_plot
-from .experiments import full_finetune_16px
+from .experiments import full_finetune
 
-E4_METHODS = {  # name: (model, grid)
-    "teacher_ddim": ("teacher", "ddim"),
-    "diffusion_ddim": ("diffusion", "ddim"),
-    "d2f_uniform": ("d2f", "uniform"),
-    "d2f_ddim_grid": ("d2f", "ddim"),
+E4_ARMS = {  # the finetuning runs: name -> their settings
+    "diffusion": {"objective": "diffusion"},
+    "d2f": {"objective": "d2f"},
+    "diffusion_zero_snr": {"objective": "diffusion", "zero_terminal_snr": True},
 }
+E4_METHODS = {  # name: (model, grid, DDIM spacing)
+    "teacher_ddim": ("teacher", "ddim", "leading"),
+    "diffusion_ddim": ("diffusion", "ddim", "leading"),
+    "d2f_uniform": ("d2f", "uniform", "leading"),
+    "d2f_ddim_grid": ("d2f", "ddim", "leading"),
+    "zero_snr_ddim_trailing": ("diffusion_zero_snr", "ddim", "trailing"),
+}
+METRICS = ("wasserstein_to_data", "inverted_share", "grey_share", "mean")
 GREY = 0.3
+# Per resolution: finetuning steps and batch, samples per seed and method, DDIM steps, seeds (offsets from
+# ``seed``). 16 px is the committed E4; 32 and 64 px are sized for about 25 and 50 minutes on one CPU core.
+E4_SETTINGS = {
+    16: {"max_steps": 600, "batch_size": 64, "num_samples": 1000, "sample_steps": 25, "seeds": 1},
+    32: {"max_steps": 150, "batch_size": 32, "num_samples": 150, "sample_steps": 25, "seeds": 3},
+    64: {"max_steps": 150, "batch_size": 32, "num_samples": 150, "sample_steps": 25, "seeds": 3},
+}
+E4_RESOLUTIONS = tuple(E4_SETTINGS)
 
 
-def half_inverted_digits(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    data = mnist(16)
+def check_resolution(resolution: int) -> int:
+    if resolution not in E4_SETTINGS:
+        raise ValueError(f"resolution={resolution!r} is not allowed for E4: one of {E4_RESOLUTIONS}")
+    return resolution
+
+
+def e4_teacher(resolution: int) -> str:
+    """The teacher E4 finetunes at ``resolution``: the embedded one at 16 px; at 32 and 64 px the export
+    committed in ``results/teachers`` (a source checkout), else one trained with ``d2f teacher``'s recipe."""
+    from ..training.loop import train
+    from ..training.teacher import teacher_config
+
+    if check_resolution(resolution) == 16:
+        return "teacher"
+    committed = Path(__file__).resolve().parents[3] / "results" / "teachers" / f"teacher{resolution}"
+    if (committed / "d2f.json").is_file():
+        return str(committed)
+    run = Path("runs") / f"teacher{resolution}"
+    if not (run / "export" / "d2f.json").is_file():
+        train(teacher_config(str(run), None, seed=0, resolution=resolution))
+    return str(run / "export")
+
+
+def half_inverted_digits(seed: int = 0, resolution: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    data = mnist(resolution)
     images = data.images.clone()
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
     images[order[::2]] = -images[order[::2]]
@@ -61,59 +106,121 @@ def brightness_report(brightness: np.ndarray, data_brightness: np.ndarray) -> di
     }
 
 
-def terminal_snr(
-    out: str = "runs/e4",
-    max_steps: int = 600,
-    num_samples: int = 1000,
-    sample_steps: int = 25,
-    seed: int = 0,
-    plot_png: Path | None = None,
-) -> dict:
-    """E4. Returns ``{"methods": {name: brightness report}, "data": ..., ...}``."""
+def _one_seed(out: Path, teacher: str, resolution: int, settings: dict, seed: int) -> tuple[dict, dict, dict]:
+    """Finetune every arm on seed ``seed``'s data and sample every method; returns (per-method reports, their
+    brightness arrays, timings)."""
     from ..training.loop import train
 
-    started = time.perf_counter()
-    images, labels = half_inverted_digits(seed)
-    data_file = Path(out) / "half_inverted_mnist16.safetensors"
+    images, labels = half_inverted_digits(seed, resolution)
+    data_file = out / f"half_inverted_mnist{resolution}.safetensors"
     data_file.parent.mkdir(parents=True, exist_ok=True)
     write_safetensors(data_file, {"latents": images, "labels": labels})
-    exports, train_seconds = {"teacher": "teacher"}, {}
-    for objective in ("diffusion", "d2f"):
-        config = full_finetune_16px(
-            str(Path(out) / objective), objective, max_steps, seed, data=str(data_file), sample_steps=sample_steps
+    exports, timings = {"teacher": teacher}, {"train_seconds": {}, "sample_seconds": {}}
+    for arm, arm_settings in E4_ARMS.items():
+        config = full_finetune(
+            str(out / arm),
+            max_steps=settings["max_steps"],
+            seed=seed,
+            data=str(data_file),
+            pretrained=teacher,
+            resolution=resolution,
+            batch_size=settings["batch_size"],
+            sample_steps=settings["sample_steps"],
+            **arm_settings,
         )
-        train_seconds[objective] = train(config, progress=False)["seconds_train"]
-        exports[objective] = str(Path(config.out) / "export")
+        timings["train_seconds"][arm] = train(config, progress=False)["seconds_train"]
+        exports[arm] = str(Path(config.out) / "export")
 
-    noise = torch.randn(num_samples, 1, 16, 16, generator=torch.Generator().manual_seed(seed + 300))
-    class_labels = torch.arange(num_samples) % 10
+    n, steps = settings["num_samples"], settings["sample_steps"]
+    noise = torch.randn(n, 1, resolution, resolution, generator=torch.Generator().manual_seed(seed + 300))
+    class_labels = torch.arange(n) % 10
     data_brightness = images.mean((1, 2, 3)).double().numpy()
-    results: dict = {"methods": {}, "data": brightness_report(data_brightness, data_brightness)}
-    histograms = {"data": data_brightness}
-    for name, (model, grid) in E4_METHODS.items():
+    reports, brightness = {}, {"data": data_brightness}
+    for name, (model, grid, spacing) in E4_METHODS.items():
+        started = time.perf_counter()
         field = load(exports[model])
-        ts = sampling_grid(grid, sample_steps, field.schedule, field.prediction_type)
+        ts = sampling_grid(
+            grid, steps, field.schedule, field.prediction_type, spacing=spacing, steps_offset=int(spacing == "leading")
+        )
         samples = field.sample(noise, ts, class_labels=class_labels)
-        brightness = samples.mean((1, 2, 3)).double().numpy()
-        results["methods"][name] = brightness_report(brightness, data_brightness)
-        histograms[name] = brightness
+        brightness[name] = samples.mean((1, 2, 3)).double().numpy()
+        reports[name] = brightness_report(brightness[name], data_brightness)
+        timings["sample_seconds"][name] = round(time.perf_counter() - started, 1)
+    return reports, brightness, timings
+
+
+def _histogram_figure(per_seed: list[dict], path: Path, resolution: int) -> None:
+    """Share of images per brightness bin, the mean over seeds, with the seed range as a band."""
+    edges = np.linspace(-1, 1, 41)
+    centers = ((edges[:-1] + edges[1:]) / 2).tolist()
+    series, bands = {}, {}
+    for name in per_seed[0]:
+        shares = np.stack([np.histogram(b[name], edges)[0] / len(b[name]) for b in per_seed])
+        series[name] = (centers, shares.mean(0).tolist())
+        if len(per_seed) > 1:
+            bands[name] = (shares.min(0).tolist(), shares.max(0).tolist())
+    title = f"E4 at {resolution}px: per-image mean brightness (share of images per bin"
+    title += f", mean and range over {len(per_seed)} seeds)" if len(per_seed) > 1 else ")"
+    save_line_plot(series, path, title, "mean brightness", bands=bands)
+
+
+def terminal_snr(
+    out: str = "runs/e4",
+    max_steps: int | None = None,
+    num_samples: int | None = None,
+    sample_steps: int | None = None,
+    seed: int = 0,
+    plot_png: Path | None = None,
+    resolution: int = 16,
+    seeds: int | None = None,
+    batch_size: int | None = None,
+) -> dict:
+    """E4 at ``resolution`` px (16, 32 or 64) on seeds ``seed, seed + 1, ...`` (``seeds`` of them); unset
+    settings come from ``E4_SETTINGS``. Returns ``{"methods": {name: brightness report}, "data": ..., ...}``:
+    each report holds the mean over seeds, ``spread`` (``[min, max]`` per metric) and ``per_seed``."""
+    started = time.perf_counter()
+    given = {
+        "max_steps": max_steps,
+        "num_samples": num_samples,
+        "sample_steps": sample_steps,
+        "seeds": seeds,
+        "batch_size": batch_size,
+    }
+    settings = {**E4_SETTINGS[check_resolution(resolution)], **{k: v for k, v in given.items() if v is not None}}
+    teacher = e4_teacher(resolution)
+    run_seeds = [seed + i for i in range(settings["seeds"])]
+    per_seed, histograms, timings = [], [], []
+    for run_seed in run_seeds:
+        folder = Path(out) if len(run_seeds) == 1 else Path(out) / f"seed{run_seed}"
+        reports, brightness, seconds = _one_seed(folder, teacher, resolution, settings, run_seed)
+        per_seed.append(reports)
+        histograms.append(brightness)
+        timings.append(seconds)
+    methods = {}
+    for name in E4_METHODS:
+        values = {m: [r[name][m] for r in per_seed] for m in METRICS}
+        methods[name] = {
+            **{m: float(np.mean(v)) for m, v in values.items()},
+            "spread": {m: [min(v), max(v)] for m, v in values.items()},
+            "per_seed": [r[name] for r in per_seed],
+        }
+    data_brightness = histograms[0]["data"]
     if plot_png is not None:
-        edges = np.linspace(-1, 1, 41)
-        centers = (edges[:-1] + edges[1:]) / 2
-        series = {
-            name: (centers.tolist(), (np.histogram(b, edges)[0] / len(b)).tolist()) for name, b in histograms.items()
-        }
-        save_line_plot(series, plot_png, "E4: per-image mean brightness (share of images per bin)", "mean brightness")
-    results.update(
-        {
-            "data_set": "5000 MNIST digits at 16px, every other one (seeded order) inverted",
-            "max_steps": max_steps,
-            "train_seconds": train_seconds,
-            "sample_steps": sample_steps,
-            "num_samples": num_samples,
-            "seed": seed,
-            "grey_threshold": GREY,
-            "seconds": round(time.perf_counter() - started, 1),
-        }
-    )
-    return results
+        _histogram_figure(histograms, plot_png, resolution)
+    return {
+        "methods": methods,
+        "data": brightness_report(data_brightness, data_brightness),
+        "data_set": f"5000 MNIST digits at {resolution}px, every other one (seeded order) inverted",
+        "resolution": resolution,
+        "teacher": teacher if teacher == "teacher" else Path(teacher).name,
+        "max_steps": settings["max_steps"],
+        "batch_size": settings["batch_size"],
+        "train_seconds": {arm: [t["train_seconds"][arm] for t in timings] for arm in E4_ARMS},
+        "sample_seconds": {name: [t["sample_seconds"][name] for t in timings] for name in E4_METHODS},
+        "sample_steps": settings["sample_steps"],
+        "num_samples": settings["num_samples"],
+        "seed": seed,
+        "seeds": run_seeds,
+        "grey_threshold": GREY,
+        "seconds": round(time.perf_counter() - started, 1),
+    }

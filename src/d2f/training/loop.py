@@ -70,7 +70,10 @@ def train(config: TrainConfig, resume: str | None = None, progress: bool = True)
 
 
 def _network(config: TrainConfig) -> Network:
-    network = from_scratch(config.prediction_type or "v_prediction") if config.init else load_network(config.pretrained)
+    if config.init:
+        network = from_scratch(config.prediction_type or "v_prediction", config.resolution)
+    else:
+        network = load_network(config.pretrained)
     if not config.zero_terminal_snr:
         return network
     if network.prediction_type != "v_prediction":

@@ -1,8 +1,10 @@
-"""The embedded teacher: its architecture, where it ships, and the recipe ``d2f teacher`` retrains it with.
+"""The teachers: their architecture, where they ship, and the recipe ``d2f teacher`` trains them with.
 
-A 0.7M-parameter class-conditional ``UNet2DModel`` for 16x16 MNIST (10 classes and a null class), trained
-with Stable Diffusion's ``scaled_linear`` schedule and ``v_prediction``; shipped as a d2f export in
-``d2f/assets/teacher``.
+The embedded teacher is a 0.7M-parameter class-conditional ``UNet2DModel`` for 16x16 MNIST (10 classes and a
+null class), trained with Stable Diffusion's ``scaled_linear`` schedule and ``v_prediction``; shipped as a d2f
+export in ``d2f/assets/teacher``. E4 at 32 and 64 px (:mod:`d2f.evaluation.terminal_snr`) needs teachers at
+those sizes: the same design with one more down/up level per doubling, so the attention level stays at 8x8.
+Their first levels are narrow (8-16 channels), as the full-resolution convolutions dominate the CPU time.
 """
 
 from __future__ import annotations
@@ -25,36 +27,64 @@ ARCHITECTURE: dict[str, Any] = {
     "num_class_embeds": 11,
     "norm_num_groups": 8,
 }
+# Channels per level; measured on one CPU core at batch 32: 0.74 s/step at 32 px, 1.19 s/step at 64 px.
+WIDER_CHANNELS = {32: (16, 32, 64), 64: (8, 16, 32, 64)}
+TEACHER_RESOLUTIONS = (16, *WIDER_CHANNELS)
+# Batch and default steps of each teacher's recipe; 32 and 64 px are sized to train in about 12 and 30 minutes
+# on one CPU core.
+RECIPES = {16: (64, 3000), 32: (32, 1000), 64: (32, 1500)}
+
+
+def architecture(resolution: int = 16) -> dict[str, Any]:
+    """The ``UNet2DModel`` settings of the teacher for ``resolution`` px digits (16: the embedded teacher's)."""
+    if resolution not in TEACHER_RESOLUTIONS:
+        raise ValueError(f"resolution={resolution!r} has no teacher architecture: one of {TEACHER_RESOLUTIONS}")
+    if resolution == 16:
+        return dict(ARCHITECTURE)
+    channels = WIDER_CHANNELS[resolution]
+    plain = ("DownBlock2D",) * (len(channels) - 1)
+    return {
+        **ARCHITECTURE,
+        "sample_size": resolution,
+        "block_out_channels": channels,
+        "down_block_types": (*plain, "AttnDownBlock2D"),
+        "up_block_types": ("AttnUpBlock2D", *("UpBlock2D",) * (len(channels) - 1)),
+    }
 
 
 def teacher_path() -> Path:
     return Path(__file__).resolve().parent.parent / "assets" / "teacher"
 
 
-def from_scratch(prediction_type: str) -> Network:
-    """The teacher's architecture with fresh weights (``TrainConfig.init = "teacher-config"``)."""
+def from_scratch(prediction_type: str, resolution: int = 16) -> Network:
+    """The teacher's architecture for ``resolution`` with fresh weights (``TrainConfig.init = "teacher-config"``)."""
     from diffusers import UNet2DModel
 
+    settings = architecture(resolution)
     return Network(
-        unet=UNet2DModel(**ARCHITECTURE),
+        unet=UNet2DModel(**settings),
         schedule=Schedule.scaled_linear(prediction_type=prediction_type),
         prediction_type=prediction_type,
-        null_class=ARCHITECTURE["num_class_embeds"] - 1,
+        null_class=settings["num_class_embeds"] - 1,
         source="teacher-config",
     )
 
 
-def teacher_config(out: str, max_steps: int, seed: int) -> TrainConfig:
-    """The teacher's recipe: v-prediction diffusion on 16x16 MNIST with SD's schedule, from scratch."""
+def teacher_config(out: str, max_steps: int | None, seed: int, resolution: int = 16) -> TrainConfig:
+    """The teacher's recipe: v-prediction diffusion on MNIST at ``resolution`` with SD's schedule, from scratch;
+    ``max_steps`` None: the recipe's own."""
+    if resolution not in RECIPES:
+        raise ValueError(f"resolution={resolution!r} has no teacher recipe: one of {tuple(RECIPES)}")
+    batch_size, default_steps = RECIPES[resolution]
     return TrainConfig(
         out=out,
         init="teacher-config",
         prediction_type="v_prediction",
         objective="diffusion",
-        resolution=16,
+        resolution=resolution,
         lora_rank=0,
-        max_steps=max_steps,
-        batch_size=64,
+        max_steps=default_steps if max_steps is None else max_steps,
+        batch_size=batch_size,
         lr=2e-3,
         warmup_steps=100,
         ema_decay=0.999,
