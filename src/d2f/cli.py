@@ -286,7 +286,7 @@ def _reproduce_parser(sub) -> None:
         "--resolution",
         type=int,
         default=None,
-        help="e4 only: 16 (default, the embedded teacher), or 32 or 64 (teachers in results/teachers, 3 seeds)",
+        help="e4 only: 16 (default, the embedded teacher), or 32 or 64 (the teachers shipped for E4, 3 seeds)",
     )
 
 

@@ -18,7 +18,7 @@ Why resolution matters: the image mean leaking through the last timestep is sqrt
 0.050, while the mean of r x r pixels of pure noise varies by 1/r between images. At 16 px (0.063) the leak
 drowns in that noise; at 64 px (0.016) it does not, so a network trained on the leak can lean on it and the
 flaw should show. E4 runs at 16 px on the embedded teacher, and at 32 and 64 px on teachers trained the same
-way at those sizes (:mod:`d2f.training.teacher`), committed under ``results/teachers``.
+way at those sizes (:mod:`d2f.training.teacher`), shipped in ``d2f/assets/teacher32`` and ``teacher64``.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from ..grids import sampling_grid
 from ..training.data import mnist
 from ..training.export import load
 from ..training.images import save_line_plot
+from ..training.teacher import teacher_path
 from .experiments import full_finetune
 
 E4_ARMS = {  # the finetuning runs: name -> their settings
@@ -67,20 +68,9 @@ def check_resolution(resolution: int) -> int:
 
 
 def e4_teacher(resolution: int) -> str:
-    """The teacher E4 finetunes at ``resolution``: the embedded one at 16 px; at 32 and 64 px the export
-    committed in ``results/teachers`` (a source checkout), else one trained with ``d2f teacher``'s recipe."""
-    from ..training.loop import train
-    from ..training.teacher import teacher_config
-
-    if check_resolution(resolution) == 16:
-        return "teacher"
-    committed = Path(__file__).resolve().parents[3] / "results" / "teachers" / f"teacher{resolution}"
-    if (committed / "d2f.json").is_file():
-        return str(committed)
-    run = Path("runs") / f"teacher{resolution}"
-    if not (run / "export" / "d2f.json").is_file():
-        train(teacher_config(str(run), None, seed=0, resolution=resolution))
-    return str(run / "export")
+    """The teacher E4 finetunes at ``resolution``: the embedded one at 16 px, and at 32 and 64 px the ones
+    shipped beside it (``d2f.training.teacher.teacher_path``; ``d2f teacher --resolution`` retrains them)."""
+    return "teacher" if check_resolution(resolution) == 16 else str(teacher_path(resolution))
 
 
 def half_inverted_digits(seed: int = 0, resolution: int = 16) -> tuple[torch.Tensor, torch.Tensor]:

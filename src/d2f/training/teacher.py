@@ -52,8 +52,13 @@ def architecture(resolution: int = 16) -> dict[str, Any]:
     }
 
 
-def teacher_path() -> Path:
-    return Path(__file__).resolve().parent.parent / "assets" / "teacher"
+def teacher_path(resolution: int = 16) -> Path:
+    """Where the teacher for ``resolution`` ships: ``d2f/assets/teacher`` (16 px), ``teacher32``, ``teacher64``."""
+    if resolution not in TEACHER_RESOLUTIONS:
+        raise ValueError(f"resolution={resolution!r} has no shipped teacher: one of {TEACHER_RESOLUTIONS}")
+    return (
+        Path(__file__).resolve().parent.parent / "assets" / ("teacher" if resolution == 16 else f"teacher{resolution}")
+    )
 
 
 def from_scratch(prediction_type: str, resolution: int = 16) -> Network:
