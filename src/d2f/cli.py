@@ -277,7 +277,8 @@ def _reproduce_parser(sub) -> None:
         "--num-samples",
         type=int,
         default=None,
-        help="unset: 1000 for e1, e3, e4; 300 per checkpoint for e2; 200 per seed for e5; 500 held-out for depth",
+        help="unset: 1000 for e1, e3, e4 (150 per seed at 32 and 64 px); 300 per checkpoint for e2; 200 per seed for "
+        "e5; 500 held-out for depth",
     )
     p.add_argument("--scale", type=float, default=1.0, help="multiply sample counts and training steps")
     p.add_argument("--seed", type=int, default=0, help="seeds training and sampling")
