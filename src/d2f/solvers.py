@@ -96,11 +96,8 @@ def ode_step(
                 "backend='auto' or 'torch', or sample under torch.no_grad()"
             )
         backend = "torch"
-    overflow = (
-        f"ode_step: the step overflowed (its result is not representable in {x.dtype}, or the next network input "
-        f"in {z_dtype}) although the inputs are finite; a={a!r}, b={b!r}, h={h!r}, g={g!r}, s_next={s_next!r}, "
-        f"k={k!r}"
-    )
+    # The message is formed only on failure: ode_step runs once per network call.
+    overflow = functools.partial(_step_overflow, x.dtype, z_dtype, a=a, b=b, h=h, g=g, s_next=s_next, k=k)
     if use_triton(backend, x, *outputs):
         *results, flags = kernels().ode_step(mode, x.contiguous(), o_u, o_c, u1, a, b, h, g, s_next, z_dtype, c, k)
         verify(flags, functools.partial(_named_step_error, overflow))
@@ -116,7 +113,7 @@ def ode_step(
         def error(bad: list[bool]) -> ValueError | None:
             if not bad[0]:
                 return None
-            return nonfinite_input("ode_step", x=x, o_u=o_u, o_c=o_c, u1=u1) or ValueError(overflow)
+            return nonfinite_input("ode_step", x=x, o_u=o_u, o_c=o_c, u1=u1) or overflow()
 
         verify(results_bad, error)
     return tuple(results)
@@ -127,11 +124,19 @@ def ode_step(
 STEP_FLAGS = ("x", "o_u", "o_c", "u1")
 
 
-def _named_step_error(overflow: str, bad: list[float]) -> ValueError | None:
+def _named_step_error(overflow: Callable[[], ValueError], bad: list[float]) -> ValueError | None:
     for name, flag in zip(STEP_FLAGS, bad):
         if flag:
             return NonFiniteError("ode_step", name)
-    return ValueError(overflow) if bad[len(STEP_FLAGS)] else None
+    return overflow() if bad[len(STEP_FLAGS)] else None
+
+
+def _step_overflow(dtype: torch.dtype, z_dtype: torch.dtype, **scalars: float) -> ValueError:
+    values = ", ".join(f"{name}={value!r}" for name, value in scalars.items())
+    return ValueError(
+        f"ode_step: the step overflowed (its result is not representable in {dtype}, or the next network input "
+        f"in {z_dtype}) although the inputs are finite; {values}"
+    )
 
 
 def _ode_step_torch(mode, x, o_u, o_c, u1, a, b, h, g, s_next, z_dtype, c, k) -> tuple[Tensor, ...]:

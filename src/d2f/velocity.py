@@ -15,7 +15,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._checks import TimeLike, as_time, check_bool, check_finite_result, check_same_shape, compute_dtype, describe
+from ._checks import (
+    TimeLike,
+    as_scalars,
+    as_time,
+    check_bool,
+    check_finite_result,
+    check_same_shape,
+    compute_dtype,
+    describe,
+)
 from .capture import captured_sample
 from .grids import grid_steps
 from .guidance import guidance
@@ -193,9 +202,7 @@ class D2FVelocity:
 
     def outputs(self, z: Tensor, t: float, cond: Mapping[str, Any]) -> Outputs:
         """The raw outputs at network input ``z`` and the velocity coefficients at ``t``."""
-        # A fill, not a copy from the host: a copy could wait for the device, and a recorded graph could not
-        # replay it (d2f.capture).
-        o_u, o_c = self._network_outputs(z, torch.full((), t, dtype=torch.float64, device=z.device), cond)
+        o_u, o_c = self._network_outputs(z, as_scalars(t, like=z, name="t"), cond)
         a, b = velocity_coefficients(t, self.prediction_type)
         return Outputs(o_u, o_c, float(a), float(b), self.guidance_scale)
 
