@@ -160,10 +160,19 @@ def test_two_process_data_parallel_matches_one_process(tmp_path):
         config(tmp_path, "single", lora_rank=4, batch_size=8, checkpoint_every=2, num_samples=2, sample_steps=1),
         progress=False,
     )
-    a = tensors(tmp_path / "dp" / "checkpoints" / "step-00000002" / "trainable.safetensors")
-    b = tensors(tmp_path / "single" / "checkpoints" / "step-00000002" / "trainable.safetensors")
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)  # float reduction order only
+    dp_step, single_step = (tmp_path / name / "checkpoints" / "step-00000002" for name in ("dp", "single"))
+    # Same samples, noise and t: both steps' mean losses agree to float rounding (other draws move them by ~1e-2).
+    losses = [json.loads((s / "state.json").read_text())["losses"] for s in (dp_step, single_step)]
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+    # The weights differ by reduction order only (2 processes x 1 thread against 1 process x all threads). AdamW
+    # divides each gradient element by its own size, so an element whose gradient nearly cancels over the batch
+    # gets an update whose size rounding decides, bounded by the lr of each step. Such elements are rare
+    # (1 in 2304 seen on a 2-core AMD EPYC); every other element must agree tightly.
+    a, b = tensors(dp_step / "trainable.safetensors"), tensors(single_step / "trainable.safetensors")
+    lr_sum = sum(TrainConfig(lora_rank=4, warmup_steps=1).lr_at(step) for step in range(2))
+    loose = sum(int((~torch.isclose(a[k], b[k], rtol=1e-4, atol=1e-5)).sum()) for k in a)
+    assert loose <= 1e-3 * sum(a[k].numel() for k in a), f"{loose} elements differ beyond float rounding"
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= lr_sum
 
 
 def test_conditioned_unets_encoder_hidden_states_and_concat(tmp_path):
