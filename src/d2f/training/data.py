@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -196,38 +197,41 @@ def image_folder(path: Path, resolution: int, channels: int) -> Dataset:
     return Dataset(images=torch.cat(list(_read_folder(path, resolution, channels).values())))
 
 
-def _by_stem(images: dict[str, Tensor], what: str) -> dict[str, Tensor]:
-    """Images keyed by relative path without the suffix; two files that differ only in suffix are an error,
-    since either could be the other's partner."""
-    out: dict[str, Tensor] = {}
-    for name, image in images.items():
-        stem = Path(name).with_suffix("").as_posix()
-        if stem in out:
-            raise ValueError(f"{what}: two images are named {stem!r} (suffixes aside); a pair needs one of each")
-        out[stem] = image
-    return out
+def pair_by_stem(data: Iterable[str], cond_data: Iterable[str], where: tuple[Path, Path]) -> dict[str, tuple[str, str]]:
+    """The files of ``data`` and ``cond_data`` (paths relative to the folders ``where``) paired by relative
+    path without the suffix (``a/0001.png`` with ``a/0001.jpg``): ``{stem: (data file, cond_data file)}`` in
+    stem order. Two files of one side that differ only in suffix are an error, since either could be the
+    other's partner; so is a file without a partner, the error counting them by side. Nothing is dropped
+    silently."""
+    sides = []
+    for what, names in (("data", data), ("cond_data", cond_data)):
+        by_stem: dict[str, str] = {}
+        for name in names:
+            stem = Path(name).with_suffix("").as_posix()
+            if stem in by_stem:
+                raise ValueError(f"{what}: two images are named {stem!r} (suffixes aside); a pair needs one of each")
+            by_stem[stem] = name
+        sides.append(by_stem)
+    targets, conditions = sides
+    unmatched = {
+        f"in data, not in cond_data ({where[1]})": sorted(set(targets) - set(conditions)),
+        f"in cond_data, not in data ({where[0]})": sorted(set(conditions) - set(targets)),
+    }
+    counts = [f"{len(names)} {why}: {', '.join(names[:3])}" for why, names in unmatched.items() if names]
+    if counts:
+        raise ValueError(f"data and cond_data must hold the same image names (any suffix): {'; '.join(counts)}")
+    return {stem: (targets[stem], conditions[stem]) for stem in sorted(targets)}
 
 
 def paired_folders(path: Path, cond_path: Path, resolution: int, channels: int) -> Dataset:
     """Targets from ``path`` and their condition images (``concat``) from ``cond_path``, both read as
-    :func:`_read_folder` reads them with ``channels`` channels, paired by relative path without the suffix
-    (``a/0001.png`` with ``a/0001.jpg``). An image without a partner is an error that counts them by reason;
-    nothing is dropped silently."""
-    targets = _by_stem(_read_folder(path, resolution, channels, "data"), "data")
-    conditions = _by_stem(_read_folder(cond_path, resolution, channels, "cond_data"), "cond_data")
-    unmatched = {
-        f"in data, not in cond_data ({cond_path})": sorted(set(targets) - set(conditions)),
-        f"in cond_data, not in data ({path})": sorted(set(conditions) - set(targets)),
-    }
-    unmatched = {why: names for why, names in unmatched.items() if names}
-    if unmatched:
-        counts = "; ".join(f"{len(names)} {why}: {', '.join(names[:3])}" for why, names in unmatched.items())
-        raise ValueError(
-            f"data and cond_data must hold the same image names (any suffix; unreadable files count as missing): "
-            f"{counts}"
-        )
-    names = sorted(targets)
-    return Dataset(images=torch.cat([targets[n] for n in names]), concat=torch.cat([conditions[n] for n in names]))
+    :func:`_read_folder` reads them with ``channels`` channels, paired by :func:`pair_by_stem`."""
+    targets = _read_folder(path, resolution, channels, "data")
+    conditions = _read_folder(cond_path, resolution, channels, "cond_data")
+    pairs = pair_by_stem(targets, conditions, (path, cond_path)).values()
+    return Dataset(
+        images=torch.cat([targets[a] for a, _ in pairs]), concat=torch.cat([conditions[b] for _, b in pairs])
+    )
 
 
 def latents(path: Path) -> Dataset:

@@ -37,7 +37,7 @@ import torch
 from .._files import output_path, write_safetensors
 from .._versioned import Document
 from .captions import Captions, Unreadable, batches, check_resolution, find_captions, flips, load_image
-from .data import IMAGE_SUFFIXES
+from .data import IMAGE_SUFFIXES, pair_by_stem
 from .models import check_pipeline_folder, check_safetensors
 
 ENCODED = Document(
@@ -461,25 +461,16 @@ def empty_prompt(pretrained: str | Path, device=None) -> dict[str, torch.Tensor]
 
 
 def _partners(captions: Captions, cond: Path) -> dict[str, Path]:
-    """Each captioned image's condition in ``cond``: the file with the same relative path and any image suffix.
-    Images without a partner, and conditions without an image, are an error that counts them."""
+    """Each captioned image's condition in ``cond``, paired by :func:`d2f.training.data.pair_by_stem`."""
     if not cond.is_dir():
         raise ValueError(f"cond_data={str(cond)!r}: the conditions of an image folder are a folder of images")
-    found: dict[str, Path] = {}
-    for path in sorted(cond.rglob("*")):
-        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
-            stem = path.relative_to(cond).with_suffix("").as_posix()
-            if stem in found:
-                raise ValueError(f"cond_data: two images are named {stem!r} (suffixes aside); a pair needs one of each")
-            found[stem] = path
-    stems = {name: Path(name).with_suffix("").as_posix() for name in captions.files}
-    missing = sorted(name for name, stem in stems.items() if stem not in found)
-    extra = sorted(set(found) - set(stems.values()))
-    if missing or extra:
-        counts = [f"{len(missing)} in data, not in cond_data: {', '.join(missing[:3])}"] if missing else []
-        counts += [f"{len(extra)} in cond_data, not in data: {', '.join(extra[:3])}"] if extra else []
-        raise ValueError(f"data and cond_data must hold the same image names (any suffix): {'; '.join(counts)}")
-    return {name: found[stem] for name, stem in stems.items()}
+    found = [
+        p.relative_to(cond).as_posix()
+        for p in sorted(cond.rglob("*"))
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    ]
+    pairs = pair_by_stem(captions.files, found, (captions.folder, cond)).values()
+    return {name: cond / partner for name, partner in pairs}
 
 
 def _condition(path: Path, resolution: int, mirrored: bool) -> torch.Tensor:

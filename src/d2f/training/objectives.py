@@ -60,7 +60,7 @@ def objective_loss(
     ptype = prediction_type(objective, network_prediction_type)
     if objective == "diffusion":
         times = times.to(data.device)
-        ac = torch.from_numpy(schedule.alphas_cumprod).to(data.device, torch.float32)[times]
+        ac = torch.tensor(schedule.alphas_cumprod, dtype=torch.float32, device=data.device)[times]
         alpha, sigma = ac.sqrt(), (1 - ac).sqrt()
         z = per_sample(alpha, data) * data + per_sample(sigma, noise) * noise
         target = diffusion_target(data, noise, alpha, sigma, ptype)
