@@ -145,6 +145,15 @@ def test_img2img_begins_part_way():
     ddim = run(img2img, image=image, strength=0.6)
     img2img.scheduler = D2FScheduler.from_config(img2img.scheduler.config)
     torch.testing.assert_close(run(img2img, image=image, strength=0.6), ddim, rtol=1e-4, atol=1e-4)
+    # A flow model's two calls are one midpoint step, which has no half-way start.
+    img2img.scheduler = D2FScheduler.from_config(img2img.scheduler.config, solver="auto", flow_finetuned=True)
+    with pytest.raises(ValueError, match="begin_index=1 .* solver='auto' samples 2 network calls as midpoint steps"):
+        run(img2img, steps=2, image=image, strength=0.5)
+    assert run(img2img, steps=3, image=image, strength=0.5).isfinite().all()
+    img2img.scheduler = D2FScheduler.from_config(img2img.scheduler.config, solver="heun")
+    with pytest.raises(ValueError, match="begin_index=1 falls inside a two-stage heun step; .* order=2"):
+        img2img.scheduler.set_timesteps(2)
+        img2img.scheduler.set_begin_index(1)
 
 
 def test_bad_configs_are_refused():

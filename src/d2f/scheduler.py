@@ -225,7 +225,17 @@ class D2FScheduler(SchedulerMixin, ConfigMixin):
         if not 0 <= begin_index < len(self._evaluations):
             raise ValueError(f"begin_index={begin_index} is outside [0, {len(self._evaluations)})")
         if self._evaluations[begin_index].stage != 0:
-            raise ValueError(f"begin_index={begin_index} falls inside a two-stage step; use a multiple of order")
+            if self.config.solver == AUTO:
+                raise ValueError(
+                    f"begin_index={begin_index} falls inside a two-stage step: solver='auto' samples "
+                    f"{self.num_inference_steps} network calls as {self._solver} steps, which cannot start half-way "
+                    "(a pipeline's strength < 1 starts part-way); use strength=1.0, another step count, or "
+                    "solver='multistep'"
+                )
+            raise ValueError(
+                f"begin_index={begin_index} falls inside a two-stage {self._solver} step; a pipeline starting "
+                f"part-way begins at a multiple of order={self.order}"
+            )
         self._begin_index = begin_index
 
     def _current(self, timestep: float | torch.Tensor | None) -> _Evaluation:
