@@ -227,10 +227,9 @@ class D2FScheduler(SchedulerMixin, ConfigMixin):
         if self._evaluations[begin_index].stage != 0:
             if self.config.solver == AUTO:
                 raise ValueError(
-                    f"begin_index={begin_index} falls inside a two-stage step: solver='auto' samples "
-                    f"{self.num_inference_steps} network calls as {self._solver} steps, which cannot start half-way "
-                    "(a pipeline's strength < 1 starts part-way); use strength=1.0, another step count, or "
-                    "solver='multistep'"
+                    f"begin_index={begin_index} falls inside a two-stage step, and {self._named_solver()} cannot "
+                    "start one half-way (a pipeline's strength < 1 starts part-way); use strength=1.0, another "
+                    "step count, or solver='multistep'"
                 )
             raise ValueError(
                 f"begin_index={begin_index} falls inside a two-stage {self._solver} step; a pipeline starting "
@@ -324,6 +323,12 @@ class D2FScheduler(SchedulerMixin, ConfigMixin):
             original = velocity_to_diffusion(u, x, evaluation.t, "sample")  # the implied clean latent x + (1-t)*u
         return D2FSchedulerOutput(prev_sample=prev, pred_original_sample=original.to(sample.dtype))
 
+    def _named_solver(self) -> str:
+        """The solver as the user set it, with auto's choice for this step count: errors speak their terms."""
+        if self.config.solver == AUTO:
+            return f"solver='auto' (which took {self._solver} for {self.num_inference_steps} network calls)"
+        return f"solver={self._solver!r}"
+
     def _variance_noise(self, eta, model_output, generator, variance_noise) -> torch.Tensor | None:
         """DDIM's checks of ``eta`` and its noise draw (none for ``eta = 0``)."""
         if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not (math.isfinite(eta) and eta >= 0):
@@ -331,7 +336,7 @@ class D2FScheduler(SchedulerMixin, ConfigMixin):
         if eta and self._solver != "euler":
             raise ValueError(
                 f"eta={eta!r} makes DDIM's stochastic step, which D2FScheduler takes with solver='euler' only; "
-                f"solver={self._solver!r} needs eta=0"
+                f"{self._named_solver()} needs eta=0"
             )
         if variance_noise is not None and generator is not None:
             raise ValueError("pass either generator or variance_noise to step(), not both")
