@@ -46,13 +46,16 @@ def test_exports_sample_with_the_row_of_their_kind(tmp_path):
     """The teacher (a diffusion network) takes the left-hand column; a d2f finetune the right-hand one, and
     its scheduler config says so (a diffusion finetune's does not)."""
     teacher = sample_export("teacher", SamplingSettings(steps=2), num_samples=3)
-    assert teacher.settings == SamplingSettings(2, "multistep", "uniform")
+    here = "cuda" if torch.cuda.is_available() else "cpu"
+    assert teacher.settings == SamplingSettings(2, "multistep", "uniform", device=here)
     small = dict(resolution=16, batch_size=4, max_steps=1, num_samples=2, sample_steps=1, checkpoint_every=0)
     for objective, flow in (("d2f", True), ("diffusion", False)):
         out = tmp_path / objective
         train(TrainConfig(out=str(out), objective=objective, warmup_steps=0, **small), progress=False)
         samples = sample_export(str(out / "export"), SamplingSettings(steps=2), num_samples=3)
-        assert samples.settings == (SamplingSettings(1, "midpoint", "uniform") if flow else teacher.settings)
+        assert samples.settings == (
+            SamplingSettings(1, "midpoint", "uniform", device=here) if flow else teacher.settings
+        )
         assert samples.images.shape == (3, 1, 16, 16) and bool(torch.isfinite(samples.images).all())
         scheduler_config = json.loads((out / "export/scheduler/scheduler_config.json").read_text())
         assert scheduler_config["flow_finetuned"] is flow and scheduler_config["solver"] == "euler"

@@ -20,6 +20,7 @@ SAMPLE = ["sample", "--model", "teacher", "--steps", "2", "--num-samples", "4"]
         ([*SAMPLE, "--num-samples", "0"], "num_samples=0 must be a positive integer"),
         ([*SAMPLE, "--num-samples", "-5"], "num_samples=-5 must be a positive integer"),
         ([*SAMPLE, "--out", "grid.xyz"], "out='grid.xyz': the suffix names no image format"),
+        ([*SAMPLE, "--device", "gpu0"], "device='gpu0' is not a torch device"),
         (["eval", "--out", "{tmp}"], "Is a directory; expected a file name: '{tmp}'"),
         (["eval", "--num-samples", "1"], "num_samples=1 is too few: precision/recall"),
         (["eval", "--num-samples", "3"], "num_samples=3 is too few: precision/recall"),

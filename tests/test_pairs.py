@@ -16,7 +16,7 @@ from d2f.cli import main  # noqa: E402
 from d2f.training import loop, objectives  # noqa: E402
 from d2f.training.config import TrainConfig  # noqa: E402
 from d2f.training.pairs import PAIRS, generate_pairs, load_pairs  # noqa: E402
-from d2f.training.sampling import SamplingSettings  # noqa: E402
+from d2f.training.sampling import SamplingSettings, sample_export  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -120,3 +120,20 @@ def test_sampling_settings_are_checked_by_name():
         SamplingSettings(solver="rk4")
     with pytest.raises(ValueError, match="grid='karras' is not supported"):
         SamplingSettings(grid="karras")
+    with pytest.raises(ValueError, match="device='gpu0' is not a torch device"):
+        SamplingSettings(device="gpu0")
+    with pytest.raises(ValueError, match="device=device.type='cpu'. must be a device name"):
+        SamplingSettings(device=torch.device("cpu"))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device='cuda:1': CUDA is not available here"):
+            SamplingSettings(device="cuda:1")
+
+
+def test_the_device_moves_the_network_not_the_noise():
+    default = sample_export("teacher", SamplingSettings(steps=2, seed=3), num_samples=3)
+    cpu = sample_export("teacher", SamplingSettings(steps=2, seed=3, device="cpu"), num_samples=3)
+    assert torch.equal(cpu.noise, default.noise) and cpu.images.device.type == "cpu" and cpu.settings.device == "cpu"
+    # Unset is the CPU here, and CUDA on a GPU machine, where only float rounding may differ.
+    torch.testing.assert_close(
+        cpu.images, default.images, **({} if torch.cuda.is_available() else dict(rtol=0, atol=0))
+    )

@@ -1,4 +1,5 @@
-"""Choosing between the torch path and the Triton kernels (``d2f.kernels``)."""
+"""Where and how d2f computes: the device when none is given, and the torch path or the Triton kernels
+(``d2f.kernels``)."""
 
 from __future__ import annotations
 
@@ -46,3 +47,17 @@ def use_triton(backend: str, *tensors: torch.Tensor) -> bool:
         )
     kernels()
     return True
+
+
+def device_or_default(device: str | torch.device | None) -> torch.device:
+    """``device`` as a ``torch.device``; unset: CUDA when available, else the CPU. A string torch cannot
+    parse, or CUDA where there is none, is an error that names it."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device={device!r} is not a torch device ({e})") from e
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}: CUDA is not available here; use 'cpu' or leave it unset")
+    return resolved

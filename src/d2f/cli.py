@@ -216,7 +216,8 @@ def _sampling_arguments(p: argparse.ArgumentParser, num_samples: int) -> None:
     p.add_argument("--shift", type=float, default=3.0, help="with --grid shift")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
     p.add_argument("--num-samples", type=int, default=num_samples, help="images to generate")
-    p.add_argument("--seed", type=int, default=0, help="seeds the starting noise")
+    p.add_argument("--seed", type=int, default=0, help="seeds the starting noise (drawn on the CPU)")
+    p.add_argument("--device", default=None, help="where the network runs; unset: cuda if available")
 
 
 def _sample_parser(sub) -> None:

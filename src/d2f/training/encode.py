@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from .._backend import device_or_default
 from .._files import output_path, write_safetensors
 from .._versioned import Document
 from .captions import Captions, Unreadable, batches, check_resolution, find_captions, flips, load_image
@@ -322,7 +323,7 @@ def encode(
     folder, index, kind = find_pipeline(pretrained, kind)
     captions = find_captions(data, caption_column)  # caption errors before any model is loaded
     partners = None if cond_data is None else _partners(captions, Path(cond_data))
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = device_or_default(device)
     models = _load(folder, index, kind, device)
     vae = models["vae"]
     factor = 2 ** (len(vae.config.block_out_channels) - 1)

@@ -21,7 +21,10 @@ from .data import Dataset
 from .sampling import SamplingSettings, sample_export
 
 PAIRS = Document(
-    "d2f.pairs", 1, frozenset({"model", "steps", "solver", "grid", "shift", "guidance", "seed", "seconds"})
+    "d2f.pairs",
+    1,
+    frozenset({"model", "steps", "solver", "grid", "shift", "guidance", "seed", "seconds"}),
+    frozenset({"device"}),  # where the pairs were sampled; files made before it was recorded lack it
 )
 PAIRS_KEYS = {"noise", "sample", "labels"}
 

@@ -10,6 +10,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from .._backend import device_or_default
 from .._checks import check_choice, check_positive_int
 from .._files import output_path
 from ..auto_sampler import AUTO, auto_sampler
@@ -35,6 +36,8 @@ class SamplingSettings:
     ``solver="auto"`` (the default) takes ``steps`` as network calls and picks the sampler that E5 measured
     best for that many calls and this kind of model (``d2f.auto_sampler``); a ``grid`` named with it is kept.
     ``grid="auto"`` is the table's grid with ``solver="auto"``, else ``uniform``. :meth:`resolve` names both.
+    ``device``: where the network runs (unset: CUDA when available). The noise is drawn on the CPU, so a seed
+    starts from the same noise on any device; the images differ between devices by float rounding only.
     """
 
     steps: int = 25
@@ -43,9 +46,13 @@ class SamplingSettings:
     shift: float = 3.0
     guidance: float = 1.0
     seed: int = 0
+    device: str | None = None
 
     def __post_init__(self) -> None:
         check_positive_int("steps", self.steps)
+        if not (self.device is None or isinstance(self.device, str)):
+            raise ValueError(f"device={self.device!r} must be a device name such as 'cuda:1', or None")
+        device_or_default(self.device)
         check_choice("solver", self.solver, (*SOLVERS, AUTO))
         check_choice("grid", self.grid, (*GRIDS, AUTO))
 
@@ -185,7 +192,7 @@ class ExportSamples(NamedTuple):
     labels: torch.Tensor | None  # None for an unconditional export
     noise: torch.Tensor  # what the images started from
     meta: dict  # the export's metadata
-    settings: SamplingSettings  # as resolved for the export (no "auto")
+    settings: SamplingSettings  # as resolved for the export (no "auto") and run (the device it ran on)
 
 
 def export_labels(meta: dict, n: int) -> torch.Tensor | None:
@@ -220,7 +227,8 @@ def sample_export(
         check_positive_int("resolution", resolution)
     if concat is not None and (concat.ndim != 4 or concat.shape[0] != num_samples):
         raise ValueError(f"concat has shape {tuple(concat.shape)}; it needs one condition per sample, {num_samples}")
-    field = load(model, guidance_scale=settings.guidance, concat=None if concat is None else concat[:1])
+    device = device_or_default(settings.device)
+    field = load(model, settings.guidance, device, concat=None if concat is None else concat[:1])
     meta = read_export(teacher_path() if model == "teacher" else Path(model)).meta
     settings = settings.resolve(flow_finetuned(meta))
     ts = settings.grid_for(field)
@@ -233,13 +241,13 @@ def sample_export(
     labels = export_labels(meta, num_samples)
     images = []
     for start in range(0, num_samples, batch_size):
-        batch = noise[start : start + batch_size]
-        cond = {} if labels is None else {"class_labels": labels[start : start + batch_size]}
-        cond |= {key: value.expand(len(batch), *value.shape[1:]) for key, value in (shared or {}).items()}
+        batch = noise[start : start + batch_size].to(device)
+        cond = {} if labels is None else {"class_labels": labels[start : start + batch_size].to(device)}
+        cond |= {key: value.to(device).expand(len(batch), *value.shape[1:]) for key, value in (shared or {}).items()}
         if concat is not None:
-            field.concat = concat[start : start + batch_size]
-        images.append(field.sample(batch, ts, solver=settings.solver, progress=progress, **cond))
-    return ExportSamples(torch.cat(images), labels, noise, meta, settings)
+            field.concat = concat[start : start + batch_size].to(device)
+        images.append(field.sample(batch, ts, solver=settings.solver, progress=progress, **cond).cpu())
+    return ExportSamples(torch.cat(images), labels, noise, meta, replace(settings, device=str(device)))
 
 
 def write_sample_grid(
