@@ -96,8 +96,8 @@ def evaluate_dense(
     from .._checks import check_positive_int
     from ..training.data import load_dataset
     from ..training.encode import empty_prompt, load_vae, vae_images, vae_latents
-    from ..training.export import load, read_export
-    from ..training.sampling import sample_export
+    from ..training.export import read_export
+    from ..training.sampling import load_for, sample_export
     from .few_step import d2f_calls
 
     check_positive_int("num_samples", num_samples)
@@ -106,12 +106,12 @@ def evaluate_dense(
     meta = read_export(model).meta
     if not meta.get("cond_channels"):
         raise ValueError(f"--task dense needs a model trained with conditions (--cond-data); {model} has none")
-    probe = load(model, concat=torch.zeros(1, meta["cond_channels"], 8, 8))
+    field = load_for(model, settings, torch.zeros(1, meta["cond_channels"], 8, 8))  # sampled by every member
     vae, shared = None, None
     if meta.get("pipeline"):
         vae, shared = load_vae(meta["train_config"]["pretrained"]), empty_prompt(meta["train_config"]["pretrained"])
     if vae is None:
-        pairs = load_dataset(data, meta["resolution"], probe.net.config.out_channels, cond=cond_data)
+        pairs = load_dataset(data, meta["resolution"], field.net.config.out_channels, cond=cond_data)
     else:
         pixels = meta["resolution"] * 2 ** (len(vae.config.block_out_channels) - 1)
         pairs = load_dataset(data, pixels, 3, cond=cond_data)
@@ -124,7 +124,7 @@ def evaluate_dense(
     predictions = []
     for member in range(members):
         member_settings = replace(settings, seed=settings.seed + member)
-        samples = sample_export(model, member_settings, len(cond), concat=cond, shared=shared)
+        samples = sample_export(model, member_settings, len(cond), concat=cond, shared=shared, loaded=field)
         images = samples.images
         if vae is not None:
             with torch.no_grad():
@@ -138,7 +138,7 @@ def evaluate_dense(
         **used.to_dict(),
         "seed": settings.seed,
         "ensemble": members,
-        "network_calls_per_prediction": members * d2f_calls(probe, used.solver, used.grid, used.steps, used.shift),
+        "network_calls_per_prediction": members * d2f_calls(field, used.solver, used.grid, used.steps, used.shift),
         "num_pairs": len(cond),
         **depth_metrics(merged, gt),
         "decoded_by": None if vae is None else f"{meta['train_config']['pretrained']}/vae",

@@ -187,6 +187,13 @@ def sample_images(field: D2FVelocity, objective: str, steps: int, request: Sampl
     return field.sample(request.noise(field.net.config.out_channels, seed, device), ts, **request.cond)
 
 
+def load_for(model: str, settings: SamplingSettings, concat: torch.Tensor | None = None) -> D2FVelocity:
+    """The export ``model`` loaded to sample with ``settings`` (their guidance, on their device), taking
+    conditions shaped like ``concat`` when it was trained with them."""
+    device = device_or_default(settings.device)
+    return load(model, settings.guidance, device, concat=None if concat is None else concat[:1])
+
+
 class ExportSamples(NamedTuple):
     images: torch.Tensor
     labels: torch.Tensor | None  # None for an unconditional export
@@ -216,19 +223,21 @@ def sample_export(
     progress: bool = False,
     concat: torch.Tensor | None = None,
     shared: dict[str, torch.Tensor] | None = None,
+    loaded: D2FVelocity | None = None,
 ) -> ExportSamples:
     """``num_samples`` images from an export (classes in turn when class-conditional), in batches, at
     ``resolution`` (default: the export's training resolution), with ``settings`` resolved for the export.
     An export trained with conditions takes one per sample in ``concat`` (``(num_samples, C, H, W)``, the
     resolution then being theirs). ``shared``: network kwargs of batch 1 given to every sample (a text UNet's
-    ``encoder_hidden_states``)."""
+    ``encoder_hidden_states``). ``loaded``: ``model`` as :func:`load_for` loads it, for a caller that samples
+    it several times (an ensemble); else it is loaded here."""
     check_positive_int("num_samples", num_samples)
     if resolution is not None:
         check_positive_int("resolution", resolution)
     if concat is not None and (concat.ndim != 4 or concat.shape[0] != num_samples):
         raise ValueError(f"concat has shape {tuple(concat.shape)}; it needs one condition per sample, {num_samples}")
     device = device_or_default(settings.device)
-    field = load(model, settings.guidance, device, concat=None if concat is None else concat[:1])
+    field = loaded or load_for(model, settings, concat)
     meta = read_export(teacher_path() if model == "teacher" else Path(model)).meta
     settings = settings.resolve(flow_finetuned(meta))
     ts = settings.grid_for(field)
