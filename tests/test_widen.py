@@ -151,6 +151,21 @@ def test_a_widened_export_round_trips_and_samples_with_its_condition(tmp_path, l
     assert (first.images - other.images).abs().max() > 1e-4  # the condition reaches the network
     with pytest.raises(ValueError, match="trained with no condition"):
         d2f.load("teacher", concat=cond)
+    if lora_rank:
+        return
+    # A full widened export finetuned further: its conv_in already takes the conditions, and a LoRA on it
+    # loads back onto that widened base; without conditions the run is refused by name.
+    again = dict(pretrained=str(out / "export"), data=str(tmp_path / "targets"), **SMALL)
+    train(
+        TrainConfig(out=str(tmp_path / "more"), cond_data=str(tmp_path / "inputs"), lora_rank=4, **again),
+        progress=False,
+    )
+    meta = json.loads((tmp_path / "more/export/d2f.json").read_text())
+    assert (meta["cond_channels"], meta["cond_init"]) == (1, None)  # nothing widened this time
+    assert d2f.load(tmp_path / "more/export", concat=cond).net.conv_in.weight.shape[1] == 2
+    message = "takes 2 input channels, but the data gives 1 target channel.s. and no conditions; .* --cond-data"
+    with pytest.raises(ValueError, match=message):
+        train(TrainConfig(out=str(tmp_path / "bare"), lora_rank=0, **again), progress=False)
 
 
 def test_eval_task_dense_scores_depth_with_an_ensemble(tmp_path, capsys):

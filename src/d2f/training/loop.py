@@ -85,7 +85,7 @@ def _network(config: TrainConfig) -> Network:
 
 
 def _data(config: TrainConfig, network: Network, out: Path, accelerator, progress: bool) -> Dataset:
-    channels = network.unet.config.in_channels
+    channels = network.unet.config.out_channels  # the target's; a widened conv_in also takes the conditions
     if config.pairs is not None:
         return load_pairs(config.pairs, (channels, config.resolution, config.resolution))
     if network.pipeline is not None and Path(config.data).is_dir():
@@ -97,11 +97,22 @@ def _data(config: TrainConfig, network: Network, out: Path, accelerator, progres
 
 def _widen(config: TrainConfig, network: Network, data: Dataset) -> str | None:
     """Widen the UNet's conv_in for the data's concat channels if it does not take them yet; returns the
-    initialisation used (None: nothing widened)."""
-    if data.concat is None or network.unet.config.in_channels != data.images.shape[1]:
+    initialisation used (None: nothing widened). A UNet widened before (an image-to-X export finetuned
+    further) takes its conditions as they are; any other width is refused by name."""
+    takes, target = network.unet.config.in_channels, data.images.shape[1]
+    cond = 0 if data.concat is None else data.concat.shape[1]
+    if takes == target + cond:
         return None
-    widen_conv_in(network.unet, data.concat.shape[1], config.cond_init)
-    return config.cond_init
+    if cond and takes == target:
+        widen_conv_in(network.unet, cond, config.cond_init)
+        return config.cond_init
+    given = f"{target} target channel(s) and " + (f"{cond} condition channel(s)" if cond else "no conditions")
+    hint = (
+        f"; it was widened for {takes - target}-channel conditions: pass them with --cond-data"
+        if takes > target
+        else ""
+    )
+    raise ValueError(f"pretrained={config.pretrained!r} takes {takes} input channels, but the data gives {given}{hint}")
 
 
 def _encoded(config: TrainConfig, network: Network, out: Path, accelerator, progress: bool) -> Path:
