@@ -36,6 +36,10 @@ SAMPLE = ["sample", "--model", "teacher", "--steps", "2", "--num-samples", "4"]
             ["reproduce", "--experiment", "e1", "--resolution", "64", "--out", "{tmp}/r"],
             "resolution=64 is for experiment 'e4' only, not 'e1'",
         ),
+        (
+            ["reproduce", "--experiment", "e2", "--budget", "small", "--out", "{tmp}/r"],
+            "budget='small' is for experiment 'e4' only, not 'e2'",
+        ),
     ],
 )
 def test_a_user_error_is_one_line_with_status_2(tmp_path, capsys, monkeypatch, argv, message):

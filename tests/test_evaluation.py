@@ -137,6 +137,27 @@ def test_e4_at_32px_runs_every_arm_on_every_seed_with_its_teacher(tmp_path):
     assert (tmp_path / "e4.png").is_file()
 
 
+def test_e4_small_budget_at_16px_runs_the_32px_protocol_into_its_own_files(tmp_path, monkeypatch):
+    """``d2f reproduce --experiment e4 --budget small`` at 16 px takes the 32 and 64 px settings (3 seeds,
+    batch 32) and writes to its own result file and runs folder, leaving the full protocol's alone."""
+    from d2f.evaluation.terminal_snr import E4_SETTINGS, e4_settings
+
+    assert e4_settings(16, "small") == E4_SETTINGS[32] != E4_SETTINGS[16] == e4_settings(16)
+    with pytest.raises(ValueError, match=r"budget='tiny' is not allowed for E4: one of \('full', 'small'\)"):
+        e4_settings(16, "tiny")
+    monkeypatch.chdir(tmp_path)
+    assert main(["reproduce", "--experiment", "e4", "--budget", "small", "--scale", "0.01", "--num-samples", "8"]) == 0
+    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == [
+        "terminal_snr_16_small.json",
+        "terminal_snr_16_small.png",
+    ]
+    report = json.loads((tmp_path / "results" / "terminal_snr_16_small.json").read_text())
+    assert (report["budget"], report["resolution"], report["seeds"]) == ("small", 16, [0, 1, 2])
+    assert (report["batch_size"], report["max_steps"], report["num_samples"]) == (32, 2, 8)
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["e4-16-small"]
+    assert sorted(p.name for p in (tmp_path / "runs" / "e4-16-small").iterdir()) == ["seed0", "seed1", "seed2"]
+
+
 def test_teacher_architecture_adds_a_level_per_doubling():
     from diffusers import UNet2DModel
 

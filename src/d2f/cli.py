@@ -278,8 +278,8 @@ def _reproduce_parser(sub) -> None:
         "--num-samples",
         type=int,
         default=None,
-        help="unset: 1000 for e1, e3, e4 (150 per seed at 32 and 64 px); 300 per checkpoint for e2; 200 per seed for "
-        "e5; 500 held-out for depth",
+        help="unset: 1000 for e1, e3, e4 (150 per seed at 32 and 64 px or --budget small); 300 per checkpoint "
+        "for e2; 200 per seed for e5; 500 held-out for depth",
     )
     p.add_argument("--scale", type=float, default=1.0, help="multiply sample counts and training steps")
     p.add_argument("--seed", type=int, default=0, help="seeds training and sampling")
@@ -289,6 +289,13 @@ def _reproduce_parser(sub) -> None:
         type=int,
         default=None,
         help="e4 only: 16 (default, the embedded teacher), or 32 or 64 (the teachers shipped for E4, 3 seeds)",
+    )
+    p.add_argument(
+        "--budget",
+        choices=("full", "small"),
+        default=None,
+        help="e4 only: full (default) runs each size's protocol; small runs the 32 and 64 px one (150 steps, "
+        "batch 32, 150 samples, 3 seeds) at 16 px too, for a comparison at equal budget",
     )
 
 
@@ -410,7 +417,9 @@ def _pairs(args: argparse.Namespace) -> None:
 def _reproduce(args: argparse.Namespace) -> None:
     from .evaluation.reproduce import reproduce
 
-    reports = reproduce(args.experiment, args.out, args.seed, args.num_samples, args.scale, args.resolution)
+    reports = reproduce(
+        args.experiment, args.out, args.seed, args.num_samples, args.scale, args.resolution, args.budget
+    )
     _print_json({name: report.get("seconds") for name, report in reports.items()})
     print(f"wrote {', '.join(sorted(reports))} to {args.out}")
 

@@ -1,8 +1,9 @@
 """``d2f reproduce``: run the experiments E1-E5 and depth, and write their JSON results and figures.
 
 Default scale (one seed, 2-core CPU, measured): E1 5.3 min, E2 28.5 min, E3, E4 and E5 as stated in the
-README; E4 at 64 and 32 px (``resolution``, 3 seeds) 44.8 and 27.7 min on one core. ``scale`` multiplies
-the sample counts and the training steps; the committed results are scale 1.
+README; E4 at 64 and 32 px (``resolution``, 3 seeds) 44.8 and 27.7 min on one core, at 16 px on their
+budget (``budget='small'``) 6.0 min. ``scale`` multiplies the sample counts and the training steps; the
+committed results are scale 1.
 The training runs go to ``runs/`` (not committed), the scores and figures to ``out``.
 """
 
@@ -38,9 +39,19 @@ def plot_finetune(report: dict, path: Path) -> None:
     save_line_plot(series, path, "E2: FID (log scale) vs finetuning steps", "finetuning step", log_y=True)
 
 
-def e4_file(resolution: int) -> str:
-    """E4's result file at ``resolution`` px: 16 px keeps its original name."""
-    return FILES["e4"] if resolution == 16 else f"terminal_snr_{resolution}.json"
+def e4_file(resolution: int, budget: str = "full") -> str:
+    """E4's result file at ``resolution`` px: 16 px keeps its original name, and its ``small`` budget is
+    ``terminal_snr_16_small.json`` (at 32 and 64 px the budgets are the same)."""
+    if resolution != 16:
+        return f"terminal_snr_{resolution}.json"
+    return FILES["e4"] if budget == "full" else "terminal_snr_16_small.json"
+
+
+def e4_runs(resolution: int, budget: str = "full") -> str:
+    """The folder of E4's training runs, one per result file, so that no run overwrites another's."""
+    if resolution != 16:
+        return f"runs/e4-{resolution}"
+    return "runs/e4" if budget == "full" else "runs/e4-16-small"
 
 
 def reproduce(
@@ -50,22 +61,26 @@ def reproduce(
     num_samples: int | None = None,
     scale=1.0,
     resolution: int | None = None,
+    budget: str | None = None,
 ):
     """Run one experiment (or ``all``) and write ``out/<name>.json`` plus its figure; returns the reports.
 
-    ``resolution``: E4's (16, 32 or 64; unset: 16); the other experiments have theirs fixed."""
+    ``resolution``: E4's (16, 32 or 64; unset: 16) and ``budget`` its protocol (``E4_BUDGETS``; unset:
+    ``full``); the other experiments have theirs fixed."""
     from .depth import depth
     from .experiments import finetune, zero_shot
     from .few_step import few_step
     from .reflow import reflow
-    from .terminal_snr import E4_SETTINGS, check_resolution, terminal_snr
+    from .terminal_snr import e4_settings, terminal_snr
 
     if experiment != "all" and experiment not in EXPERIMENTS:
         raise ValueError(f"experiment={experiment!r} is not allowed: one of {EXPERIMENTS} or 'all'")
-    if resolution is not None and experiment != "e4":
-        raise ValueError(f"resolution={resolution!r} is for experiment 'e4' only, not {experiment!r}")
-    e4_resolution = check_resolution(16 if resolution is None else resolution)
-    e4 = E4_SETTINGS[e4_resolution]
+    for name, value in (("resolution", resolution), ("budget", budget)):
+        if value is not None and experiment != "e4":
+            raise ValueError(f"{name}={value!r} is for experiment 'e4' only, not {experiment!r}")
+    e4_resolution = 16 if resolution is None else resolution
+    e4_budget = "full" if budget is None else budget
+    e4 = e4_settings(e4_resolution, e4_budget)
     if not (isinstance(scale, (int, float)) and scale > 0):
         raise ValueError(f"scale={scale!r} is not allowed: a number > 0")
     folder = Path(out)
@@ -84,12 +99,13 @@ def reproduce(
             "runs/e3", max_steps=steps(1000), num_samples=n(1000), seed=seed, grid_png=folder / "reflow_samples.png"
         ),
         "e4": lambda: terminal_snr(
-            "runs/e4" if e4_resolution == 16 else f"runs/e4-{e4_resolution}",
+            e4_runs(e4_resolution, e4_budget),
             max_steps=steps(e4["max_steps"]),
             num_samples=n(e4["num_samples"]),
             seed=seed,
-            plot_png=folder / e4_file(e4_resolution).replace(".json", ".png"),
+            plot_png=folder / e4_file(e4_resolution, e4_budget).replace(".json", ".png"),
             resolution=e4_resolution,
+            budget=e4_budget,
         ),
         "e5": lambda: few_step(
             "runs/e5",
@@ -110,7 +126,7 @@ def reproduce(
     reports = {}
     for name in EXPERIMENTS if experiment == "all" else (experiment,):
         report = {**runners[name](), "draws": DRAWS}  # how the training runs drew noise, t and dropout
-        write_json(folder / (e4_file(e4_resolution) if name == "e4" else FILES[name]), report)
+        write_json(folder / (e4_file(e4_resolution, e4_budget) if name == "e4" else FILES[name]), report)
         if name == "e2":
             plot_finetune(report, folder / "finetune_fid.png")
         reports[name] = report

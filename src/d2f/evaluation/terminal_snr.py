@@ -53,18 +53,30 @@ METRICS = ("wasserstein_to_data", "inverted_share", "grey_share", "mean")
 GREY = 0.3
 # Per resolution: finetuning steps and batch, samples per seed and method, DDIM steps, seeds (offsets from
 # ``seed``). 16 px is the committed E4; 32 and 64 px are sized for about 25 and 50 minutes on one CPU core.
+_SMALL = {"max_steps": 150, "batch_size": 32, "num_samples": 150, "sample_steps": 25, "seeds": 3}
 E4_SETTINGS = {
     16: {"max_steps": 600, "batch_size": 64, "num_samples": 1000, "sample_steps": 25, "seeds": 1},
-    32: {"max_steps": 150, "batch_size": 32, "num_samples": 150, "sample_steps": 25, "seeds": 3},
-    64: {"max_steps": 150, "batch_size": 32, "num_samples": 150, "sample_steps": 25, "seeds": 3},
+    32: _SMALL,
+    64: _SMALL,
 }
 E4_RESOLUTIONS = tuple(E4_SETTINGS)
+# "full": each size's own protocol; "small": the 32 and 64 px one at any size, so that 16 px can be set beside
+# them at equal budget (the two are the same at 32 and 64 px).
+E4_BUDGETS = ("full", "small")
 
 
 def check_resolution(resolution: int) -> int:
     if resolution not in E4_SETTINGS:
         raise ValueError(f"resolution={resolution!r} is not allowed for E4: one of {E4_RESOLUTIONS}")
     return resolution
+
+
+def e4_settings(resolution: int, budget: str = "full") -> dict:
+    """E4's protocol at ``resolution`` px under ``budget`` (one of ``E4_BUDGETS``)."""
+    check_resolution(resolution)
+    if budget not in E4_BUDGETS:
+        raise ValueError(f"budget={budget!r} is not allowed for E4: one of {E4_BUDGETS}")
+    return dict(_SMALL if budget == "small" else E4_SETTINGS[resolution])
 
 
 def e4_teacher(resolution: int) -> str:
@@ -164,10 +176,12 @@ def terminal_snr(
     resolution: int = 16,
     seeds: int | None = None,
     batch_size: int | None = None,
+    budget: str = "full",
 ) -> dict:
     """E4 at ``resolution`` px (16, 32 or 64) on seeds ``seed, seed + 1, ...`` (``seeds`` of them); unset
-    settings come from ``E4_SETTINGS``. Returns ``{"methods": {name: brightness report}, "data": ..., ...}``:
-    each report holds the mean over seeds, ``spread`` (``[min, max]`` per metric) and ``per_seed``."""
+    settings come from ``e4_settings(resolution, budget)``. Returns ``{"methods": {name: brightness report},
+    "data": ..., ...}``: each report holds the mean over seeds, ``spread`` (``[min, max]`` per metric) and
+    ``per_seed``."""
     started = time.perf_counter()
     given = {
         "max_steps": max_steps,
@@ -176,7 +190,7 @@ def terminal_snr(
         "seeds": seeds,
         "batch_size": batch_size,
     }
-    settings = {**E4_SETTINGS[check_resolution(resolution)], **{k: v for k, v in given.items() if v is not None}}
+    settings = {**e4_settings(resolution, budget), **{k: v for k, v in given.items() if v is not None}}
     teacher = e4_teacher(resolution)
     run_seeds = [seed + i for i in range(settings["seeds"])]
     per_seed, histograms, timings = [], [], []
@@ -202,6 +216,7 @@ def terminal_snr(
         "data": brightness_report(data_brightness, data_brightness),
         "data_set": f"5000 MNIST digits at {resolution}px, every other one (seeded order) inverted",
         "resolution": resolution,
+        "budget": budget,
         "teacher": teacher if teacher == "teacher" else Path(teacher).name,
         "max_steps": settings["max_steps"],
         "batch_size": settings["batch_size"],
