@@ -292,7 +292,6 @@ def _reproduce_parser(sub) -> None:
     )
     p.add_argument(
         "--budget",
-        choices=("full", "small"),
         default=None,
         help="e4 only: full (default) runs each size's protocol; small runs the 32 and 64 px one (150 steps, "
         "batch 32, 150 samples, 3 seeds) at 16 px too, for a comparison at equal budget",

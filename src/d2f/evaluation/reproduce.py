@@ -39,19 +39,13 @@ def plot_finetune(report: dict, path: Path) -> None:
     save_line_plot(series, path, "E2: FID (log scale) vs finetuning steps", "finetuning step", log_y=True)
 
 
-def e4_file(resolution: int, budget: str = "full") -> str:
-    """E4's result file at ``resolution`` px: 16 px keeps its original name, and its ``small`` budget is
-    ``terminal_snr_16_small.json`` (at 32 and 64 px the budgets are the same)."""
+def e4_suffix(resolution: int, budget: str = "full") -> str:
+    """What E4's result file and its runs folder add to their 16 px names at ``resolution`` px and ``budget``
+    (``terminal_snr_64.json``, ``runs/e4-64``), so that no run overwrites another's; 32 and 64 px have one
+    budget."""
     if resolution != 16:
-        return f"terminal_snr_{resolution}.json"
-    return FILES["e4"] if budget == "full" else "terminal_snr_16_small.json"
-
-
-def e4_runs(resolution: int, budget: str = "full") -> str:
-    """The folder of E4's training runs, one per result file, so that no run overwrites another's."""
-    if resolution != 16:
-        return f"runs/e4-{resolution}"
-    return "runs/e4" if budget == "full" else "runs/e4-16-small"
+        return f"_{resolution}"
+    return "" if budget == "full" else "_16_small"
 
 
 def reproduce(
@@ -81,6 +75,8 @@ def reproduce(
     e4_resolution = 16 if resolution is None else resolution
     e4_budget = "full" if budget is None else budget
     e4 = e4_settings(e4_resolution, e4_budget)
+    e4_name = e4_suffix(e4_resolution, e4_budget)
+    files = {**FILES, "e4": FILES["e4"].replace(".json", f"{e4_name}.json")}
     if not (isinstance(scale, (int, float)) and scale > 0):
         raise ValueError(f"scale={scale!r} is not allowed: a number > 0")
     folder = Path(out)
@@ -99,11 +95,11 @@ def reproduce(
             "runs/e3", max_steps=steps(1000), num_samples=n(1000), seed=seed, grid_png=folder / "reflow_samples.png"
         ),
         "e4": lambda: terminal_snr(
-            e4_runs(e4_resolution, e4_budget),
+            "runs/e4" + e4_name.replace("_", "-"),
             max_steps=steps(e4["max_steps"]),
             num_samples=n(e4["num_samples"]),
             seed=seed,
-            plot_png=folder / e4_file(e4_resolution, e4_budget).replace(".json", ".png"),
+            plot_png=folder / files["e4"].replace(".json", ".png"),
             resolution=e4_resolution,
             budget=e4_budget,
         ),
@@ -126,7 +122,7 @@ def reproduce(
     reports = {}
     for name in EXPERIMENTS if experiment == "all" else (experiment,):
         report = {**runners[name](), "draws": DRAWS}  # how the training runs drew noise, t and dropout
-        write_json(folder / (e4_file(e4_resolution, e4_budget) if name == "e4" else FILES[name]), report)
+        write_json(folder / files[name], report)
         if name == "e2":
             plot_finetune(report, folder / "finetune_fid.png")
         reports[name] = report
