@@ -1,7 +1,9 @@
-"""Developer sessions: ``nox -s tests``, ``nox -s bench``, ``nox -s lint``.
+"""Developer sessions: ``nox -s tests``, ``nox -s tests_newest``, ``nox -s tests_lowest``, ``nox -s bench``,
+``nox -s lint``.
 
-Exact versions live here and in CI only; ``pyproject.toml`` gives ranges. torch is pinned in the same
-pip command as everything that depends on it, so pip takes the CPU wheel instead of a CUDA build.
+Exact versions live here and in CI only; ``pyproject.toml`` gives ranges. ``tests_newest`` and ``tests_lowest`` run
+the tests on both ends of them (torch and triton stay pinned: the CPU wheel). torch is pinned in the same pip command
+as everything that depends on it, so pip takes the CPU wheel instead of a CUDA build.
 """
 
 import nox
@@ -9,15 +11,15 @@ import nox
 nox.options.default_venv_backend = "venv"  # uv ignores the local torch wheel
 nox.options.sessions = ["tests"]
 
+# The CPU wheel and the triton it matches: pinned in every session.
+TORCH = ["torch==2.13.0", "triton==3.7.1"]
+TEST_TOOLS = ["pytest==9.2.0", "hypothesis==6.170.17", "pytest-benchmark==5.3.1"]
 PINS = [
-    "torch==2.13.0",
-    "triton==3.7.1",
+    *TORCH,
+    *TEST_TOOLS,
     "numpy==2.4.6",
     "tqdm==4.70.1",
     "diffusers==0.42.1",
-    "pytest==9.2.0",
-    "hypothesis==6.170.17",
-    "pytest-benchmark==5.3.1",
     "peft==0.21.2",
     "accelerate==1.15.0",
     "safetensors==0.8.0",
@@ -26,17 +28,56 @@ PINS = [
 ]
 
 
+# pyproject.toml's lower bounds, each the oldest release its range allows (safetensors' bound is the oldest that
+# accelerate 1.0 takes).
+LOWEST = [
+    *TORCH,
+    *TEST_TOOLS,
+    "numpy==1.24.0",
+    "tqdm==4.60.0",
+    "diffusers==0.30.0",
+    "transformers==4.40.0",
+    "peft==0.13.0",
+    "accelerate==1.0.0",
+    "safetensors==0.4.3",
+    "tensorboard==2.10.0",
+]
+
+
 def _install(session: nox.Session) -> None:
     session.install(*PINS, ".[test,triton,tensorboard]")
 
 
-@nox.session(python="3.11")
-def tests(session: nox.Session) -> None:
-    """The test suite, with Triton kernels run by the interpreter on the CPU."""
-    _install(session)
+def _test(session: nox.Session, *pytest_args: str) -> None:
+    """pytest over tests/, with Triton kernels run by the interpreter on the CPU, after the versions it runs
+    against."""
+    session.run("python", "-m", "pip", "freeze")
     session.env["TRITON_INTERPRET"] = "1"
     session.env.setdefault("HYPOTHESIS_PROFILE", "ci")
-    session.run("pytest", "tests", *session.posargs)
+    session.run("pytest", "tests", *pytest_args, *session.posargs)
+
+
+@nox.session(python="3.11")
+def tests(session: nox.Session) -> None:
+    """The test suite on the pinned versions."""
+    _install(session)
+    _test(session)
+
+
+@nox.session(python="3.11")
+def tests_newest(session: nox.Session) -> None:
+    """The test suite on the newest versions pyproject.toml's extras allow, as a user's fresh install gets them."""
+    session.install(*TORCH, ".[test,triton,tensorboard,train]")
+    _test(session)
+
+
+@nox.session(python="3.11")
+def tests_lowest(session: nox.Session) -> None:
+    """The suite on the lowest versions pyproject.toml allows, less test_evaluation.py (CI's time): its experiments
+    in miniature take most of the suite's minutes and reach diffusers, peft and accelerate through the training
+    and sampling code that the other tests cover."""
+    session.install(*LOWEST, ".[test,triton,tensorboard,train]")
+    _test(session, "--ignore=tests/test_evaluation.py")
 
 
 @nox.session(python="3.11")

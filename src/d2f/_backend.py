@@ -1,12 +1,23 @@
-"""Where and how d2f computes: the device when none is given, and the torch path or the Triton kernels
-(``d2f.kernels``)."""
+"""Where and how d2f computes: the device when none is given, and the torch path or the Triton kernels.
+
+The fused kernels live in the repository's top-level ``kernels/`` folder, installed as ``d2f.kernels``; importing
+them needs the ``triton`` extra, and ``TRITON_INTERPRET=1`` set before the first import runs them on CPU tensors
+(that is how the test suite runs them). Each file mirrors the d2f module of the same name and holds one op's
+kernel, launcher and (for the loss) autograd function; :func:`kernels` hands them out by the names of the d2f
+functions they serve.
+
+``kernels/`` has no ``__init__.py``, so ``d2f.kernels`` is a namespace package: run from the repository's root,
+where Python puts the current directory first on ``sys.path``, a regular package there would shadow PyPI's
+``kernels``, which transformers imports.
+"""
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
-from types import ModuleType
+from types import SimpleNamespace
 
 import torch
 
@@ -19,11 +30,21 @@ def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def kernels() -> ModuleType:
-    """``d2f.kernels``, imported on first use so that ``import d2f`` never needs triton."""
+@functools.cache
+def kernels() -> SimpleNamespace:
+    """The kernels' entry points ``fm_loss``, ``network_input``, ``ode_step``, ``normals`` and ``uniforms``,
+    imported on first use so that ``import d2f`` never needs triton."""
     if not _triton_installed():
         raise ImportError("backend='triton' needs the triton extra: pip install 'd2f[triton]' (Linux)")
-    return importlib.import_module("d2f.kernels")
+    modules = ("loss", "path", "solvers", "draws")
+    loss, path, solvers, draws = (importlib.import_module(f"d2f.kernels.{name}") for name in modules)
+    return SimpleNamespace(
+        fm_loss=loss.fm_loss,
+        network_input=path.network_input,
+        ode_step=solvers.ode_step,
+        normals=draws.normals,
+        uniforms=draws.uniforms,
+    )
 
 
 def use_triton(backend: str, *tensors: torch.Tensor) -> bool:
