@@ -61,10 +61,14 @@ def test_exports_sample_with_the_row_of_their_kind(tmp_path):
         assert scheduler_config["flow_finetuned"] is flow and scheduler_config["solver"] == "euler"
 
 
-@pytest.mark.parametrize("model, flow", [("teacher", False), ("e2_d2f_lora", True), ("e3_reflow", True)])
+@pytest.mark.parametrize(
+    "model, flow", [("teacher", False), ("teacher_epsilon", False), ("e2_d2f_lora", True), ("e3_reflow", True)]
+)
 def test_no_d2f_sampler_beats_the_tables_choice_on_every_seed_of_e5(model, flow):
     """The committed evidence backs the defaults: at every NFE that E5 measured, no d2f row has a lower FID
-    than the table's sampler on all three seeds (the seeds share their noise, so the comparison is paired)."""
+    than the table's sampler on all three seeds (the seeds share their noise, so the comparison is paired). At one
+    call Euler and multistep's first step are the same step, formed in another order: a difference within
+    float rounding (1e-6 relative) is a tie."""
     report = json.loads(E5.read_text())["models"][model]
     for nfe in report["nfe"]:
         solver, grid, _ = auto_sampler(nfe, flow)
@@ -73,4 +77,6 @@ def test_no_d2f_sampler_beats_the_tables_choice_on_every_seed_of_e5(model, flow)
         for name, row in report["rows"].items():
             other = row["cells"].get(str(nfe), {}).get("fid")
             if name.startswith("d2f:") and other:
-                assert not all(o < c for o, c in zip(other, chosen)), f"{model}, NFE {nfe}: {name} {other} < {chosen}"
+                assert not all(o < c * (1 - 1e-6) for o, c in zip(other, chosen)), (
+                    f"{model}, NFE {nfe}: {name} {other} < {chosen}"
+                )

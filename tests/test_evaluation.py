@@ -179,7 +179,7 @@ def test_teacher_architecture_adds_a_level_per_doubling():
 def test_e5_few_step_in_miniature_counts_network_calls_honestly(tmp_path):
     """E5 end to end at toy scale: every row at each NFE it reaches exactly, one score per seed, a chosen
     setting per diffusers scheduler, and a figure per model."""
-    from d2f.evaluation.few_step import DIFFUSERS, FINETUNED_ROWS, TEACHER_ROWS, few_step
+    from d2f.evaluation.few_step import CONVERTED, DIFFUSERS, FINETUNED_ROWS, TEACHER_ROWS, few_step
 
     report = few_step(
         str(tmp_path / "e5"),
@@ -194,29 +194,33 @@ def test_e5_few_step_in_miniature_counts_network_calls_honestly(tmp_path):
         plot_png=tmp_path / "e5.png",
     )
     teacher = report["models"]["teacher"]["rows"]
-    assert set(teacher) == {f"diffusers:{n}" for n in DIFFUSERS} | {f"d2f:{s}/{g}" for s, g in TEACHER_ROWS}
-    for model in ("teacher", "e2_d2f_lora", "e3_reflow"):
+    for model in CONVERTED:
+        assert set(report["models"][model]["rows"]) == {f"diffusers:{n}" for n in DIFFUSERS} | {
+            f"d2f:{s}/{g}" for s, g in TEACHER_ROWS
+        }
+    for model in (*CONVERTED, "e2_d2f_lora", "e3_reflow"):
         assert (tmp_path / f"e5_{model}.png").is_file()
         rows = report["models"][model]["rows"]
-        if model != "teacher":
+        if model not in CONVERTED:
             assert set(rows) == {f"d2f:{s}/{g}" for s, g in FINETUNED_ROWS}
             assert set(rows["d2f:multistep/shift"]["cells"]) == {"1", "2"}
         for cells in (row["cells"] for row in rows.values()):
             assert all(len(cell["fid"]) == 2 and all(math.isfinite(v) for v in cell["fid"]) for cell in cells.values())
-    # d2f's two-stage steps cost 2 calls on the epsilon teacher (its velocity is singular at t = 0 only, where
-    # no step ends); diffusers' Heun evaluates 2n - 1 times (its last step is Euler).
+    # d2f's two-stage steps cost 2 calls on the teacher (its velocity is singular nowhere); diffusers' Heun
+    # evaluates 2n - 1 times (its last step is Euler).
     assert set(teacher["d2f:heun/uniform"]["cells"]) == set(teacher["d2f:midpoint/uniform"]["cells"]) == {"2"}
     assert set(teacher["diffusers:heun"]["cells"]) == {"1", "3"}
     assert set(teacher["d2f:multistep/uniform"]["cells"]) == {"1", "2", "3"}
     # At one call every first-order start is Euler: d2f's multistep and Euler give the same samples.
     one_call = teacher["d2f:multistep/uniform"]["cells"]["1"], teacher["d2f:euler/uniform"]["cells"]["1"]
     assert one_call[0]["fid"] == pytest.approx(one_call[1]["fid"], rel=1e-6)
-    candidates = report["calibration"]["candidates"]
-    for name, row in teacher.items():
-        if name.startswith("diffusers:"):
-            tried = candidates[name.split(":")[1]]
-            assert row["settings"] == min(tried, key=lambda c: c["fid"])["settings"]
-    assert set(report["seconds_by_part"]) == {"train_and_calibrate", "teacher", "e2_d2f_lora", "e3_reflow"}
+    for model in CONVERTED:  # each teacher's own calibration picks its diffusers settings
+        candidates = report["calibration"]["candidates"][model]
+        for name, row in report["models"][model]["rows"].items():
+            if name.startswith("diffusers:"):
+                tried = candidates[name.split(":")[1]]
+                assert row["settings"] == min(tried, key=lambda c: c["fid"])["settings"]
+    assert set(report["seconds_by_part"]) == {"train_and_calibrate", *CONVERTED, "e2_d2f_lora", "e3_reflow"}
 
 
 def test_depth_experiment_in_miniature(tmp_path):

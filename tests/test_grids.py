@@ -38,14 +38,19 @@ def test_shift_outside_its_range_is_refused_naming_the_range(shift):
 @pytest.mark.parametrize("shift", [1e-3, 0.5, 2.0, 1e3])
 @pytest.mark.parametrize("n, t_start, t_end", [(1, 0.0, 1.0), (4, 0.0, 1.0), (1000, 0.0, 1.0), (7, 1e-3, 1 - 1e-3)])
 def test_shift_grid_at_the_ends_of_its_range_is_exact_and_strictly_increasing(shift, n, t_start, t_end):
+    """The shift of the unit grid, laid onto [t_start, t_end]: the ends are exactly t_start and t_end."""
     ts = shift_grid(n, shift, t_start, t_end)
     # The map in exact rational arithmetic, from the float64 uniform grid it shifts.
-    uniform = map(Fraction, uniform_grid(n, t_start, t_end).tolist())
-    exact = [float(t / (t + Fraction(shift) * (1 - t))) for t in uniform]
-    assert ts.tolist() == pytest.approx(exact, rel=4 * np.finfo(np.float64).eps, abs=0)
+    a, b = Fraction(t_start), Fraction(t_end)
+    unit = [(Fraction(t) - a) / (b - a) for t in uniform_grid(n, t_start, t_end).tolist()]
+    exact = [float(a + (b - a) * u / (u + Fraction(shift) * (1 - u))) for u in unit]
+    assert ts.tolist() == pytest.approx(exact, rel=4 * np.finfo(np.float64).eps, abs=1e-300)
     assert bool((ts.diff() > 0).all()) and bool(ts.isfinite().all())
-    if t_start == 0.0:
-        assert ts[0] == 0 and ts[-1] == 1
+    assert ts[0] == t_start and ts[-1] == t_end
+
+
+def test_an_inverting_shift_grid_is_the_generating_one_reversed():
+    torch.testing.assert_close(shift_grid(6, 3.0, 1.0, 0.2), shift_grid(6, 3.0, 0.2, 1.0).flip(0), rtol=0, atol=1e-15)
 
 
 def test_shift_one_is_uniform_and_large_shift_spends_steps_at_high_noise():
@@ -109,11 +114,24 @@ def test_ddim_grid_errors():
         shift_grid(3, 0)
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample", "velocity"])
+def test_fm_grids_start_where_a_converted_network_was_trained(prediction_type):
+    """Unset, t_start is timestep T-1's FM time (SD's: 0.064): below it the network never saw the noise level,
+    and an epsilon network's velocity magnifies its error 1/t times. Under zero terminal SNR that time is 0,
+    where epsilon has no velocity: the grid starts at timestep T-2."""
+    s = NAMED_SCHEDULES["sd"]
+    assert s.t_min == pytest.approx(0.0640, abs=1e-4)
+    assert torch.equal(sampling_grid("uniform", 4, s, prediction_type), uniform_grid(4, s.t_min, 1.0))
+    assert torch.equal(sampling_grid("shift", 4, s, prediction_type, shift=2.0), shift_grid(4, 2.0, s.t_min))
+    zero_snr = s.with_zero_terminal_snr()
+    start = zero_snr.taus[-2] if prediction_type == "epsilon" else 0.0
+    assert float(sampling_grid("uniform", 4, zero_snr, prediction_type)[0]) == start
+
+
 def test_sampling_grid_names_the_grids():
     s = NAMED_SCHEDULES["sd"]
-    assert torch.equal(sampling_grid("uniform", 4, s, "v_prediction"), uniform_grid(4))
-    assert torch.equal(sampling_grid("uniform", 4, s, "epsilon"), uniform_grid(4, 1e-3, 1.0))  # no velocity at 0
-    assert torch.equal(sampling_grid("shift", 4, s, "sample", shift=2.0), shift_grid(4, 2.0))
+    assert torch.equal(sampling_grid("uniform", 4, s, "v_prediction", t_start=0.0), uniform_grid(4))
+    assert torch.equal(sampling_grid("shift", 4, s, "sample", shift=2.0, t_start=0.3), shift_grid(4, 2.0, 0.3))
     assert torch.equal(sampling_grid("ddim", 5, s, "epsilon"), ddim_grid(s, 5, "leading", 1, True))
     rule = dict(spacing="trailing", steps_offset=0, set_alpha_to_one=False)
     assert torch.equal(sampling_grid("ddim", 3, s, "epsilon", **rule), ddim_grid(s, 3, "trailing", 0, False))

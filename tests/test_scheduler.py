@@ -168,7 +168,7 @@ def test_bad_configs_are_refused():
         zero_snr_eps.set_timesteps(10)
     scheduler = D2FScheduler(**SD_SCHEDULE)
     with pytest.raises(ValueError, match="call set_timesteps"):
-        scheduler.scale_model_input(torch.zeros(1), 0)
+        scheduler.step(torch.zeros(1, 1), 0, torch.zeros(1, 1))
     scheduler.set_timesteps(5)
     with pytest.raises(ValueError, match="not one of this scheduler's timesteps"):
         scheduler.step(torch.zeros(1, 1), 3.5, torch.zeros(1, 1))
@@ -227,9 +227,10 @@ def generate(pipe, steps=3, **kwargs):
     ).images
 
 
-def d2f_reference(unet, scheduler, steps=3, solver=None, grid=None):
+def d2f_reference(unet, scheduler, steps=3, solver=None, grid=None, clip=None):
     """``d2f.sample`` of the same network from the pipeline's noise on the scheduler's grid and solver (or the
-    ones given), turned into the pipeline's ``np`` images: what the scheduler must give inside the pipeline."""
+    ones given), turned into the pipeline's ``np`` images: what the scheduler must give inside the pipeline.
+    ``clip``: sample the velocity of the clipped clean sample instead, ``(clip(x + (1-t)*u) - x) / (1-t)``."""
     cfg = scheduler.config
     schedule = Schedule.from_diffusers(cfg)
     ts = d2f.sampling_grid(
@@ -241,10 +242,20 @@ def d2f_reference(unet, scheduler, steps=3, solver=None, grid=None):
         cfg.timestep_spacing,
         cfg.steps_offset,
         cfg.set_alpha_to_one,
+        cfg.t_min,
     )
     noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))  # the pipeline's draw
+    field = d2f.D2FVelocity(unet, schedule, cfg.prediction_type)
     with torch.no_grad():
-        x = d2f.D2FVelocity(unet, schedule, cfg.prediction_type).sample(noise, ts, solver=solver or cfg.solver)
+        if clip is None:
+            x = field.sample(noise, ts, solver=solver or cfg.solver)
+        else:
+
+            def clipped(x, t):
+                return (clip(x + (1 - t) * field(x, t)) - x) / (1 - t)
+
+            clipped.singular_times = (*field.singular_times, 1.0)
+            x = d2f.sample(clipped, noise / d2f.scale(float(ts[0])), ts, solver=solver or cfg.solver)
     latent = d2f.scale(float(ts[-1])) * x
     return (latent / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
 
@@ -261,6 +272,86 @@ def test_ddpm_pipeline_samples_with_d2f():
     np.testing.assert_allclose(generate(pipe), ddim, rtol=0, atol=1e-5)
     pipe.scheduler = D2FScheduler(**V_CONFIG, solver="heun", grid="shift")
     np.testing.assert_allclose(generate(pipe), d2f_reference(pipe.unet, pipe.scheduler), rtol=0, atol=1e-5)
+
+
+# google/ddpm-cifar10-32's scheduler_config.json, as a DDPMPipeline folder holds it: DDPM's keys, clipping on.
+DDPM_PIPELINE_CONFIG = {
+    "_class_name": "DDPMScheduler",
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "beta_start": 0.0001,
+    "clip_sample": True,
+    "num_train_timesteps": 1000,
+    "trained_betas": None,
+    "variance_type": "fixed_small",
+}
+
+
+def d2f_scheduler(source, **settings):
+    """D2FScheduler from the class defaults, from ``DDIMScheduler()``'s default config or from a DDPM pipeline's."""
+    if source == "defaults":
+        return D2FScheduler(**settings)
+    return D2FScheduler.from_config(DDIMScheduler().config if source == "ddim" else DDPM_PIPELINE_CONFIG, **settings)
+
+
+@pytest.mark.parametrize("source", ["defaults", "ddim", "ddpm-pipeline"])
+@pytest.mark.parametrize("solver", ["euler", "heun", "midpoint", "multistep", "auto"])
+def test_every_solver_samples_from_ddims_defaults_with_clipping(solver, source):
+    """clip_sample=True is DDIM's default: every solver honours it in a full pipeline loop, and it acts."""
+    pipe = unconditional(DDPMPipeline, d2f_scheduler(source, solver=solver))
+    assert pipe.scheduler.config.clip_sample
+    images = generate(pipe, 4)
+    assert np.isfinite(images).all()
+    pipe.scheduler = D2FScheduler.from_config(pipe.scheduler.config, clip_sample=False)
+    assert np.abs(images - generate(pipe, 4)).max() > 1e-2
+
+
+@pytest.mark.parametrize("key", ["clip_sample", "thresholding"])
+@pytest.mark.parametrize(("solver", "grid"), [("heun", "ddim"), ("midpoint", "uniform"), ("multistep", "shift")])
+def test_fm_solvers_take_the_velocity_of_the_clipped_clean_sample(solver, grid, key):
+    """At every network call the predicted clean sample D is clipped (or thresholded) as DDIM clips it, and the
+    solver takes the velocity (D_c - x) / (1 - t) (docs/conventions.md §5): the pipeline's images are d2f.sample's
+    of that velocity. Heun's last step, which would evaluate at t = 1 where it has no value, is Euler."""
+    config = {**DDPM_PIPELINE_CONFIG, "clip_sample": key == "clip_sample", "thresholding": key == "thresholding"}
+    pipe = unconditional(DDPMPipeline, D2FScheduler.from_config(config, solver=solver, grid=grid))
+    clip = pipe.scheduler._clip
+    expected = d2f_reference(pipe.unet, pipe.scheduler, 4, clip=clip)
+    # 1e-4: the pipeline rounds its latent to float32 at every call, and at DDPM's t_min = 0.0064 an epsilon
+    # network's velocity magnifies that rounding 1/t times.
+    np.testing.assert_allclose(generate(pipe, 4), expected, rtol=0, atol=1e-4)
+    assert np.abs(expected - d2f_reference(pipe.unet, pipe.scheduler, 4)).max() > 1e-2  # the clip acted
+
+
+def test_get_velocity_and_scale_model_input_are_ddims():
+    """diffusers' training scripts call get_velocity for v-prediction targets; its scheduler API test calls
+    scale_model_input(sample, 0.0) before set_timesteps."""
+    g = torch.Generator().manual_seed(3)
+    sample, noise = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    timesteps = torch.tensor([0, 501, 999])
+    for config in (SD_CONFIG, DDPM_PIPELINE_CONFIG):
+        ddim, ours = DDIMScheduler.from_config(config), D2FScheduler.from_config(config)
+        want = ddim.get_velocity(sample, noise, timesteps)
+        # 1e-5: DDIM's alphas_cumprod is a float32 cumprod, d2f's a float64 table
+        torch.testing.assert_close(ours.get_velocity(sample, noise, timesteps), want, rtol=1e-5, atol=1e-5)
+        assert ours.get_velocity(sample.half(), noise.half(), timesteps).dtype == torch.float16
+        assert ours.scale_model_input(sample, 0.0) is sample
+    ours.set_timesteps(4)
+    with pytest.raises(ValueError, match="timestep 3.5 is not one of this scheduler's timesteps"):
+        ours.scale_model_input(sample, 3.5)
+
+
+def test_fm_grids_start_at_t_min():
+    """Unset, the uniform and shift grids start where a converted network was trained, timestep T-1; an export
+    of a flow-finetuned network writes its own t_min into its scheduler config."""
+    scheduler = D2FScheduler(**V_CONFIG, grid="uniform")
+    scheduler.set_timesteps(4)
+    assert scheduler.timesteps[0] == 999
+    scheduler = D2FScheduler(**V_CONFIG, grid="shift", t_min=0.0)
+    scheduler.set_timesteps(4)
+    assert scheduler.timesteps[0] == 1000 and scheduler._steps[0][0] == 0.0
+    for bad in (1.0, -0.1, "0", True):
+        with pytest.raises(ValueError, match=re.escape(f"t_min={bad!r} must be None")):
+            D2FScheduler(t_min=bad)
 
 
 @pytest.mark.parametrize("grid", ["ddim", "uniform", "shift"])
@@ -295,8 +386,6 @@ def test_auto_samples_with_the_tables_sampler_in_a_pipeline(calls, flow_finetune
 
 
 def test_auto_refuses_what_only_euler_does():
-    with pytest.raises(ValueError, match="clip_sample=True .* solver='auto' needs clip_sample=False"):
-        D2FScheduler(solver="auto")
     scheduler = D2FScheduler(**V_CONFIG, solver="auto")
     scheduler.set_timesteps(3)
     with pytest.raises(

@@ -228,10 +228,10 @@ def test_step_takes_ddims_arguments_positionally_and_refuses_what_it_cannot_hono
     heun.set_timesteps(4)
     with pytest.raises(ValueError, match="eta=1.0 makes DDIM's stochastic step.*solver='euler' only"):
         heun.step(x, heun.timesteps[0], x, eta=1.0)
-    with pytest.raises(ValueError, match="clip_sample=True \\(DDIMScheduler's default\\).*solver='euler' only"):
-        D2FScheduler(**SD, solver="heun")
-    with pytest.raises(ValueError, match="thresholding=True.*solver='midpoint' needs"):
-        D2FScheduler(**SD, clip_sample=False, thresholding=True, solver="midpoint")
+    clipped = D2FScheduler(**SD, solver="heun")  # clip_sample=True, DDIM's default
+    clipped.set_timesteps(4)
+    with pytest.raises(ValueError, match="use_clipped_model_output=False keeps .*solver='heun' cannot take"):
+        clipped.step(x, clipped.timesteps[0], x, use_clipped_model_output=False)
     with pytest.raises(ValueError, match="dynamic_thresholding_ratio=1.5 must lie in"):
         D2FScheduler(**SD, dynamic_thresholding_ratio=1.5)
 

@@ -6,7 +6,15 @@ import torch
 
 from d2f import PREDICTION_TYPES, Schedule
 from d2f.parametrization import T_MARGIN, valid_range
-from d2f.time_samplers import diffusion_matched_t, logit_normal_t, sample_t, uniform_t, uniform_timestep
+from d2f.time_samplers import (
+    T_SAMPLERS,
+    diffusion_matched_t,
+    logit_normal_t,
+    lowest_t,
+    sample_t,
+    uniform_t,
+    uniform_timestep,
+)
 from d2f.training.draws import normals, uniforms
 
 N = 20000
@@ -80,3 +88,20 @@ def test_sample_t_dispatch_and_errors():
 def test_uniform_timestep_covers_every_k_and_no_other():
     k = uniform_timestep(torch.tensor([0.0, 0.5, 1 - 2.0**-25, 0.999]), 1000)
     assert k.tolist() == [0, 500, 999, 999] and k.dtype == torch.int64
+
+
+@pytest.mark.parametrize("zero_snr", [False, True])
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+@pytest.mark.parametrize("name", T_SAMPLERS)
+def test_lowest_t_is_the_low_end_of_what_each_sampler_draws(name, prediction_type, zero_snr):
+    """No draw falls below lowest_t; uniform comes within 1e-3 of it and diffusion-matched reaches it (its ten
+    levels all drawn); logit-normal reaches it only through its clamp."""
+    schedule = Schedule.linear(10, 0.01, 0.3, zero_terminal_snr=zero_snr)
+    low = lowest_t(name, prediction_type, schedule)
+    t = sample_t(name, u(4), z(4), prediction_type, schedule)
+    assert float(t.min()) >= low
+    if name == "uniform":
+        assert float(t.min()) - low < 1e-3
+    if name == "diffusion-matched":
+        assert float(t.min()) == low
+        assert low > 0 if prediction_type == "epsilon" else low == schedule.t_min

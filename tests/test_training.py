@@ -48,8 +48,23 @@ def test_each_objective_trains_exports_and_loads(tmp_path, objective, lora_rank)
     field = d2f.load(out / "export")
     assert field.prediction_type == ("velocity" if objective == "fm" else "v_prediction")
     assert field.align_input == (objective != "fm")
+    # Its grids start at the lowest t its training drew: logit-normal reaches t = 0 for these prediction types,
+    # diffusion's timesteps stop at T-1. The scheduler config the export writes says the same.
+    meta = json.loads((out / "export" / "d2f.json").read_text())
+    assert meta["t_min"] == field.t_min == (field.schedule.t_min if objective == "diffusion" else 0.0)
+    if objective != "fm":
+        scheduler = d2f.D2FScheduler.from_pretrained(out / "export", subfolder="scheduler")
+        assert scheduler.config.t_min == field.t_min
     x = field.sample(torch.randn(2, 1, 16, 16), d2f.uniform_grid(2, 0.0, 1.0), class_labels=torch.tensor([3, 7]))
     assert x.shape == (2, 1, 16, 16) and bool(x.isfinite().all())
+
+
+def test_exports_written_before_t_min_was_recorded_start_where_their_training_did():
+    """The embedded teacher's d2f.json predates the key: its diffusion training's lowest time is timestep T-1."""
+    teacher = d2f.load("teacher")
+    assert "t_min" not in json.loads((teacher_path() / "d2f.json").read_text())
+    assert teacher.t_min == teacher.schedule.t_min > 0.06
+    assert torch.equal(teacher.grid("uniform", 4), d2f.uniform_grid(4, teacher.schedule.t_min))
 
 
 def test_lora_export_round_trip_restores_adapter_and_full_convs(tmp_path):
@@ -481,7 +496,14 @@ def test_a_run_whose_every_step_is_skipped_exports_nothing(tmp_path, nan_at_trai
 
 @pytest.mark.parametrize("lora_rank", [0, 4])
 def test_gradient_checkpointing_computes_the_same_update(tmp_path, lora_rank):
-    """Recomputing activations in backward changes memory, not the result (measured here: bit for bit)."""
+    """Recomputing activations in backward changes memory, not the result (measured here: bit for bit). diffusers'
+    UNet2DModel has it from 0.32 on; before that (pyproject.toml allows 0.30) d2f refuses the flag by name."""
+    from diffusers import UNet2DModel
+
+    if not UNet2DModel._supports_gradient_checkpointing:
+        with pytest.raises(ValueError, match="gradient_checkpointing=True: UNet2DModel does not support it"):
+            train(config(tmp_path, lora_rank=lora_rank, gradient_checkpointing=True), progress=False)
+        return
     runs = {}
     for flag in (False, True):
         name = f"gc-{flag}"

@@ -2,8 +2,8 @@
 
 The budget ``nfe`` is the number of network calls per sample (a step count for one-call solvers; guidance's
 batched pair counts once). E5 (``d2f reproduce --experiment e5``, ``docs/results.md``) compared every d2f
-solver and grid with diffusers' schedulers at equal calls, on the embedded teacher as converted (zero-shot),
-on a d2f LoRA finetune and on a reflow model:
+solver and grid with diffusers' schedulers at equal calls, on the two teachers as converted (zero-shot: the
+embedded v-prediction one and its epsilon twin), on a d2f LoRA finetune and on a reflow model:
 
 =================  ==========================================  ==========================================
 network calls      converted diffusion network                 network finetuned as a flow (d2f, reflow)
@@ -13,9 +13,9 @@ network calls      converted diffusion network                 network finetuned
 3 and more         multistep, uniform grid                     multistep, shift grid
 =================  ==========================================  ==========================================
 
-Multistep's first step is Euler, so at one call every row is one Euler step (from the start of the row's
-grid, which for an epsilon model differs slightly between the uniform and shift grids). The table was measured on
-MNIST-scale models; nothing here has been measured on Stable Diffusion.
+Multistep's first step is Euler, so at one call every row is one Euler step from where the network was
+trained (``D2FVelocity.t_min``; both grids start there). The table was measured on MNIST-scale models; nothing
+here has been measured on Stable Diffusion.
 """
 
 from __future__ import annotations

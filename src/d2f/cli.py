@@ -324,6 +324,11 @@ def _teacher_parser(sub) -> None:
     )
     p.add_argument("--max-steps", type=int, default=None, help="training steps (unset: the recipe's, 3000 at 16 px)")
     p.add_argument("--seed", type=int, default=0, help="seeds the initial weights and every draw")
+    p.add_argument(
+        "--prediction-type",
+        default="v_prediction",
+        help="what the network predicts: v_prediction (the shipped teachers), epsilon (SD 1.x's) or sample",
+    )
 
 
 def _classifier_parser(sub) -> None:
@@ -438,7 +443,7 @@ def _teacher(args: argparse.Namespace) -> None:
     from .training.loop import train
     from .training.teacher import teacher_config
 
-    _print_json(train(teacher_config(args.out, args.max_steps, args.seed, args.resolution)))
+    _print_json(train(teacher_config(args.out, args.max_steps, args.seed, args.resolution, args.prediction_type)))
 
 
 def _classifier(args: argparse.Namespace) -> None:

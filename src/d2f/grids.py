@@ -17,8 +17,8 @@ import torch
 from torch import Tensor
 
 from ._checks import as_time, check_choice, check_positive_int, describe
-from .parametrization import valid_range
 from .schedule import Schedule
+from .time_samplers import lowest_t
 
 SPACINGS = ("leading", "trailing", "linspace")
 GRIDS = ("ddim", "uniform", "shift")
@@ -44,8 +44,10 @@ def uniform_grid(n: int, t_start: float = 0.0, t_end: float = 1.0) -> Tensor:
 
 
 def shift_grid(n: int, shift: float, t_start: float = 0.0, t_end: float = 1.0) -> Tensor:
-    """SD3's time shift on a uniform grid: the noise level ``1 - t`` becomes ``shift*s / (1 + (shift-1)*s)``.
+    """SD3's time shift on a uniform grid: the noise level ``s = 1 - u`` becomes ``shift*s / (1 + (shift-1)*s)``.
 
+    ``u`` runs over ``[0, 1]`` and the shifted grid is laid onto ``[t_start, t_end]``, so both ends stay where
+    they are (a grid starts where its network was trained, ``sampling_grid``); on ``[0, 1]`` it is SD3's grid.
     ``shift > 1`` spends more steps at high noise; ``shift = 1`` is the uniform grid. ``shift`` must lie in
     ``SHIFT_RANGE``, [1e-3, 1e3].
     """
@@ -55,10 +57,14 @@ def shift_grid(n: int, shift: float, t_start: float = 0.0, t_end: float = 1.0) -
             f"shift={shift!r} must be a number in [{low:g}, {high:g}]: further out the shifted grid crowds its "
             "steps onto one end"
         )
-    t = uniform_grid(n, t_start, t_end)
-    # Same map written as t / (t + shift*(1-t)): t = 0 and t = 1 stay exact, and no term cancels (the form
-    # t / (1 + (shift-1)*(1-t)) gave 0/0 at t = 0 once shift - 1 rounded to -1).
-    return t / (t + shift * (1 - t))
+    a, b = _check_ends(t_start, t_end)
+    low, high = min(a, b), max(a, b)  # noise end first: an inverting grid (a > b) is shifted alike
+    u = (uniform_grid(n, a, b) - low) / (high - low)
+    # Same map written as u / (u + shift*(1-u)): u = 0 and u = 1 stay exact, and no term cancels (the form
+    # u / (1 + (shift-1)*(1-u)) gave 0/0 at u = 0 once shift - 1 rounded to -1).
+    t = low + (high - low) * (u / (u + shift * (1 - u)))
+    t[0], t[-1] = a, b
+    return t
 
 
 def ddim_timesteps(num_train_timesteps: int, n: int, spacing: str = "leading", steps_offset: int = 0) -> np.ndarray:
@@ -137,20 +143,24 @@ def sampling_grid(
     spacing: str = "leading",
     steps_offset: int = 1,
     set_alpha_to_one: bool = True,
+    t_start: float | None = None,
 ) -> Tensor:
     """The grid named ``grid`` with ``n`` steps, for a network of ``prediction_type`` trained on ``schedule``.
 
     ``ddim``: :func:`ddim_grid` with the given DDIM step rule (default: leading spacing, offset 1, ending at
     ``t = 1``), for converted diffusion models only. ``uniform`` and ``shift``: :func:`uniform_grid` and
-    :func:`shift_grid` from the first time where ``prediction_type`` has a velocity (``valid_range``: 1e-3
-    for epsilon, else 0) to 1.
+    :func:`shift_grid` from ``t_start`` to 1. ``t_start`` is the lowest time the network was trained at (a
+    flow-finetuned network's is in its export, ``D2FVelocity.t_min``); unset, a converted diffusion network's:
+    ``lowest_t("diffusion-matched", ...)``, which is ``schedule.t_min`` (SD's: 0.064, timestep 999). Below it
+    the network sees noise levels it never learned, and an epsilon network's error is amplified by ``1/t``.
     """
     check_choice("grid", grid, GRIDS)
     if grid == "ddim":
         if prediction_type == "velocity":
             raise ValueError("grid='ddim' needs a converted model; a naive-FM model samples on grid='uniform'")
         return ddim_grid(schedule, n, spacing, steps_offset, set_alpha_to_one)
-    t_start = valid_range(prediction_type)[0]
+    if t_start is None:
+        t_start = lowest_t("diffusion-matched", prediction_type, schedule)
     if grid == "uniform":
         return uniform_grid(n, t_start, 1.0)
     return shift_grid(n, shift, t_start, 1.0)

@@ -14,14 +14,17 @@ and the pipeline runs unchanged. The pipeline's latents hold what DDIM's hold, t
   DDIM keeps it.
 
 With the defaults (``grid`` unset, which is ``"ddim"``, and ``solver="euler"``) the pipeline reproduces
-DDIMScheduler step for step,
-under every key DDIM takes: ``timestep_spacing``, ``steps_offset``, ``set_alpha_to_one`` (its identity last
-step included), ``clip_sample``/``clip_sample_range``, ``thresholding`` and ``step``'s ``eta``,
-``use_clipped_model_output``, ``generator`` and ``variance_noise`` (``d2f.solvers.ddim_step``,
-``docs/conventions.md`` §5). ``grid="uniform"`` and ``grid="shift"`` (SD3's shift) are FM grids; with Euler,
-clipping and ``eta`` keep their meaning there (DDIM's transition between the grid's noise levels). Heun,
-midpoint and multistep refuse both; multistep also refuses a DDIM step table with gaps (``timestep_spacing``
-other than ``leading`` where the step count does not divide ``num_train_timesteps``).
+DDIMScheduler step for step, under every key DDIM takes: ``timestep_spacing``, ``steps_offset``,
+``set_alpha_to_one`` (its identity last step included), ``clip_sample``/``clip_sample_range``, ``thresholding``
+and ``step``'s ``eta``, ``use_clipped_model_output``, ``generator`` and ``variance_noise``
+(``d2f.solvers.ddim_step``, ``docs/conventions.md`` §5). ``grid="uniform"`` and ``grid="shift"`` (SD3's shift)
+are FM grids from ``t_min``, the lowest FM time the network was trained at (unset: a converted network's,
+``schedule.t_min``; a flow-finetuned export's scheduler config records its own); with Euler, clipping and
+``eta`` keep their meaning there (DDIM's transition between the grid's noise levels). Heun, midpoint and
+multistep clip or threshold the predicted clean sample at every network call and take the velocity from it, as
+DPM-Solver++ does with its data prediction (``docs/conventions.md`` §5); they refuse ``eta > 0``, and
+multistep refuses a DDIM step table with gaps (``timestep_spacing`` other than ``leading`` where the step count
+does not divide ``num_train_timesteps``).
 
 ``solver="auto"`` takes ``num_inference_steps`` as network calls and samples with what E5 measured best for
 that budget (``d2f.auto_sampler``): for a converted diffusion network by default, for a network finetuned as a
@@ -43,8 +46,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from ._checks import check_bool, check_choice, compute_dtype
 from .auto_sampler import AUTO, auto_sampler
 from .grids import GRIDS, SPACINGS, ddim_timesteps, grid_steps, sampling_grid
-from .parametrization import SINGULAR_TIMES, diffusion_to_velocity, velocity_to_diffusion
-from .path import network_input, scale
+from .parametrization import SINGULAR_TIMES, diffusion_target, diffusion_to_velocity, velocity_to_diffusion
+from .path import alpha_sigma, network_input, scale
 from .schedule import Schedule
 from .solvers import (
     CORRECT,
@@ -90,6 +93,9 @@ class D2FScheduler(SchedulerMixin, ConfigMixin):
     (ddim | uniform | shift; unset: ddim, or the table's with ``solver="auto"``), ``shift`` and
     ``flow_finetuned`` (what the network is, read by ``solver="auto"`` only). ``betas``, ``alphas``,
     ``alphas_cumprod`` and ``final_alpha_cumprod`` are DDIM's float32 attributes, from d2f's float64 table.
+    ``t_min``: where the uniform and shift grids start, the lowest FM time the network was trained at (unset:
+    a converted diffusion network's, ``d2f.time_samplers.lowest_t("diffusion-matched", ...)``, which is
+    ``schedule.t_min``).
     The boolean keys (``clip_sample``, ``set_alpha_to_one``, ``thresholding``, ``rescale_betas_zero_snr``,
     ``flow_finetuned``) must be ``True`` or ``False``; ``trained_betas`` (a list, array or tensor) must be 1-D
     with ``num_train_timesteps`` entries
@@ -121,6 +127,7 @@ class D2FScheduler(SchedulerMixin, ConfigMixin):
         grid: str | None = None,
         shift: float = 3.0,
         flow_finetuned: bool = False,
+        t_min: float | None = None,
     ):
         for name, value in (
             ("rescale_betas_zero_snr", rescale_betas_zero_snr),
@@ -134,12 +141,8 @@ class D2FScheduler(SchedulerMixin, ConfigMixin):
         if grid is not None:
             check_choice("grid", grid, GRIDS)
         check_choice("timestep_spacing", timestep_spacing, SPACINGS)
-        if (clip_sample or thresholding) and solver != "euler":
-            which = "thresholding=True" if thresholding else "clip_sample=True (DDIMScheduler's default)"
-            raise ValueError(
-                f"{which} clips DDIM's predicted clean sample, which D2FScheduler does with solver='euler' only; "
-                f"solver={solver!r} needs clip_sample=False and thresholding=False"
-            )
+        if t_min is not None and (isinstance(t_min, bool) or not isinstance(t_min, (int, float)) or not 0 <= t_min < 1):
+            raise ValueError(f"t_min={t_min!r} must be None (a converted network's) or an FM time in [0, 1)")
         if not 0 < dynamic_thresholding_ratio < 1 or clip_sample_range <= 0 or sample_max_value < 1:
             raise ValueError(
                 f"dynamic_thresholding_ratio={dynamic_thresholding_ratio!r} must lie in (0, 1), "
@@ -182,6 +185,7 @@ class D2FScheduler(SchedulerMixin, ConfigMixin):
             cfg.timestep_spacing,
             cfg.steps_offset,
             cfg.set_alpha_to_one,
+            cfg.t_min,
         )
         self._steps = grid_steps(grid)
         if self._solver == "multistep" and grid.ndim == 2:
@@ -196,6 +200,8 @@ class D2FScheduler(SchedulerMixin, ConfigMixin):
                 # DDIM's last step, timestep 0 to alphas_cumprod[0], which ddim_grid drops: taken too (it clips)
                 self._steps.append((float(self.schedule.taus[0]),) * 2)
         singular = SINGULAR_TIMES[cfg.prediction_type]
+        if self._clips_velocity:  # the velocity of the clipped clean sample has no value at t = 1
+            singular = (*singular, 1.0)
         evaluations = [
             _Evaluation(i, stage, t)
             for i, (t0, t1) in enumerate(self._steps)
@@ -257,9 +263,10 @@ class D2FScheduler(SchedulerMixin, ConfigMixin):
 
     # ------------------------------------------------------------------------------------ the loop
     def scale_model_input(self, sample: torch.Tensor, timestep: float | torch.Tensor | None = None) -> torch.Tensor:
-        """The latent unchanged: it already is the network's input (DDIM's rule); refused before
-        ``set_timesteps`` or for a timestep that is not one of ours."""
-        self._current(timestep)
+        """The latent unchanged: it already is the network's input (DDIM's rule). Once ``set_timesteps`` has
+        run, a timestep that is not one of ours is refused (it would start the loop at the wrong step)."""
+        if self._evaluations:
+            self._current(timestep)
         return sample
 
     def step(
@@ -268,7 +275,7 @@ class D2FScheduler(SchedulerMixin, ConfigMixin):
         timestep: float | torch.Tensor,
         sample: torch.Tensor,
         eta: float = 0.0,
-        use_clipped_model_output: bool = False,
+        use_clipped_model_output: bool | None = None,
         generator: torch.Generator | None = None,
         variance_noise: torch.Tensor | None = None,
         return_dict: bool = True,
@@ -277,13 +284,17 @@ class D2FScheduler(SchedulerMixin, ConfigMixin):
         DDIMScheduler.step's arguments.
 
         The FM state is ``x = sample / scale(t)``, and the output becomes a velocity (``diffusion_to_velocity``).
-        Without clipping and with ``eta = 0`` the solver's own update takes it (``d2f.solvers.ode_step`` with
-        ``A = 0, B = 1``); otherwise, Euler only, DDIM's transition between the step's FM times
-        (``d2f.solvers.ddim_step``): the predicted clean sample clipped as the config says, and for ``eta > 0``
-        the noise ``variance_noise`` or, as DDIM draws it,
-        ``randn_tensor(model_output.shape, generator=generator, dtype=model_output.dtype)``. Returns the latent
-        ``scale(t') * x'`` at the time ``t'`` it reached (the step's end, or a two-stage step's predictor time),
-        in the sample's dtype.
+        Euler with clipping or ``eta > 0`` takes DDIM's transition between the step's FM times
+        (``d2f.solvers.ddim_step``): the predicted clean sample clipped as the config says, the noise prediction
+        the network's (re-derived from the clipped sample with ``use_clipped_model_output=True``), and for
+        ``eta > 0`` the noise
+        ``variance_noise`` or, as DDIM draws it,
+        ``randn_tensor(model_output.shape, generator=generator, dtype=model_output.dtype)``. Otherwise the
+        solver's own update takes the velocity (``d2f.solvers.ode_step`` with ``A = 0, B = 1``); with clipping,
+        Heun, midpoint and multistep take it from the clipped clean sample ``D_c`` at the state,
+        ``u = (D_c - x) / (1 - t)``, which is DDIM's ``use_clipped_model_output=True`` (so they refuse
+        ``False``). Returns the latent ``scale(t') * x'`` at the time ``t'`` it reached (the step's end, or a
+        two-stage step's predictor time), in the sample's dtype.
         """
         evaluation = self._current(timestep)
         t0, t1 = self._steps[evaluation.step]
@@ -294,13 +305,21 @@ class D2FScheduler(SchedulerMixin, ConfigMixin):
         predictor = evaluation.stage == 0 and (
             next_index < len(self._evaluations) and self._evaluations[next_index].step == evaluation.step
         )
-        clipping = self.config.clip_sample or self.config.thresholding
         s_end = float(scale(t1))
+        noise = self._variance_noise(eta, model_output, generator, variance_noise)  # refuses eta > 0 but for Euler
         original = None
-        if eta != 0 or clipping:
-            noise = self._variance_noise(eta, model_output, generator, variance_noise)
-            clip = self._clip if clipping else None
-            x_next, original = ddim_step(x, u, t0, t1, eta, noise, clip, use_clipped_model_output)
+        if self._clips_velocity:
+            if use_clipped_model_output is False:
+                raise ValueError(
+                    f"use_clipped_model_output=False keeps the network's noise prediction beside the clipped clean "
+                    f"sample, DDIM's transition, which {self._named_solver()} cannot take (it is no velocity); "
+                    "leave it unset or True, or use solver='euler'"
+                )
+            original = self._clip(velocity_to_diffusion(u, x, evaluation.t, "sample"))
+            u = diffusion_to_velocity(original, x, evaluation.t, "sample")
+        if self._solver == "euler" and (eta != 0 or self._clipping):
+            clip = self._clip if self._clipping else None
+            x_next, original = ddim_step(x, u, t0, t1, eta, noise, clip, bool(use_clipped_model_output))
             prev = (x_next * s_end).to(sample.dtype)
         elif predictor:  # the pipeline evaluates the network at x + c*h*u next
             self._first = (x, u)
@@ -322,6 +341,16 @@ class D2FScheduler(SchedulerMixin, ConfigMixin):
         if original is None:
             original = velocity_to_diffusion(u, x, evaluation.t, "sample")  # the implied clean latent x + (1-t)*u
         return D2FSchedulerOutput(prev_sample=prev, pred_original_sample=original.to(sample.dtype))
+
+    @property
+    def _clipping(self) -> bool:
+        """Whether the config clips or thresholds the predicted clean sample."""
+        return self.config.clip_sample or self.config.thresholding
+
+    @property
+    def _clips_velocity(self) -> bool:
+        """Whether clipping goes into the velocity: every solver but Euler, which takes DDIM's own transition."""
+        return self._clipping and self._solver != "euler"
 
     def _named_solver(self) -> str:
         """The solver as the user set it, with auto's choice for this step count: errors speak their terms."""
@@ -364,6 +393,14 @@ class D2FScheduler(SchedulerMixin, ConfigMixin):
         ``t = fm_time(k)`` (``network_input``), in ``original_samples``' dtype."""
         t = self.schedule.fm_time(torch.as_tensor(timesteps).reshape(-1).double().cpu())
         return network_input(original_samples, noise, t, original_samples.dtype)
+
+    def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """DDIM's v-prediction target at the network timesteps ``timesteps``, ``alpha * noise - sigma * sample``
+        at ``t = fm_time(k)`` (what diffusers' training scripts call for ``prediction_type="v_prediction"``), in
+        ``sample``'s dtype."""
+        t = self.schedule.fm_time(torch.as_tensor(timesteps).reshape(-1).double().cpu()).to(sample.device)
+        alpha, sigma = (c.to(compute_dtype(sample, noise)) for c in alpha_sigma(t))
+        return diffusion_target(sample, noise, alpha, sigma, "v_prediction").to(sample.dtype)
 
     def scale_noise(self, sample: torch.Tensor, timestep: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """FlowMatch pipelines' name for ``add_noise``."""

@@ -37,12 +37,30 @@ def uniform_timestep(u: Tensor, top: int) -> Tensor:
     return (u.double() * top).long().clamp_max(top - 1)
 
 
+def _matched_top(prediction_type: str, schedule: Schedule) -> int:
+    """How many of the teacher's timesteps ``diffusion-matched`` draws: all but ``k = T-1`` where that is
+    ``t = 0`` for epsilon (zero terminal SNR), which has no velocity."""
+    T = schedule.num_train_timesteps
+    return T - 1 if (prediction_type == "epsilon" and schedule.zero_terminal_snr) else T
+
+
 def diffusion_matched_t(u: Tensor, prediction_type: str, schedule: Schedule) -> Tensor:
     """``k ~ U{0..T-1}`` from ``u``, ``t = fm_time(k)``: the noise levels the teacher was trained on."""
-    T = schedule.num_train_timesteps
-    top = T - 1 if (prediction_type == "epsilon" and schedule.zero_terminal_snr) else T
-    k = uniform_timestep(u, top)
+    k = uniform_timestep(u, _matched_top(prediction_type, schedule))
     return torch.from_numpy(schedule.taus.copy()).to(u.device)[k]
+
+
+def lowest_t(name: str, prediction_type: str, schedule: Schedule) -> float:
+    """The lowest FM time the sampler ``name`` draws for ``prediction_type`` (the low end of its range).
+
+    A network trained on those draws has seen no noisier input, so sampling it starts there. A diffusion
+    network's own training draws the ``diffusion-matched`` levels: its lowest is ``tau_{T-1}``
+    (``schedule.t_min``), or ``tau_{T-2}`` for epsilon under zero terminal SNR. ``uniform`` and ``logit-normal``
+    reach the low end of ``valid_range`` (logit-normal's clamp)."""
+    check_choice("t_sampler", name, T_SAMPLERS)
+    if name == "diffusion-matched":
+        return float(schedule.taus[_matched_top(prediction_type, schedule) - 1])
+    return valid_range(prediction_type)[0]
 
 
 def sample_t(name: str, u: Tensor, z: Tensor, prediction_type: str, schedule: Schedule | None = None) -> Tensor:

@@ -26,7 +26,7 @@ from ._checks import (
     describe,
 )
 from .capture import captured_sample
-from .grids import grid_steps
+from .grids import grid_steps, sampling_grid
 from .guidance import guidance
 from .parametrization import (
     SINGULAR_TIMES,
@@ -38,6 +38,7 @@ from .parametrization import (
 from .path import align_checked, scale
 from .schedule import Schedule
 from .solvers import Outputs, sample
+from .time_samplers import lowest_t
 
 
 def _network_dtype(net: Any, fallback: torch.dtype) -> torch.dtype:
@@ -105,6 +106,10 @@ class D2FVelocity:
         concat: conditioning channels appended to the aligned input along dim 1, unscaled (image-to-X).
         align_input: ``False`` gives the naive-FM baseline's network: it sees the FM state unscaled and
             the raw ``t`` in [0, 1] as its timestep (use it with ``prediction_type="velocity"``).
+        t_min: the lowest FM time the network was trained at, where grids for it start
+            (``field.grid(...)``). Unset: a converted diffusion network's,
+            ``lowest_t("diffusion-matched", prediction_type, schedule)`` (``schedule.t_min``); ``d2f.load`` sets
+            a flow-finetuned export's own.
     """
 
     def __init__(
@@ -116,6 +121,7 @@ class D2FVelocity:
         uncond: Mapping[str, Any] | None = None,
         concat: Tensor | None = None,
         align_input: bool = True,
+        t_min: float | None = None,
     ):
         if not callable(net):
             raise ValueError(f"net must be callable, got {type(net).__name__}")
@@ -136,6 +142,9 @@ class D2FVelocity:
         self.concat = concat
         self.align_input = bool(align_input)
         self.singular_times = SINGULAR_TIMES[prediction_type]
+        if t_min is None:
+            t_min = lowest_t("diffusion-matched", prediction_type, schedule)
+        self.t_min = float(as_time(t_min, name="t_min"))
         self._recording = None  # d2f.capture's graph, once sample(capture=True) made one
 
     def model_output(self, x: Tensor, t: TimeLike, **cond: Any) -> Tensor:
@@ -181,6 +190,11 @@ class D2FVelocity:
         return check_finite_result(
             "D2FVelocity", "the velocity", affine_combination(a, b, x, o), {"x": x, "model_output": o}
         )
+
+    def grid(self, name: str, n: int, shift: float = 3.0, **ddim_rule: Any) -> Tensor:
+        """The grid ``name`` with ``n`` steps for this network, the FM grids from ``t_min``: ``sampling_grid`` with
+        its ``shift`` and DDIM step rule (``spacing``, ``steps_offset``, ``set_alpha_to_one``)."""
+        return sampling_grid(name, n, self.schedule, self.prediction_type, shift, t_start=self.t_min, **ddim_rule)
 
     # ------------------------------------------------------------------------- as a field of the solvers
     def input_scale(self, t: float) -> float:

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 
-from ..grids import sampling_grid
 from ..path import scale
 from ..training.config import TrainConfig
 from ..training.data import mnist
@@ -44,11 +43,9 @@ def _sample(method: str, teacher: D2FVelocity, noise: torch.Tensor, labels: torc
         )
     if method == "d2f_euler":
         rule = ddim_config(teacher.schedule, teacher.prediction_type)
-        ts = sampling_grid(
+        ts = teacher.grid(
             "ddim",
             steps,
-            teacher.schedule,
-            teacher.prediction_type,
             spacing=rule["timestep_spacing"],
             steps_offset=rule["steps_offset"],
             set_alpha_to_one=rule["set_alpha_to_one"],
@@ -56,7 +53,7 @@ def _sample(method: str, teacher: D2FVelocity, noise: torch.Tensor, labels: torc
         return float(scale(float(ts.reshape(-1)[-1]))) * teacher.sample(noise, ts, class_labels=labels)
     naive = D2FVelocity(teacher.net, teacher.schedule, "velocity", align_input=False)
     field = teacher if method == "d2f_uniform" else naive
-    ts = sampling_grid("uniform", steps, field.schedule, field.prediction_type)
+    ts = field.grid("uniform", steps)
     return field.sample(noise, ts, class_labels=labels)
 
 
@@ -156,7 +153,7 @@ def _checkpoint_field(config, step: int):
             for name, p in trainable_parameters(network.unet).items():
                 p.copy_(ema[name])
     network.unet.eval().requires_grad_(False)
-    return velocity_field(network, config.objective)
+    return velocity_field(network, config.objective, t_min=config.t_min(network.prediction_type, network.schedule))
 
 
 def finetune(
@@ -197,13 +194,13 @@ def finetune(
                 for step in steps:
                     field = _checkpoint_field(config, step)
                     natural = "ddim" if objective == "diffusion" else "uniform"
-                    grid = sampling_grid(natural, sample_steps, field.schedule, field.prediction_type)
+                    grid = field.grid(natural, sample_steps)
                     images = field.sample(noise, grid, class_labels=labels)
                     cell = score(classifier, real, images, labels)
                     fids.append(cell["fid"])
                     accs.append(cell["class_accuracy"])
                     if objective == "d2f":
-                        grid = sampling_grid("ddim", sample_steps, field.schedule, field.prediction_type)
+                        grid = field.grid("ddim", sample_steps)
                         ddim_fids.append(
                             fid(real, features(classifier, field.sample(noise, grid, class_labels=labels)))
                         )

@@ -28,20 +28,21 @@ from pathlib import Path
 
 import torch
 
-from ..grids import sampling_grid
 from ..solvers import stage_times
 from ..training.data import mnist
 from ..training.export import ddim_config, load
 from ..training.images import save_line_plot
 from ..training.loop import train
 from ..training.sampling import scheduler_loop
+from ..training.teacher import teacher_path
 from ..velocity import D2FVelocity
 from .classifier import load_classifier
 from .experiments import finetune_run
 from .metrics import class_accuracy, features, fid, precision_recall
 from .reflow import train_reflow
 
-E5_NFE = (1, 2, 3, 4, 6, 8, 10, 15, 25)  # the teacher's rows, diffusers' included
+E5_NFE = (1, 2, 3, 4, 6, 8, 10, 15, 25)  # the teachers' rows, diffusers' included
+CONVERTED = ("teacher", "teacher_epsilon")  # the teachers as converted, zero-shot: v-prediction and epsilon
 FINETUNED_NFE = (1, 2, 3, 4, 6, 8, 10)
 E5_SEEDS = (0, 1, 2)
 CALIBRATION_NFE = (6, 5)  # the first one a scheduler reaches exactly (Heun reaches odd counts only)
@@ -73,7 +74,7 @@ TEACHER_ROWS = (("heun", "uniform"), *FINETUNED_ROWS)
 
 
 def d2f_grid(field: D2FVelocity, grid: str, steps: int, shift: float = 3.0) -> torch.Tensor:
-    return sampling_grid(grid, steps, field.schedule, field.prediction_type, shift)
+    return field.grid(grid, steps, shift)
 
 
 def d2f_calls(field: D2FVelocity, solver: str, grid: str, steps: int, shift: float = 3.0) -> int:
@@ -189,34 +190,35 @@ def few_step(
     reflow_config, reflow_metrics, pair_meta = train_reflow(
         str(Path(out) / "e3"), reflow_pairs, reflow_pair_steps, reflow_steps, seeds[0]
     )
-    teacher = load("teacher")
     models = {
-        "teacher": (teacher, 16),
+        "teacher": (load("teacher"), 16),
+        "teacher_epsilon": (load(str(teacher_path(prediction_type="epsilon"))), 16),
         "e2_d2f_lora": (load(str(Path(finetune.out) / "export")), 24),
         "e3_reflow": (load(str(Path(reflow_config.out) / "export")), 16),
     }
     calibration_scorer = Scorer(classifier, 16, num_samples, seeds[0])
-    chosen, calibration = _calibrate(teacher, calibration_scorer)
+    chosen, calibration = {}, {}
+    for model in CONVERTED:
+        chosen[model], calibration[model] = _calibrate(models[model][0], calibration_scorer)
     report: dict = {"models": {}}
     seconds = {"train_and_calibrate": round(time.perf_counter() - started, 1)}
     for model, (field, resolution) in models.items():
         model_started = time.perf_counter()
         rows: dict = {}
-        d2f_rows, targets = (TEACHER_ROWS, nfe) if model == "teacher" else (FINETUNED_ROWS, finetuned_nfe)
+        d2f_rows, targets = (TEACHER_ROWS, nfe) if model in CONVERTED else (FINETUNED_ROWS, finetuned_nfe)
         for seed in seeds:
             scorer = (
                 calibration_scorer
                 if (seed, resolution) == (seeds[0], 16)
                 else Scorer(classifier, resolution, num_samples, seed)
             )
-            if model == "teacher":
-                for name, settings in chosen.items():
-                    row = rows.setdefault(f"diffusers:{name}", {"settings": settings, "cells": {}})
-                    for target in targets:
-                        steps = steps_for(target, diffusers_calls, name, settings, teacher)
-                        if steps is not None:
-                            images = _diffusers_images(name, settings, teacher, scorer, steps)
-                            _add(row["cells"], target, scorer.score(images))
+            for name, settings in chosen.get(model, {}).items():
+                row = rows.setdefault(f"diffusers:{name}", {"settings": settings, "cells": {}})
+                for target in targets:
+                    steps = steps_for(target, diffusers_calls, name, settings, field)
+                    if steps is not None:
+                        images = _diffusers_images(name, settings, field, scorer, steps)
+                        _add(row["cells"], target, scorer.score(images))
             for solver, grid in d2f_rows:
                 row = rows.setdefault(f"d2f:{solver}/{grid}", {"cells": {}})
                 for target in targets:

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 
-from ..grids import sampling_grid
 from ..training.data import mnist
 from ..training.export import load
 from ..training.images import save_grid
@@ -62,13 +61,12 @@ def reflow(
     results: dict = {"steps": {}}
     shown = []
     for n in E3_STEPS:
-        grid = sampling_grid("uniform", n, teacher.schedule, teacher.prediction_type)
         images = {
-            "teacher": teacher.sample(noise, grid, class_labels=labels),
+            "teacher": teacher.sample(noise, teacher.grid("uniform", n), class_labels=labels),
             "teacher_ddim": ddim_reference(
                 teacher.net, teacher.schedule, teacher.prediction_type, noise, n, {"class_labels": labels}
             ),
-            "reflow": reflowed.sample(noise, grid, class_labels=labels),
+            "reflow": reflowed.sample(noise, reflowed.grid("uniform", n), class_labels=labels),
         }
         results["steps"][str(n)] = {name: score(classifier, real, x, labels) for name, x in images.items()}
         shown += [images["teacher"][:10], images["reflow"][:10]]

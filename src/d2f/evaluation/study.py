@@ -43,7 +43,6 @@ from tqdm.auto import tqdm
 
 from .._checks import NonFiniteError
 from .._files import read_json, write_atomic, write_json
-from ..grids import sampling_grid
 from ..time_samplers import T_SAMPLERS
 from ..training.data import mnist
 from ..training.draws import DRAWS
@@ -198,7 +197,7 @@ class Study:
         for grid in self._grids(cell, grids):
             for n in steps:
                 if f"{grid}/{n}" not in scores:
-                    ts = sampling_grid(grid, n, field.schedule, field.prediction_type)
+                    ts = field.grid(grid, n)
                     images = field.sample(self.noise, ts, class_labels=self.labels)
                     scores[f"{grid}/{n}"] = score(self.classifier, self.real, images, self.labels)
         return {

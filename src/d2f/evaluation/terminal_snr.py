@@ -30,7 +30,6 @@ import numpy as np
 import torch
 
 from .._files import write_safetensors
-from ..grids import sampling_grid
 from ..training.data import mnist
 from ..training.export import load
 from ..training.images import save_line_plot
@@ -141,9 +140,7 @@ def _one_seed(out: Path, teacher: str, resolution: int, settings: dict, seed: in
     for name, (model, grid, spacing) in E4_METHODS.items():
         started = time.perf_counter()
         field = load(exports[model])
-        ts = sampling_grid(
-            grid, steps, field.schedule, field.prediction_type, spacing=spacing, steps_offset=int(spacing == "leading")
-        )
+        ts = field.grid(grid, steps, spacing=spacing, steps_offset=int(spacing == "leading"))
         samples = field.sample(noise, ts, class_labels=class_labels)
         brightness[name] = samples.mean((1, 2, 3)).double().numpy()
         reports[name] = brightness_report(brightness[name], data_brightness)

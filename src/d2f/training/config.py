@@ -8,8 +8,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from ..schedule import Schedule
 from ..time_samplers import T_SAMPLERS
-from .objectives import OBJECTIVES
+from .objectives import OBJECTIVES, trained_t_min
 from .widen import COND_INITS
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -169,6 +170,11 @@ class TrainConfig:
         if self.objective == "diffusion":
             return None
         return self.t_sampler or DEFAULT_T_SAMPLER
+
+    def t_min(self, prediction_type: str, schedule: Schedule) -> float:
+        """The lowest FM time this run draws for a network of ``prediction_type`` trained on ``schedule``: where
+        its samples' grids start (its export's ``t_min``)."""
+        return trained_t_min(self.objective, self.resolved_t_sampler, prediction_type, schedule)
 
     @property
     def resolved_lr(self) -> float:

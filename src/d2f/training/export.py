@@ -5,7 +5,8 @@ Layout (format ``d2f.export``, version 1)::
 
     d2f.json            what the model is: kind (full | lora), prediction_type, align_input, null_class,
                         base (lora only), objective, resolution (the side of the samples it trained on: pixels,
-                        or latent pixels for latents), the training config
+                        or latent pixels for latents), t_min (the lowest FM time its training drew, where its
+                        grids start), the training config
     schedule.json       the d2f Schedule (float64 alphas_cumprod)
     scheduler/          converted models: a d2f.D2FScheduler config of the same schedule, with
                         flow_finetuned for flow objectives
@@ -67,6 +68,7 @@ OPTIONAL = {
     "cond_channels": (int,),
     "cond_init": (str, type(None)),
     "labeled": (bool,),
+    "t_min": (float, int),
 }
 META_TYPES.update(OPTIONAL)
 EXPORT = Document("d2f.export", 1, frozenset(META_TYPES) - set(OPTIONAL), frozenset(OPTIONAL), META_TYPES)
@@ -118,6 +120,7 @@ def run_meta(
         "base": network.source if config.lora_rank else None,
         "lora_rank": config.lora_rank,
         "resolution": side,
+        "t_min": config.t_min(network.prediction_type, network.schedule),
         "train_config": config.to_dict(),
         "pipeline": network.pipeline,
     }
@@ -127,6 +130,15 @@ def flow_finetuned(meta: dict[str, Any]) -> bool:
     """Whether an export's network was trained on a flow objective (Diff2Flow, naive FM, reflow), the
     right-hand column of ``d2f.auto_sampler``'s table; the teacher and diffusion finetunes are not."""
     return meta["objective"] != "diffusion"
+
+
+def trained_t_min(export: Export) -> float:
+    """Where sampling an export starts: the ``t_min`` it records, or for an export written before that was
+    recorded, what its training config drew (the same rule)."""
+    meta = export.meta
+    if "t_min" in meta:
+        return float(meta["t_min"])
+    return TrainConfig.from_dict(meta["train_config"]).t_min(meta["prediction_type"], export.schedule)
 
 
 def write_export(folder: Path, unet: torch.nn.Module, schedule: Schedule, meta: dict[str, Any]) -> None:
@@ -159,7 +171,7 @@ def write_export(folder: Path, unet: torch.nn.Module, schedule: Schedule, meta: 
         from ..scheduler import D2FScheduler
 
         config = ddim_config(schedule, meta["prediction_type"])
-        scheduler = D2FScheduler.from_config(config, flow_finetuned=flow_finetuned(meta))
+        scheduler = D2FScheduler.from_config(config, flow_finetuned=flow_finetuned(meta), t_min=meta["t_min"])
         scheduler.save_pretrained(str(tmp / "scheduler"))
     (tmp / "d2f.json").write_text(json.dumps(EXPORT.new(**meta), indent=1))
     old = folder.parent / f".{folder.name}.old-{os.getpid()}"
@@ -276,6 +288,7 @@ def load(
         uncond=uncond,
         concat=concat if concat is None or device is None else concat.to(device),
         align_input=meta["align_input"],
+        t_min=trained_t_min(export),
     )
 
 

@@ -272,7 +272,10 @@ def _train_locked(config: TrainConfig, resume: str | None, progress: bool, accel
 
     if config.gradient_checkpointing:
         if not getattr(unet, "_supports_gradient_checkpointing", False):
-            raise ValueError(f"gradient_checkpointing=True: {type(unet).__name__} does not support it")
+            raise ValueError(
+                f"gradient_checkpointing=True: {type(unet).__name__} does not support it in this diffusers "
+                "(UNet2DModel has it from diffusers 0.32 on); drop --gradient-checkpointing or upgrade diffusers"
+            )
         unet.enable_gradient_checkpointing()
     if config.lora_rank:
         add_lora(network, config.lora_rank, config.lora_full_convs, train_conv_in=widened is not None)
@@ -360,7 +363,8 @@ def _train_locked(config: TrainConfig, resume: str | None, progress: bool, accel
                 metrics["samples_png"] = "samples.png"
             elif data.images.shape[1] in SHOWN_CHANNELS:  # latents without a decoder are not sampled at all
                 request = SampleRequest.make(conditioning, data, config.num_samples, size, device)
-                field = velocity_field(network, config.objective, config.guidance, request)
+                t_min = config.t_min(network.prediction_type, network.schedule)
+                field = velocity_field(network, config.objective, config.guidance, request, t_min)
                 images = sample_images(field, config.objective, config.sample_steps, request, config.seed + 2, device)
                 metrics["samples_png"] = save_images(images, out / "samples.png")
             write_export(

@@ -20,7 +20,7 @@ from ..loss import fm_loss
 from ..parametrization import diffusion_target
 from ..path import interpolate, network_input
 from ..schedule import Schedule
-from ..time_samplers import sample_t, uniform_timestep
+from ..time_samplers import lowest_t, sample_t, uniform_timestep
 
 OBJECTIVES = ("d2f", "fm", "diffusion")
 
@@ -43,6 +43,14 @@ def draw_time(
     if objective == "diffusion":
         return uniform_timestep(u, schedule.num_train_timesteps)
     return sample_t(t_sampler, u, z, prediction_type(objective, network_prediction_type), schedule)
+
+
+def trained_t_min(objective: str, t_sampler: str | None, network_prediction_type: str, schedule: Schedule) -> float:
+    """The lowest FM time :func:`draw_time` reaches, where sampling the trained network starts (its export's
+    ``t_min``): the teacher's own lowest level for diffusion, the time sampler's for the flow objectives."""
+    if objective == "diffusion":
+        return lowest_t("diffusion-matched", network_prediction_type, schedule)
+    return lowest_t(t_sampler, prediction_type(objective, network_prediction_type), schedule)
 
 
 def objective_loss(

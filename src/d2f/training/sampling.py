@@ -14,7 +14,7 @@ from .._backend import device_or_default
 from .._checks import check_choice, check_positive_int
 from .._files import output_path
 from ..auto_sampler import AUTO, auto_sampler
-from ..grids import GRIDS, sampling_grid
+from ..grids import GRIDS
 from ..schedule import Schedule
 from ..solvers import SOLVERS
 from ..velocity import D2FVelocity
@@ -66,17 +66,22 @@ class SamplingSettings:
     def grid_for(self, field: D2FVelocity) -> torch.Tensor:
         if AUTO in (self.solver, self.grid):
             raise ValueError(f"solver={self.solver!r}, grid={self.grid!r}: resolve() the settings for the model first")
-        return sampling_grid(self.grid, self.steps, field.schedule, field.prediction_type, self.shift)
+        return field.grid(self.grid, self.steps, self.shift)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def velocity_field(
-    network: Network, objective: str, guidance: float = 1.0, request: SampleRequest | None = None
+    network: Network,
+    objective: str,
+    guidance: float = 1.0,
+    request: SampleRequest | None = None,
+    t_min: float | None = None,
 ) -> D2FVelocity:
-    """The velocity field of ``network`` as ``objective`` trained it, guided with the request's null condition
-    (the null class label, or the empty prompt's embeddings)."""
+    """The velocity field of ``network`` as ``objective`` trained it down to FM time ``t_min`` (a run's
+    ``TrainConfig.t_min``; unset: a converted network's), guided with the request's null condition (the null
+    class label, or the empty prompt's embeddings)."""
     if guidance != 1 and not (request and request.uncond):
         raise ValueError(
             f"guidance={guidance} needs a null condition: a class-conditional model with a null class, or text "
@@ -90,6 +95,7 @@ def velocity_field(
         uncond=request.uncond if guidance != 1 else None,
         concat=request.concat if request else None,
         align_input=objectives.aligned(objective),
+        t_min=t_min,
     )
 
 
@@ -158,11 +164,9 @@ def zero_shot_check(
     size = unet.config.sample_size
     size = (size, size) if isinstance(size, int) else tuple(size)
     request = SampleRequest.make(conditioning, data, min(config.num_samples, 40), size, device)
-    field = velocity_field(network, "d2f", 1.0, request)
+    field = velocity_field(network, "diffusion", 1.0, request)  # converted, not yet finetuned
     noise = request.noise(unet.config.out_channels, config.seed + 1, device)
-    x = field.sample(
-        noise, sampling_grid("ddim", config.sample_steps, network.schedule, field.prediction_type), **request.cond
-    )
+    x = field.sample(noise, field.grid("ddim", config.sample_steps), **request.cond)
     z = ddim_reference(
         unet,
         network.schedule,
@@ -183,7 +187,7 @@ def zero_shot_check(
 def sample_images(field: D2FVelocity, objective: str, steps: int, request: SampleRequest, seed: int, device):
     """FM Euler on a uniform grid for flow objectives (the study's best grid after finetuning), DDIM's own
     grid for diffusion finetuning (its natural sampler)."""
-    ts = sampling_grid("ddim" if objective == "diffusion" else "uniform", steps, field.schedule, field.prediction_type)
+    ts = field.grid("ddim" if objective == "diffusion" else "uniform", steps)
     return field.sample(request.noise(field.net.config.out_channels, seed, device), ts, **request.cond)
 
 

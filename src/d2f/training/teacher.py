@@ -2,9 +2,11 @@
 
 The embedded teacher is a 0.7M-parameter class-conditional ``UNet2DModel`` for 16x16 MNIST (10 classes and a
 null class), trained with Stable Diffusion's ``scaled_linear`` schedule and ``v_prediction``; shipped as a d2f
-export in ``d2f/assets/teacher``. E4 at 32 and 64 px (:mod:`d2f.evaluation.terminal_snr`) needs teachers at
-those sizes: the same design with one more down/up level per doubling, so the attention level stays at 8x8.
-Their first levels are narrow (8-16 channels), as the full-resolution convolutions dominate the CPU time.
+export in ``d2f/assets/teacher``. Its epsilon twin (``d2f/assets/teacher-epsilon``, ``d2f teacher
+--prediction-type epsilon``) is what SD 1.x users have: an epsilon network on SD's schedule. E4 at 32 and
+64 px (:mod:`d2f.evaluation.terminal_snr`) needs teachers at those sizes: the same design with one more
+down/up level per doubling, so the attention level stays at 8x8. Their first levels are narrow (8-16
+channels), as the full-resolution convolutions dominate the CPU time.
 """
 
 from __future__ import annotations
@@ -52,13 +54,18 @@ def architecture(resolution: int = 16) -> dict[str, Any]:
     }
 
 
-def teacher_path(resolution: int = 16) -> Path:
-    """Where the teacher for ``resolution`` ships: ``d2f/assets/teacher`` (16 px), ``teacher32``, ``teacher64``."""
-    if resolution not in TEACHER_RESOLUTIONS:
-        raise ValueError(f"resolution={resolution!r} has no shipped teacher: one of {TEACHER_RESOLUTIONS}")
-    return (
-        Path(__file__).resolve().parent.parent / "assets" / ("teacher" if resolution == 16 else f"teacher{resolution}")
-    )
+def teacher_path(resolution: int = 16, prediction_type: str = "v_prediction") -> Path:
+    """Where the teacher for ``resolution`` ships: ``d2f/assets/teacher`` (16 px), ``teacher32``, ``teacher64``;
+    ``teacher-epsilon``, the 16 px recipe with ``prediction_type="epsilon"`` (SD 1.x's), for the grids and
+    samplers of epsilon models (``docs/results.md``, E5)."""
+    shipped = {(r, "v_prediction"): "teacher" if r == 16 else f"teacher{r}" for r in TEACHER_RESOLUTIONS}
+    shipped[16, "epsilon"] = "teacher-epsilon"
+    if (resolution, prediction_type) not in shipped:
+        raise ValueError(
+            f"resolution={resolution!r} with prediction_type={prediction_type!r} has no shipped teacher: one of "
+            f"{sorted(shipped)}"
+        )
+    return Path(__file__).resolve().parent.parent / "assets" / shipped[resolution, prediction_type]
 
 
 def from_scratch(prediction_type: str, resolution: int = 16) -> Network:
@@ -75,16 +82,18 @@ def from_scratch(prediction_type: str, resolution: int = 16) -> Network:
     )
 
 
-def teacher_config(out: str, max_steps: int | None, seed: int, resolution: int = 16) -> TrainConfig:
-    """The teacher's recipe: v-prediction diffusion on MNIST at ``resolution`` with SD's schedule, from scratch;
-    ``max_steps`` None: the recipe's own."""
+def teacher_config(
+    out: str, max_steps: int | None, seed: int, resolution: int = 16, prediction_type: str = "v_prediction"
+) -> TrainConfig:
+    """The teacher's recipe: diffusion on MNIST at ``resolution`` with SD's schedule, from scratch, predicting
+    ``prediction_type`` (the shipped teachers: ``v_prediction``); ``max_steps`` None: the recipe's own."""
     if resolution not in RECIPES:
         raise ValueError(f"resolution={resolution!r} has no teacher recipe: one of {tuple(RECIPES)}")
     batch_size, default_steps = RECIPES[resolution]
     return TrainConfig(
         out=out,
         init="teacher-config",
-        prediction_type="v_prediction",
+        prediction_type=prediction_type,
         objective="diffusion",
         resolution=resolution,
         lora_rank=0,

@@ -52,7 +52,8 @@ class Validation:
         scheduler_config = ddim_config(
             network.schedule, objectives.prediction_type(config.objective, network.prediction_type)
         )
-        scheduler = D2FScheduler.from_config(scheduler_config, grid=grid)
+        t_min = config.t_min(network.prediction_type, network.schedule)
+        scheduler = D2FScheduler.from_config(scheduler_config, grid=grid, t_min=t_min)
         cls = pipeline_class(network)
         # Without the safety checker where the class has one: a blacked-out validation image hides the training.
         extra = {"safety_checker": None} if "safety_checker" in inspect.signature(cls.__init__).parameters else {}
