@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from d2f.training.encode import encode  # noqa: E402
+from d2f.data.encode import encode  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' tiny pipeline builders
 from pipelines import captioned_folder, tiny_sd_pipeline  # noqa: E402

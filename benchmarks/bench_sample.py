@@ -12,8 +12,8 @@ pytest.importorskip("diffusers")
 
 from common import DEVICE, needs_cuda, sync  # noqa: E402
 from d2f.grids import sampling_grid  # noqa: E402
-from d2f.training.export import ddim_config, load  # noqa: E402
-from d2f.training.sampling import scheduler_loop  # noqa: E402
+from d2f.networks.export import ddim_config, load  # noqa: E402
+from d2f.networks.sampling import scheduler_loop  # noqa: E402
 
 STEPS, BATCH = 25, 64
 

@@ -16,13 +16,13 @@ import torch
 pytest.importorskip("accelerate")
 pytest.importorskip("diffusers")
 
+from d2f.data.images import Dataset  # noqa: E402
+from d2f.networks.models import Network, add_lora, trainable_parameters  # noqa: E402
 from d2f.schedule import Schedule  # noqa: E402
 from d2f.training.conditioning import Conditioning  # noqa: E402
 from d2f.training.config import TrainConfig  # noqa: E402
-from d2f.training.data import Dataset  # noqa: E402
 from d2f.training.draws import Stream, positions  # noqa: E402
 from d2f.training.loop import _micro_batch_loss  # noqa: E402
-from d2f.training.models import Network, add_lora, trainable_parameters  # noqa: E402
 
 SD21_UNET = dict(
     sample_size=96,

@@ -18,13 +18,13 @@ import torch
 pytest.importorskip("accelerate")
 
 from common import DEVICE, sync  # noqa: E402
+from d2f.data.datasets import load_dataset  # noqa: E402
+from d2f.networks.export import load_network  # noqa: E402
+from d2f.networks.models import add_lora, trainable_parameters  # noqa: E402
 from d2f.training.conditioning import Conditioning  # noqa: E402
 from d2f.training.config import TrainConfig  # noqa: E402
-from d2f.training.data import load_dataset  # noqa: E402
 from d2f.training.draws import Stream, positions  # noqa: E402
-from d2f.training.export import load_network  # noqa: E402
 from d2f.training.loop import _micro_batch_loss  # noqa: E402
-from d2f.training.models import add_lora, trainable_parameters  # noqa: E402
 
 
 @pytest.mark.parametrize("lora_rank", [8, 0], ids=["lora8", "full"])

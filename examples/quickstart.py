@@ -9,7 +9,7 @@ import torch
 from diffusers import DDIMScheduler, UNet2DModel
 
 import d2f
-from d2f.training.teacher import teacher_path
+from d2f.networks.teachers import teacher_path
 
 unet = UNet2DModel.from_pretrained(teacher_path() / "unet").eval()
 scheduler = DDIMScheduler.from_pretrained(teacher_path() / "scheduler")

@@ -10,9 +10,9 @@ import torch
 pytest.importorskip("diffusers")
 
 from d2f.auto_sampler import Sampler, auto_sampler  # noqa: E402
+from d2f.networks.sampling import SamplingSettings, sample_export  # noqa: E402
 from d2f.training.config import TrainConfig  # noqa: E402
 from d2f.training.loop import train  # noqa: E402
-from d2f.training.sampling import SamplingSettings, sample_export  # noqa: E402
 
 E5 = Path(__file__).resolve().parents[1] / "results" / "few_step.json"
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from d2f.training.data import _pixels, load_dataset
+from d2f.data.datasets import load_dataset
+from d2f.data.images import pixels
 
 RES = 4  # images are made RES x RES, so no resizing blurs the values checked
 
@@ -94,7 +95,7 @@ def test_sixteen_bit_modes_in_memory_use_their_full_range():
     for mode, im in images.items():
         assert im.mode == mode
         for channels in (1, 3):
-            out = _pixels(im, channels) / 127.5 - 1
+            out = pixels(im, channels) / 127.5 - 1
             assert out.shape == (RES, RES, channels)
             np.testing.assert_allclose(out[..., -1], SIXTEEN_EXPECTED, atol=1e-5, err_msg=mode)
 
@@ -184,13 +185,13 @@ def test_clean_folder_loads_silently_and_bad_only_folder_is_an_error(tmp_path):
 
 def test_exif_orientation_is_applied(tmp_path):
     """A 4x2 photo tagged "rotate 90 CW" (orientation 6) is shown, and loaded, as 2 wide and 4 tall."""
-    pixels = np.zeros((2, 4), dtype=np.uint8)
-    pixels[0, 0] = 255  # top-left before rotation; 90 degrees clockwise puts it top-right
+    photo = np.zeros((2, 4), dtype=np.uint8)
+    photo[0, 0] = 255  # top-left before rotation; 90 degrees clockwise puts it top-right
     exif = Image.Exif()
     exif[0x0112] = 6
-    Image.fromarray(pixels).save(tmp_path / "photo.png", exif=exif)
+    Image.fromarray(photo).save(tmp_path / "photo.png", exif=exif)
     images = load_dataset(str(tmp_path), 2, 1).images  # resolution 2: the shorter side is kept as is
-    loaded = _pixels(Image.open(tmp_path / "photo.png"), 1)[..., 0]
+    loaded = pixels(Image.open(tmp_path / "photo.png"), 1)[..., 0]
     assert loaded.shape == (4, 2) and loaded[0, 1] == 255 and loaded[0, 0] == 0
     assert images.shape == (1, 1, 2, 2)
 

@@ -131,7 +131,7 @@ def test_the_sampler_reports_the_step_a_nan_appeared_in_after_its_loop():
 def _meta_unet():
     from diffusers import UNet2DModel
 
-    from d2f.training.teacher import ARCHITECTURE
+    from d2f.networks.teachers import ARCHITECTURE
 
     return UNet2DModel(**ARCHITECTURE).to("meta")
 
@@ -163,7 +163,7 @@ def test_the_sampling_loop_reads_nothing_from_the_device(solver, guided):
 @pytest.mark.parametrize("objective", OBJECTIVES)
 def test_the_training_step_reads_nothing_from_the_device(objective):
     """Draws to loss and backward, as ``d2f.training.loop`` runs them; the trainer's one read is the step's loss
-    with its flags (``loop._read_step``)."""
+    with its flags (``guards.read_step``)."""
     from d2f import TrainConfig
     from d2f.training.draws import draws
 
@@ -200,7 +200,7 @@ def test_capture_needs_cuda_noise_and_refuses_host_work_by_name():
 def test_a_captured_sampler_equals_the_eager_one_and_reports_nan_after_the_replay(solver):
     from diffusers import UNet2DModel
 
-    from d2f.training.teacher import ARCHITECTURE
+    from d2f.networks.teachers import ARCHITECTURE
 
     torch.manual_seed(0)
     unet = UNet2DModel(**ARCHITECTURE).cuda().eval()

@@ -1,4 +1,4 @@
-"""``d2f.training.encode`` on tiny local SD and SDXL pipelines and generated captioned folders: the file holds
+"""``d2f.data.encode`` on tiny local SD and SDXL pipelines and generated captioned folders: the file holds
 what the pipeline's own VAE and text encoders (and SDXL's ``encode_prompt`` and ``_get_add_time_ids``) give
 for the same preprocessed images and captions; the crop, the flip and the seeded sample; clear errors."""
 
@@ -17,9 +17,9 @@ from diffusers import DiffusionPipeline  # noqa: E402
 from PIL import Image  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from d2f.training import data as data_module  # noqa: E402
-from d2f.training.captions import find_captions, read_captioned  # noqa: E402
-from d2f.training.encode import check_encoded, encode, read_encoded  # noqa: E402
+from d2f.data import datasets as data_module  # noqa: E402
+from d2f.data.captions import find_captions, read_captioned  # noqa: E402
+from d2f.data.encode import check_encoded, encode, read_encoded  # noqa: E402
 from pipelines import captioned_folder, tiny_sd_pipeline  # noqa: E402
 
 R = 16  # the tiny VAE keeps the image's size: 4 x 16 x 16 latents

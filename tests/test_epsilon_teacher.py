@@ -9,11 +9,11 @@ pytest.importorskip("diffusers")
 from diffusers import DDIMScheduler, UNet2DModel  # noqa: E402
 
 import d2f  # noqa: E402
+from d2f.data.images import mnist  # noqa: E402
 from d2f.evaluation.classifier import load_classifier  # noqa: E402
 from d2f.evaluation.metrics import features, fid  # noqa: E402
-from d2f.training.data import mnist  # noqa: E402
-from d2f.training.export import ddim_config, read_export  # noqa: E402
-from d2f.training.teacher import teacher_path  # noqa: E402
+from d2f.networks.export import ddim_config, read_export  # noqa: E402
+from d2f.networks.teachers import teacher_path  # noqa: E402
 
 TEACHER = teacher_path(prediction_type="epsilon")
 

@@ -10,9 +10,9 @@ import torch
 pytest.importorskip("safetensors")
 
 from d2f.cli import main  # noqa: E402
+from d2f.data.images import mnist  # noqa: E402
 from d2f.evaluation.classifier import load_classifier, split  # noqa: E402
 from d2f.evaluation.metrics import class_accuracy, features, fid, precision_recall  # noqa: E402
-from d2f.training.data import mnist  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +161,7 @@ def test_e4_small_budget_at_16px_runs_the_32px_protocol_into_its_own_files(tmp_p
 def test_teacher_architecture_adds_a_level_per_doubling():
     from diffusers import UNet2DModel
 
-    from d2f.training.teacher import ARCHITECTURE, architecture, from_scratch
+    from d2f.networks.teachers import ARCHITECTURE, architecture, from_scratch
 
     assert architecture(16) == ARCHITECTURE  # the embedded teacher is unchanged
     for resolution, levels in ((32, 3), (64, 4)):

@@ -80,7 +80,7 @@ def test_pickled_adapter_is_refused(runs, tmp_path):
 def test_sharded_unet_index_and_every_shard_are_checked(runs, tmp_path, case):
     """diffusers loads whatever shards a safetensors index names, ``.bin`` included, even with
     ``use_safetensors=True``; d2f checks the index and parses every shard before diffusers sees the folder."""
-    from d2f.training.models import load_unet
+    from d2f.networks.models import load_unet
 
     unet = d2f.load(runs / "full" / "export").net
     folder = tmp_path / "unet"
@@ -108,7 +108,7 @@ def test_sharded_unet_index_and_every_shard_are_checked(runs, tmp_path, case):
 
 
 def test_unreadable_json_and_nan_weights_name_their_file(runs, tmp_path):
-    from d2f.training.models import load_unet
+    from d2f.networks.models import load_unet
 
     folder = tmp_path / "unet"
     shutil.copytree(runs / "full" / "export" / "unet", folder)
@@ -129,7 +129,7 @@ def test_unreadable_json_and_nan_weights_name_their_file(runs, tmp_path):
 @pytest.mark.parametrize("component", ["text_encoder", "vae"])
 def test_a_pickled_pipeline_component_is_refused(tmp_path, component):
     """Validation images load the base pipeline's VAE and text encoder: each passes the same gate."""
-    from d2f.training.models import check_pipeline_folder
+    from d2f.networks.models import check_pipeline_folder
     from pipelines import tiny_sd_pipeline
 
     folder = tiny_sd_pipeline(tmp_path / "pipeline")

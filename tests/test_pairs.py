@@ -13,10 +13,10 @@ from safetensors.torch import save_file  # noqa: E402
 
 import d2f  # noqa: E402
 from d2f.cli import main  # noqa: E402
+from d2f.data.pairs import PAIRS, generate_pairs, load_pairs  # noqa: E402
+from d2f.networks.sampling import SamplingSettings, sample_export  # noqa: E402
 from d2f.training import loop, objectives  # noqa: E402
 from d2f.training.config import TrainConfig  # noqa: E402
-from d2f.training.pairs import PAIRS, generate_pairs, load_pairs  # noqa: E402
-from d2f.training.sampling import SamplingSettings, sample_export  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -450,9 +450,9 @@ def test_exports_load_with_standard_calls_and_sample_with_the_scheduler(tmp_path
     from peft import PeftModel
 
     import d2f
+    from d2f.networks.teachers import teacher_path
     from d2f.training.config import TrainConfig
     from d2f.training.loop import train
-    from d2f.training.teacher import teacher_path
 
     small = dict(resolution=16, batch_size=4, max_steps=3, num_samples=2, sample_steps=2, warmup_steps=1)
     train(TrainConfig(out=str(tmp_path / "lora"), lora_rank=4, **small), progress=False)

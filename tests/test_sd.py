@@ -116,7 +116,7 @@ def test_load_lora_weights_gives_the_trained_unet(lora_run):
     root, pipeline, kind = lora_run
     export = root / "run" / "export"
     assert (export / "pytorch_lora_weights.safetensors").is_file()
-    meta = d2f.training.export.read_export(export).meta
+    meta = d2f.networks.export.read_export(export).meta
     assert meta["pipeline"] == CLASSES[kind] and meta["resolution"] == 8
     adapter = load_file(str(export / "adapter" / "adapter_model.safetensors"))
     assert not any(".conv_in." in k or ".conv_out." in k for k in adapter)  # no full convs for a pipeline
@@ -204,7 +204,7 @@ def test_a_pipeline_run_resumes_bit_for_bit_and_a_full_one_exports_a_unet_folder
 
 
 def test_latents_must_come_from_the_trained_pipeline_at_the_given_resolution(tmp_path):
-    from d2f.training.encode import encode
+    from d2f.data.encode import encode
 
     sd, images = pipeline_and_images(tmp_path, "sd")
     sdxl = tiny_sd_pipeline(tmp_path / "xl", xl=True)

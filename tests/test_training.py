@@ -16,9 +16,9 @@ pytest.importorskip("peft")
 import d2f  # noqa: E402
 from d2f import NonFiniteError  # noqa: E402
 from d2f.cli import main  # noqa: E402
+from d2f.networks.teachers import teacher_path  # noqa: E402
 from d2f.training.config import TrainConfig  # noqa: E402
 from d2f.training.loop import train  # noqa: E402
-from d2f.training.teacher import teacher_path  # noqa: E402
 from nets import tiny_cond_unet, tiny_unet  # noqa: E402
 
 SMALL = dict(
@@ -375,7 +375,7 @@ def test_embedded_teacher_is_small_and_loads():
 
 def test_mnist_images_and_labels_line_up():
     """500 digits per class; a class's mean image is that digit (1s are thin, 0s are hollow)."""
-    from d2f.training.data import mnist
+    from d2f.data.images import mnist
 
     data = mnist(28)
     assert data.labels.bincount().tolist() == [500] * 10

@@ -13,12 +13,12 @@ from PIL import Image  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 import d2f  # noqa: E402
+from d2f.data.datasets import load_dataset  # noqa: E402
+from d2f.networks.sampling import SamplingSettings, export_labels, sample_export  # noqa: E402
+from d2f.networks.teachers import teacher_path  # noqa: E402
+from d2f.networks.widen import widen_conv_in  # noqa: E402
 from d2f.training.config import TrainConfig  # noqa: E402
-from d2f.training.data import load_dataset  # noqa: E402
 from d2f.training.loop import train  # noqa: E402
-from d2f.training.sampling import SamplingSettings, export_labels, sample_export  # noqa: E402
-from d2f.training.teacher import teacher_path  # noqa: E402
-from d2f.training.widen import widen_conv_in  # noqa: E402
 
 
 def teacher_and_inputs(seed=0):

@@ -22,7 +22,7 @@ _LAZY = {
     "D2FScheduler": "d2f.scheduler",
     "train": "d2f.training.loop",
     "TrainConfig": "d2f.training.config",
-    "load": "d2f.training.export",
+    "load": "d2f.networks.export",
 }
 
 

@@ -3,7 +3,7 @@
 A full disk, a kill or a crash mid-write must never leave a truncated ``metrics.json`` or a 0-byte PNG
 that a later reader takes for a result: :func:`write_atomic` writes beside the target and renames, and
 only a rename (atomic on POSIX) ever makes the target appear. Folders (checkpoints, exports) are built
-the same way in a temporary sibling and renamed whole (``d2f.training.checkpoint``, ``export``).
+the same way in a temporary sibling and renamed whole (``d2f.training.checkpoint``, ``d2f.networks.export``).
 """
 
 from __future__ import annotations

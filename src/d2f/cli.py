@@ -16,6 +16,7 @@ from .time_samplers import T_SAMPLERS
 
 
 def _train_parser(sub) -> None:
+    from .networks.widen import COND_INITS
     from .training.config import (
         DEFAULT_LR_FULL,
         DEFAULT_LR_LORA,
@@ -25,7 +26,6 @@ def _train_parser(sub) -> None:
         REPORT_TO,
         TrainConfig,
     )
-    from .training.widen import COND_INITS
 
     defaults = TrainConfig()
     p = sub.add_parser(
@@ -34,97 +34,82 @@ def _train_parser(sub) -> None:
         description="Finetune a diffusers UNet with Diff2Flow (or naive FM / diffusion). With no arguments: "
         "convert the embedded MNIST teacher, show zero-shot FM samples, and LoRA-finetune it to 24x24 digits.",
     )
+
+    def setting(flag: str, help: str, **options) -> None:
+        """``flag`` for the ``TrainConfig`` field of its name (or ``dest``), defaulting to the field's default."""
+        dest = options.setdefault("dest", flag[2:].replace("-", "_"))
+        p.add_argument(flag, default=getattr(defaults, dest), help=help, **options)
+
     p.add_argument("--out", default=None, help="output folder; unset: runs/<objective>-<data>")
-    p.add_argument(
-        "--pretrained", default=defaults.pretrained, help="'teacher', a d2f export or a diffusers UNet folder"
-    )
-    p.add_argument("--data", default=defaults.data, help="mnist | digits | image folder | latents .safetensors/.npy")
-    p.add_argument(
-        "--pairs", default=None, help="reflow: train on a `d2f pairs` file (noise -> sample) instead of --data"
-    )
-    p.add_argument(
+    setting("--pretrained", "'teacher', a d2f export or a diffusers UNet folder")
+    setting("--data", "mnist | digits | image folder | latents .safetensors/.npy")
+    setting("--pairs", "reflow: train on a `d2f pairs` file (noise -> sample) instead of --data")
+    setting(
         "--cond-data",
-        default=None,
-        help="image-to-X: each sample's condition, appended to the network input: a folder paired by name with "
-        "the image folder --data, or a latents file (one per sample); a UNet that does not take it is widened",
+        "image-to-X: each sample's condition, appended to the network input: a folder paired by name with the "
+        "image folder --data, or a latents file (one per sample); a UNet that does not take it is widened",
     )
-    p.add_argument(
+    setting(
         "--cond-init",
+        "a widened conv_in's new weights: zero (the condition starts ignored) or marigold (copied, halved)",
         choices=COND_INITS,
-        default=defaults.cond_init,
-        help="a widened conv_in's new weights: zero (the condition starts ignored) or marigold (copied, halved)",
     )
-    p.add_argument(
+    setting(
         "--resolution",
+        "train at this size in pixels (square); with a latents file from d2f encode, the size it was encoded at",
         type=int,
-        default=defaults.resolution,
-        help="train at this size in pixels (square); with a latents file from d2f encode, the size it was encoded at",
     )
-    p.add_argument("--classes", type=int, nargs="+", default=None, help="keep only these labels (mnist, digits)")
+    setting("--classes", "keep only these labels (mnist, digits)", type=int, nargs="+")
     _caption_arguments(p, defaults.caption_column)
-    p.add_argument(
+    setting(
         "--objective",
+        "d2f (Diff2Flow), fm (naive flow matching) or diffusion (the teacher's own loss)",
         choices=OBJECTIVES,
-        default=defaults.objective,
-        help="d2f (Diff2Flow), fm (naive flow matching) or diffusion (the teacher's own loss)",
     )
-    p.add_argument("--t-sampler", choices=T_SAMPLERS, default=None, help="unset: logit-normal (d2f, fm)")
-    p.add_argument("--lora-rank", type=int, default=defaults.lora_rank, help="0 = full finetuning")
-    p.add_argument(
+    setting("--t-sampler", "unset: logit-normal (d2f, fm)", choices=T_SAMPLERS)
+    setting("--lora-rank", "0 = full finetuning", type=int)
+    setting(
         "--full-convs",
+        "with LoRA, train conv_in and conv_out fully; unset: yes, but not for a pipeline's UNet, whose LoRA export "
+        "loads with pipe.load_lora_weights (LoRA weights only)",
         dest="lora_full_convs",
         action=argparse.BooleanOptionalAction,
-        default=defaults.lora_full_convs,
-        help="with LoRA, train conv_in and conv_out fully; unset: yes, but not for a pipeline's UNet, whose LoRA "
-        "export loads with pipe.load_lora_weights (LoRA weights only)",
     )
-    p.add_argument(
-        "--max-steps", type=int, default=defaults.max_steps, help="optimizer steps in all (counted across resumes)"
-    )
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="per process")
-    p.add_argument("--grad-accum", type=int, default=defaults.grad_accum, help="micro-batches per optimizer step")
-    p.add_argument(
+    setting("--max-steps", "optimizer steps in all (counted across resumes)", type=int)
+    setting("--batch-size", "per process", type=int)
+    setting("--grad-accum", "micro-batches per optimizer step", type=int)
+    setting(
         "--lr",
+        f"unset: {DEFAULT_LR_LORA:g} with LoRA, {DEFAULT_LR_FULL:g} for full finetuning (the settings study)",
         type=float,
-        default=defaults.lr,
-        help=f"unset: {DEFAULT_LR_LORA:g} with LoRA, {DEFAULT_LR_FULL:g} for full finetuning (the settings study)",
     )
-    p.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps, help="linear lr warmup, then constant")
-    p.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="AdamW's decoupled weight decay")
-    p.add_argument("--grad-clip", type=float, default=defaults.grad_clip, help="0 = off")
-    p.add_argument(
-        "--ema-decay", type=float, default=defaults.ema_decay, help="EMA of the trainable weights, exported and sampled"
-    )
-    p.add_argument(
+    setting("--warmup-steps", "linear lr warmup, then constant", type=int)
+    setting("--weight-decay", "AdamW's decoupled weight decay", type=float)
+    setting("--grad-clip", "0 = off", type=float)
+    setting("--ema-decay", "EMA of the trainable weights, exported and sampled", type=float)
+    setting(
         "--cond-dropout",
+        "probability of training a sample on the null condition (for classifier-free guidance)",
         type=float,
-        default=defaults.cond_dropout,
-        help="probability of training a sample on the null condition (for classifier-free guidance)",
     )
-    p.add_argument(
+    setting(
         "--zero-terminal-snr",
+        "rescale the pretrained schedule to zero terminal SNR (Lin et al.) and train on it; v_prediction only",
         action="store_true",
-        help="rescale the pretrained schedule to zero terminal SNR (Lin et al.) and train on it; v_prediction only",
     )
-    p.add_argument(
-        "--mixed-precision",
-        choices=MIXED_PRECISION,
-        default=defaults.mixed_precision,
-        help="autocast the forward pass; trainable weights stay float32",
-    )
-    p.add_argument(
+    setting("--mixed-precision", "autocast the forward pass; trainable weights stay float32", choices=MIXED_PRECISION)
+    setting(
         "--gradient-checkpointing",
+        "recompute the UNet's activations in backward: less memory for more compute, the same result",
         action="store_true",
-        help="recompute the UNet's activations in backward: less memory for more compute, the same result",
     )
-    p.add_argument("--seed", type=int, default=defaults.seed, help="seeds LoRA init, data order and every draw")
-    p.add_argument(
+    setting("--seed", "seeds LoRA init, data order and every draw", type=int)
+    setting(
         "--on-nonfinite",
+        "a NaN/inf loss stops the run (naming the step, batch and last checkpoint), or skips that step",
         choices=ON_NONFINITE,
-        default=defaults.on_nonfinite,
-        help="a NaN/inf loss stops the run (naming the step, batch and last checkpoint), or skips that step",
     )
-    p.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every, help="0 = never")
+    setting("--checkpoint-every", "0 = never", type=int)
     p.add_argument(
         "--resume",
         nargs="?",
@@ -132,28 +117,21 @@ def _train_parser(sub) -> None:
         default=None,
         help="continue from the latest checkpoint in --out, or from the given checkpoint folder",
     )
-    p.add_argument("--sample-steps", type=int, default=defaults.sample_steps, help="ODE steps of the final samples")
-    p.add_argument(
-        "--num-samples",
-        type=int,
-        default=defaults.num_samples,
-        help="images in samples.png (from a pipeline: one per --validation-prompt instead)",
-    )
-    p.add_argument("--guidance", type=float, default=defaults.guidance, help="classifier-free guidance of the samples")
-    p.add_argument(
+    setting("--sample-steps", "ODE steps of the final samples", type=int)
+    setting("--num-samples", "images in samples.png (from a pipeline: one per --validation-prompt instead)", type=int)
+    setting("--guidance", "classifier-free guidance of the samples", type=float)
+    setting(
         "--validation-prompt",
+        "repeatable: sample these prompts through the base pipeline with D2FScheduler (CFG --guidance, fixed "
+        "seed) every --validation-every steps, into <out>/validation/",
         dest="validation_prompts",
         action="append",
-        default=None,
-        help="repeatable: sample these prompts through the base pipeline with D2FScheduler (CFG --guidance, fixed "
-        "seed) every --validation-every steps, into <out>/validation/",
     )
-    p.add_argument("--validation-every", type=int, default=defaults.validation_every, help="steps; 0 = never")
-    p.add_argument(
+    setting("--validation-every", "steps; 0 = never", type=int)
+    setting(
         "--report-to",
+        "log loss, lr and validation images with accelerate's tracker, under <out>/logs",
         choices=REPORT_TO,
-        default=defaults.report_to,
-        help="log loss, lr and validation images with accelerate's tracker, under <out>/logs",
     )
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
@@ -189,7 +167,7 @@ def _encode_parser(sub) -> None:
 
 
 def _sampling_arguments(p: argparse.ArgumentParser, num_samples: int) -> None:
-    """The flags of ``d2f.training.sampling.SamplingSettings`` that ``d2f sample``, ``eval`` and ``pairs`` share."""
+    """The flags of ``d2f.networks.sampling.SamplingSettings`` that ``d2f sample``, ``eval`` and ``pairs`` share."""
     from .auto_sampler import AUTO
     from .grids import GRIDS
     from .solvers import SOLVERS
@@ -336,7 +314,7 @@ def _classifier_parser(sub) -> None:
 
 
 def _sampling_settings(args: argparse.Namespace):
-    from .training.sampling import SamplingSettings
+    from .networks.sampling import SamplingSettings
 
     return SamplingSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingSettings)})
 
@@ -361,10 +339,14 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _sample(args: argparse.Namespace) -> None:
-    from .training.sampling import write_sample_grid
+    from .data.datasets import sample_conditions
+    from .networks.sampling import write_sample_grid
 
     settings = _sampling_settings(args)
-    write_sample_grid(args.model, settings, args.num_samples, args.resolution, args.out, args.lora, args.cond_data)
+    concat = None
+    if args.cond_data is not None:
+        concat = sample_conditions(args.cond_data, args.lora or args.model, args.resolution, args.num_samples)
+    write_sample_grid(args.model, settings, args.num_samples, args.resolution, args.out, args.lora, concat)
     print(f"wrote {args.out}")
 
 
@@ -392,27 +374,16 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _encode(args: argparse.Namespace) -> None:
-    from .training.encode import encode
+    from .data.encode import encode
 
-    report = encode(
-        args.pretrained,
-        args.data,
-        args.resolution,
-        args.out,
-        caption_column=args.caption_column,
-        flip=args.flip,
-        sample=args.sample,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        device=args.device,
-        cond_data=args.cond_data,
-    )
+    options = ("caption_column", "flip", "sample", "seed", "batch_size", "device", "cond_data")
+    report = encode(args.pretrained, args.data, args.resolution, args.out, **{k: getattr(args, k) for k in options})
     report.pop("tensors")
     _print_json(report)
 
 
 def _pairs(args: argparse.Namespace) -> None:
-    from .training.pairs import generate_pairs
+    from .data.pairs import generate_pairs
 
     meta = generate_pairs(args.model, args.out, args.num_samples, _sampling_settings(args), progress=True)
     _print_json({"out": args.out, "num_pairs": args.num_samples, **meta})
@@ -441,7 +412,7 @@ def _study(args: argparse.Namespace) -> None:
 
 def _teacher(args: argparse.Namespace) -> None:
     from .training.loop import train
-    from .training.teacher import teacher_config
+    from .training.recipes import teacher_config
 
     _print_json(train(teacher_config(args.out, args.max_steps, args.seed, args.resolution, args.prediction_type)))
 

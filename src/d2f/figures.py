@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .._files import write_atomic
+from ._files import write_atomic
 
 
 def image_format(path: str | Path) -> str:

@@ -5,9 +5,9 @@
   training scripts and the ``datasets`` library's image folders. Every image in the folder must be named.
 - Otherwise a ``.txt`` file beside each image (``cat.png`` and ``cat.txt``), holding its caption.
 
-Images are decoded as :func:`d2f.training.data.image_folder` decodes them (its ``_pixels``: EXIF rotation,
+Images are decoded as ``images.py`` decodes an image folder (:func:`~d2f.data.images.pixels`: EXIF rotation,
 transparency onto white, 16-bit greyscale scaled), as RGB in [-1, 1], resized with antialiasing so the
-shorter side is ``resolution`` and center-cropped to a square (its ``_resize``). Unreadable images are
+shorter side is ``resolution`` and center-cropped to a square (:func:`~d2f.data.images.resize`). Unreadable images are
 skipped and counted by reason in one warning; a missing caption, a caption column that does not exist or a
 metadata line naming a missing file is an error naming the file.
 
@@ -27,7 +27,7 @@ from pathlib import Path, PurePosixPath
 import torch
 from torch import Tensor
 
-from .data import IMAGE_SUFFIXES, _pixels, _resize, crop_box
+from .images import IMAGE_SUFFIXES, crop_box, pixels, resize
 
 METADATA = "metadata.jsonl"
 
@@ -186,7 +186,7 @@ def load_image(path: Path, resolution: int) -> tuple[Tensor, tuple[int, int], tu
             raise Unreadable("empty", path.name)
         with Image.open(path) as im:
             im.load()  # open() only reads the header; truncation shows when the pixels are decoded
-            array = _pixels(im, 3)
+            array = pixels(im, 3)
     except UnidentifiedImageError as e:
         raise Unreadable("not an image", path.name) from e
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
@@ -197,7 +197,7 @@ def load_image(path: Path, resolution: int) -> tuple[Tensor, tuple[int, int], tu
     height, width = array.shape[:2]
     tensor = torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0) / 127.5 - 1
     top, left, _, resized_width = crop_box(height, width, resolution)
-    return _resize(tensor, resolution)[0], (height, width), (top, left), resized_width
+    return resize(tensor, resolution)[0], (height, width), (top, left), resized_width
 
 
 def check_resolution(resolution: int) -> int:

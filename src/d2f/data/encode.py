@@ -37,34 +37,27 @@ import torch
 from .._backend import device_or_default
 from .._files import output_path, write_safetensors
 from .._versioned import Document
+from ..networks.models import check_pipeline_folder, check_safetensors
 from .captions import Captions, Unreadable, batches, check_resolution, find_captions, flips, load_image
-from .data import IMAGE_SUFFIXES, pair_by_stem
-from .models import check_pipeline_folder, check_safetensors
+from .images import IMAGE_SUFFIXES, pair_by_stem
 
+# What must match for an encoded file to stand for a new request (paths may move; the fingerprints may not).
+IDENTITY = (
+    "kind",
+    "resolution",
+    "caption_column",
+    "flip",
+    "sample",
+    "seed",
+    "data_fingerprint",
+    "pretrained_fingerprint",
+    "cond_fingerprint",
+)
 ENCODED = Document(
     "d2f.encoded",
     1,
-    frozenset(
-        {
-            "pretrained",
-            "pretrained_fingerprint",
-            "kind",
-            "resolution",
-            "caption_column",
-            "flip",
-            "sample",
-            "seed",
-            "data",
-            "data_fingerprint",
-            "captions",
-            "null",
-            "scaling_factor",
-            "shift_factor",
-            "images",
-            "skipped",
-            "truncated",
-        }
-    ),
+    frozenset(IDENTITY) - {"cond_fingerprint"}
+    | {"pretrained", "data", "captions", "null", "scaling_factor", "shift_factor", "images", "skipped", "truncated"},
     optional=frozenset({"cond_data", "cond_fingerprint"}),  # image-to-X pairs; files written before have none
     types={
         "pretrained": (str,),
@@ -82,18 +75,8 @@ ENCODED = Document(
         "shift_factor": (int, float, type(None)),
     },
 )
-# What must match for an encoded file to stand for a new request (paths may move; the fingerprints may not).
-IDENTITY = (
-    "kind",
-    "resolution",
-    "caption_column",
-    "flip",
-    "sample",
-    "seed",
-    "data_fingerprint",
-    "pretrained_fingerprint",
-    "cond_fingerprint",
-)
+
+
 KINDS = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
 # The components d2f encode loads, the classes it accepts for each, and the weights file each is saved under.
 COMPONENTS = {
@@ -156,31 +139,6 @@ def find_pipeline(pretrained: str | Path, kind: str | None = None) -> tuple[Path
                 f"{' or '.join(sorted(classes))}"
             )
     return folder, index, found
-
-
-def fingerprint(folder: str | Path, parts: tuple[str, ...] | None = None) -> str:
-    """A SHA-256 of the sorted relative names, sizes and modification times (ns) of the files under
-    ``folder`` (or under its ``parts``, files or subfolders), hidden ones excluded: changes when a file is
-    added, removed, renamed, rewritten or touched. The data's fingerprint covers the files its images and
-    captions come from (``Captions.used``), so a latents file written into the data folder leaves it alone."""
-    folder = Path(folder)
-    roots = [folder] if parts is None else [folder / p for p in parts]
-    files = []
-    for root in roots:
-        candidates = [root] if root.is_file() else root.rglob("*")
-        for path in candidates:
-            relative = path.relative_to(folder)
-            if path.is_file() and not any(part.startswith(".") for part in relative.parts):
-                files.append((relative.as_posix(), path))
-    digest = hashlib.sha256()
-    for name, path in sorted(files):
-        stat = path.stat()
-        digest.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
-
-
-def _pipeline_fingerprint(folder: Path, kind: str) -> str:
-    return fingerprint(folder, ("model_index.json", *NEEDS[kind]))
 
 
 def _load(folder: Path, index: dict, kind: str, device) -> dict[str, Any]:
@@ -278,145 +236,6 @@ class _TextEncoder:
         return torch.cat(states, dim=-1).float().cpu(), pooled.float().cpu()
 
 
-def _check_options(batch_size, sample, out) -> Path | None:
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} is not allowed: a positive integer")
-    if not isinstance(sample, bool):
-        raise ValueError(f"sample={sample!r} must be True or False")
-    if out is None:
-        return None
-    if Path(out).suffix != ".safetensors":
-        raise ValueError(f"out={str(out)!r}: the latents file is written as .safetensors")
-    return output_path(out)
-
-
-def encode(
-    pretrained: str | Path,
-    data: str | Path,
-    resolution: int,
-    out: str | Path | None = None,
-    caption_column: str = "text",
-    flip: bool = False,
-    sample: bool = False,
-    seed: int = 0,
-    batch_size: int = 8,
-    progress: bool = True,
-    device: str | torch.device | None = None,
-    kind: str | None = None,
-    cond_data: str | Path | None = None,
-) -> dict[str, Any]:
-    """Encode the captioned images of ``data`` with the pipeline ``pretrained`` (see the module docstring).
-
-    ``cond_data``: a folder of condition images paired by name with ``data``'s (any suffix), cropped, resized
-    and flipped as their targets, and encoded by the VAE's ``latent_dist`` mean into ``concat`` (image-to-X,
-    Marigold's recipe). A grey target is read as RGB, its value repeated in the three channels the VAE takes.
-
-    ``kind`` (``"sd"`` or ``"sdxl"``) refuses a pipeline of the other kind; ``None`` takes the pipeline's own.
-    ``device``: where the VAE and text encoders run (default: CUDA when available). With ``out``, writes the
-    latents file there (atomically, with the ``d2f.encoded`` document as its metadata). Returns the document
-    plus ``seconds`` and ``tensors`` (what the file holds).
-    """
-    started = time.perf_counter()
-    check_resolution(resolution)
-    flips(0, flip, seed)  # checks flip and seed
-    out = _check_options(batch_size, sample, out)
-    folder, index, kind = find_pipeline(pretrained, kind)
-    captions = find_captions(data, caption_column)  # caption errors before any model is loaded
-    partners = None if cond_data is None else _partners(captions, Path(cond_data))
-    device = device_or_default(device)
-    models = _load(folder, index, kind, device)
-    vae = models["vae"]
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    if resolution % factor:
-        raise ValueError(
-            f"resolution={resolution} is not allowed for {folder / 'vae'}: a multiple of {factor}, the VAE's "
-            "downsampling factor"
-        )
-    if getattr(vae.config, "latents_mean", None) is not None or getattr(vae.config, "latents_std", None) is not None:
-        raise ValueError(
-            f"{folder / 'vae' / 'config.json'}: latents_mean / latents_std are set; d2f encodes with "
-            "scaling_factor (and shift_factor) only"
-        )
-    text = _TextEncoder(models, kind, device)
-    null, null_pooled = text([""], count=False)
-    zeros = kind == "sdxl" and index.get("force_zeros_for_empty_prompt", True) is True
-    if zeros:  # what StableDiffusionXLPipeline guides with when given no negative prompt
-        null, null_pooled = torch.zeros_like(null), torch.zeros_like(null_pooled)
-    _check_unet(folder, kind, null.shape[-1], None if null_pooled is None else null_pooled.shape[-1])
-
-    latents, states, pooled, time_ids, concat = [], [], [], [], []
-    scaling, shift = float(vae.config.scaling_factor), getattr(vae.config, "shift_factor", None)
-    noise = torch.Generator().manual_seed(seed)
-    skipped: dict[str, list[str]] = {}
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=len(captions.files), desc="d2f encode", unit="image", disable=not progress)
-    done = 0
-    with torch.no_grad():
-        for batch in batches(captions, resolution, batch_size, flip, seed):
-            skipped = batch.skipped or skipped
-            step = min(done + batch_size, len(captions.files)) - done
-            done += step
-            if len(batch):
-                dist = vae.encode(batch.images.to(device)).latent_dist
-                z = dist.mean
-                if sample:
-                    draws = torch.stack([torch.randn(z.shape[1:], generator=noise) for _ in range(len(batch))])
-                    z = z + dist.std * draws.to(device)
-                latents.append(scaled_latents(vae, z).float().cpu())
-                if partners is not None:
-                    conditions = torch.stack(
-                        [
-                            _condition(partners[name], resolution, mirrored)
-                            for name, mirrored in zip(batch.files, batch.flipped)
-                        ]
-                    )
-                    concat.append(vae_latents(vae, conditions.to(device)).float().cpu())
-                embeddings, pooled_embeddings = text(batch.captions)
-                states.append(embeddings)
-                if kind == "sdxl":
-                    pooled.append(pooled_embeddings)
-                    target = torch.tensor([[resolution, resolution]] * len(batch), dtype=torch.int64)
-                    time_ids.append(torch.cat([batch.original_sizes, batch.crops_top_left, target], 1).float())
-            bar.update(step)
-    bar.close()
-    if text.truncated:
-        warnings.warn(
-            f"{captions.folder}: {text.truncated} caption(s) are longer than the tokenizer's model_max_length and "
-            "were truncated, as the pipeline truncates prompts",
-            stacklevel=2,
-        )
-    tensors = {
-        "latents": torch.cat(latents),
-        "encoder_hidden_states": torch.cat(states),
-        "null_encoder_hidden_states": null[0],
-    }
-    if partners is not None:
-        tensors["concat"] = torch.cat(concat)
-    if kind == "sdxl":
-        tensors |= {
-            "text_embeds": torch.cat(pooled),
-            "null_text_embeds": null_pooled[0],
-            "time_ids": torch.cat(time_ids),
-        }
-    document = ENCODED.new(
-        **_identity(folder, kind, captions, resolution, caption_column, flip, sample, seed, cond_data),
-        cond_data=None if cond_data is None else str(Path(cond_data).resolve()),
-        pretrained=str(folder),
-        data=str(captions.folder.resolve()),
-        captions=captions.source,
-        null="zeros" if zeros else "empty prompt",
-        scaling_factor=scaling,
-        shift_factor=None if shift is None else float(shift),
-        images=int(tensors["latents"].shape[0]),
-        skipped={reason: len(names) for reason, names in skipped.items()},
-        truncated=text.truncated,
-    )
-    if out is not None:
-        write_safetensors(out, tensors, metadata={"d2f": json.dumps(document)})
-    return {**document, "seconds": round(time.perf_counter() - started, 2), "tensors": tensors}
-
-
 def scaled_latents(vae, z: torch.Tensor) -> torch.Tensor:
     """What the UNet sees of a VAE latent ``z``: ``(z - shift_factor) * scaling_factor``."""
     shift = getattr(vae.config, "shift_factor", None)
@@ -461,8 +280,158 @@ def empty_prompt(pretrained: str | Path, device=None) -> dict[str, torch.Tensor]
     return {"encoder_hidden_states": states}
 
 
+def _check_options(batch_size, sample, out) -> Path | None:
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} is not allowed: a positive integer")
+    if not isinstance(sample, bool):
+        raise ValueError(f"sample={sample!r} must be True or False")
+    if out is None:
+        return None
+    if Path(out).suffix != ".safetensors":
+        raise ValueError(f"out={str(out)!r}: the latents file is written as .safetensors")
+    return output_path(out)
+
+
+def _encoders(folder: Path, index: dict, kind: str, resolution: int, device) -> tuple[Any, _TextEncoder]:
+    """The pipeline's VAE and text encoder(s), refused unless the VAE can encode at ``resolution`` the way d2f
+    scales latents."""
+    models = _load(folder, index, kind, device)
+    vae = models["vae"]
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    if resolution % factor:
+        raise ValueError(
+            f"resolution={resolution} is not allowed for {folder / 'vae'}: a multiple of {factor}, the VAE's "
+            "downsampling factor"
+        )
+    if getattr(vae.config, "latents_mean", None) is not None or getattr(vae.config, "latents_std", None) is not None:
+        raise ValueError(
+            f"{folder / 'vae' / 'config.json'}: latents_mean / latents_std are set; d2f encodes with "
+            "scaling_factor (and shift_factor) only"
+        )
+    return vae, _TextEncoder(models, kind, device)
+
+
+def encode(
+    pretrained: str | Path,
+    data: str | Path,
+    resolution: int,
+    out: str | Path | None = None,
+    caption_column: str = "text",
+    flip: bool = False,
+    sample: bool = False,
+    seed: int = 0,
+    batch_size: int = 8,
+    progress: bool = True,
+    device: str | torch.device | None = None,
+    kind: str | None = None,
+    cond_data: str | Path | None = None,
+) -> dict[str, Any]:
+    """Encode the captioned images of ``data`` with the pipeline ``pretrained`` (see the module docstring).
+
+    ``cond_data``: a folder of condition images paired by name with ``data``'s (any suffix), cropped, resized
+    and flipped as their targets, and encoded by the VAE's ``latent_dist`` mean into ``concat`` (image-to-X,
+    Marigold's recipe). A grey target is read as RGB, its value repeated in the three channels the VAE takes.
+
+    ``kind`` (``"sd"`` or ``"sdxl"``) refuses a pipeline of the other kind; ``None`` takes the pipeline's own.
+    ``device``: where the VAE and text encoders run (default: CUDA when available). With ``out``, writes the
+    latents file there (atomically, with the ``d2f.encoded`` document as its metadata). Returns the document
+    plus ``seconds`` and ``tensors`` (what the file holds).
+    """
+    started = time.perf_counter()
+    check_resolution(resolution)
+    flips(0, flip, seed)  # checks flip and seed
+    out = _check_options(batch_size, sample, out)
+    folder, index, kind = find_pipeline(pretrained, kind)
+    captions = find_captions(data, caption_column)  # caption errors before any model is loaded
+    partners = None if cond_data is None else _partners(captions, Path(cond_data))
+    device = device_or_default(device)
+    vae, text = _encoders(folder, index, kind, resolution, device)
+    null, null_pooled = text([""], count=False)
+    zeros = kind == "sdxl" and index.get("force_zeros_for_empty_prompt", True) is True
+    if zeros:  # what StableDiffusionXLPipeline guides with when given no negative prompt
+        null, null_pooled = torch.zeros_like(null), torch.zeros_like(null_pooled)
+    _check_unet(folder, kind, null.shape[-1], None if null_pooled is None else null_pooled.shape[-1])
+
+    parts: dict[str, list[torch.Tensor]] = {key: [] for key in ("latents", "states", "concat", "pooled", "time_ids")}
+    scaling, shift = float(vae.config.scaling_factor), getattr(vae.config, "shift_factor", None)
+    noise = torch.Generator().manual_seed(seed)
+    skipped: dict[str, list[str]] = {}
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(captions.files), desc="d2f encode", unit="image", disable=not progress)
+    done = 0
+    with torch.no_grad():
+        for batch in batches(captions, resolution, batch_size, flip, seed):
+            skipped = batch.skipped or skipped
+            step = min(done + batch_size, len(captions.files)) - done
+            done += step
+            if len(batch):
+                for key, value in _encode_batch(batch, vae, text, kind, sample, noise, partners, device).items():
+                    parts[key].append(value)
+            bar.update(step)
+    bar.close()
+    if text.truncated:
+        warnings.warn(
+            f"{captions.folder}: {text.truncated} caption(s) are longer than the tokenizer's model_max_length and "
+            "were truncated, as the pipeline truncates prompts",
+            stacklevel=2,
+        )
+    tensors = {
+        "latents": torch.cat(parts["latents"]),
+        "encoder_hidden_states": torch.cat(parts["states"]),
+        "null_encoder_hidden_states": null[0],
+    }
+    if partners is not None:
+        tensors["concat"] = torch.cat(parts["concat"])
+    if kind == "sdxl":
+        tensors |= {
+            "text_embeds": torch.cat(parts["pooled"]),
+            "null_text_embeds": null_pooled[0],
+            "time_ids": torch.cat(parts["time_ids"]),
+        }
+    document = ENCODED.new(
+        **_identity(folder, kind, captions, resolution, caption_column, flip, sample, seed, cond_data),
+        cond_data=None if cond_data is None else str(Path(cond_data).resolve()),
+        pretrained=str(folder),
+        data=str(captions.folder.resolve()),
+        captions=captions.source,
+        null="zeros" if zeros else "empty prompt",
+        scaling_factor=scaling,
+        shift_factor=None if shift is None else float(shift),
+        images=int(tensors["latents"].shape[0]),
+        skipped={reason: len(names) for reason, names in skipped.items()},
+        truncated=text.truncated,
+    )
+    if out is not None:
+        write_safetensors(out, tensors, metadata={"d2f": json.dumps(document)})
+    return {**document, "seconds": round(time.perf_counter() - started, 2), "tensors": tensors}
+
+
+def _encode_batch(batch, vae, text, kind: str, sample: bool, noise, partners, device) -> dict[str, torch.Tensor]:
+    """One batch of captioned images: its scaled latents (the mean, or a draw from ``noise``), its conditions'
+    latents, its prompt embeddings and, for SDXL, the pooled embeddings and time ids."""
+    resolution = batch.images.shape[-1]  # batches come square, at the resolution requested
+    dist = vae.encode(batch.images.to(device)).latent_dist
+    z = dist.mean
+    if sample:
+        draws = torch.stack([torch.randn(z.shape[1:], generator=noise) for _ in range(len(batch))])
+        z = z + dist.std * draws.to(device)
+    out = {"latents": scaled_latents(vae, z).float().cpu()}
+    if partners is not None:
+        conditions = torch.stack(
+            [_condition(partners[name], resolution, mirrored) for name, mirrored in zip(batch.files, batch.flipped)]
+        )
+        out["concat"] = vae_latents(vae, conditions.to(device)).float().cpu()
+    out["states"], pooled = text(batch.captions)
+    if kind == "sdxl":
+        out["pooled"] = pooled
+        target = torch.tensor([[resolution, resolution]] * len(batch), dtype=torch.int64)
+        out["time_ids"] = torch.cat([batch.original_sizes, batch.crops_top_left, target], 1).float()
+    return out
+
+
 def _partners(captions: Captions, cond: Path) -> dict[str, Path]:
-    """Each captioned image's condition in ``cond``, paired by :func:`d2f.training.data.pair_by_stem`."""
+    """Each captioned image's condition in ``cond``, paired by :func:`~d2f.data.images.pair_by_stem`."""
     if not cond.is_dir():
         raise ValueError(f"cond_data={str(cond)!r}: the conditions of an image folder are a folder of images")
     found = [
@@ -500,6 +469,31 @@ def _identity(
         "data_fingerprint": fingerprint(captions.folder, tuple(captions.used)),
         "pretrained_fingerprint": _pipeline_fingerprint(folder, kind),
     }
+
+
+def fingerprint(folder: str | Path, parts: tuple[str, ...] | None = None) -> str:
+    """A SHA-256 of the sorted relative names, sizes and modification times (ns) of the files under
+    ``folder`` (or under its ``parts``, files or subfolders), hidden ones excluded: changes when a file is
+    added, removed, renamed, rewritten or touched. The data's fingerprint covers the files its images and
+    captions come from (``Captions.used``), so a latents file written into the data folder leaves it alone."""
+    folder = Path(folder)
+    roots = [folder] if parts is None else [folder / p for p in parts]
+    files = []
+    for root in roots:
+        candidates = [root] if root.is_file() else root.rglob("*")
+        for path in candidates:
+            relative = path.relative_to(folder)
+            if path.is_file() and not any(part.startswith(".") for part in relative.parts):
+                files.append((relative.as_posix(), path))
+    digest = hashlib.sha256()
+    for name, path in sorted(files):
+        stat = path.stat()
+        digest.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _pipeline_fingerprint(folder: Path, kind: str) -> str:
+    return fingerprint(folder, ("model_index.json", *NEEDS[kind]))
 
 
 def read_encoded(path: str | Path) -> dict[str, Any]:

@@ -17,8 +17,8 @@ import torch
 
 from .._files import output_path, write_safetensors
 from .._versioned import Document
-from .data import Dataset
-from .sampling import SamplingSettings, sample_export
+from ..networks.sampling import SamplingSettings, sample_export
+from .images import Dataset
 
 PAIRS = Document(
     "d2f.pairs",

@@ -63,7 +63,7 @@ def split(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, tor
 
 def train_classifier(seed: int = 0, epochs: int = 30, out: Path = ASSET) -> dict:
     """Train with a fixed seed, save safetensors and a JSON report beside it; returns the report."""
-    from ..training.data import mnist
+    from ..data.images import mnist
 
     data = mnist(28)
     train_mask, held_mask = split(data.images, data.labels)

@@ -94,10 +94,10 @@ def evaluate_dense(
     (``latent_dist`` mean) and decodes each prediction with it before averaging the channels back, as Marigold
     does; the UNet is conditioned on the empty prompt, as Marigold's is (SD 1.x/2.x pipelines only)."""
     from .._checks import check_positive_int
-    from ..training.data import load_dataset
-    from ..training.encode import empty_prompt, load_vae, vae_images, vae_latents
-    from ..training.export import read_export
-    from ..training.sampling import load_for, sample_export
+    from ..data.datasets import load_dataset
+    from ..data.encode import empty_prompt, load_vae, vae_images, vae_latents
+    from ..networks.export import read_export
+    from ..networks.sampling import load_for, sample_export
     from .few_step import d2f_calls
 
     check_positive_int("num_samples", num_samples)

@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 
 from .._files import write_safetensors
+from ..data.images import mnist
+from ..figures import save_grid
+from ..networks.sampling import SamplingSettings, sample_export
+from ..networks.teachers import teacher_path
 from ..training.config import TrainConfig
-from ..training.data import mnist
-from ..training.images import save_grid
 from ..training.loop import train
-from ..training.sampling import SamplingSettings, sample_export
-from ..training.teacher import teacher_path
 from .dense import depth_metrics, image_to_depth
 
 DEPTH_NFE = (1, 2, 4, 10)

@@ -6,8 +6,8 @@ import time
 
 import torch
 
-from ..training.data import mnist
-from ..training.sampling import SamplingSettings, sample_export
+from ..data.images import mnist
+from ..networks.sampling import SamplingSettings, sample_export
 from .classifier import ASSET, load_classifier
 from .metrics import class_accuracy, features, fid, precision_recall
 

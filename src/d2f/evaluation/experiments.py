@@ -23,12 +23,12 @@ from pathlib import Path
 
 import torch
 
+from ..data.images import mnist
+from ..figures import save_grid
+from ..networks.export import ddim_config, load
+from ..networks.sampling import ddim_reference
 from ..path import scale
 from ..training.config import TrainConfig
-from ..training.data import mnist
-from ..training.export import ddim_config, load
-from ..training.images import save_grid
-from ..training.sampling import ddim_reference
 from ..velocity import D2FVelocity
 from .classifier import load_classifier
 from .metrics import features, fid, score
@@ -138,9 +138,9 @@ def _checkpoint_field(config, step: int):
     """The EMA weights of ``config``'s run at ``step`` (step 0: the model before finetuning), as a velocity field."""
     from safetensors.torch import load_file
 
-    from ..training.export import load_network
-    from ..training.models import add_lora, trainable_parameters
-    from ..training.sampling import velocity_field
+    from ..networks.export import load_network
+    from ..networks.models import add_lora, trainable_parameters
+    from ..training.outputs import velocity_field
 
     network = load_network(config.pretrained)
     if config.lora_rank:

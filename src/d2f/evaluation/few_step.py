@@ -28,13 +28,13 @@ from pathlib import Path
 
 import torch
 
+from ..data.images import mnist
+from ..figures import save_line_plot
+from ..networks.export import ddim_config, load
+from ..networks.sampling import scheduler_loop
+from ..networks.teachers import teacher_path
 from ..solvers import stage_times
-from ..training.data import mnist
-from ..training.export import ddim_config, load
-from ..training.images import save_line_plot
 from ..training.loop import train
-from ..training.sampling import scheduler_loop
-from ..training.teacher import teacher_path
 from ..velocity import D2FVelocity
 from .classifier import load_classifier
 from .experiments import finetune_run

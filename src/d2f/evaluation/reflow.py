@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from ..training.data import mnist
-from ..training.export import load
-from ..training.images import save_grid
-from ..training.sampling import SamplingSettings, ddim_reference
+from ..data.images import mnist
+from ..figures import save_grid
+from ..networks.export import load
+from ..networks.sampling import SamplingSettings, ddim_reference
 from .classifier import load_classifier
 from .experiments import full_finetune
 from .metrics import features, score
@@ -30,8 +30,8 @@ E3_STEPS = (1, 2, 4, 25)
 def train_reflow(out: str, num_pairs: int, pair_steps: int, max_steps: int, seed: int):
     """Steps 1 and 2: the pairs file and the reflow run under ``out``; returns the run's config, its metrics and
     the pairs' metadata (the export is ``config.out/export``)."""
+    from ..data.pairs import generate_pairs
     from ..training.loop import train
-    from ..training.pairs import generate_pairs
 
     pairs = Path(out) / "pairs.safetensors"
     settings = SamplingSettings(pair_steps, "euler", "uniform", seed=seed + 7)

@@ -12,8 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from .._files import write_json
+from ..figures import save_line_plot
 from ..training.draws import DRAWS
-from ..training.images import save_line_plot
 
 EXPERIMENTS = ("e1", "e2", "e3", "e4", "e5", "depth")
 FILES = {

@@ -43,11 +43,11 @@ from tqdm.auto import tqdm
 
 from .._checks import NonFiniteError
 from .._files import read_json, write_atomic, write_json
+from ..data.images import mnist
+from ..figures import save_line_plot
+from ..networks.export import load
 from ..time_samplers import T_SAMPLERS
-from ..training.data import mnist
 from ..training.draws import DRAWS
-from ..training.export import load
-from ..training.images import save_line_plot
 from .classifier import load_classifier
 from .metrics import features, score
 from .study_tables import best_grid, markdown

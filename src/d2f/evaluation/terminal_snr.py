@@ -18,7 +18,7 @@ Why resolution matters: the image mean leaking through the last timestep is sqrt
 0.050, while the mean of r x r pixels of pure noise varies by 1/r between images. At 16 px (0.063) the leak
 drowns in that noise; at 64 px (0.016) it does not, so a network trained on the leak can lean on it and the
 flaw should show. E4 runs at 16 px on the embedded teacher, and at 32 and 64 px on teachers trained the same
-way at those sizes (:mod:`d2f.training.teacher`), shipped in ``d2f/assets/teacher32`` and ``teacher64``.
+way at those sizes (:mod:`d2f.networks.teachers`), shipped in ``d2f/assets/teacher32`` and ``teacher64``.
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ import numpy as np
 import torch
 
 from .._files import write_safetensors
-from ..training.data import mnist
-from ..training.export import load
-from ..training.images import save_line_plot
-from ..training.teacher import teacher_path
+from ..data.images import mnist
+from ..figures import save_line_plot
+from ..networks.export import load
+from ..networks.teachers import teacher_path
 from .experiments import full_finetune
 
 E4_ARMS = {  # the finetuning runs: name -> their settings
@@ -80,7 +80,7 @@ def e4_settings(resolution: int, budget: str = "full") -> dict:
 
 def e4_teacher(resolution: int) -> str:
     """The teacher E4 finetunes at ``resolution``: the embedded one at 16 px, and at 32 and 64 px the ones
-    shipped beside it (``d2f.training.teacher.teacher_path``; ``d2f teacher --resolution`` retrains them)."""
+    shipped beside it (``d2f.networks.teachers.teacher_path``; ``d2f teacher --resolution`` retrains them)."""
     return "teacher" if check_resolution(resolution) == 16 else str(teacher_path(resolution))
 
 

@@ -45,10 +45,9 @@ from .._files import read_json
 from .._versioned import Document
 from ..parametrization import DIFFUSERS_PREDICTION_TYPES, PREDICTION_TYPES
 from ..schedule import Schedule
-from . import objectives
-from .config import TrainConfig
+from ..training.config import TrainConfig
 from .models import FULL_CONVS, Network, check_safetensors, diffusers_unet, load_unet, lora_config
-from .teacher import teacher_path
+from .teachers import teacher_path
 from .widen import widen_conv_in
 
 META_TYPES = {
@@ -93,36 +92,6 @@ def ddim_config(schedule: Schedule, prediction_type: str) -> dict[str, Any]:
         "set_alpha_to_one": False,
         "steps_offset": 1,
         "timestep_spacing": "leading",
-    }
-
-
-def run_meta(
-    config: TrainConfig,
-    network: Network,
-    null_class: int | None,
-    side: int,
-    concat: torch.Tensor | None = None,
-    widened: str | None = None,
-    labeled: bool = True,
-) -> dict[str, Any]:
-    """``d2f.json`` of the export of a run of ``config`` that trained ``network`` on samples ``side`` wide,
-    with ``concat`` conditions (their channels are recorded) through a conv_in widened by ``widened``'s
-    initialisation (None: the pretrained UNet took them already)."""
-    return {
-        "labeled": labeled,  # trained on class labels (else on the null class: sample_export follows it)
-        "cond_channels": 0 if concat is None else concat.shape[1],
-        "cond_init": widened,
-        "kind": "lora" if config.lora_rank else "full",
-        "objective": config.objective,
-        "prediction_type": objectives.prediction_type(config.objective, network.prediction_type),
-        "align_input": objectives.aligned(config.objective),
-        "null_class": null_class,
-        "base": network.source if config.lora_rank else None,
-        "lora_rank": config.lora_rank,
-        "resolution": side,
-        "t_min": config.t_min(network.prediction_type, network.schedule),
-        "train_config": config.to_dict(),
-        "pipeline": network.pipeline,
     }
 
 

@@ -1,5 +1,5 @@
 """The networks d2f trains: diffusers UNets loaded from safetensors with the schedule they were trained on,
-and LoRA through peft. (The embedded teacher is in ``teacher.py``; exports and ``load_network`` in
+and LoRA through peft. (The embedded teachers are in ``teachers.py``; exports and ``load_network`` in
 ``export.py``.)"""
 
 from __future__ import annotations

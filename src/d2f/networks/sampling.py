@@ -1,5 +1,5 @@
-"""Sampling what d2f trains: the sampling settings, the velocity field of a trained network, the zero-shot
-check against diffusers' own DDIM, and ``sample_export`` behind ``d2f sample``, ``d2f eval`` and ``d2f pairs``."""
+"""Sampling exports: the sampling settings, diffusers' own scheduler loops (the DDIM baseline), and
+``sample_export`` behind ``d2f sample``, ``d2f eval`` and ``d2f pairs``."""
 
 from __future__ import annotations
 
@@ -14,18 +14,14 @@ from .._backend import device_or_default
 from .._checks import check_choice, check_positive_int
 from .._files import output_path
 from ..auto_sampler import AUTO, auto_sampler
+from ..figures import image_format, save_grid
 from ..grids import GRIDS
 from ..schedule import Schedule
 from ..solvers import SOLVERS
 from ..velocity import D2FVelocity
-from . import objectives
-from .conditioning import Conditioning, SampleRequest
-from .config import TrainConfig
-from .data import Dataset, image_folder, latents
 from .export import ddim_config, flow_finetuned, load, read_export
-from .images import image_format, save_grid
-from .models import Network, check_sample_size
-from .teacher import teacher_path
+from .models import check_sample_size
+from .teachers import teacher_path
 
 
 @dataclass(frozen=True)
@@ -72,33 +68,6 @@ class SamplingSettings:
         return asdict(self)
 
 
-def velocity_field(
-    network: Network,
-    objective: str,
-    guidance: float = 1.0,
-    request: SampleRequest | None = None,
-    t_min: float | None = None,
-) -> D2FVelocity:
-    """The velocity field of ``network`` as ``objective`` trained it down to FM time ``t_min`` (a run's
-    ``TrainConfig.t_min``; unset: a converted network's), guided with the request's null condition (the null
-    class label, or the empty prompt's embeddings)."""
-    if guidance != 1 and not (request and request.uncond):
-        raise ValueError(
-            f"guidance={guidance} needs a null condition: a class-conditional model with a null class, or text "
-            "data with null_encoder_hidden_states"
-        )
-    return D2FVelocity(
-        network.unet,
-        network.schedule,
-        objectives.prediction_type(objective, network.prediction_type),
-        guidance_scale=guidance,
-        uncond=request.uncond if guidance != 1 else None,
-        concat=request.concat if request else None,
-        align_input=objectives.aligned(objective),
-        t_min=t_min,
-    )
-
-
 @torch.no_grad()
 def ddim_reference(
     unet: torch.nn.Module,
@@ -141,54 +110,6 @@ def scheduler_loop(
         k_in = k.to(noise.device, torch.float32).expand(noise.shape[0])  # a float tensor: never truncated
         z = scheduler.step(unet(z_in, k_in, **cond).sample, k, z, **extra).prev_sample
     return z
-
-
-SHOWN_CHANNELS = (1, 3)  # grey or RGB pixels; latents cannot be shown without their decoder
-
-
-def save_images(images: torch.Tensor, path: Path) -> str | None:
-    """Images (grey or RGB) become a PNG grid; latents write nothing (None)."""
-    if images.shape[1] not in SHOWN_CHANNELS:
-        return None
-    save_grid(images, path)
-    return path.name
-
-
-@torch.no_grad()
-def zero_shot_check(
-    network: Network, conditioning: Conditioning, data: Dataset, config: TrainConfig, out: Path, device
-):
-    """The converted teacher before any finetuning, at its own resolution: FM Euler on the DDIM grid, and
-    the same steps of diffusers' DDIMScheduler for comparison (they agree to float rounding)."""
-    unet = network.unet
-    size = unet.config.sample_size
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    request = SampleRequest.make(conditioning, data, min(config.num_samples, 40), size, device)
-    field = velocity_field(network, "diffusion", 1.0, request)  # converted, not yet finetuned
-    noise = request.noise(unet.config.out_channels, config.seed + 1, device)
-    x = field.sample(noise, field.grid("ddim", config.sample_steps), **request.cond)
-    z = ddim_reference(
-        unet,
-        network.schedule,
-        network.prediction_type,
-        noise,
-        config.sample_steps,
-        request.cond,
-        request.concat,
-        set_alpha_to_one=True,
-    )
-    return {
-        "zero_shot_png": save_images(x, out / "zero_shot.png"),
-        "zero_shot_max_abs_diff_vs_ddim": float((x - z).abs().max()),
-    }
-
-
-@torch.no_grad()
-def sample_images(field: D2FVelocity, objective: str, steps: int, request: SampleRequest, seed: int, device):
-    """FM Euler on a uniform grid for flow objectives (the study's best grid after finetuning), DDIM's own
-    grid for diffusion finetuning (its natural sampler)."""
-    ts = field.grid("ddim" if objective == "diffusion" else "uniform", steps)
-    return field.sample(request.noise(field.net.config.out_channels, seed, device), ts, **request.cond)
 
 
 def load_for(model: str, settings: SamplingSettings, concat: torch.Tensor | None = None) -> D2FVelocity:
@@ -270,34 +191,21 @@ def write_sample_grid(
     resolution: int | None,
     out: Path,
     lora: str | None,
-    cond: str | None = None,
+    concat: torch.Tensor | None = None,
 ) -> None:
     """``d2f sample``: a PNG grid of ``num_samples`` samples of ``model``, or of the LoRA export ``lora``
-    trained on the base ``model``. An export trained with conditions samples one per condition in ``cond``
-    (an image folder, read at the export's resolution, or a latents file), the first ``num_samples`` of them;
-    the grid then shows each condition above its sample, ten to a row."""
+    trained on the base ``model``. An export trained with conditions samples one per condition in ``concat``
+    (``data.datasets.sample_conditions`` reads them); the grid then shows each condition above its sample, ten
+    to a row."""
     image_format(out)
     out = output_path(out)
     if lora is not None:
         base = read_export(Path(lora)).meta["base"]
         if base != model and base != str(Path(model).resolve()):
             raise ValueError(f"--lora {lora} was trained on base {base!r}, not --model {model!r}")
-    export = lora or model
-    concat = None
-    if cond is not None:
-        meta = read_export(teacher_path() if export == "teacher" else Path(export)).meta
-        path = Path(cond)
-        if not meta.get("cond_channels"):
-            raise ValueError(f"--cond-data {cond}: {export} was trained without conditions")
-        if path.is_dir():
-            concat = image_folder(path, resolution or meta["resolution"], meta["cond_channels"]).images
-        elif path.suffix in (".safetensors", ".npy") and path.is_file():
-            concat = latents(path).images
-        else:
-            raise ValueError(f"--cond-data {cond}: expected a folder of images or a .safetensors / .npy latents file")
-        concat = concat[:num_samples]
+    if concat is not None:
         num_samples = len(concat)
-    images = sample_export(export, settings, num_samples, resolution, progress=True, concat=concat).images
+    images = sample_export(lora or model, settings, num_samples, resolution, progress=True, concat=concat).images
     if concat is not None and concat.shape[1] == images.shape[1]:
         pad = -torch.ones(-num_samples % 10, *images.shape[1:])  # black cells keep each condition above its sample
         conditions, images = torch.cat([concat, pad]), torch.cat([images, pad])

@@ -1,4 +1,5 @@
-"""The teachers: their architecture, where they ship, and the recipe ``d2f teacher`` trains them with.
+"""The teachers: their architecture and where they ship (``training/recipes.py`` holds the recipe ``d2f teacher``
+trains them with).
 
 The embedded teacher is a 0.7M-parameter class-conditional ``UNet2DModel`` for 16x16 MNIST (10 classes and a
 null class), trained with Stable Diffusion's ``scaled_linear`` schedule and ``v_prediction``; shipped as a d2f
@@ -15,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from ..schedule import Schedule
-from .config import TrainConfig
 from .models import Network
 
 ARCHITECTURE: dict[str, Any] = {
@@ -32,9 +32,6 @@ ARCHITECTURE: dict[str, Any] = {
 # Channels per level; measured on one CPU core at batch 32: 0.74 s/step at 32 px, 1.19 s/step at 64 px.
 WIDER_CHANNELS = {32: (16, 32, 64), 64: (8, 16, 32, 64)}
 TEACHER_RESOLUTIONS = (16, *WIDER_CHANNELS)
-# Batch and default steps of each teacher's recipe; 32 and 64 px are sized to train in about 12 and 30 minutes
-# on one CPU core.
-RECIPES = {16: (64, 3000), 32: (32, 1000), 64: (32, 1500)}
 
 
 def architecture(resolution: int = 16) -> dict[str, Any]:
@@ -79,31 +76,4 @@ def from_scratch(prediction_type: str, resolution: int = 16) -> Network:
         prediction_type=prediction_type,
         null_class=settings["num_class_embeds"] - 1,
         source="teacher-config",
-    )
-
-
-def teacher_config(
-    out: str, max_steps: int | None, seed: int, resolution: int = 16, prediction_type: str = "v_prediction"
-) -> TrainConfig:
-    """The teacher's recipe: diffusion on MNIST at ``resolution`` with SD's schedule, from scratch, predicting
-    ``prediction_type`` (the shipped teachers: ``v_prediction``); ``max_steps`` None: the recipe's own."""
-    if resolution not in RECIPES:
-        raise ValueError(f"resolution={resolution!r} has no teacher recipe: one of {tuple(RECIPES)}")
-    batch_size, default_steps = RECIPES[resolution]
-    return TrainConfig(
-        out=out,
-        init="teacher-config",
-        prediction_type=prediction_type,
-        objective="diffusion",
-        resolution=resolution,
-        lora_rank=0,
-        max_steps=default_steps if max_steps is None else max_steps,
-        batch_size=batch_size,
-        lr=2e-3,
-        warmup_steps=100,
-        ema_decay=0.999,
-        cond_dropout=0.1,
-        checkpoint_every=500,
-        seed=seed,
-        guidance=1.0,
     )

@@ -1,1 +1,2 @@
-"""The thin trainer: data, models, checkpoints, export and the loop. Needs the ``train`` extra."""
+"""The thin trainer: the run's config and objectives, its draws, the loop, checkpoints and locks. Needs the
+``train`` extra."""

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..data.images import Dataset
+from ..networks.models import Network
 from .config import TrainConfig
-from .data import Dataset
-from .models import Network
 
 
 @dataclass

@@ -8,10 +8,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from ..networks.widen import COND_INITS
 from ..schedule import Schedule
 from ..time_samplers import T_SAMPLERS
 from .objectives import OBJECTIVES, trained_t_min
-from .widen import COND_INITS
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 REPORT_TO = ("tensorboard",)  # accelerate's trackers d2f logs to
@@ -45,7 +45,7 @@ class TrainConfig:
     data: str = "mnist"  # mnist | digits | an image folder | a latents file (.safetensors / .npy)
     pairs: str | None = None  # reflow: a `d2f pairs` file, trained on instead of data
     # Image-to-X: each sample's condition, appended to the network input (a folder paired by name with an image
-    # folder data, or a latents file of conditions); a UNet that does not take them is widened (widen.py).
+    # folder data, or a latents file of conditions); a UNet that does not take them is widened (networks/widen.py).
     cond_data: str | None = None
     cond_init: str = "zero"  # how a widened conv_in starts: zero | marigold (widen.COND_INITS)
     resolution: int = 24  # the default task adapts the 16x16 teacher to 24x24
@@ -83,57 +83,73 @@ class TrainConfig:
     prediction_type: str | None = None  # from scratch only: the new model's prediction type
 
     def __post_init__(self) -> None:
-        def fail(name: str, allowed: str) -> None:
-            raise ValueError(f"{name}={getattr(self, name)!r} is not allowed: {allowed}")
+        self._check_choices()
+        self._check_numbers()
+        self._check_types()
+        self._check_combinations()
 
+    def _fail(self, name: str, allowed: str) -> None:
+        raise ValueError(f"{name}={getattr(self, name)!r} is not allowed: {allowed}")
+
+    def _check_choices(self) -> None:
+        """The settings that name one of a fixed set."""
         if self.objective not in OBJECTIVES:
-            fail("objective", f"one of {OBJECTIVES}")
+            self._fail("objective", f"one of {OBJECTIVES}")
         if self.t_sampler is not None and self.t_sampler not in T_SAMPLERS:
-            fail("t_sampler", f"one of {T_SAMPLERS}")
+            self._fail("t_sampler", f"one of {T_SAMPLERS}")
         if self.objective == "diffusion" and self.t_sampler is not None:
             raise ValueError(
                 f"t_sampler={self.t_sampler!r} contradicts objective='diffusion', which draws integer timesteps "
                 "uniformly like the teacher's own training; drop --t-sampler or pick objective d2f or fm"
             )
         if self.mixed_precision not in MIXED_PRECISION:
-            fail("mixed_precision", f"one of {MIXED_PRECISION}")
+            self._fail("mixed_precision", f"one of {MIXED_PRECISION}")
         if self.report_to is not None and self.report_to not in REPORT_TO:
-            fail("report_to", f"None or one of {REPORT_TO}")
+            self._fail("report_to", f"None or one of {REPORT_TO}")
         if self.on_nonfinite not in ON_NONFINITE:
-            fail("on_nonfinite", f"one of {ON_NONFINITE}")
+            self._fail("on_nonfinite", f"one of {ON_NONFINITE}")
+
+    def _check_numbers(self) -> None:
+        """Counts, rates and scales, each in its range."""
         for name in ("resolution", "max_steps", "batch_size", "grad_accum", "sample_steps", "num_samples"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                fail(name, "a positive integer")
+                self._fail(name, "a positive integer")
         for name in ("lora_rank", "warmup_steps", "checkpoint_every", "seed", "validation_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                fail(name, "an integer >= 0")
+                self._fail(name, "an integer >= 0")
         if self.lr is not None and (
             isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not (0 < self.lr < math.inf)
         ):
-            fail("lr", "None (the default for the capacity) or a number in (0, inf)")
+            self._fail("lr", "None (the default for the capacity) or a number in (0, inf)")
         for name in ("ema_decay", "cond_dropout"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not (0 <= value <= 1):
-                fail(name, "a number in [0, 1]")
+                self._fail(name, "a number in [0, 1]")
         for name in ("weight_decay", "grad_clip"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                fail(name, "a finite number >= 0")
+                self._fail(name, "a finite number >= 0")
         if not isinstance(self.guidance, (int, float)) or not math.isfinite(self.guidance):
-            fail("guidance", "a finite number")
+            self._fail("guidance", "a finite number")
+
+    def _check_types(self) -> None:
+        """Labels, names and switches, each of its type."""
         if self.classes is not None and (
             not self.classes or any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in self.classes)
         ):
-            fail("classes", "a non-empty list of labels >= 0")
+            self._fail("classes", "a non-empty list of labels >= 0")
         if not isinstance(self.caption_column, str) or not self.caption_column:
-            fail("caption_column", "a non-empty string")
+            self._fail("caption_column", "a non-empty string")
         for name in ("zero_terminal_snr", "gradient_checkpointing", "flip"):
             if not isinstance(getattr(self, name), bool):
-                fail(name, "True or False")
+                self._fail(name, "True or False")
         if self.lora_full_convs is not None and not isinstance(self.lora_full_convs, bool):
-            fail("lora_full_convs", "None (the default for the base model), True or False")
+            self._fail("lora_full_convs", "None (the default for the base model), True or False")
+
+    def _check_combinations(self) -> None:
+        """Settings that go together, or exclude each other."""
         if self.pairs is not None:
             if self.objective == "diffusion":
                 raise ValueError(
@@ -143,20 +159,20 @@ class TrainConfig:
             if self.data != "mnist" or self.classes is not None:
                 raise ValueError(f"pairs={self.pairs!r} replaces data: give data (and classes) or pairs, not both")
         if self.cond_init not in COND_INITS:
-            fail("cond_init", f"one of {COND_INITS}")
+            self._fail("cond_init", f"one of {COND_INITS}")
         if self.cond_data is not None and self.pairs is not None:
             raise ValueError(f"cond_data={self.cond_data!r} conditions data; reflow pairs take no conditions")
         if self.validation_prompts is not None and (
             not self.validation_prompts or not all(isinstance(p, str) for p in self.validation_prompts)
         ):
-            fail("validation_prompts", "None or a non-empty list of prompts")
+            self._fail("validation_prompts", "None or a non-empty list of prompts")
         if bool(self.validation_prompts) != bool(self.validation_every):
             raise ValueError(
                 f"validation_prompts={self.validation_prompts!r} and validation_every={self.validation_every} go "
                 "together: give both (prompts and how often), or neither"
             )
         if self.init not in (None, "teacher-config"):
-            fail("init", "None or 'teacher-config'")
+            self._fail("init", "None or 'teacher-config'")
         if self.prediction_type is not None and self.init is None:
             raise ValueError(
                 "prediction_type is only for a model trained from scratch (init='teacher-config'); a pretrained "

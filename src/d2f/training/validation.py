@@ -12,11 +12,11 @@ from pathlib import Path
 
 import torch
 
+from ..figures import save_grid
+from ..networks.export import ddim_config
+from ..networks.models import Network, check_pipeline_folder
 from . import objectives
 from .config import TrainConfig
-from .export import ddim_config
-from .images import save_grid
-from .models import Network, check_pipeline_folder
 
 
 def pipeline_class(network: Network) -> type:
