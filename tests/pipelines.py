@@ -29,11 +29,12 @@ LETTERS = "abcdefghijklmnopqrstuvwxyz"
 VOCAB = ["<|startoftext|>", "<|endoftext|>", "!", "!</w>", *LETTERS, *(f"{c}</w>" for c in LETTERS)]
 
 
-def tiny_vae():
-    """An AutoencoderKL with one block: 4 latent channels at the image's own size (scale factor 1)."""
+def tiny_vae(channels: int = 3):
+    """An AutoencoderKL with one block: 4 latent channels at the image's own size (scale factor 1), for images of
+    ``channels`` channels."""
     return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
+        in_channels=channels,
+        out_channels=channels,
         latent_channels=4,
         block_out_channels=(8,),
         norm_num_groups=4,
@@ -172,4 +173,14 @@ def captioned_folder(folder, n=12, formats="jsonl") -> Path:
             lines.append(json.dumps({"file_name": name, "text": caption}))
     if formats == "jsonl":
         (folder / "metadata.jsonl").write_text("\n".join(reversed(lines)) + "\n")
+    return folder
+
+
+def condition_folder(images: Path, folder: Path) -> Path:
+    """Image-to-X conditions for a captioned folder: a copy of each of its images under the same name."""
+    import shutil
+
+    folder.mkdir(parents=True)
+    for image in sorted(Path(images).glob("*.png")):
+        shutil.copy(image, folder / image.name)
     return folder

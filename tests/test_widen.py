@@ -208,16 +208,12 @@ def test_a_pipeline_run_encodes_the_pairs_and_widens_its_unet(tmp_path):
     """d2f train on a tiny SD pipeline with a captioned folder and its conditions: both go through the VAE into
     the run's latents file (concat), the UNet2DConditionModel is widened by the VAE's 4 latent channels, the
     LoRA export trains conv_in fully (so no diffusers-format file, which holds LoRA weights only) and loads."""
-    import shutil
 
-    from pipelines import captioned_folder, tiny_sd_pipeline
+    from pipelines import captioned_folder, condition_folder, tiny_sd_pipeline
 
     pipeline = tiny_sd_pipeline(tmp_path / "sd", prediction_type="v_prediction")
     images = captioned_folder(tmp_path / "images", n=6)
-    cond = tmp_path / "cond"
-    cond.mkdir()
-    for image in sorted(images.glob("*.png")):
-        shutil.copy(image, cond / image.name)
+    cond = condition_folder(images, tmp_path / "cond")
     out = tmp_path / "run"
     config = TrainConfig(
         out=str(out), pretrained=str(pipeline), data=str(images), cond_data=str(cond), resolution=8, batch_size=3

@@ -70,15 +70,35 @@ def use_triton(backend: str, *tensors: torch.Tensor) -> bool:
     return True
 
 
+def _available(kind: str) -> bool | None:
+    """Whether this machine has a device of ``kind`` that runs a network: None for a kind d2f does not run on
+    (``meta`` holds shapes but no values; ``xla``, ``hpu`` and the rest need their own launchers)."""
+    if kind == "cpu":
+        return True
+    if kind == "cuda":
+        return torch.cuda.is_available()
+    if kind == "mps":
+        return torch.backends.mps.is_available()
+    return None
+
+
 def device_or_default(device: str | torch.device | None) -> torch.device:
     """``device`` as a ``torch.device``; unset: CUDA when available, else the CPU. A string torch cannot
-    parse, or CUDA where there is none, is an error that names it."""
+    parse, a kind d2f does not run on (``meta``, ``xla``), a kind this machine lacks (CUDA or MPS where
+    there is none) and a CUDA index beyond its devices are errors that name it and what is allowed."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise ValueError(f"device={device!r} is not a torch device ({e})") from e
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r}: CUDA is not available here; use 'cpu' or leave it unset")
+    available = _available(resolved.type)
+    if available is None:
+        raise ValueError(f"device={device!r}: d2f runs networks on 'cpu', 'cuda' or 'mps' (or leave it unset)")
+    if not available:
+        kind = {"cuda": "CUDA", "mps": "MPS"}[resolved.type]
+        raise ValueError(f"device={device!r}: {kind} is not available here; use 'cpu' or leave it unset")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise ValueError(f"device={device!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
     return resolved

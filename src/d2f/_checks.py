@@ -12,10 +12,12 @@ takes any float or tensor.
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Callable, Iterable
 from typing import TypeVar
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -33,6 +35,8 @@ def describe(value: object) -> str:
         if value.numel() <= 8:
             return f"tensor({value.detach().cpu().tolist()}, dtype={value.dtype})"
         return f"tensor(shape={tuple(value.shape)}, dtype={value.dtype})"
+    if isinstance(value, np.ndarray) and value.size > 8:  # its repr lists up to a thousand entries
+        return f"ndarray(shape={value.shape}, dtype={value.dtype})"
     return repr(value)
 
 
@@ -49,6 +53,14 @@ def check_bool(name: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"{name}={value!r} must be True or False")
     return value
+
+
+def check_real(name: str, value: object, rule: str, allowed: Callable[[float], bool] = lambda _: True) -> float:
+    """``value`` as a float, refused unless it is a finite real number (a numpy scalar counts; a bool, a string or
+    a tensor does not) for which ``allowed`` holds; the error says ``{name}={value!r} must {rule}``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or not allowed(value):
+        raise ValueError(f"{name}={value!r} must {rule}")
+    return float(value)
 
 
 def check_positive_int(name: str, value: object) -> int:
@@ -80,6 +92,10 @@ def check_same_shape(**tensors: Tensor) -> None:
                 f"{name} has shape {tuple(value.shape)} but {first_name} has shape {tuple(first.shape)}; "
                 "they must be equal"
             )
+        if value.device != first.device:  # else torch's own error, naming neither
+            raise ValueError(
+                f"{name} is on {value.device} but {first_name} is on {first.device}; they must be on one device"
+            )
 
 
 def as_scalars(value: TimeLike, *, like: Tensor | None = None, name: str) -> Tensor:
@@ -87,8 +103,7 @@ def as_scalars(value: TimeLike, *, like: Tensor | None = None, name: str) -> Ten
     ``like``'s device; a 1-D value needs one entry per sample of ``like``."""
     device = like.device if like is not None else None
     if isinstance(value, Tensor):
-        if value.is_complex():
-            raise ValueError(f"{name} must be real, got dtype {value.dtype}")
+        check_number_tensor(name, value)
         out = value.detach().to(device=device if device is not None else value.device, dtype=torch.float64)
     elif isinstance(value, numbers.Real) and not isinstance(value, bool):
         # A fill on the device, not a copy from the host, which would wait for the device (and cannot be
@@ -105,6 +120,21 @@ def as_scalars(value: TimeLike, *, like: Tensor | None = None, name: str) -> Ten
                 f"a 1-D {name} needs one entry per sample"
             )
     return out
+
+
+def check_number_tensor(name: str, value: Tensor) -> None:
+    """Refuse a tensor of per-sample numbers that the float64 copy would silently change: complex (its imaginary
+    part dropped), bool (True read as 1) or one that requires grad (the copy is detached, so no gradient would
+    reach it: d2f differentiates only network outputs and states, as ``fm_loss`` says)."""
+    if value.is_complex():
+        raise ValueError(f"{name} must be real, got dtype {value.dtype}")
+    if value.dtype == torch.bool:
+        raise ValueError(f"{name} must be a number or a tensor of numbers, got dtype {value.dtype}")
+    if value.requires_grad:
+        raise ValueError(
+            f"{name} requires grad, but d2f takes it as a constant (its coefficients are computed from a detached "
+            "float64 copy), so no gradient would reach it; detach it"
+        )
 
 
 def as_time(t: TimeLike, *, like: Tensor | None = None, name: str = "t") -> Tensor:

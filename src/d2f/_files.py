@@ -4,14 +4,24 @@ A full disk, a kill or a crash mid-write must never leave a truncated ``metrics.
 that a later reader takes for a result: :func:`write_atomic` writes beside the target and renames, and
 only a rename (atomic on POSIX) ever makes the target appear. Folders (checkpoints, exports) are built
 the same way in a temporary sibling and renamed whole (``d2f.training.checkpoint``, ``d2f.networks.export``).
+
+A writer killed between the two (SIGKILL, power loss) leaves its temporary sibling ``.NAME.tmp-PID``; the
+next write of the same target removes it once that process is gone (:func:`write_atomic`), and a run
+folder, which its lock keeps to one writer, is cleared of all of them when a run is set up in it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import sys
 from pathlib import Path
 from typing import Any
+
+# write_atomic's temporary sibling of NAME: ".NAME.tmp-PID".
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)$")
 
 
 def fsync_dir(path: Path) -> None:
@@ -31,6 +41,7 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
     exist (:func:`output_path` makes it before the work that produces ``data``).
     """
     path = Path(path)
+    _remove_dead_writers(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     payload = data.encode() if isinstance(data, str) else data
     try:
@@ -40,13 +51,52 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
+        _discard(tmp)
         raise OSError(e.errno, f"{e.strerror} (nothing written)", str(path)) from e
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _discard(tmp)
         raise
     fsync_dir(path.parent)
     return path
+
+
+def _discard(tmp: Path) -> None:
+    # On a read-only file system even removing a file that was never made fails (EROFS); the error to report is
+    # the write's, naming the target.
+    with contextlib.suppress(OSError):
+        tmp.unlink(missing_ok=True)
+
+
+def temporary_files(folder: Path) -> list[Path]:
+    """The temporary files :func:`write_atomic` left in ``folder``, whoever wrote them, sorted."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if _TEMPORARY.match(p.name) and p.is_file())
+
+
+def _remove_dead_writers(path: Path) -> None:
+    """Remove the temporary siblings of ``path`` whose writer has died (one killed mid-write). A live one's stays:
+    another process may be writing the same target right now, and its rename must still find its file."""
+    for tmp in temporary_files(path.parent):
+        match = _TEMPORARY.match(tmp.name)
+        if match["name"] == path.name and not _alive(int(match["pid"])):
+            tmp.unlink(missing_ok=True)
+            print(
+                f"d2f: removed {tmp.name}, a half-written {path.name} left by a process that died (pid {match['pid']})",
+                file=sys.stderr,
+            )
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists here (another user's counts; a reused pid reads as alive, which only
+    keeps a leftover that could have gone)."""
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def output_path(path: str | os.PathLike) -> Path:
@@ -55,6 +105,13 @@ def output_path(path: str | os.PathLike) -> Path:
     if path.is_dir():
         raise IsADirectoryError(21, "Is a directory; expected a file name", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
+    # An empty file where write_atomic will write: a read-only folder fails here, not after the work.
+    probe = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        probe.touch()
+    except OSError as e:
+        raise OSError(e.errno, f"{e.strerror} (cannot write there)", str(path)) from e
+    probe.unlink()
     return path
 
 

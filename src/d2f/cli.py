@@ -205,7 +205,8 @@ def _sample_parser(sub) -> None:
     p.add_argument(
         "--cond-data",
         default=None,
-        help="an export trained with conditions: one sample per condition (an image folder or a latents file)",
+        help="an export trained with conditions: one sample per condition, at most --num-samples; an image folder, "
+        "or a latents file: its concat key (d2f encode --cond-data), else its latents when it holds nothing else",
     )
     p.add_argument("--resolution", type=int, default=None, help="unset: the export's training resolution")
     p.add_argument("--out", default="grid.png", help="the PNG to write")

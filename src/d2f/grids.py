@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._checks import as_time, check_choice, check_positive_int, describe
+from ._checks import as_time, check_bool, check_choice, check_positive_int, check_real, describe
+from .parametrization import check_prediction_type
 from .schedule import Schedule
 from .time_samplers import lowest_t
 
@@ -28,12 +29,32 @@ GRIDS = ("ddim", "uniform", "shift")
 SHIFT_RANGE = (1e-3, 1e3)
 
 
+def _one_time(t: float, name: str) -> float:
+    tt = as_time(t, name=name)
+    if tt.numel() != 1:
+        raise ValueError(f"{name} must be one FM time, got shape {tuple(tt.shape)}")
+    return float(tt)
+
+
 def _check_ends(t_start: float, t_end: float) -> tuple[float, float]:
-    a = float(as_time(t_start, name="t_start"))
-    b = float(as_time(t_end, name="t_end"))
+    a, b = _one_time(t_start, "t_start"), _one_time(t_end, "t_end")
     if a == b:
         raise ValueError(f"t_start and t_end must differ, both are {a}")
     return a, b
+
+
+def check_shift(shift: float) -> float:
+    """``shift`` as :func:`shift_grid` takes it, a number in ``SHIFT_RANGE``."""
+    low, high = SHIFT_RANGE
+    rule = f"be a number in [{low:g}, {high:g}]: further out the shifted grid crowds its steps onto one end"
+    return check_real("shift", shift, rule, lambda s: low <= s <= high)
+
+
+def check_steps_offset(steps_offset: int) -> int:
+    """DDIM's ``steps_offset``, an integer >= 0."""
+    if isinstance(steps_offset, bool) or not isinstance(steps_offset, numbers.Integral) or steps_offset < 0:
+        raise ValueError(f"steps_offset={steps_offset!r} must be an integer >= 0")
+    return int(steps_offset)
 
 
 def uniform_grid(n: int, t_start: float = 0.0, t_end: float = 1.0) -> Tensor:
@@ -51,12 +72,7 @@ def shift_grid(n: int, shift: float, t_start: float = 0.0, t_end: float = 1.0) -
     ``shift > 1`` spends more steps at high noise; ``shift = 1`` is the uniform grid. ``shift`` must lie in
     ``SHIFT_RANGE``, [1e-3, 1e3].
     """
-    low, high = SHIFT_RANGE
-    if isinstance(shift, bool) or not isinstance(shift, numbers.Real) or not low <= shift <= high:
-        raise ValueError(
-            f"shift={shift!r} must be a number in [{low:g}, {high:g}]: further out the shifted grid crowds its "
-            "steps onto one end"
-        )
+    check_shift(shift)
     a, b = _check_ends(t_start, t_end)
     low, high = min(a, b), max(a, b)  # noise end first: an inverting grid (a > b) is shifted alike
     u = (uniform_grid(n, a, b) - low) / (high - low)
@@ -109,9 +125,8 @@ def ddim_grid(
     if n > T:
         raise ValueError(f"n={n} cannot exceed the schedule's num_train_timesteps={T}")
     check_choice("spacing", spacing, SPACINGS)
-    if isinstance(steps_offset, bool) or not isinstance(steps_offset, numbers.Integral) or steps_offset < 0:
-        raise ValueError(f"steps_offset={steps_offset!r} must be an integer >= 0")
-    ks = ddim_timesteps(T, n, spacing, int(steps_offset))
+    check_bool("set_alpha_to_one", set_alpha_to_one)  # a truthy "no" would end the grid at t = 1
+    ks = ddim_timesteps(T, n, spacing, check_steps_offset(steps_offset))
     if ks.max() >= T or ks.min() < 0:
         raise ValueError(
             f"spacing={spacing!r} with steps_offset={steps_offset} lists timesteps {ks.tolist()} outside [0, {T - 1}]"
@@ -155,6 +170,9 @@ def sampling_grid(
     the network sees noise levels it never learned, and an epsilon network's error is amplified by ``1/t``.
     """
     check_choice("grid", grid, GRIDS)
+    check_prediction_type(prediction_type)
+    if not isinstance(schedule, Schedule):
+        raise ValueError(f"schedule must be a d2f.Schedule, got {type(schedule).__name__}")
     if grid == "ddim":
         if prediction_type == "velocity":
             raise ValueError("grid='ddim' needs a converted model; a naive-FM model samples on grid='uniform'")
@@ -170,7 +188,10 @@ def grid_steps(ts: Tensor | Sequence[float]) -> list[tuple[float, float]]:
     """``(start, end)`` of every step of a 1-D grid or an ``(n, 2)`` step table, after checking it."""
     if ts.is_complex() if isinstance(ts, Tensor) else np.iscomplexobj(ts):  # the cast would drop the imaginary part
         raise ValueError(f"ts must be real, got {describe(ts)}")
-    grid = torch.as_tensor(ts, dtype=torch.float64).detach().cpu()
+    try:
+        grid = torch.as_tensor(ts, dtype=torch.float64).detach().cpu()
+    except (TypeError, ValueError, RuntimeError) as error:  # None, a string: torch's message names no argument
+        raise ValueError(f"ts must be a grid of FM times (a tensor, array or list), got {describe(ts)}") from error
     if grid.ndim == 1 and grid.numel() >= 2:
         steps = torch.stack([grid[:-1], grid[1:]], dim=1)
     elif grid.ndim == 2 and grid.shape[1] == 2 and grid.shape[0] >= 1:

@@ -34,8 +34,10 @@ picks the grid too unless ``grid`` is set.
 
 from __future__ import annotations
 
-import math
+import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -43,9 +45,17 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, Sch
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from ._checks import check_bool, check_choice, compute_dtype
+from ._checks import (
+    as_scalars,
+    check_bool,
+    check_choice,
+    check_real,
+    check_same_shape,
+    compute_dtype,
+    describe,
+)
 from .auto_sampler import AUTO, auto_sampler
-from .grids import GRIDS, SPACINGS, ddim_timesteps, grid_steps, sampling_grid
+from .grids import GRIDS, SPACINGS, check_shift, check_steps_offset, ddim_timesteps, grid_steps, sampling_grid
 from .parametrization import SINGULAR_TIMES, diffusion_target, diffusion_to_velocity, velocity_to_diffusion
 from .path import alpha_sigma, network_input, scale
 from .schedule import Schedule
@@ -81,6 +91,32 @@ class _Evaluation:
     t: float  # FM time of this network evaluation
 
 
+# The numeric keys: each is refused unless it is a finite real number (a string would fail a comparison, NaN would
+# clip to NaN) that its rule allows.
+_NUMERIC_KEYS = {
+    "beta_start": ("be a finite number", lambda v: True),
+    "beta_end": ("be a finite number", lambda v: True),
+    "clip_sample_range": ("be a finite number > 0", lambda v: v > 0),
+    "sample_max_value": ("be a finite number >= 1", lambda v: v >= 1),
+    "dynamic_thresholding_ratio": (
+        "lie in (0, 1): the quantile of the predicted clean sample's magnitudes that thresholding bounds",
+        lambda v: 0 < v < 1,
+    ),
+}
+
+
+def _check_numbers(config: Mapping[str, Any]) -> None:
+    """D2FScheduler's numeric keys, checked where they enter (``shift`` and ``steps_offset`` were read first by
+    ``set_timesteps``, or never, with another grid)."""
+    for name, (rule, allowed) in _NUMERIC_KEYS.items():
+        check_real(name, config[name], rule, allowed)
+    check_shift(config["shift"])
+    check_steps_offset(config["steps_offset"])
+    if config["t_min"] is not None:
+        rule = "be None (a converted network's) or an FM time in [0, 1)"
+        check_real("t_min", config["t_min"], rule, lambda v: 0 <= v < 1)
+
+
 class D2FScheduler(SchedulerMixin, ConfigMixin):
     """Flow-matching sampling of a diffusion network inside diffusers pipelines (Diff2Flow conversion).
 
@@ -97,9 +133,11 @@ class D2FScheduler(SchedulerMixin, ConfigMixin):
     a converted diffusion network's, ``d2f.time_samplers.lowest_t("diffusion-matched", ...)``, which is
     ``schedule.t_min``).
     The boolean keys (``clip_sample``, ``set_alpha_to_one``, ``thresholding``, ``rescale_betas_zero_snr``,
-    ``flow_finetuned``) must be ``True`` or ``False``; ``trained_betas`` (a list, array or tensor) must be 1-D
-    with ``num_train_timesteps`` entries
-    (``Schedule.from_diffusers``).
+    ``flow_finetuned``) must be ``True`` or ``False``; the numeric ones finite numbers (numpy scalars too, no strings
+    or bools): ``clip_sample_range > 0``, ``sample_max_value >= 1``, ``dynamic_thresholding_ratio`` in (0, 1),
+    ``shift`` in ``d2f.grids.SHIFT_RANGE``, ``steps_offset`` an integer >= 0; ``trained_betas`` (a list, array or
+    tensor) must be 1-D with ``num_train_timesteps`` entries (``Schedule.from_diffusers``). All are checked here,
+    whether ``set_timesteps`` reads them or not.
     """
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
@@ -141,13 +179,7 @@ class D2FScheduler(SchedulerMixin, ConfigMixin):
         if grid is not None:
             check_choice("grid", grid, GRIDS)
         check_choice("timestep_spacing", timestep_spacing, SPACINGS)
-        if t_min is not None and (isinstance(t_min, bool) or not isinstance(t_min, (int, float)) or not 0 <= t_min < 1):
-            raise ValueError(f"t_min={t_min!r} must be None (a converted network's) or an FM time in [0, 1)")
-        if not 0 < dynamic_thresholding_ratio < 1 or clip_sample_range <= 0 or sample_max_value < 1:
-            raise ValueError(
-                f"dynamic_thresholding_ratio={dynamic_thresholding_ratio!r} must lie in (0, 1), "
-                f"clip_sample_range={clip_sample_range!r} must be > 0 and sample_max_value={sample_max_value!r} >= 1"
-            )
+        _check_numbers(self.config)
         self.schedule = Schedule.from_diffusers(dict(self.config))
         self.betas = torch.tensor(self.schedule.diffusers_config()["trained_betas"], dtype=torch.float32)
         self.alphas = 1.0 - self.betas
@@ -228,8 +260,9 @@ class D2FScheduler(SchedulerMixin, ConfigMixin):
 
     def set_begin_index(self, begin_index: int = 0) -> None:
         """Called by img2img pipelines that start part-way (``timesteps[t_start * order:]``)."""
-        if not 0 <= begin_index < len(self._evaluations):
-            raise ValueError(f"begin_index={begin_index} is outside [0, {len(self._evaluations)})")
+        n = len(self._evaluations)
+        if isinstance(begin_index, bool) or not isinstance(begin_index, numbers.Integral) or not 0 <= begin_index < n:
+            raise ValueError(f"begin_index={begin_index!r} must be an integer in [0, {n})")
         if self._evaluations[begin_index].stage != 0:
             if self.config.solver == AUTO:
                 raise ValueError(
@@ -250,16 +283,29 @@ class D2FScheduler(SchedulerMixin, ConfigMixin):
             if self._begin_index is not None:
                 self._step_index = self._begin_index
             else:
-                # The pipeline hands back our own float32 timesteps. A Heun step's end is the next step's start,
-                # so its timestep repeats: a pipeline starting there starts the step, the second match (as
-                # diffusers' Heun scheduler takes it).
-                matches = (self.timesteps.cpu() == torch.as_tensor(timestep, dtype=torch.float32).cpu()).nonzero()
-                if matches.numel() == 0:
-                    raise ValueError(f"timestep {timestep!r} is not one of this scheduler's timesteps")
-                self._step_index = int(matches[1 if matches.numel() > 1 else 0])
+                self._step_index = self._index_of(timestep)
         if self._step_index >= len(self._evaluations):
             raise ValueError("step() was called more often than set_timesteps planned")
         return self._evaluations[self._step_index]
+
+    def _index_of(self, timestep: float | torch.Tensor | None) -> int:
+        """The evaluation at which a pipeline's first ``timestep`` starts the loop.
+
+        The pipeline hands back our own float32 timesteps, as a number or a tensor (of the batch's size, all one
+        timestep, for some pipelines). A Heun step's end is the next step's start, so its timestep repeats: a
+        pipeline starting there starts the step, the second match (as diffusers' Heun scheduler takes it)."""
+        try:
+            k = torch.as_tensor(timestep, dtype=torch.float32).cpu().reshape(-1)
+        except (TypeError, ValueError, RuntimeError):  # None or a string: no timestep
+            k = torch.empty(0)
+        one = k.numel() > 0 and bool((k == k[0]).all())
+        matches = (self.timesteps.cpu() == k[0]).nonzero().reshape(-1).tolist() if one else []
+        if not matches:
+            raise ValueError(
+                f"timestep {describe(timestep)} is not one of this scheduler's timesteps (a number, or a tensor "
+                "whose entries are all that number)"
+            )
+        return matches[1 if len(matches) > 1 else 0]
 
     # ------------------------------------------------------------------------------------ the loop
     def scale_model_input(self, sample: torch.Tensor, timestep: float | torch.Tensor | None = None) -> torch.Tensor:
@@ -296,6 +342,10 @@ class D2FScheduler(SchedulerMixin, ConfigMixin):
         ``False``). Returns the latent ``scale(t') * x'`` at the time ``t'`` it reached (the step's end, or a
         two-stage step's predictor time), in the sample's dtype.
         """
+        check_bool("return_dict", return_dict)
+        if use_clipped_model_output is not None and not isinstance(use_clipped_model_output, bool):
+            raise ValueError(f"use_clipped_model_output={use_clipped_model_output!r} must be None, True or False")
+        check_same_shape(model_output=model_output, sample=sample)  # errors in the pipeline's names, not x
         evaluation = self._current(timestep)
         t0, t1 = self._steps[evaluation.step]
         h, c = t1 - t0, PREDICTOR_FRACTION.get(self._solver, 1.0)
@@ -360,8 +410,7 @@ class D2FScheduler(SchedulerMixin, ConfigMixin):
 
     def _variance_noise(self, eta, model_output, generator, variance_noise) -> torch.Tensor | None:
         """DDIM's checks of ``eta`` and its noise draw (none for ``eta = 0``)."""
-        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not (math.isfinite(eta) and eta >= 0):
-            raise ValueError(f"eta={eta!r} must be a finite number >= 0 (DDIM's eta; 0 is deterministic)")
+        check_real("eta", eta, "be a finite number >= 0 (DDIM's eta; 0 is deterministic)", lambda v: v >= 0)
         if eta and self._solver != "euler":
             raise ValueError(
                 f"eta={eta!r} makes DDIM's stochastic step, which D2FScheduler takes with solver='euler' only; "
@@ -369,6 +418,8 @@ class D2FScheduler(SchedulerMixin, ConfigMixin):
             )
         if variance_noise is not None and generator is not None:
             raise ValueError("pass either generator or variance_noise to step(), not both")
+        if variance_noise is not None:  # DDIM broadcasts a batch of 1 and drops an imaginary part without a word
+            check_same_shape(model_output=model_output, variance_noise=variance_noise)
         if not eta or variance_noise is not None:
             return variance_noise
         return randn_tensor(
@@ -391,16 +442,34 @@ class D2FScheduler(SchedulerMixin, ConfigMixin):
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """DDIM's latent at the network timesteps ``timesteps``, ``alpha * data + sigma * noise`` at
         ``t = fm_time(k)`` (``network_input``), in ``original_samples``' dtype."""
-        t = self.schedule.fm_time(torch.as_tensor(timesteps).reshape(-1).double().cpu())
+        check_same_shape(original_samples=original_samples, noise=noise)  # errors in the pipeline's names
+        t = self._fm_time(timesteps, original_samples)
         return network_input(original_samples, noise, t, original_samples.dtype)
 
     def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """DDIM's v-prediction target at the network timesteps ``timesteps``, ``alpha * noise - sigma * sample``
         at ``t = fm_time(k)`` (what diffusers' training scripts call for ``prediction_type="v_prediction"``), in
         ``sample``'s dtype."""
-        t = self.schedule.fm_time(torch.as_tensor(timesteps).reshape(-1).double().cpu()).to(sample.device)
+        check_same_shape(sample=sample, noise=noise)
+        t = self._fm_time(timesteps, sample).to(sample.device)
         alpha, sigma = (c.to(compute_dtype(sample, noise)) for c in alpha_sigma(t))
         return diffusion_target(sample, noise, alpha, sigma, "v_prediction").to(sample.dtype)
+
+    def _fm_time(self, timesteps: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+        """The FM times of network ``timesteps``: one, or one per sample of ``batch``."""
+        try:
+            k = torch.as_tensor(timesteps)
+        except (TypeError, ValueError, RuntimeError) as error:  # None, a string: torch's message names no argument
+            raise ValueError(
+                f"timesteps must be network timesteps (a number, list, array or tensor), got {describe(timesteps)}"
+            ) from error
+        as_scalars(k.reshape(-1), name="timesteps")  # refuses complex, bool and grad, which fm_time would name k
+        if k.numel() != 1 and (batch.ndim < 1 or k.numel() != batch.shape[0]):
+            raise ValueError(
+                f"timesteps has {k.numel()} entries but the batch has {batch.shape[0] if batch.ndim else 1} samples; "
+                "give one timestep, or one per sample"
+            )
+        return self.schedule.fm_time(k.reshape(-1).double().cpu())
 
     def scale_noise(self, sample: torch.Tensor, timestep: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """FlowMatch pipelines' name for ``add_noise``."""

@@ -28,17 +28,18 @@ declares nothing is treated as singular at both ends, 0 and 1.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ._backend import kernels, use_triton
-from ._checks import NonFiniteError, check_choice, compute_dtype, describe, nonfinite_input
+from ._backend import BACKENDS, kernels, use_triton
+from ._checks import NonFiniteError, check_bool, check_choice, compute_dtype, describe, nonfinite_input
 from ._chunks import row_chunks
 from .deferred import deferred_checks, deferring, verify
 from .grids import grid_steps
@@ -311,6 +312,10 @@ class VelocityFunction:
                 f"velocity_fn returned {describe(u) if isinstance(u, Tensor) else type(u).__name__} "
                 f"for a state of shape {tuple(x.shape)}; it must return a tensor of the same shape"
             )
+        if u.device != x.device:
+            raise ValueError(f"velocity_fn returned a tensor on {u.device} for a state on {x.device}")
+        if u.is_complex():  # the cast to the state's dtype would drop the imaginary part without a word
+            raise ValueError(f"velocity_fn returned a complex tensor ({u.dtype}) at t={t!r}; a velocity must be real")
         return u.to(x.dtype)
 
 
@@ -361,7 +366,7 @@ def integrate(field: Field, x: Tensor, z: Tensor, steps, solver: str, cond, call
             where = f"sample: step {i + 1} of {len(steps)} ({solver}, t {t0:.6g} -> {t1:.6g})"
             x, z = _carry(field, x, z, end, t0)
             h, times = t1 - t0, stage_times(solver, t0, t1, field.singular_times)
-            with checks.within(functools.partial(_at_step, where)):
+            with checks.within(functools.partial(_at_step, where)), _named_errors(where):
                 out = field.outputs(z, t0, cond)
                 if callback is not None:
                     callback(i, t0, x, out.o_u)  # the field is in velocity form whenever there is a callback
@@ -377,6 +382,19 @@ def integrate(field: Field, x: Tensor, z: Tensor, steps, solver: str, cond, call
                     x, z = _step(CORRECT, field, x, out_p, u1, h, t1, z_dtype, backend, c)
             end = t1
     return x
+
+
+@contextlib.contextmanager
+def _named_errors(where: str) -> Iterator[None]:
+    """An error an evaluation raises at once (a field's output refused, say) names its step, as a deferred
+    check's does (``_at_step``)."""
+    try:
+        yield
+    except ValueError as error:
+        named = _at_step(where, error)
+        if named is error:
+            raise
+        raise named from error
 
 
 def _at_step(where: str, error: Exception) -> Exception:
@@ -434,5 +452,9 @@ def sample(
     check_choice("solver", solver, SOLVERS)
     if not isinstance(x, Tensor):
         raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if callback is not None and not callable(callback):
+        raise ValueError(f"callback={callback!r} must be callable or None")
+    check_bool("progress", progress)  # a truthy "no" would show the bar
+    check_choice("backend", backend, BACKENDS)  # else refused at the first update, inside step 1
     field = _as_field(velocity_fn, callback)
     return _solve(field, x.to(compute_dtype(x)), grid_steps(ts), solver, cond, callback, progress, backend)

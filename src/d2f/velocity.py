@@ -7,8 +7,7 @@ guidance, conversion and update in one pass.
 
 from __future__ import annotations
 
-import math
-import numbers
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -21,6 +20,7 @@ from ._checks import (
     as_time,
     check_bool,
     check_finite_result,
+    check_real,
     check_same_shape,
     compute_dtype,
     describe,
@@ -64,6 +64,32 @@ def _output_tensor(out: Any) -> Tensor:
     raise ValueError(f"the network returned {type(out).__name__}; expected a tensor or an object with .sample")
 
 
+def _check_output(out: Tensor, z: Tensor, t: Tensor, expected: tuple[int, ...]) -> None:
+    """The network's output as the update takes it: the input's shape (both branches' when guided), on its
+    device, and real (the cast to the compute dtype would drop an imaginary part without a word)."""
+    if tuple(out.shape) != expected:
+        raise ValueError(f"the network returned shape {tuple(out.shape)}, expected {expected}")
+    if out.device != z.device:
+        raise ValueError(f"the network returned a tensor on {out.device} for an input on {z.device}")
+    if out.is_complex():
+        at = repr(t.item()) if t.numel() == 1 else describe(t)
+        raise ValueError(f"the network returned a complex tensor ({out.dtype}) at t={at}; its output must be real")
+
+
+def _warn_of_another_prediction_type(schedule: Schedule, prediction_type: str) -> None:
+    """Warn where ``prediction_type`` is a diffusers type other than the one ``schedule`` records."""
+    recorded = schedule.prediction_type
+    if recorded is None or prediction_type in (recorded, "velocity"):
+        return
+    warnings.warn(
+        f"prediction_type={prediction_type!r}, but the schedule records {recorded!r} (its diffusers config): the "
+        f"network's output is read as {prediction_type}, which gives noise unless the network was trained for it; "
+        "pass prediction_type=schedule.prediction_type if it was not",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
 def _batch_conditions(uncond: Mapping[str, Any], cond: Mapping[str, Any], batch: int) -> dict[str, Any]:
     """Stack unconditional then conditional kwargs along the batch for one network call."""
     if set(uncond) != set(cond):
@@ -98,7 +124,12 @@ class D2FVelocity:
         net: called as ``net(z, k, **cond)`` with ``z`` in the network's dtype and ``k`` a float32 ``(B,)``
             tensor on ``x``'s device; returns a tensor or an object with ``.sample`` (diffusers).
         schedule: the schedule the network was trained with.
-        prediction_type: ``"epsilon"``, ``"v_prediction"``, ``"sample"`` or ``"velocity"``.
+        prediction_type: ``"epsilon"``, ``"v_prediction"``, ``"sample"`` or ``"velocity"``. A diffusers type other
+            than the one ``schedule`` records (``schedule.prediction_type``, from its scheduler config) gives a
+            ``UserWarning`` naming both, not an error: a network finetuned to another type (diffusers' training
+            scripts' ``--prediction_type``) keeps its base pipeline's scheduler config, and diffusers itself reads
+            the output as its scheduler's config says without a check; but most often the mismatch is a mistake
+            whose samples are noise. ``"velocity"`` (an FM head on its teacher's schedule) is never warned of.
         guidance_scale: classifier-free guidance; with a value other than 1 the unconditional and the
             conditional branch run batched in one call of ``2B`` samples.
         uncond: the unconditional conditioning kwargs (same keys as the call's), e.g. a null text
@@ -128,10 +159,12 @@ class D2FVelocity:
         if not isinstance(schedule, Schedule):
             raise ValueError(f"schedule must be a d2f.Schedule, got {type(schedule).__name__}")
         check_prediction_type(prediction_type)
-        if not isinstance(guidance_scale, numbers.Real) or not math.isfinite(guidance_scale):
-            raise ValueError(f"guidance_scale={guidance_scale!r} must be a finite number")
+        _warn_of_another_prediction_type(schedule, prediction_type)
+        check_real("guidance_scale", guidance_scale, "be a finite number")
         if guidance_scale != 1 and uncond is None:
             raise ValueError(f"guidance_scale={guidance_scale} needs uncond, the unconditional conditioning kwargs")
+        if uncond is not None and not isinstance(uncond, Mapping):
+            raise ValueError(f"uncond must be a mapping of conditioning kwargs (or None), got {type(uncond).__name__}")
         if concat is not None and (not isinstance(concat, Tensor) or concat.ndim < 2):
             raise ValueError(f"concat must be a (B, C, ...) tensor, got {describe(concat)}")
         self.net = net
@@ -140,11 +173,15 @@ class D2FVelocity:
         self.guidance_scale = float(guidance_scale)
         self.uncond = dict(uncond or {})
         self.concat = concat
-        self.align_input = bool(align_input)
+        self.align_input = check_bool("align_input", align_input)
         self.singular_times = SINGULAR_TIMES[prediction_type]
         if t_min is None:
             t_min = lowest_t("diffusion-matched", prediction_type, schedule)
         self.t_min = float(as_time(t_min, name="t_min"))
+        if self.t_min == 1:  # no grid starts there (a grid's ends must differ)
+            raise ValueError(
+                f"t_min={t_min!r} must be an FM time in [0, 1): the lowest time the network was trained at"
+            )
         self._recording = None  # d2f.capture's graph, once sample(capture=True) made one
 
     def model_output(self, x: Tensor, t: TimeLike, **cond: Any) -> Tensor:
@@ -174,8 +211,7 @@ class D2FVelocity:
         out = _output_tensor(self.net(z, k, **cond))
         if guided:
             expected = (2 * batch, *expected[1:])
-        if tuple(out.shape) != expected:
-            raise ValueError(f"the network returned shape {tuple(out.shape)}, expected {expected}")
+        _check_output(out, z, t, expected)
         if guided:
             o_u, o_c = out.chunk(2)
             return o_u, o_c

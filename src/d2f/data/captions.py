@@ -9,7 +9,8 @@ Images are decoded as ``images.py`` decodes an image folder (:func:`~d2f.data.im
 transparency onto white, 16-bit greyscale scaled), as RGB in [-1, 1], resized with antialiasing so the
 shorter side is ``resolution`` and center-cropped to a square (:func:`~d2f.data.images.resize`). Unreadable images are
 skipped and counted by reason in one warning; a missing caption, a caption column that does not exist or a
-metadata line naming a missing file is an error naming the file.
+metadata line naming a missing file is an error naming the file. So is a link that leads outside the folder
+(:func:`~d2f.data.images.folder_files`): what is trained on is what lies in the folder.
 
 A flip (``flip=True``) mirrors each image with probability 1/2, drawn once per image from
 ``torch.Generator().manual_seed(seed)`` in the order of the sorted file names, so the same folder and seed
@@ -19,6 +20,7 @@ flip the same images whatever the batch size and whichever images turn out unrea
 from __future__ import annotations
 
 import json
+import unicodedata
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,7 +29,7 @@ from pathlib import Path, PurePosixPath
 import torch
 from torch import Tensor
 
-from .images import IMAGE_SUFFIXES, crop_box, pixels, resize
+from .images import IMAGE_SUFFIXES, crop_box, folder_files, inside, pixels, resize
 
 METADATA = "metadata.jsonl"
 
@@ -79,46 +81,92 @@ def _metadata_captions(folder: Path, caption_column: str) -> dict[str, str]:
     """``file_name -> caption`` from ``folder/metadata.jsonl``, each line checked."""
     path = folder / METADATA
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        # utf-8-sig: a byte order mark (Windows editors write one) is dropped, as the datasets library drops it
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not a readable UTF-8 text file ({e})") from e
     captions: dict[str, str] = {}
+    root = folder.resolve()
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         where = f"{path} line {number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: not a JSON object ({e})") from e
-        if not isinstance(row, dict):
-            raise ValueError(f"{where}: expected a JSON object with file_name and {caption_column!r}, got {line!r}")
-        if "file_name" not in row:
-            raise ValueError(f"{where}: no 'file_name'; the line has the columns {sorted(row)}")
-        if caption_column not in row:
-            raise ValueError(
-                f"{where}: no caption column {caption_column!r}; the line has the columns {sorted(row)} "
-                "(choose one with caption_column / --caption-column)"
-            )
-        name, caption = row["file_name"], row[caption_column]
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"{where}: file_name={name!r}; expected a path relative to {folder}")
-        pure = PurePosixPath(name)
-        if pure.is_absolute() or ".." in pure.parts or "\\" in name:
-            raise ValueError(f"{where}: file_name={name!r}; expected a path inside {folder} (relative, no '..')")
-        name = pure.as_posix()
-        if not isinstance(caption, str):
-            raise ValueError(f"{where}: {caption_column}={caption!r} is a {type(caption).__name__}; expected a string")
+        name, caption = _row(line, where, caption_column)
+        name = _file_name(folder, root, name, where)
         if name in captions:
             raise ValueError(f"{where}: file_name={name!r} is named a second time")
-        if not (folder / name).is_file():
-            raise ValueError(f"{where}: file_name={name!r} names a file that does not exist in {folder}")
         captions[name] = caption
     return captions
 
 
-def _hidden(folder: Path, path: Path) -> bool:
-    return any(part.startswith(".") for part in path.relative_to(folder).parts)
+def _row(line: str, where: str, caption_column: str) -> tuple[str, str]:
+    """The file name and caption of one metadata line, its JSON and their types checked."""
+    try:
+        row = json.loads(line, object_pairs_hook=_unique_keys(where))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not a JSON object ({e})") from e
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected a JSON object with file_name and {caption_column!r}, got {line!r}")
+    if "file_name" not in row:
+        raise ValueError(f"{where}: no 'file_name'; the line has the columns {sorted(row)}")
+    if caption_column not in row:
+        raise ValueError(
+            f"{where}: no caption column {caption_column!r}; the line has the columns {sorted(row)} "
+            "(choose one with caption_column / --caption-column)"
+        )
+    name, caption = row["file_name"], row[caption_column]
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{where}: file_name={name!r}; expected a path relative to the folder")
+    if not isinstance(caption, str):
+        raise ValueError(f"{where}: {caption_column}={caption!r} is a {type(caption).__name__}; expected a string")
+    return name, caption
+
+
+def _unique_keys(where: str):
+    """A ``json.loads`` hook refusing a key given twice in one object: JSON keeps the last silently, and which
+    caption (or file) was meant cannot be known."""
+
+    def hook(pairs: list[tuple[str, object]]) -> dict[str, object]:
+        keys = [key for key, _ in pairs]
+        for key in keys:
+            if keys.count(key) > 1:
+                raise ValueError(f"{where}: the key {key!r} appears twice in one line; give each column once")
+        return dict(pairs)
+
+    return hook
+
+
+def _file_name(folder: Path, root: Path, name: str, where: str) -> str:
+    """``name`` as a path inside ``folder`` (``root``, resolved), refused unless it names a file there, links
+    resolved: a link out of the folder would bring in a file from elsewhere."""
+    pure = PurePosixPath(name)
+    if pure.is_absolute() or ".." in pure.parts or "\\" in name:
+        raise ValueError(f"{where}: file_name={name!r}; expected a path inside {folder} (relative, no '..')")
+    path = folder / pure
+    if path.exists() and not inside(path, root):
+        raise ValueError(
+            f"{where}: file_name={name!r} leads outside {folder} (to {path.resolve()}); d2f reads only what lies "
+            "inside the data folder"
+        )
+    if not path.is_file():
+        raise ValueError(f"{where}: file_name={name!r} {_not_a_file(path)}")
+    return pure.as_posix()
+
+
+def _not_a_file(path: Path) -> str:
+    """Why ``path`` is no file, with the name it may have been meant as: macOS writes decomposed Unicode names
+    (NFD), an editor elsewhere composed ones (NFC), and the two differ byte for byte."""
+    if path.is_dir():
+        return "names a folder, not a file"
+    wanted = unicodedata.normalize("NFC", path.name)
+    if path.parent.is_dir():
+        for other in path.parent.iterdir():
+            if unicodedata.normalize("NFC", other.name) == wanted:
+                return (
+                    f"names no file in {path.parent}, which holds {other.name!r}: the same name written with other "
+                    "Unicode code points (NFC and NFD); write the name as it is on disk"
+                )
+    return f"names a file that does not exist in {path.parent}"
 
 
 def _missing(folder: Path, names: list[str], why: str) -> ValueError:
@@ -135,8 +183,10 @@ def find_captions(folder: str | Path, caption_column: str = "text") -> Captions:
     if not folder.is_dir():
         raise ValueError(f"data={str(folder)!r}: no such folder (an image folder with captions)")
     # Hidden files and folders (".DS_Store", "._photo.png", ".ipynb_checkpoints/") are not data.
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and not _hidden(folder, p))
+    files = folder_files(folder, "data", hidden=False)
     images = [_relative(folder, p) for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    if (folder / METADATA).exists() and not (folder / METADATA).is_file():
+        raise ValueError(f"{folder / METADATA}: not a regular file (a folder?); the captions file must be one")
     if (folder / METADATA).is_file():
         by_name = _metadata_captions(folder, caption_column)
         missing = [name for name in images if name not in by_name]

@@ -7,6 +7,11 @@ Optional keys: ``labels`` ``(N,)`` int64 class labels, ``encoder_hidden_states``
 embeddings with ``null_encoder_hidden_states`` ``(L, D)`` (or ``(1, L, D)``) for conditioning dropout, ``concat``
 ``(N, C', H, W)`` channels appended to the network input (image-to-X tasks), and SDXL's ``text_embeds``
 ``(N, P)`` with ``null_text_embeds`` ``(P,)`` and ``time_ids`` ``(N, 6)``. ``d2f encode`` writes them all.
+
+A conditions file (``--cond-data`` of ``d2f train``, ``d2f sample`` and ``d2f eval --task dense``) gives its
+conditions under ``concat`` when it has that key (``d2f encode --cond-data`` writes them there, beside their
+targets under ``latents``), else as its ``latents`` when it holds nothing else (or as a ``.npy`` array). A file
+with ``latents`` and other keys but no ``concat`` is a data file of targets, and is refused as conditions.
 """
 
 from __future__ import annotations
@@ -18,28 +23,41 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .images import Dataset, digits, image_folder, mnist, paired_folders
+from .._checks import check_positive_int
+from .images import Dataset, digits, image_folder, mnist, paired_folders, read_folder
+
+OPTIONAL = [f.name for f in dataclasses.fields(Dataset) if f.name not in ("images", "noise")]
 
 
-def latents(path: Path) -> Dataset:
-    """A latents file; ``.npy`` files are read with ``allow_pickle=False``, so an object array is refused."""
+def _tensors(path: Path, what: str) -> dict[str, Tensor]:
+    """A latents file's tensors by key (a ``.npy`` array as ``latents``), with floating-point ``latents`` and
+    no key :class:`Dataset` does not know; ``.npy`` files are read with ``allow_pickle=False``, so an object
+    array is refused."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
         if path.suffix == ".npy":
-            return Dataset(images=torch.from_numpy(np.load(path, allow_pickle=False)).float())
-        tensors = load_file(str(path))
+            tensors = {"latents": torch.from_numpy(np.load(path, allow_pickle=False))}
+        else:
+            tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"data={str(path)!r}: not a readable latents file ({e})") from e
-    optional = [f.name for f in dataclasses.fields(Dataset) if f.name not in ("images", "noise")]
-    unknown = set(tensors) - {"latents", *optional}
+        raise ValueError(f"{what}={str(path)!r}: not a readable latents file ({e})") from e
+    unknown = set(tensors) - {"latents", *OPTIONAL}
     if "latents" not in tensors or unknown:
         raise ValueError(
-            f"{path}: a latents file needs the key 'latents' and may hold {', '.join(optional)}; "
+            f"{path}: a latents file needs the key 'latents' and may hold {', '.join(OPTIONAL)}; "
             f"found {sorted(tensors)}"
         )
-    data = Dataset(images=tensors["latents"].float(), **{name: tensors.get(name) for name in optional})
+    if not tensors["latents"].is_floating_point():  # integers or bools made float would pass for latents
+        raise ValueError(f"{path}: latents have dtype {tensors['latents'].dtype}; latents are floating-point values")
+    return tensors
+
+
+def latents(path: Path, what: str = "data") -> Dataset:
+    """A latents file, given as the argument ``what``, checked key by key."""
+    tensors = _tensors(path, what)
+    data = Dataset(images=tensors["latents"].float(), **{name: tensors.get(name) for name in OPTIONAL})
     n = len(data)
     for name in ("labels", "encoder_hidden_states", "concat", "text_embeds", "time_ids"):
         value = getattr(data, name)
@@ -130,37 +148,77 @@ def load_dataset(
 
 
 def _conditions(data: Dataset, path: Path) -> Tensor:
-    """The ``latents`` of the latents file ``path`` as the conditions of ``data``'s samples, in order."""
+    """The conditions in the latents file ``path`` (:func:`condition_latents`) for ``data``'s samples, in order."""
     if path.suffix not in (".safetensors", ".npy") or not path.is_file():
         raise ValueError(f"cond_data={str(path)!r}: the conditions of a latents file are another latents file")
     if data.concat is not None:
         raise ValueError(f"cond_data={str(path)!r}: the data already holds concat conditions; give one or the other")
-    conditions = latents(path).images
+    conditions = condition_latents(path)[0]
     if conditions.shape[0] != len(data) or conditions.shape[2:] != data.images.shape[2:]:
         raise ValueError(
             f"cond_data={str(path)!r} holds {tuple(conditions.shape)}; the data's latents are "
             f"{tuple(data.images.shape)}: one condition per sample, of the same height and width"
         )
-    if not bool(torch.isfinite(conditions).all()):
-        raise ValueError(f"cond_data={str(path)!r} contains NaN or inf")
     return conditions
+
+
+def condition_latents(path: Path) -> tuple[Tensor, str]:
+    """The conditions the latents file ``path`` holds and the key they came from: ``concat`` where it has one,
+    else the ``latents`` of a file that holds nothing else (see the module's docstring); finite."""
+    data = latents(path, "cond_data")
+    if data.concat is not None:
+        return data.concat, "concat"  # latents() has checked it
+    others = [name for name in OPTIONAL if getattr(data, name) is not None]
+    if others:
+        raise ValueError(
+            f"cond_data={str(path)!r} holds latents with {', '.join(others)} but no concat: a data file of targets, "
+            "not conditions; give a file with the conditions under concat (d2f encode --cond-data) or alone under "
+            "latents"
+        )
+    if not bool(torch.isfinite(data.images).all()):
+        raise ValueError(f"cond_data={str(path)!r}: latents holds NaN or inf")
+    return data.images, "latents"
 
 
 def sample_conditions(cond: str, export: str, resolution: int | None, num_samples: int) -> Tensor:
     """``--cond-data`` of ``d2f sample``: the first ``num_samples`` conditions for the export ``export``, from an
-    image folder (read at ``resolution``, default the export's) or a latents file; refused for an export trained
-    without conditions."""
-    from ..networks.export import read_export
-    from ..networks.teachers import teacher_path
+    image folder (read at ``resolution``, default the export's) or a latents file (:func:`condition_latents`, at
+    its own size); refused for an export trained without conditions, and for a pipeline's UNet, which d2f sample
+    cannot give its text embeddings."""
+    from ..networks.export import read_model
+    from ..networks.sampling import text_unet_error
 
-    meta = read_export(teacher_path() if export == "teacher" else Path(export)).meta
-    path = Path(cond)
-    if not meta.get("cond_channels"):
+    check_positive_int("num_samples", num_samples)
+    meta = read_model(export).meta
+    channels = meta.get("cond_channels")
+    if not channels:
         raise ValueError(f"--cond-data {cond}: {export} was trained without conditions")
+    if meta.get("pipeline"):
+        raise text_unet_error(export, meta)
+    path = Path(cond)
     if path.is_dir():
-        concat = image_folder(path, resolution or meta["resolution"], meta["cond_channels"]).images
+        concat = torch.cat(list(read_folder(path, resolution or meta["resolution"], channels, "cond_data").values()))
     elif path.suffix in (".safetensors", ".npy") and path.is_file():
-        concat = latents(path).images
+        concat = _file_conditions(path, channels, resolution)
     else:
         raise ValueError(f"--cond-data {cond}: expected a folder of images or a .safetensors / .npy latents file")
     return concat[:num_samples]
+
+
+def _file_conditions(path: Path, channels: int, resolution: int | None) -> Tensor:
+    """A latents file's conditions, refused unless there is at least one, each ``(channels, H, W)``, at
+    ``resolution`` when it is given."""
+    concat, key = condition_latents(path)
+    name = f"cond_data={str(path)!r}"
+    if concat.ndim != 4:
+        raise ValueError(f"{name}: {key} has shape {tuple(concat.shape)}; conditions are (N, C, H, W)")
+    if not len(concat):
+        raise ValueError(f"{name} holds no conditions ({key} has shape {tuple(concat.shape)})")
+    if concat.shape[1] != channels:
+        raise ValueError(f"{name}: {key} has {concat.shape[1]} channels; the export takes {channels} per condition")
+    if resolution is not None and tuple(concat.shape[2:]) != (resolution, resolution):
+        raise ValueError(
+            f"resolution={resolution}: the conditions in {name} are {concat.shape[2]}x{concat.shape[3]}, the size "
+            "the samples take; leave --resolution unset"
+        )
+    return concat

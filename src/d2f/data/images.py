@@ -82,6 +82,39 @@ def pixels(im, channels: int) -> np.ndarray:
     return np.array(im, dtype=np.float32).reshape(im.height, im.width, channels)
 
 
+def folder_files(folder: Path, what: str, hidden: bool = True) -> list[Path]:
+    """Every file under ``folder`` (recursively, sorted; without hidden ones unless ``hidden``), once no link in
+    it leads outside it: a link must not bring files from elsewhere into a data set unseen (``link.png ->
+    ../elsewhere/x.png``, a linked subfolder), so each is refused by name. Links inside the folder read as what
+    they point at; a linked folder is not descended into (its files are read where they lie); a link that loops
+    leads nowhere and adds nothing."""
+    root = folder.resolve()
+    files, outside = [], []
+    for path in sorted(folder.rglob("*")):
+        if not hidden and any(part.startswith(".") for part in path.relative_to(folder).parts):
+            continue
+        if path.is_symlink() and not inside(path, root):
+            outside.append(f"{path.relative_to(folder).as_posix()} -> {path.resolve()}")
+        elif path.is_file():
+            files.append(path)
+    if outside:
+        shown = ", ".join(outside[:3]) + (f" and {len(outside) - 3} more" if len(outside) > 3 else "")
+        raise ValueError(
+            f"{what}: {shown} lead(s) outside {folder}; d2f reads only what lies inside the data folder: copy the "
+            f"files in (cp -L) or point {what} at the folder they are in"
+        )
+    return files
+
+
+def inside(path: Path, root: Path) -> bool:
+    """Whether ``path``, links resolved, lies in the (resolved) folder ``root``; a link loop counts as inside,
+    since it leads to no file."""
+    try:
+        return path.resolve().is_relative_to(root)
+    except (OSError, RuntimeError):  # a loop: RuntimeError up to Python 3.12, OSError (ELOOP) from 3.13
+        return True
+
+
 def read_folder(path: Path, resolution: int, channels: int, what: str = "data") -> dict[str, Tensor]:
     """Every PNG/JPEG under ``path`` (recursively), as 1 channel (PIL "L") or 3 channels (PIL "RGB").
 
@@ -98,7 +131,8 @@ def read_folder(path: Path, resolution: int, channels: int, what: str = "data") 
     mid-epoch. Empty files, truncated files (``ImageFile.LOAD_TRUNCATED_IMAGES`` is held False while loading,
     so PIL raises instead of filling the missing part with grey) and files that are not images are skipped;
     files with other suffixes (``notes.txt``, ``.DS_Store``) are ignored. One warning counts the skipped files
-    by reason and the ignored ones. A folder with no readable image is an error.
+    by reason and the ignored ones. A folder with no readable image is an error, and so is a link leading
+    outside it (:func:`folder_files`).
 
     Returns each image under its path relative to ``path``.
     """
@@ -106,7 +140,7 @@ def read_folder(path: Path, resolution: int, channels: int, what: str = "data") 
 
     if channels not in (1, 3):
         raise ValueError(f"channels={channels}: an image folder gives 1 (greyscale) or 3 (RGB) channels")
-    files = sorted(p for p in path.rglob("*") if p.is_file())
+    files = folder_files(path, what)
     ignored = [p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
     images, skipped = {}, {}  # images: relative path without suffix -> image; skipped: reason -> file names
     truncated_setting = ImageFile.LOAD_TRUNCATED_IMAGES

@@ -45,7 +45,7 @@ from .._files import read_json
 from .._versioned import Document
 from ..parametrization import DIFFUSERS_PREDICTION_TYPES, PREDICTION_TYPES
 from ..schedule import Schedule
-from ..training.config import TrainConfig
+from ..training.config import OBJECTIVES, TrainConfig
 from .models import FULL_CONVS, Network, check_safetensors, diffusers_unet, load_unet, lora_config
 from .teachers import teacher_path
 from .widen import widen_conv_in
@@ -182,17 +182,57 @@ def read_export(folder: Path) -> Export:
     folder = Path(folder)
     where = folder / "d2f.json"
     meta = EXPORT.read(where)
-    for key, allowed in (("kind", KINDS), ("prediction_type", PREDICTION_TYPES)):
-        if meta[key] not in allowed:
-            raise ValueError(f"{where}: {key}={meta[key]!r} is not one of {allowed}")
-    if meta["kind"] == "lora" and meta["base"] is None:
-        raise ValueError(f"{where}: a LoRA export must name its base model")
+    check_meta(meta, where)
     try:
         TrainConfig.from_dict(meta["train_config"])
     except (TypeError, ValueError) as e:
         raise ValueError(f"{where}: train_config: {e}") from e
     schedule = Schedule.from_dict(read_json(folder / "schedule.json"))
     return Export(folder, meta, schedule)
+
+
+# The lowest value each count of d2f.json can take: a sample is at least one pixel wide; a null class indexes a
+# class embedding.
+META_MINIMUM = {"resolution": 1, "lora_rank": 0, "cond_channels": 0, "null_class": 0}
+
+
+def check_meta(meta: dict[str, Any], where: Path) -> None:
+    """``d2f.json``'s values, beyond the types its document checks: named choices and counts in range, so that a
+    doctored file is refused naming it, not as a shape error (or an embedding's index error) mid-sampling."""
+    for key, allowed in (("kind", KINDS), ("prediction_type", PREDICTION_TYPES), ("objective", OBJECTIVES)):
+        if meta[key] not in allowed:
+            raise ValueError(f"{where}: {key}={meta[key]!r} is not one of {allowed}")
+    for key, low in META_MINIMUM.items():
+        if meta.get(key) is not None and meta[key] < low:
+            raise ValueError(f"{where}: {key}={meta[key]!r} must be at least {low}")
+    if meta["kind"] == "lora" and meta["base"] is None:
+        raise ValueError(f"{where}: a LoRA export must name its base model")
+
+
+def read_model(model: str | os.PathLike, name: str = "model") -> Export:
+    """The export ``model`` names: ``"teacher"`` (the embedded one) or an export folder; anything else is refused
+    as the argument ``name``, before a missing ``d2f.json`` is reported as an unreadable file."""
+    folder = teacher_path() if str(model) == "teacher" else Path(model)
+    if not (folder / "d2f.json").is_file():
+        raise ValueError(f"{name}={str(model)!r}: no d2f.json there, so it is not a d2f export")
+    return read_export(folder)
+
+
+def check_unet(unet: torch.nn.Module, meta: dict[str, Any], where: Path) -> None:
+    """``d2f.json`` against the UNet it describes: its input is the sample's channels plus ``cond_channels``, and
+    its null class one of its class embeddings."""
+    config, cond = unet.config, meta.get("cond_channels", 0)
+    if config.in_channels != config.out_channels + cond:
+        raise ValueError(
+            f"{where}: cond_channels={cond}, but its UNet takes {config.in_channels} input channel(s) for "
+            f"{config.out_channels} output channel(s), so {config.in_channels - config.out_channels} condition "
+            "channel(s)"
+        )
+    embeddings = getattr(config, "num_class_embeds", None)
+    if meta["null_class"] is not None and (embeddings is None or meta["null_class"] >= embeddings):
+        raise ValueError(
+            f"{where}: null_class={meta['null_class']}, but its UNet has {embeddings or 'no'} class embedding(s)"
+        )
 
 
 def load(
@@ -210,11 +250,8 @@ def load(
     from ..velocity import D2FVelocity
 
     require("diffusers", "safetensors", "peft", extra="train", feature="d2f.load")
-    folder = teacher_path() if str(path) == "teacher" else Path(path)
-    if not (folder / "d2f.json").exists():
-        raise ValueError(f"path={str(path)!r}: no d2f.json there, so it is not a d2f export")
-    export = read_export(folder)
-    meta = export.meta
+    export = read_model(path, "path")
+    folder, meta = export.path, export.meta
     cond_channels = meta.get("cond_channels", 0)
     if concat is not None and not (isinstance(concat, torch.Tensor) and concat.ndim == 4):
         raise ValueError(f"concat must be a (B, C, H, W) tensor, got {describe(concat)}")
@@ -241,6 +278,7 @@ def load(
         if meta.get("cond_init"):
             widen_conv_in(base, meta["cond_channels"], "zero")
         unet = PeftModel.from_pretrained(base, str(adapter)).get_base_model()
+    check_unet(unet, meta, folder / "d2f.json")
     unet = unet.eval().requires_grad_(False)
     if device is not None:
         unet = unet.to(device)

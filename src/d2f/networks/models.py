@@ -34,14 +34,15 @@ class Network:
 def unet_class(config: dict[str, Any], where: Path) -> type:
     import diffusers
 
-    name = config.get("_class_name")
+    name = config.get("_class_name") if isinstance(config, dict) else None
     if name not in UNET_CLASSES:
         raise ValueError(f"{where}: _class_name={name!r}; d2f trains {' and '.join(UNET_CLASSES)}")
     return getattr(diffusers, name)
 
 
-def check_safetensors(folder: Path, weights: str, sharded: bool) -> None:
-    """Refuse ``folder`` unless every weights file the loader will open is a real safetensors file.
+def check_safetensors(folder: Path, weights: str, sharded: bool) -> list[Path]:
+    """Refuse ``folder`` unless every weights file the loader will open is a real safetensors file; returns
+    those files.
 
     The one gate before diffusers or peft reads a folder. Either may ``torch.load`` a pickle: peft falls back
     to ``<weights>.bin`` when the safetensors file is missing, and diffusers (even with
@@ -54,7 +55,8 @@ def check_safetensors(folder: Path, weights: str, sharded: bool) -> None:
     single, index = folder / f"{weights}.safetensors", folder / f"{weights}.safetensors.index.json"
     files = [single] if single.is_file() else []
     if sharded and index.is_file():  # diffusers prefers the index where both exist
-        weight_map = read_json(index).get("weight_map")
+        document = read_json(index)
+        weight_map = document.get("weight_map") if isinstance(document, dict) else None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise ValueError(f"{index}: weight_map must map tensor names to shard file names")
         files = []
@@ -76,6 +78,7 @@ def check_safetensors(folder: Path, weights: str, sharded: bool) -> None:
                 pass
         except (SafetensorError, OSError) as e:
             raise ValueError(f"{file}: not a readable safetensors file ({e})") from e
+    return files
 
 
 # The weights file diffusers' models and transformers' models are saved under in a pipeline folder.
@@ -84,14 +87,97 @@ WEIGHTS = {"diffusers": "diffusion_pytorch_model", "transformers": "model"}
 
 def check_pipeline_folder(folder: Path, skip: tuple[str, ...] = ()) -> dict[str, Any]:
     """``model_index.json`` of a diffusers pipeline folder, after the safetensors gate on every model in it
-    (``models.check_safetensors``); components in ``skip`` are not loaded from the folder."""
+    (``models.check_safetensors``); components in ``skip`` are not loaded from the folder.
+
+    Every component folder is gated whatever library ``model_index.json`` names for it: a loader may pick the
+    class by the component's name (``d2f encode`` reads ``vae/`` with diffusers even where it is listed as
+    ``["some_lib", ...]``), so a library string d2f does not know must not let a pickled shard through.
+    """
     index = read_json(folder / "model_index.json")
+    if not isinstance(index, dict):
+        raise ValueError(f"{folder / 'model_index.json'}: expected a JSON object")
     for name, entry in index.items():
-        if name.startswith("_") or name in skip or not isinstance(entry, list) or entry[0] not in WEIGHTS:
+        if name.startswith("_") or name in skip or not isinstance(entry, list) or not (folder / name).is_dir():
             continue
-        if (folder / name / "config.json").is_file():
-            check_safetensors(folder / name, WEIGHTS[entry[0]], sharded=True)
+        for weights in _component_weights(folder / name, entry[0] if entry else None):
+            check_safetensors(folder / name, weights, sharded=True)
     return index
+
+
+def _component_weights(component: Path, library: Any) -> list[str]:
+    """The weights names of ``WEIGHTS`` a loader may read in ``component``: its library's own (a model has a
+    ``config.json``), and any other the folder holds a file of that d2f's loaders open (``use_safetensors``:
+    ``<weights>.safetensors`` or its index), since the library string does not decide which loader reads it."""
+    own = WEIGHTS.get(library) if isinstance(library, str) and (component / "config.json").is_file() else None
+    readable = (".safetensors", ".safetensors.index.json")
+    return [
+        weights
+        for weights in WEIGHTS.values()
+        if weights == own or any((component / f"{weights}{suffix}").is_file() for suffix in readable)
+    ]
+
+
+def check_finite_weights(model: torch.nn.Module, folder: Path) -> None:
+    """Refuse a model with a NaN or inf weight, naming its folder and the tensor: it would otherwise surface
+    much later as a NaN loss, sample or latents file with no file to blame."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{folder}: the weight {name} holds NaN or inf")
+
+
+def check_float_weights(model: torch.nn.Module, files: list[Path]) -> None:
+    """Refuse a weights file holding an integer or boolean tensor for one of the model's (floating-point)
+    parameters: the loaders cast it silently, so a quantised or mangled file would become garbage weights.
+    Only the safetensors headers are read. A file's names may lack the model's prefix (transformers saves
+    ``embeddings.*`` for ``text_model.embeddings.*``), so a name matches any dotted tail of a parameter's."""
+    from safetensors import safe_open
+
+    tails = set()
+    for name, _ in model.named_parameters():
+        parts = name.split(".")
+        tails.update(".".join(parts[i:]) for i in range(len(parts)))
+    for file in files:
+        with safe_open(str(file), "pt") as f:
+            for key in f.keys():
+                dtype = f.get_slice(key).get_dtype()
+                if key in tails and not dtype.startswith(("F", "BF")):
+                    raise ValueError(
+                        f"{file}: the weight {key} is {dtype}; {type(model).__name__} weights are floating-point"
+                    )
+
+
+# What diffusers' and transformers' loaders raise on a folder they cannot read: a config or weights file that
+# does not parse, or does not fit the class it names.
+LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError, NotImplementedError)
+
+
+def load_pretrained(cls: type, folder: Path, **options: Any) -> Any:
+    """``cls.from_pretrained(folder, **options)`` from local files only; the loader's error becomes a
+    ``ValueError`` naming the folder (its own messages often name neither the file nor the component)."""
+    try:
+        return cls.from_pretrained(folder, local_files_only=True, **options)
+    except LOAD_ERRORS as e:
+        lines = str(e).strip().splitlines()
+        reason = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+        raise ValueError(f"{folder}: no {cls.__name__} loads from it ({reason})") from e
+
+
+def load_model(cls: type, folder: Path, weights: str, **options: Any) -> torch.nn.Module:
+    """A diffusers or transformers model from ``folder`` through the safetensors gate (``weights``: the name
+    its files are saved under), refused unless every parameter comes from those files as a finite
+    floating-point tensor: the loaders initialise a missing one at random and cast an integer one silently."""
+    files = check_safetensors(folder, weights, sharded=True)
+    model, info = load_pretrained(cls, folder, use_safetensors=True, output_loading_info=True, **options)
+    missing = sorted(info["missing_keys"])
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise ValueError(
+            f"{folder}: the weight(s) {', '.join(missing[:3])}{more} of its {cls.__name__} are in none of its "
+            f"{weights} files; the loader would initialise them at random"
+        )
+    check_float_weights(model, files)
+    check_finite_weights(model, folder)
+    return model
 
 
 def load_unet(folder: Path) -> torch.nn.Module:
@@ -100,10 +186,7 @@ def load_unet(folder: Path) -> torch.nn.Module:
     check_safetensors(folder, "diffusion_pytorch_model", sharded=True)
     # use_safetensors: diffusers itself must never fall back to a pickled .bin file either.
     unet = unet_class(config, config_file).from_pretrained(folder, use_safetensors=True)
-    # A NaN weight would otherwise surface much later as a NaN loss or sample with no file to blame.
-    for name, tensor in unet.state_dict().items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise ValueError(f"{folder}: the weight {name} holds NaN or inf")
+    check_finite_weights(unet, folder)
     return unet
 
 

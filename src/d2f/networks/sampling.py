@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import inspect
+import numbers
+import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -19,9 +21,8 @@ from ..grids import GRIDS
 from ..schedule import Schedule
 from ..solvers import SOLVERS
 from ..velocity import D2FVelocity
-from .export import ddim_config, flow_finetuned, load, read_export
+from .export import ddim_config, flow_finetuned, load, read_model
 from .models import check_sample_size
-from .teachers import teacher_path
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,10 @@ class SamplingSettings:
 
     def __post_init__(self) -> None:
         check_positive_int("steps", self.steps)
+        seed = self.seed
+        # torch.Generator.manual_seed's range; beyond it torch's error names no argument.
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not -(2**63) <= seed < 2**64:
+            raise ValueError(f"seed={self.seed!r} must be an integer torch can seed with, in [-2**63, 2**64)")
         if not (self.device is None or isinstance(self.device, str)):
             raise ValueError(f"device={self.device!r} must be a device name such as 'cuda:1', or None")
         device_or_default(self.device)
@@ -139,6 +144,50 @@ def export_labels(meta: dict, n: int) -> torch.Tensor | None:
     return torch.arange(n) % meta["null_class"]
 
 
+def text_unet_error(model: str, meta: dict) -> ValueError:
+    """The error for an export of a text-conditioned UNet (a Stable Diffusion pipeline's), which ``d2f sample``,
+    ``eval`` and ``pairs`` cannot give text embeddings: how to sample it instead (the README's recipe)."""
+    pipeline = meta.get("pipeline") or "<its diffusers pipeline class>"
+    what = f"model={model!r} is an export of a {pipeline}'s UNet2DConditionModel, which takes text embeddings"
+    if meta.get("cond_channels"):
+        return ValueError(
+            f"{what} and conditions; d2f sample, eval and pairs give no text embeddings: d2f eval --task dense "
+            "samples it (with the empty prompt, its conditions through the pipeline's VAE)"
+        )
+    base = meta["base"] if meta["kind"] == "lora" else meta["train_config"]["pretrained"]
+    if (Path(model) / "pytorch_lora_weights.safetensors").is_file():
+        loading = f"pipe = {pipeline}.from_pretrained({base!r}); pipe.load_lora_weights({model!r})"
+    else:
+        loading = f"pipe = {pipeline}.from_pretrained({base!r}, unet=d2f.load({model!r}).net)"
+    return ValueError(
+        f"{what}; d2f sample, eval and pairs give none: sample it through the pipeline with D2FScheduler (see the "
+        f"README): {loading}; pipe.scheduler = D2FScheduler.from_pretrained({model!r}, subfolder='scheduler')"
+    )
+
+
+def check_inputs(field: D2FVelocity, model: str, meta: dict, shared: dict | None) -> None:
+    """Refuse a network that needs text embeddings ``shared`` does not give, before it is called."""
+    takes_text = "encoder_hidden_states" in inspect.signature(field.net.forward).parameters
+    if takes_text and "encoder_hidden_states" not in (shared or {}):
+        raise text_unet_error(model, meta)
+
+
+def check_memory(num_samples: int, channels: int, size: tuple[int, int], source: str) -> None:
+    """Refuse samples whose noise and results (float32, on the CPU) alone exceed this machine's memory, where
+    torch would fail drawing them with an allocator error that names no argument; ``source`` names what set
+    their size."""
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): torch's own error, if any, stands
+        return
+    need = 2 * 4 * num_samples * channels * size[0] * size[1]
+    if need > total:
+        raise ValueError(
+            f"num_samples={num_samples} at {source} ({size[0]}x{size[1]}): their noise and samples alone need "
+            f"{need / 2**30:.1f} GiB, more than this machine's {total / 2**30:.1f} GiB"
+        )
+
+
 def sample_export(
     model: str,
     settings: SamplingSettings,
@@ -159,17 +208,24 @@ def sample_export(
     check_positive_int("num_samples", num_samples)
     if resolution is not None:
         check_positive_int("resolution", resolution)
-    if concat is not None and (concat.ndim != 4 or concat.shape[0] != num_samples):
-        raise ValueError(f"concat has shape {tuple(concat.shape)}; it needs one condition per sample, {num_samples}")
+    meta = read_model(model).meta
+    cond_channels = meta.get("cond_channels", 0)
+    if concat is not None and (concat.ndim != 4 or concat.shape[:2] != (num_samples, cond_channels)):
+        raise ValueError(
+            f"concat has shape {tuple(concat.shape)}; it needs one condition per sample, {num_samples}, of the "
+            f"{cond_channels} channel(s) {model} was trained with"
+        )
     device = device_or_default(settings.device)
     field = loaded or load_for(model, settings, concat)
-    meta = read_export(teacher_path() if model == "teacher" else Path(model)).meta
+    check_inputs(field, model, meta, shared)
     settings = settings.resolve(flow_finetuned(meta))
     ts = settings.grid_for(field)
     resolution = resolution or meta["resolution"]
     size = (resolution, resolution) if concat is None else tuple(concat.shape[-2:])
-    check_sample_size(field.net, size, f"resolution={resolution}" if concat is None else "concat")
+    source = f"resolution={resolution}" if concat is None else "concat"
+    check_sample_size(field.net, size, source)
     channels = field.net.config.out_channels
+    check_memory(num_samples, channels, size, source)
     generator = torch.Generator().manual_seed(settings.seed)
     noise = torch.randn(num_samples, channels, *size, generator=generator)
     labels = export_labels(meta, num_samples)
@@ -200,7 +256,10 @@ def write_sample_grid(
     image_format(out)
     out = output_path(out)
     if lora is not None:
-        base = read_export(Path(lora)).meta["base"]
+        meta = read_model(lora, "lora").meta
+        if meta["kind"] != "lora":
+            raise ValueError(f"lora={lora!r} is a {meta['kind']} export, not a LoRA: sample it as --model")
+        base = meta["base"]
         if base != model and base != str(Path(model).resolve()):
             raise ValueError(f"--lora {lora} was trained on base {base!r}, not --model {model!r}")
     if concat is not None:

@@ -17,6 +17,7 @@ is never picked up.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -26,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .._files import fsync_dir
+from .._files import fsync_dir, temporary_files
 from .._versioned import Document
 from .draws import DRAWS
 from .lock import LOCK_NAME
@@ -51,14 +52,35 @@ def save_checkpoint(
     config: dict[str, Any],
     losses: list[float],
 ) -> Path:
-    from safetensors.torch import save_file
-
+    """Write the checkpoint of ``step`` whole or not at all: a failure (a full disk) removes the temporary
+    folder and raises an ``OSError`` naming the checkpoint and the file that failed."""
     root = checkpoint_root(out)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
+    opt_tensors, groups = _optimizer_state(trainable, optimizer)
+    state = STATE.new(step=step, seed=seed, optimizer=groups, config=config, losses=losses, draws=DRAWS)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    try:
+        _write_files(tmp, {"trainable": trainable, "ema": ema, "optimizer": opt_tensors}, state)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(e.errno, f"{e.strerror} (nothing written)", str(final)) from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    fsync_dir(root)
+    return final
+
+
+def _optimizer_state(
+    trainable: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer
+) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    """AdamW's per-parameter tensors by ``<name>.<field>``, and its groups' hyper-parameters."""
     index = {id(p): name for name, p in trainable.items()}
     opt_tensors, groups = {}, []
     for group in optimizer.param_groups:
@@ -66,20 +88,33 @@ def save_checkpoint(
         for p in group["params"]:
             for key, value in optimizer.state.get(p, {}).items():
                 opt_tensors[f"{index[id(p)]}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
-    save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
-    save_file({k: v.detach().cpu().contiguous() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    state = STATE.new(step=step, seed=seed, optimizer=groups, config=config, losses=losses, draws=DRAWS)
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    for file in tmp.iterdir():
+    return opt_tensors, groups
+
+
+def _write_files(folder: Path, tensors: dict[str, dict[str, torch.Tensor]], state: dict[str, Any]) -> None:
+    """``<name>.safetensors`` for each of ``tensors`` and ``state.json`` in ``folder``, all fsynced."""
+    for name, group in tensors.items():
+        _save(group, folder / f"{name}.safetensors")
+    (folder / "state.json").write_text(json.dumps(state, indent=1))
+    for file in folder.iterdir():
         with open(file, "rb") as f:
             os.fsync(f.fileno())
-    fsync_dir(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-    fsync_dir(root)
-    return final
+    fsync_dir(folder)
+
+
+def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """``safetensors.torch.save_file``, which streams from the tensors (a checkpoint of a full UNet and its AdamW
+    state is GBs, so no copy is made in memory), with its I/O errors as the ``OSError`` they are: safetensors
+    reports them as a ``SafetensorError`` whose text carries the OS error number."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
+    except SafetensorError as e:
+        number = re.search(r"os error (\d+)", str(e))
+        code = int(number.group(1)) if number else errno.EIO
+        raise OSError(code, f"{os.strerror(code)} writing {path.name}", str(path)) from e
 
 
 def remove_interrupted(out: Path) -> list[str]:
@@ -94,11 +129,12 @@ def resume_point(out: Path, resume: str | None) -> Path | None:
     """The checkpoint a run resumes from: ``resume`` is ``None`` (a new run), ``"latest"`` or a checkpoint
     folder.
 
-    A new run owns its folder from the first byte it writes: it is refused where ``out`` holds anything but
-    the lock file, so two runs' files (an ``export/`` beside another run's ``config.json``) never mix.
+    A new run owns its folder from the first byte it writes: it is refused where ``out`` holds an earlier run's
+    file, so two runs' files (an ``export/`` beside another run's ``config.json``) never mix. The lock file and
+    the temporary files of a killed writer are no run's: the run holding the lock removes them.
     """
+    earlier = _earlier_run_files(out)
     if resume is None:
-        earlier = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME) if out.is_dir() else []
         if earlier:
             shown = ", ".join(earlier[:4]) + (f" and {len(earlier) - 4} more" if len(earlier) > 4 else "")
             hint = "pass --resume to continue it" if latest_checkpoint(out) is not None else "it has no checkpoint"
@@ -109,8 +145,18 @@ def resume_point(out: Path, resume: str | None) -> Path | None:
         return None
     checkpoint = latest_checkpoint(out) if resume == "latest" else Path(resume)
     if checkpoint is None:
-        raise ValueError(f"--resume: no complete checkpoint in {checkpoint_root(out)}")
+        hint = "" if earlier else f"; {out} holds no earlier run's files: run it without --resume"
+        raise ValueError(f"--resume: no complete checkpoint in {checkpoint_root(out)}{hint}")
     return checkpoint
+
+
+def _earlier_run_files(out: Path) -> list[str]:
+    """The names in ``out`` that an earlier run wrote: all but the lock file and write_atomic's temporary
+    files (whose writer, under the lock, can only be a run that died)."""
+    if not out.is_dir():
+        return []
+    temporary = {p.name for p in temporary_files(out)}
+    return sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME and p.name not in temporary)
 
 
 def latest_checkpoint(out: Path) -> Path | None:

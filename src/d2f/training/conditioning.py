@@ -40,6 +40,8 @@ class Conditioning:
         text = type(unet).__name__ == "UNet2DConditionModel"
         if text and data.encoder_hidden_states is None:
             raise ValueError(f"{network.source} is a UNet2DConditionModel: the data must carry encoder_hidden_states")
+        if text:
+            _check_text_width(config, network, data)
         if text and config.cond_dropout > 0 and data.null_encoder_hidden_states is None:
             raise ValueError("cond_dropout > 0 needs null_encoder_hidden_states in the latents file")
         added = text and unet.config.addition_embed_type == "text_time"
@@ -55,6 +57,8 @@ class Conditioning:
                 f"data={config.data!r} holds SDXL's text_embeds, but {network.source} takes no added conditioning "
                 "(an SD 1.x/2.x UNet): encode the data with this model's own pipeline"
             )
+        if added:
+            _check_pooled_width(config, network, data)
         return Conditioning(null_class, text, added)
 
     def kwargs(self, data: Dataset, indices: torch.Tensor, drop: torch.Tensor, device) -> dict[str, torch.Tensor]:
@@ -79,6 +83,40 @@ class Conditioning:
                 pooled = torch.where(drop[:, None], data.null_text_embeds.to(device, pooled.dtype), pooled)
             cond["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": data.time_ids[indices].to(device)}
         return cond
+
+
+def _check_text_width(config: TrainConfig, network: Network, data: Dataset) -> None:
+    """Refuse text embeddings the UNet's cross-attention cannot take (a matmul error at the first step
+    otherwise): ``(samples, tokens, width)``, the width the UNet's ``encoder_hid_dim`` (where it projects the
+    text first) or ``cross_attention_dim`` names."""
+    states, unet_config = data.encoder_hidden_states, network.unet.config
+    if states.ndim != 3:
+        raise ValueError(
+            f"data={config.data!r} holds encoder_hidden_states of shape {tuple(states.shape)}; text embeddings "
+            "are (samples, tokens, width)"
+        )
+    key = "encoder_hid_dim" if getattr(unet_config, "encoder_hid_dim", None) is not None else "cross_attention_dim"
+    widths = getattr(unet_config, key)
+    widths = set(widths) if isinstance(widths, (list, tuple)) else {widths}  # one per block in some UNets
+    if widths != {states.shape[-1]}:
+        raise ValueError(
+            f"data={config.data!r} holds encoder_hidden_states {states.shape[-1]} wide; {network.source} takes "
+            f"{key}={getattr(unet_config, key)}: encode the data with this model's own text encoder(s)"
+        )
+
+
+def _check_pooled_width(config: TrainConfig, network: Network, data: Dataset) -> None:
+    """Refuse SDXL pooled text embeddings of another width than the UNet's added embedding takes beside the
+    six time ids."""
+    unet_config = network.unet.config
+    width = unet_config.projection_class_embeddings_input_dim - 6 * unet_config.addition_time_embed_dim
+    if data.text_embeds.ndim != 2 or data.text_embeds.shape[-1] != width:
+        raise ValueError(
+            f"data={config.data!r} holds text_embeds {data.text_embeds.shape[-1]} wide (shape "
+            f"{tuple(data.text_embeds.shape)}); {network.source} takes {width} (projection_class_embeddings_input_dim="
+            f"{unet_config.projection_class_embeddings_input_dim} less six time ids of addition_time_embed_dim="
+            f"{unet_config.addition_time_embed_dim})"
+        )
 
 
 @dataclass

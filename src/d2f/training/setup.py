@@ -1,7 +1,7 @@
 """What a run sets up before its first step (:func:`set_up`), in order, each refused by name before anything is
-written: the checkpoint it resumes, the network it starts from, the data (a captioned folder encoded once by the
-pipeline's own encoders), a ``conv_in`` widened for the data's conditions, which weights train, the optimizer and
-accelerate's wrapping of both."""
+written: the checkpoint it resumes, the network it starts from, the validation pipeline, the data (a captioned
+folder encoded once by the pipeline's own encoders), a ``conv_in`` widened for the data's conditions, which weights
+train, the optimizer and accelerate's wrapping of both."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .._files import write_json
+from .._files import temporary_files, write_json
 from ..data.datasets import load_dataset
 from ..data.encode import check_encoded, check_training_latents, encode
 from ..data.images import Dataset
@@ -56,18 +56,18 @@ def set_up(config: TrainConfig, resume: str | None, progress: bool, accelerator)
     the steps before it (a resumed run's)."""
     device, main = accelerator.device, accelerator.is_main_process
     out = Path(config.out)
+    _check_out(config)
     checkpoint = _checkpoint_to_resume(config, resume)
     if main:
         _remove_interrupted(out)
     torch.manual_seed(config.seed)  # LoRA's A matrices and from-scratch weights
     network = _network(config)
     network.unet.to(device)
+    validation = _validation(config, network, main)
     data = _data(config, network, accelerator, progress and main)
     widened = _widen(config, network, data)
     _check_size(config, network, data)
     conditioning = Conditioning.plan(config, network, data)
-    if config.validation_prompts:
-        pipeline_class(network)  # refused here, before anything is written
     metrics: dict[str, Any] = {"objective": config.objective, "pretrained": network.source}
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -83,7 +83,8 @@ def set_up(config: TrainConfig, resume: str | None, progress: bool, accelerator)
         start, losses = state["step"], state["losses"]
     if main:  # only now: a broken checkpoint above must leave the run folder as it was
         write_json(out / "config.json", config.to_dict())
-    validation = Validation(network, config, device) if main and config.validation_prompts else None
+    if validation is not None:
+        validation.to(device)
     model, prepared = accelerator.prepare(network.unet, optimizer)
     if config.report_to:  # only now: a refused run must leave no logs behind
         scalars = (bool, int, float, str)  # what a tracker's hyperparameter table takes
@@ -130,14 +131,53 @@ def _checkpoint_to_resume(config: TrainConfig, resume: str | None) -> Path | Non
     return checkpoint
 
 
+def _check_out(config: TrainConfig) -> None:
+    """Refuse an ``out`` inside a data folder (the run's own images, ``zero_shot.png`` and ``samples.png``, would
+    be read as data by its resume or the next run), and a file where the run writes a folder of its own (found at
+    the first validation otherwise, hours in)."""
+    out = Path(config.out)
+    for flag in ("data", "cond_data"):
+        value = getattr(config, flag)
+        if value is not None and Path(value).is_dir() and out.resolve().is_relative_to(Path(value).resolve()):
+            raise ValueError(
+                f"out={config.out!r} lies inside {flag}={value!r}; the run would write into the data it reads: "
+                "choose an --out outside it"
+            )
+    for name, used in (("validation", config.validation_prompts), ("logs", config.report_to)):
+        if used and (out / name).exists() and not (out / name).is_dir():
+            raise ValueError(f"{out / name} is a file; the run writes its {name} into a folder of that name")
+
+
 def _remove_interrupted(out: Path) -> None:
-    """Temporary folders of a killed run (never read: checkpoints and exports are renamed into place)."""
+    """Temporary folders and files of a killed run (never read: checkpoints and exports are renamed into place,
+    files by ``write_atomic``). Under the run's lock no other process writes here, so every temporary file is a
+    dead writer's, whatever its pid (a restarted container gives out the same pids again)."""
     names = sorted([*remove_interrupted_checkpoints(out), *remove_interrupted_export(out / "export")])
     if names:
         print(
             f"d2f train: removed {len(names)} half-written folder(s) left by an interrupted run: {', '.join(names)}",
             file=sys.stderr,
         )
+    files = [*temporary_files(out), *temporary_files(out / "validation")]
+    for file in files:
+        file.unlink(missing_ok=True)
+    if files:
+        shown = ", ".join(str(f.relative_to(out)) for f in files)
+        print(
+            f"d2f train: removed {len(files)} half-written file(s) left by an interrupted run: {shown}", file=sys.stderr
+        )
+
+
+def _validation(config: TrainConfig, network: Network, main: bool) -> Validation | None:
+    """The validation pipeline, loaded (on the CPU) before the data: whatever keeps it from loading is refused
+    before an encode of hours and before anything is written. Only the main process samples; the others refuse
+    a model that has no pipeline with it."""
+    if not config.validation_prompts:
+        return None
+    if not main:
+        pipeline_class(network)
+        return None
+    return Validation(network, config)
 
 
 def _network(config: TrainConfig) -> Network:
