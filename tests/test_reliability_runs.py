@@ -332,7 +332,9 @@ def test_a_full_disk_under_a_checkpoint_is_one_line_and_leaves_no_checkpoint_fol
     assert run.returncode == 2, run.stderr[-3000:]
     checkpoint = out / "checkpoints" / "step-00000001"
     line = run.stderr.splitlines()[-1]
-    assert line.startswith("d2f train: error: [Errno 27] File too large writing trainable.safetensors"), line
+    # safetensors >= 0.5 reports the write's own EFBIG; older ones an EIO: either way one line naming the file.
+    pattern = r"d2f train: error: \[Errno (27|5)\] .* writing trainable\.safetensors \(nothing written\)"
+    assert re.match(pattern, line), line
     assert line.endswith(f"(nothing written): '{checkpoint}'"), line
     assert "Traceback" not in run.stderr
     assert list((out / "checkpoints").iterdir()) == []
