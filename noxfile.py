@@ -59,9 +59,11 @@ def _test(session: nox.Session, *pytest_args: str) -> None:
 
 @nox.session(python="3.11")
 def tests(session: nox.Session) -> None:
-    """The test suite on the pinned versions."""
+    """The test suite on the pinned versions, then every benchmark run once untimed: their own checks that the
+    baselines compute what d2f computes, and that each timed row still runs."""
     _install(session)
     _test(session)
+    session.run("pytest", "benchmarks", "--benchmark-disable", "-p", "no:cacheprovider")
 
 
 @nox.session(python="3.11")

@@ -27,6 +27,8 @@ def run(benchmark, fn, min_bytes: int) -> None:
         sync()
 
     benchmark(once)
+    if benchmark.disabled:  # --benchmark-disable (CI): one call, checked for errors, nothing timed
+        return
     seconds = benchmark.stats.stats.median
     benchmark.extra_info["GB/s"] = round(min_bytes / seconds / 1e9, 2)
     benchmark.extra_info["device"] = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"

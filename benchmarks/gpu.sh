@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The GPU check: copy bandwidth, tests/test_kernels.py compiled for real, the kernel benchmarks, one table.
+# The GPU check: copy bandwidth; every test marked gpu and the kernel tests compiled for real; the benchmarks'
+# own correctness checks; the kernel benchmarks; one table. Every log starts with the commit it checked.
 # For an offline host with one NVIDIA GPU and torch, triton, pytest, hypothesis and pytest-benchmark
 # preinstalled; d2f is not installed but staged on PYTHONPATH in its installed layout (src/d2f with
-# kernels/ as d2f/kernels). Each stage has its own time limit and its own log, so a slow stage (the
-# torch.compile baselines compile once per shape and dtype) cannot take the others' results with it.
-# Output also lands in $OUT (or a temp folder).
+# kernels/ as d2f/kernels). Wheels carried in .whl/ (diffusers and what it needs, for the tests and rows
+# that sample a UNet) are installed first, offline. Each stage has its own time limit and its own log, so a
+# slow stage (the torch.compile baselines compile once per shape and dtype) cannot take the others' results
+# with it. Output also lands in $OUT (or a temp folder). D2F_COMMIT names the commit where .git is absent.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
@@ -16,6 +18,12 @@ cp -r kernels "$stage/d2f/kernels"
 export PYTHONPATH="$stage${PYTHONPATH:+:$PYTHONPATH}"
 out=${OUT:-$(mktemp -d)}
 status=0
+commit=${D2F_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
+header="# d2f commit $commit, $(date -u +%FT%TZ)"
+echo "$header" | tee "$out/commit.txt"
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python -m pip install -q --no-index --no-deps .whl/*.whl >"$out/wheels.log" 2>&1 || status=1
+fi
 
 copy_gbps=$(python - <<'PY'
 import sys
@@ -36,10 +44,20 @@ print(f"{gbps:.1f}")
 PY
 ) 2> >(tee "$out/versions.txt" >&2)
 
-echo "## tests/test_kernels.py, test_draws.py and test_deferred.py (the captured sampler), on the GPU"
-timeout 180 python -m pytest -q -p no:cacheprovider -rs tests/test_kernels.py tests/test_draws.py tests/test_deferred.py \
-    >"$out/gpu-tests.log" 2>&1 || status=1
-tail -n 15 "$out/gpu-tests.log"
+tests() {  # NAME LIMIT PYTEST_ARGS...
+    local name=$1 limit=$2
+    shift 2
+    echo "## $name"
+    { echo "$header"; timeout "$limit" python -m pytest -q -p no:cacheprovider -rs "$@"; } >"$out/$name.log" 2>&1 \
+        || status=1
+    tail -n 15 "$out/$name.log"
+}
+# Every CUDA-only test (bf16 kernels, large shapes, the automatic switch to Triton, graph capture, devices),
+# then the kernel tests that also run interpreted on the CPU, compiled for real here.
+tests gpu-tests 240 -m gpu tests
+tests gpu-kernel-tests 180 -m "not gpu" tests/test_kernels.py tests/test_draws.py tests/test_deferred.py
+# The benchmarks' own checks that each baseline computes what d2f computes, on this device.
+tests bench-checks 180 --benchmark-disable -k same benchmarks
 
 bench() {  # NAME LIMIT PYTEST_ARGS...
     local name=$1 limit=$2
@@ -50,7 +68,7 @@ bench() {  # NAME LIMIT PYTEST_ARGS...
         || { status=1; tail -n 20 "$out/bench-$name.log"; }
 }
 bench kernels 120 benchmarks/bench_loss.py benchmarks/bench_step.py -k "triton or torch or (reference and 64x4x96x96)"
-bench compile 180 benchmarks/bench_loss.py benchmarks/bench_step.py -k "compile and not same"
+bench compile 180 benchmarks/bench_loss.py benchmarks/bench_step.py -k compile
 # The trainer's draws: the one-launch Philox kernel against its torch path and the earlier per-sample scheme.
 bench draws 60 benchmarks/bench_draws.py
 # SD 2.1's UNet architecture (random weights), one train step, d2f against diffusion: needs diffusers, which

@@ -3,6 +3,8 @@ import os
 # The Triton interpreter must be chosen before any kernel module is imported.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import pytest  # noqa: E402
+import torch  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 # CI draws the same examples every run, so a red run is reproducible and not a roll of the dice; the dev
@@ -12,3 +14,14 @@ settings.register_profile(
 )
 settings.register_profile("dev", max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """``@pytest.mark.gpu`` is the one way a test says it needs CUDA: it skips here without it, and
+    ``benchmarks/gpu.sh`` selects every such test with ``-m gpu``."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (marked gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

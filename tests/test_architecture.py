@@ -121,3 +121,13 @@ def test_the_checks_see_an_import_against_the_layers(tmp_path):
         "    import d2f.training.loop\n"
     )
     assert _imports("data/x.py", tmp_path / "x.py", modules) == {"training/loop.py", "training/config.py"}
+
+
+def test_cuda_only_tests_say_so_with_the_gpu_mark():
+    """benchmarks/gpu.sh runs ``pytest -m gpu``: a test that skips itself without CUDA any other way would never
+    run there (conftest.py skips the marked ones on a machine without CUDA)."""
+    tests = Path(__file__).parent
+    offenders = [
+        p.name for p in sorted(tests.glob("test_*.py")) if re.search(r"skipif\(\s*not torch\.cuda", p.read_text())
+    ]
+    assert offenders == []

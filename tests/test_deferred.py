@@ -195,7 +195,7 @@ def test_capture_needs_cuda_noise_and_refuses_host_work_by_name():
         field.sample(noise, ts, capture="yes")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.gpu
 @pytest.mark.parametrize("solver", SOLVERS)
 def test_a_captured_sampler_equals_the_eager_one_and_reports_nan_after_the_replay(solver):
     from diffusers import UNet2DModel

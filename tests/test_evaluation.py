@@ -52,7 +52,30 @@ def test_fid_of_a_set_with_itself_is_zero_and_grows_with_noise(classifier):
     assert all(a < b for a, b in zip(scores, scores[1:])), scores
 
 
-def test_precision_and_recall(classifier):
+def points(*xs: float) -> torch.Tensor:
+    return torch.tensor(xs, dtype=torch.float64)[:, None]
+
+
+def test_precision_and_recall_on_sets_counted_by_hand():
+    """Each point's ball reaches its k-th neighbour other than itself.
+
+    Real: two modes {0, 1, 2, 3} and {100, ..., 103}; with k = 3 the real radii are 3, 2, 2, 3 in each mode. Fake:
+    {0.5, 1, 1.5, 2.5}, inside the first mode, so precision is 1; its radii are 2, 1.5, 1, 2, which reach the four
+    real points of the first mode and none of the second, so recall is 1/2 (the second mode is missing).
+
+    With k = 1: real {0, 1, 10, 11} (radii 1) and fake {0.5, 0.7, 4} (radii 0.2, 0.2, 3.3). Fake 0.5 and 0.7 lie
+    within 1 of real 0 or 1, fake 4 does not: precision 2/3. Real 1 lies within 3.3 of fake 4; real 0 is 0.5 from
+    fake 0.5 (radius 0.2) and 4 from fake 4; 10 and 11 are far: recall 1/4.
+    """
+    real = points(0, 1, 2, 3, 100, 101, 102, 103)
+    fake = points(0.5, 1, 1.5, 2.5)
+    assert precision_recall(real, fake) == (1.0, 0.5)
+    assert precision_recall(fake, real) == (0.5, 1.0)
+    precision, recall = precision_recall(points(0, 1, 10, 11), points(0.5, 0.7, 4), k=1)
+    assert (precision, recall) == (pytest.approx(2 / 3), 0.25)
+
+
+def test_precision_and_recall_of_real_digits(classifier):
     real = features(classifier, mnist(16).images[::10])
     assert precision_recall(real, real) == (1.0, 1.0)
     far = real + 100.0
@@ -112,7 +135,21 @@ def test_e3_reflow_and_e4_terminal_snr_in_miniature(tmp_path):
     assert all(math.isfinite(c["fid"]) for row in report["steps"].values() for c in row.values())
     report = terminal_snr(str(tmp_path / "e4"), 2, 20, 2, plot_png=tmp_path / "e4.png")
     assert set(report["methods"]) == set(E4_METHODS) and report["data"]["inverted_share"] == 0.5
-    assert report["data"]["wasserstein_to_data"] == 0 and (tmp_path / "e4.png").is_file()
+    assert all(m["wasserstein_to_data"] > 0 for m in report["methods"].values()) and (tmp_path / "e4.png").is_file()
+
+
+def test_e4_brightness_metrics_against_closed_forms():
+    """W1 between empirical 1-D distributions is the mean gap of their quantile functions: a shift by c costs c,
+    and U against U^2 on [0, 1] costs the integral of q - q^2, 1/6. Shares count images by mean brightness."""
+    from d2f.evaluation.terminal_snr import brightness_report, wasserstein_1d
+
+    u = (np.arange(100_000) + 0.5) / 100_000
+    assert wasserstein_1d(u, u + 0.25) == pytest.approx(0.25)
+    assert wasserstein_1d(u**2, u) == pytest.approx(1 / 6, abs=1e-4)
+    report = brightness_report(np.array([-0.9, -0.5, -0.1, 0.6]), np.array([-0.9, -0.5, -0.1, 0.6]) - 0.1)
+    assert report == pytest.approx(
+        {"wasserstein_to_data": 0.1, "inverted_share": 0.25, "grey_share": 0.25, "mean": -0.225}
+    )
 
 
 def test_e4_at_32px_runs_every_arm_on_every_seed_with_its_teacher(tmp_path):
@@ -176,11 +213,39 @@ def test_teacher_architecture_adds_a_level_per_doubling():
         from_scratch("v_prediction", 24)
 
 
-def test_e5_few_step_in_miniature_counts_network_calls_honestly(tmp_path):
+def test_e5_few_step_in_miniature_counts_network_calls_honestly(tmp_path, monkeypatch):
     """E5 end to end at toy scale: every row at each NFE it reaches exactly, one score per seed, a chosen
-    setting per diffusers scheduler, and a figure per model."""
+    setting per diffusers scheduler, and a figure per model. The NFE each cell is filed under is the number of
+    times the UNet was really called for it (counted through its forward; one batch per cell here)."""
+    from diffusers import UNet2DModel
+
+    from d2f.evaluation import few_step as e5
     from d2f.evaluation.few_step import CONVERTED, DIFFUSERS, FINETUNED_ROWS, TEACHER_ROWS, few_step
 
+    forward, calls, filed = UNet2DModel.forward, {"now": 0, "last": None}, []
+
+    def counted_forward(self, *args, **kwargs):
+        calls["now"] += 1
+        return forward(self, *args, **kwargs)
+
+    def counted(images):
+        def run(*args):
+            calls["now"] = 0
+            out = images(*args)
+            calls["last"] = calls["now"]
+            return out
+
+        return run
+
+    def add(cells, nfe, scores):
+        filed.append((nfe, calls["last"]))
+        return add_cell(cells, nfe, scores)
+
+    add_cell = e5._add
+    monkeypatch.setattr(UNet2DModel, "forward", counted_forward)
+    monkeypatch.setattr(e5, "_diffusers_images", counted(e5._diffusers_images))
+    monkeypatch.setattr(e5, "_d2f_images", counted(e5._d2f_images))
+    monkeypatch.setattr(e5, "_add", add)
     report = few_step(
         str(tmp_path / "e5"),
         num_samples=20,
@@ -193,6 +258,7 @@ def test_e5_few_step_in_miniature_counts_network_calls_honestly(tmp_path):
         reflow_steps=2,
         plot_png=tmp_path / "e5.png",
     )
+    assert len(filed) > 20 and all(nfe == counted_calls for nfe, counted_calls in filed), filed
     teacher = report["models"]["teacher"]["rows"]
     for model in CONVERTED:
         assert set(report["models"][model]["rows"]) == {f"diffusers:{n}" for n in DIFFUSERS} | {
@@ -246,6 +312,41 @@ def test_wasserstein_of_shifted_samples_is_the_shift():
     a = np.random.default_rng(0).normal(size=5000)
     assert wasserstein_1d(a, a) == 0
     assert wasserstein_1d(a + 0.3, a) == pytest.approx(0.3, abs=1e-9)
+
+
+def test_study_runs_a_real_cell_on_two_seeds_in_worker_processes(tmp_path):
+    """The study's real path in miniature: the zero-terminal-SNR teacher trained (1 step), then one d2f cell from
+    it on two seeds in two spawned worker processes, each trained (2 steps) and scored on every grid; a second
+    run reads the finished cells back instead of training them again."""
+    from d2f.evaluation import study as study_module
+    from d2f.evaluation.study import STUDY_GRIDS, Cell, Study
+
+    args = (str(tmp_path), 2, 10, (0, 1), 1)
+    s = Study(*args)
+    s.make_zsnr_teacher()
+    zsnr = json.loads((tmp_path / "zsnr-teacher" / "export" / "d2f.json").read_text())
+    assert zsnr["train_config"]["zero_terminal_snr"] and zsnr["train_config"]["max_steps"] == 1
+    cells = [Cell("d2f", 1e-3, seed, "uniform", 8, "zsnr") for seed in (0, 1)]
+    bar = study_module.tqdm(total=2, disable=True)
+    study_module._run_cells(s, args, [(c, STUDY_GRIDS, (2, 4)) for c in cells], 2, bar)
+    for cell in cells:
+        result = s.results[cell.name]
+        assert set(result["scores"]) == {f"{g}/{n}" for g in STUDY_GRIDS for n in (2, 4)}
+        assert all(math.isfinite(v["fid"]) and 0 <= v["class_accuracy"] <= 1 for v in result["scores"].values())
+        trained = json.loads((tmp_path / cell.name / "export" / "d2f.json").read_text())["train_config"]
+        assert (trained["objective"], trained["seed"], trained["lr"], trained["max_steps"]) == (
+            "d2f",
+            cell.seed,
+            1e-3,
+            2,
+        )
+        assert trained["pretrained"] == str(tmp_path / "zsnr-teacher" / "export")
+    first, second = (s.results[c.name]["scores"]["uniform/4"]["fid"] for c in cells)
+    assert first != second  # two seeds, two runs
+    again = Study(*args)
+    exports = {c.name: (tmp_path / c.name / "export" / "d2f.json").stat().st_mtime_ns for c in cells}
+    assert [again.run(c, STUDY_GRIDS, (2, 4)) for c in cells] == [s.results[c.name] for c in cells]
+    assert exports == {c.name: (tmp_path / c.name / "export" / "d2f.json").stat().st_mtime_ns for c in cells}
 
 
 def _fake_study_runs(monkeypatch, study_module, fid_of) -> list:

@@ -307,7 +307,7 @@ def test_a_seed_torch_cannot_take_is_refused(tmp_path, capsys):
     refused(capsys, argv, f"seed={2**70}", folder=tmp_path)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_a_cuda_device_beyond_the_machines_is_refused(tmp_path, capsys):
     index = torch.cuda.device_count()
     argv = ["sample", "--steps", "2", "--device", f"cuda:{index}", "--out", str(tmp_path / "g.png")]

@@ -231,10 +231,23 @@ def test_conditioned_unets_encoder_hidden_states_and_concat(tmp_path):
         assert metrics["zero_shot_max_abs_diff_vs_ddim"] < 1e-4
 
 
-def test_bf16_mixed_precision_keeps_trainable_weights_fp32(tmp_path):
-    metrics = train(config(tmp_path, mixed_precision="bf16", checkpoint_every=2), progress=False)
+@pytest.mark.parametrize("mixed_precision", ["no", "bf16"])
+def test_bf16_mixed_precision_keeps_trainable_weights_fp32(tmp_path, monkeypatch, mixed_precision):
+    """Under bf16 autocast the training forward's convolutions compute in bf16 (observed inside the forward) while
+    the weights the optimiser updates stay fp32; without it they compute in fp32."""
+    forward, seen = torch.nn.Conv2d.forward, set()
+
+    def observed(self, x):
+        out = forward(self, x)
+        if torch.is_grad_enabled():  # the training step's forward, not sampling or validation
+            seen.add(out.dtype)
+        return out
+
+    monkeypatch.setattr(torch.nn.Conv2d, "forward", observed)
+    metrics = train(config(tmp_path, mixed_precision=mixed_precision, checkpoint_every=2), progress=False)
     weights = tensors(tmp_path / "run" / "checkpoints" / "step-00000002" / "trainable.safetensors")
     assert np.isfinite(metrics["final_loss"]) and all(w.dtype == torch.float32 for w in weights.values())
+    assert seen == {torch.bfloat16 if mixed_precision == "bf16" else torch.float32}, seen
 
 
 def test_image_folder_counts_unreadable_files(tmp_path):
@@ -495,21 +508,35 @@ def test_a_run_whose_every_step_is_skipped_exports_nothing(tmp_path, nan_at_trai
 
 
 @pytest.mark.parametrize("lora_rank", [0, 4])
-def test_gradient_checkpointing_computes_the_same_update(tmp_path, lora_rank):
+def test_gradient_checkpointing_computes_the_same_update(tmp_path, monkeypatch, lora_rank):
     """Recomputing activations in backward changes memory, not the result (measured here: bit for bit). diffusers'
-    UNet2DModel has it from 0.32 on; before that (pyproject.toml allows 0.30) d2f refuses the flag by name."""
+    UNet2DModel has it from 0.32 on; before that (pyproject.toml allows 0.30) d2f refuses the flag by name.
+
+    Equal updates alone would also pass with the flag ignored, so the test counts the ResNet blocks' forwards: with
+    checkpointing, backward runs each checkpointed block's forward a second time."""
     from diffusers import UNet2DModel
+    from diffusers.models.resnet import ResnetBlock2D
 
     if not UNet2DModel._supports_gradient_checkpointing:
         with pytest.raises(ValueError, match="gradient_checkpointing=True: UNet2DModel does not support it"):
             train(config(tmp_path, lora_rank=lora_rank, gradient_checkpointing=True), progress=False)
         return
+    forward = ResnetBlock2D.forward
+    calls = {}
+
+    def counted(self, *args, **kwargs):
+        if torch.is_grad_enabled():  # training forwards and backward's recomputation, not sampling
+            calls[flag] += 1
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(ResnetBlock2D, "forward", counted)
     runs = {}
     for flag in (False, True):
-        name = f"gc-{flag}"
+        name, calls[flag] = f"gc-{flag}", 0
         train(
             config(tmp_path, name, lora_rank=lora_rank, checkpoint_every=2, gradient_checkpointing=flag), progress=False
         )
         runs[flag] = tensors(tmp_path / name / "checkpoints" / "step-00000002" / "trainable.safetensors")
     assert runs[True].keys() == runs[False].keys()
     assert all(torch.equal(runs[True][k], runs[False][k]) for k in runs[True])
+    assert calls[False] > 0 and calls[True] >= 1.5 * calls[False], calls

@@ -6,6 +6,7 @@ timestep ``k`` means ``alphas_cumprod[k]``.
 
 from ._checks import NonFiniteError
 from .auto_sampler import auto_sampler
+from .deferred import deferred_checks
 from .grids import ddim_grid, sampling_grid, shift_grid, uniform_grid
 from .guidance import guidance
 from .loss import fm_loss
@@ -55,6 +56,7 @@ __all__ = [
     "align",
     "alpha_sigma",
     "ddim_grid",
+    "deferred_checks",
     "diffusion_to_velocity",
     "fm_loss",
     "guidance",
