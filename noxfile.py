@@ -94,3 +94,18 @@ def lint(session: nox.Session) -> None:
     session.install("ruff==0.17.6")
     session.run("ruff", "check", "src", "kernels", "tests", "benchmarks", "examples", "noxfile.py")
     session.run("ruff", "format", "--check", "src", "kernels", "tests", "benchmarks", "examples", "noxfile.py")
+
+
+@nox.session(python="3.11")
+def mutation(session: nox.Session) -> None:
+    """mutmut over the core modules, evaluation/metrics.py and the kernels' torch mirrors, with the tests that
+    exercise them (``[tool.mutmut]`` in pyproject.toml), then the score per module (docs/mutation.md). Not in CI:
+    it takes the better part of two hours on 2 cores. Results persist in ``mutants/``, so a rerun tests only the
+    functions that changed; ``nox -s mutation -- "d2f.path.*"`` reruns the mutants named."""
+    _install(session)
+    session.install(*TORCH, "mutmut==3.8.1")
+    # One torch thread per mutmut worker (one worker per core): more oversubscribe the cores, and torch's spinning
+    # threads then run some tests 50 times slower.
+    session.env.update(TRITON_INTERPRET="1", HYPOTHESIS_PROFILE="ci", OMP_NUM_THREADS="1")
+    session.run("mutmut", "run", *session.posargs)
+    session.run("python", "tools/mutation_report.py")

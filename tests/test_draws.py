@@ -9,7 +9,7 @@ import torch
 
 from d2f.schedule import Schedule
 from d2f.training.config import TrainConfig
-from d2f.training.draws import draws, normals, philox, uniforms
+from d2f.training.draws import Stream, draws, normals, philox, positions, seed_of, uniforms
 
 # Random123's known-answer vectors for Philox4x32-10 (counter words, 64-bit key, output words).
 KAT = [
@@ -112,3 +112,29 @@ def test_the_draws_kernel_equals_the_torch_path(key, n):
             rtol=1e-5,
             atol=1e-5,
         )
+
+
+def test_seeds_from_parts_are_distinct_non_negative_int64():
+    seeds = [seed_of(run, "epoch", epoch) for run in range(20) for epoch in range(20)]
+    assert len(set(seeds)) == len(seeds) and all(0 <= s < 2**63 for s in seeds)
+
+
+def test_the_data_order_is_a_new_permutation_each_epoch_fixed_by_the_seed():
+    """Position p is sample perm_{p // N}[p % N]: each epoch's block is a permutation, epochs differ, and the
+    order depends on the seed alone (a fresh Stream, positions asked in any order, gives the same samples)."""
+    order = Stream(50, seed=5).indices(torch.arange(150))
+    epochs = order.reshape(3, 50)
+    assert all(sorted(e.tolist()) == list(range(50)) for e in epochs)
+    assert not torch.equal(epochs[0], epochs[1]) and not torch.equal(epochs[1], epochs[2])
+    backwards = torch.arange(140, 30, -1)
+    assert torch.equal(Stream(50, seed=5).indices(backwards), order[backwards])
+    assert not torch.equal(Stream(50, seed=6).indices(torch.arange(50)), epochs[0])
+
+
+def test_positions_tile_the_stream_step_by_step_micro_batch_by_micro_batch_rank_by_rank():
+    """Micro-batch m of rank r at step s starts at ((s * grad_accum + m) * world + r) * batch_size:
+    ((2 * 2 + 1) * 3 + 1) * 4 = 64 here."""
+    config = TrainConfig(batch_size=4, grad_accum=2)
+    assert positions(config, 2, 1, 1, 3).tolist() == [64, 65, 66, 67]
+    every = [positions(config, s, m, r, 3) for s in range(3) for m in range(2) for r in range(3)]
+    assert torch.cat(every).tolist() == list(range(72))

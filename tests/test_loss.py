@@ -125,7 +125,9 @@ def test_bad_arguments_are_refused():
         fm_loss(x, x, x, torch.tensor([0.0, 0.5]), "epsilon")
     with pytest.raises(ValueError, match="data requires grad"):
         fm_loss(x, x.clone().requires_grad_(True), x, 0.5, "epsilon")
-    with pytest.raises(ValueError, match="weight must be finite and >= 0"):
+    with pytest.raises(ValueError, match="^weight requires grad, but fm_loss only differentiates model_output"):
+        fm_loss(x, x, x, 0.5, "epsilon", weight=torch.ones(2, requires_grad=True))
+    with pytest.raises(ValueError, match="weight must be finite and >= 0, got tensor\\(\\[1.0, -1.0\\]"):
         fm_loss(x, x, x, 0.5, "epsilon", weight=torch.tensor([1.0, -1.0]))
     with pytest.raises(ValueError, match="weight has shape \\(3,\\)"):
         fm_loss(x, x, x, 0.5, "epsilon", weight=torch.ones(3))
@@ -135,8 +137,27 @@ def test_bad_arguments_are_refused():
 
 def test_overflow_is_reported_not_hidden():
     big = torch.full((2, 3), 1e30)
-    with pytest.raises(ValueError, match="overflowed"):
+    cause = (
+        "inputs are finite \\(the squared residual is not representable\\); check t, the magnitudes of model_output, "
+        "data and noise, and the loss weight; prediction_type='velocity' scales by up to 1, at t=0.5"
+    )
+    with pytest.raises(ValueError, match=cause):
         fm_loss(big, -big, big, 0.5, "velocity")
+
+
+@pytest.mark.parametrize("wide", ["model_output", "data", "noise"])
+def test_one_float64_input_makes_the_loss_float64_and_refuses_the_kernel(wide):
+    """Whichever of the three is float64, the residual is formed in float64 (to 1e-12 of the reference, where a
+    float32 pass is off by ~1e-7) and the Triton path, which has no float64, is refused."""
+    args = {name: tensor((2, 5), torch.float32, seed) for seed, name in enumerate(["model_output", "data", "noise"])}
+    args[wide] = args[wide].double()
+    t = torch.tensor([0.3, 0.7], dtype=torch.float64)
+    loss = fm_loss(args["model_output"], args["data"], args["noise"], t, "v_prediction")
+    assert loss.dtype == torch.float64
+    ref = reference_loss(args["model_output"], args["data"], args["noise"], t, "v_prediction", None, "mean")
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="backend='triton' does not run float64 inputs"):
+        fm_loss(args["model_output"], args["data"], args["noise"], t, "v_prediction", backend="triton")
 
 
 @pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)

@@ -15,6 +15,7 @@ from d2f import (
     velocity_coefficients,
     velocity_to_diffusion,
 )
+from d2f.parametrization import diffusion_target
 from strategies import float_dtypes, inner_times, shapes, tensor
 
 prediction_types = st.sampled_from(PREDICTION_TYPES)
@@ -132,3 +133,52 @@ def test_unknown_prediction_type_lists_the_allowed_ones():
         diffusion_to_velocity(x, x, 0.5, "eps")
     with pytest.raises(ValueError, match="x has shape \\(2, 3\\) but velocity has shape \\(2, 4\\)"):
         velocity_to_diffusion(tensor((2, 4)), x, 0.5, "epsilon")
+
+
+def test_guidance_keeps_the_wider_dtype_checks_the_scales_batch_and_names_an_overflow():
+    wide, narrow = tensor((2, 3)), tensor((2, 3), torch.float32, 1)
+    for uncond, cond in ((wide, narrow), (narrow, wide)):
+        guided = guidance(uncond, cond, 3.0)
+        assert guided.dtype == torch.float64
+        torch.testing.assert_close(guided, 3.0 * cond.double() - 2.0 * uncond.double(), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="scale has shape \\(3,\\) but the batch has shape \\(2, 3\\)"):
+        guidance(wide, wide, torch.ones(3))
+    big = torch.full((2, 3), 3e38)
+    with pytest.raises(ValueError, match="^guidance: the result overflowed torch.float32"):
+        guidance(-big, big, 2.0)
+
+
+def test_singular_times_are_refused_with_the_side_to_keep_to():
+    keep_above = "; keep t > 0: samplers should start at schedule.t_min or later$"
+    got = "at t=0.0 \\(got t=tensor\\(\\[0.5, 0.0\\], dtype=torch.float64\\)\\)"
+    with pytest.raises(ValueError, match=got + keep_above):
+        velocity_coefficients(torch.tensor([0.5, 0.0], dtype=torch.float64), "epsilon")
+    got = "at t=1.0 \\(got t=tensor\\(1.0, dtype=torch.float64\\)\\); keep t < 1: samplers"
+    with pytest.raises(ValueError, match=got):
+        velocity_coefficients(1.0, "sample")
+    # 1/t overflows float64 for a subnormal t: named although t itself is allowed.
+    tiny = torch.tensor([0.5, 1e-320], dtype=torch.float64)
+    overflow = "no finite velocity at t=1e-320: so close to the singular end t=0.0 its coefficient overflows float64"
+    got = " \\(got t=tensor\\(\\[0.5, 1e-320\\], dtype=torch.float64\\)\\)"
+    with pytest.raises(ValueError, match=overflow + got + keep_above):
+        velocity_coefficients(tiny, "epsilon")
+
+
+def test_velocity_to_diffusion_checks_t_against_the_batch_and_names_an_overflow():
+    x = tensor((2, 3), torch.float32)
+    with pytest.raises(ValueError, match="t has shape \\(3,\\) but the batch has shape \\(2, 3\\)"):
+        velocity_to_diffusion(x, x, torch.rand(3), "epsilon")
+    big = torch.full((2, 3), 3e38)
+    with pytest.raises(ValueError, match="^velocity_to_diffusion: the network output overflowed torch.float32"):
+        velocity_to_diffusion(-big, big, 0.5, "epsilon")  # x - t*u = 4.5e38
+
+
+def test_diffusion_targets_are_what_each_type_predicts():
+    data, noise = tensor((2, 3), seed=1), tensor((2, 3), seed=2)
+    alpha, sigma = torch.tensor([0.6, 0.8], dtype=torch.float64), torch.tensor([0.8, 0.6], dtype=torch.float64)
+    assert diffusion_target(data, noise, alpha, sigma, "epsilon") is noise
+    assert diffusion_target(data, noise, alpha, sigma, "sample") is data
+    v = diffusion_target(data, noise, alpha, sigma, "v_prediction")
+    torch.testing.assert_close(v, alpha[:, None] * noise - sigma[:, None] * data)
+    with pytest.raises(ValueError, match="^prediction_type='velocity' is not supported; allowed: 'epsilon', 'v_pre"):
+        diffusion_target(data, noise, alpha, sigma, "velocity")

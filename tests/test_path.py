@@ -4,7 +4,7 @@ import pytest
 import torch
 from hypothesis import given
 
-from d2f import align, alpha_sigma, interpolate, scale, target_velocity
+from d2f import align, alpha_sigma, interpolate, network_input, scale, target_velocity
 from strategies import float_dtypes, shapes, tensor, unit_times
 
 
@@ -62,3 +62,28 @@ def test_bad_inputs_name_the_argument():
         align(x, torch.rand(2, 1))
     with pytest.raises(ValueError, match="t must be a float or a tensor"):
         align(x, "0.5")
+
+
+def test_mixed_dtypes_compute_in_the_wider_one_and_t_must_match_the_batch():
+    """A float64 input makes the result float64 with coefficients exact to float64 (not rounded to float32 first),
+    and the float64 input also refuses the Triton path, whichever argument it is."""
+    assert target_velocity(tensor((2, 3), torch.float16), tensor((2, 3), torch.float16, 1)).dtype == torch.float32
+    narrow, wide = tensor((2, 3), torch.float32, 1), tensor((2, 3), torch.float64, 2)
+    alpha, sigma = alpha_sigma(0.3)
+    for data, noise in ((narrow, wide), (wide, narrow)):
+        z = network_input(data, noise, 0.3)
+        assert z.dtype == torch.float64
+        torch.testing.assert_close(z, alpha * data.double() + sigma * noise.double(), rtol=1e-14, atol=1e-14)
+        with pytest.raises(ValueError, match="backend='triton' does not run float64 inputs"):
+            network_input(data, noise, 0.3, backend="triton")
+    for f in (align, lambda x, t: interpolate(x, x, t), lambda x, t: network_input(x, x, t)):
+        with pytest.raises(ValueError, match="t has shape \\(3,\\) but the batch has shape \\(2, 3\\)"):
+            f(narrow, torch.rand(3))
+
+
+def test_overflow_names_the_function_and_its_result():
+    big = torch.full((2, 3), 3e38)
+    with pytest.raises(ValueError, match="^align: the result overflowed torch.float32"):
+        align(big, 0.5)
+    with pytest.raises(ValueError, match="^target_velocity: the result overflowed torch.float32"):
+        target_velocity(big, -big)

@@ -29,6 +29,7 @@ from d2f import (
     velocity_coefficients,
     velocity_to_diffusion,
 )
+from d2f._backend import device_or_default
 from d2f.scheduler import D2FScheduler
 from d2f.solvers import SOLVERS
 from nets import TinyNet
@@ -218,6 +219,23 @@ REFUSED = {
         r"^x is on cpu but model_output is on meta; they must be on one device$",
         lambda: diffusion_to_velocity(O.to("meta"), X, 0.5, "epsilon"),
     ),
+    "t of 8 samples, one out of range (listed)": (
+        r"^t must lie in \[0, 1\]; got 2.0 \(in tensor\(\[0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 2.0\], "
+        r"dtype=torch.float64\)\)$",
+        lambda: align(torch.zeros(8, 2), torch.tensor([0.5] * 7 + [2.0], dtype=torch.float64)),
+    ),
+    "t of 9 samples, one out of range (its shape)": (
+        r"^t must lie in \[0, 1\]; got 2.0 \(in tensor\(shape=\(9,\), dtype=torch.float64\)\)$",
+        lambda: align(torch.zeros(9, 2), torch.tensor([0.5] * 8 + [2.0], dtype=torch.float64)),
+    ),
+    "concat an array of 8 (listed)": (
+        r"^concat must be a \(B, C, ...\) tensor, got array\(\[0., 0., 0., 0., 0., 0., 0., 0.\]\)$",
+        lambda: tiny_field(concat=np.zeros(8)),
+    ),
+    "concat an array of 9 (its shape)": (
+        r"^concat must be a \(B, C, ...\) tensor, got ndarray\(shape=\(9,\), dtype=float64\)$",
+        lambda: tiny_field(concat=np.zeros(9)),
+    ),
     "guidance_scale=True": (
         r"^guidance_scale=True must be a finite number$",
         lambda: tiny_field(guidance_scale=True, uncond={}),
@@ -344,3 +362,4 @@ def test_odd_but_valid_inputs_give_what_their_plain_numbers_give():
     assert torch.equal(outputs[0], outputs[1])
     field = tiny_field(t_min=np.float32(0.1))
     assert field.t_min == float(np.float32(0.1))
+    assert device_or_default("cpu:0") == torch.device("cpu", 0)  # an index on a device that has no count

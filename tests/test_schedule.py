@@ -126,7 +126,8 @@ def test_dict_round_trip_through_json_is_exact(s):
 @pytest.mark.parametrize(
     "mutate, message",
     [
-        (lambda d: d.update(extra=1), "unknown key .extra."),
+        (lambda d: d.update(extra=1), "^schedule: unknown key 'extra'$"),
+        (lambda d: d.update(alphas_cumprd=[0.5]), "key 'alphas_cumprd' \\(did you mean 'alphas_cumprod'\\?\\)$"),
         (lambda d: d.pop("alphas_cumprod"), "missing keys \\[.alphas_cumprod.\\]"),
         (lambda d: d.update(version=99), "version 99"),
         (lambda d: d.update(format="other"), "'other'"),
@@ -219,10 +220,27 @@ def test_bad_betas_and_times_are_refused():
         s.timestep(1.5)
     with pytest.raises(ValueError, match="t must lie in \\[0, 1\\]; got nan"):
         s.timestep(torch.tensor([0.5, math.nan]))
-    with pytest.raises(ValueError, match="k must lie in \\[-1, 1000\\]"):
+    with pytest.raises(ValueError, match="k must lie in \\[-1, 1000\\] for this schedule; got 1000.5$"):
         s.fm_time(1000.5)
-    with pytest.raises(ValueError, match="num_train_timesteps=0"):
-        Schedule.linear(0)
+    for make in (Schedule.linear, Schedule.scaled_linear, Schedule.cosine):
+        with pytest.raises(ValueError, match="^num_train_timesteps=0 must be a positive integer$"):
+            make(0)
+
+
+def test_constructors_defaults_and_what_a_schedule_keeps():
+    """The constructors' defaults are diffusers' (1000 steps, no zero terminal SNR); the prediction type survives
+    every way a schedule is rebuilt, and it is part of equality, as the table is."""
+    assert Schedule.cosine() == Schedule.from_diffusers({"beta_schedule": "squaredcos_cap_v2"})
+    assert Schedule.cosine().num_train_timesteps == 1000 and not Schedule.cosine().zero_terminal_snr
+    v = Schedule.linear(prediction_type="v_prediction")
+    assert Schedule.from_alphas_cumprod(v.alphas_cumprod, "v_prediction") == v
+    assert Schedule.from_dict(json.loads(json.dumps(v.to_dict()))) == v
+    assert v.with_zero_terminal_snr() == Schedule.linear(zero_terminal_snr=True, prediction_type="v_prediction")
+    assert v != Schedule.linear(prediction_type="epsilon") and Schedule.linear() != Schedule.scaled_linear()
+    two = Schedule.from_betas([0.1, 0.2])
+    assert two.with_zero_terminal_snr().zero_terminal_snr  # two steps suffice: the first is kept, the last is 0
+    with pytest.raises(ValueError, match="^zero_terminal_snr needs num_train_timesteps >= 2$"):
+        Schedule.from_betas([0.1]).with_zero_terminal_snr()
 
 
 def test_schedule_is_immutable():

@@ -492,3 +492,51 @@ def test_readme_pipeline_snippet_runs_on_a_tiny_local_pipeline(tmp_path):
     exec(block.replace("path/to/stable-diffusion", str(tmp_path / "sd")), namespace)
     assert namespace["image"].size == (8, 8)
     assert isinstance(namespace["pipe"].scheduler, D2FScheduler) and namespace["pipe"].scheduler.config.solver == "auto"
+
+
+def test_add_noise_and_get_velocity_take_one_timestep_or_one_per_sample_in_the_wider_dtype():
+    """Against the closed forms alpha*data + sigma*noise and alpha*noise - sigma*data at t = fm_time(k): one timestep
+    serves the whole batch, a 1-D batch takes one per sample, and a float64 argument keeps float64 coefficients."""
+    scheduler = D2FScheduler.from_config(SD_CONFIG)
+    narrow, wide = torch.randn(2, 500, dtype=torch.float32), torch.randn(2, 500, dtype=torch.float64)
+    t = scheduler.schedule.fm_time(torch.tensor([500.0, 500.0], dtype=torch.float64))
+    alpha, sigma = (c[:, None] for c in d2f.alpha_sigma(t))
+    for sample, noise in ((narrow, wide), (wide, narrow)):
+        expected_v = alpha * noise.double() - sigma * sample.double()
+        v = scheduler.get_velocity(sample, noise, torch.tensor(500))
+        torch.testing.assert_close(v.double(), expected_v.to(sample.dtype).double(), rtol=1e-14, atol=1e-14)
+    noisy = scheduler.add_noise(wide, narrow, torch.tensor(500))
+    torch.testing.assert_close(noisy, alpha * wide + sigma * narrow.double(), rtol=1e-14, atol=1e-14)
+    flat = torch.randn(3, dtype=torch.float64)
+    k = torch.tensor([0.0, 500.0, 999.0], dtype=torch.float64)
+    alpha, sigma = d2f.alpha_sigma(scheduler.schedule.fm_time(k))
+    torch.testing.assert_close(scheduler.add_noise(flat, flat, k), (alpha + sigma) * flat, rtol=1e-14, atol=1e-14)
+
+
+def test_a_pipeline_that_sets_its_begin_index_starts_there_whatever_timestep_it_passes():
+    scheduler = D2FScheduler.from_config(SD_CONFIG)
+    scheduler.set_timesteps(5)
+    scheduler.set_begin_index()
+    assert scheduler.begin_index == 0
+    scheduler.set_begin_index(2)
+    x = torch.randn(2, 4, 8, 8)
+    assert scheduler.scale_model_input(x) is x and scheduler.step_index == 2
+    with pytest.raises(ValueError, match="^begin_index=5 must be an integer in \\[0, 5\\)$"):
+        scheduler.set_begin_index(5)
+
+
+@pytest.mark.parametrize("solver", ["euler", "heun", "multistep"])
+def test_a_half_precision_step_is_the_float32_step_rounded_once(solver):
+    """From the same float16 latent and output, every step computes in float32 and rounds only its result to
+    float16: exactly the float32 step's result, rounded."""
+    half, single = (D2FScheduler.from_config(SD_CONFIG, solver=solver, clip_sample=False) for _ in range(2))
+    half.set_timesteps(3)
+    single.set_timesteps(3)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 4, 8, 8, generator=g).half()
+    for k in half.timesteps:
+        o = torch.randn(2, 4, 8, 8, generator=g).half()
+        out = half.step(o, k, x).prev_sample
+        assert out.dtype == torch.float16
+        assert torch.equal(out, single.step(o.float(), k, x.float()).prev_sample.half())
+        x = out

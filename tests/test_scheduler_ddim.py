@@ -134,6 +134,40 @@ def test_every_ddim_setting_step_for_step(prediction_type, spacing, offset, to_o
         assert mine <= ddim + 2e-5
 
 
+@pytest.mark.parametrize(
+    "clipping",
+    [dict(clip_sample=True, clip_sample_range=0.5), dict(thresholding=True, sample_max_value=2.0)],
+    ids=["clip-range-0.5", "threshold-max-2"],
+)
+def test_clipping_beside_ddims_defaults_step_for_step(clipping):
+    """With DDIM's defaults (clip_sample_range = sample_max_value = 1) clipping and thresholding both bound the
+    clean sample to [-1, 1]; beside them each keeps its own rule, per sample."""
+    config = dict(**SD, **clipping, prediction_type="epsilon", steps_offset=1)
+    reference, d2f = ddim64(config), D2FScheduler(**config)
+    reference.set_timesteps(STEPS)
+    d2f.set_timesteps(STEPS)
+    assert_steps_close(latents(d2f, torch.float64, 0.0), latents(reference, torch.float64, 0.0), 1e-10)
+
+
+@pytest.mark.parametrize("step_args", [dict(use_clipped_model_output=True), dict(eta=1.0)], ids=["clipped", "eta"])
+def test_float64_steps_with_ddims_step_arguments(step_args):
+    """use_clipped_model_output=True re-derives the noise from the clipped sample; a generator draws the step noise
+    in the output's dtype, float64 here, as DDIM draws it."""
+    config = dict(**SD, prediction_type="epsilon", steps_offset=1)
+    reference, d2f = ddim64(config), D2FScheduler(**config)
+    reference.set_timesteps(STEPS)
+    d2f.set_timesteps(STEPS)
+    start = torch.randn(2, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    runs = []
+    for s in (reference, d2f):
+        g, x, out = torch.Generator().manual_seed(0), start, []
+        for k in s.timesteps:
+            x = s.step(model(x, k.expand(2)), k, x, generator=g, **step_args).prev_sample
+            out.append(x)
+        runs.append(out)
+    assert_steps_close(runs[1], runs[0], 1e-10)
+
+
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 @pytest.mark.parametrize("eta", [0.0, 1.0])
 @pytest.mark.parametrize("clipping", ["off", "clip"])

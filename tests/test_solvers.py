@@ -1,14 +1,15 @@
 import math
+import re
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from d2f import D2FVelocity, NonFiniteError, Schedule, diffusion_to_velocity, sample, uniform_grid
+from d2f import D2FVelocity, NonFiniteError, Schedule, alpha_sigma, diffusion_to_velocity, sample, scale, uniform_grid
 from d2f.grids import grid_steps
 from d2f.parametrization import SINGULAR_TIMES
-from d2f.solvers import SOLVERS, stage_times
+from d2f.solvers import EULER, SOLVERS, ddim_step, ode_step, stage_times
 from nets import TinyNet
 from strategies import tensor
 from test_parametrization import gaussian_oracle
@@ -99,7 +100,7 @@ def test_multistep_evaluates_once_per_step_at_its_start_and_refuses_steps_that_d
     assert field.times == [0.2, 0.5, 0.75]  # never at the singular end
     torch.testing.assert_close(x, torch.full((2,), 0.8))  # a constant velocity is integrated exactly
     table = torch.tensor([[0.2, 0.4], [0.5, 0.7]], dtype=torch.float64)
-    with pytest.raises(ValueError, match="solver='multistep' needs steps that chain, and step 1 starts at t=0.5"):
+    with pytest.raises(ValueError, match="and step 1 starts at t=0.5, not where step 0 ended \\(t=0.4\\): a DDIM"):
         sample(field, torch.zeros(2), table, solver="multistep")
 
 
@@ -275,3 +276,73 @@ def test_an_empty_batch_samples_to_an_empty_batch(solver, backend):
     noise = torch.randn(0, 1, 8, 8)
     assert field.sample(noise, uniform_grid(2, 0.0, 1.0), solver=solver, backend=backend).shape == noise.shape
     assert sample(lambda x, t: x, noise, [0.1, 0.9], solver=solver, backend=backend).shape == noise.shape
+
+
+def test_progress_shows_a_bar_counting_steps_only_when_asked(capsys):
+    sample(lambda s, t: s, torch.zeros(2), [0.2, 0.5, 0.9])
+    assert capsys.readouterr().err == ""
+    sample(lambda s, t: s, torch.zeros(2), [0.2, 0.5, 0.9], solver="heun", progress=True)
+    err = capsys.readouterr().err
+    assert "d2f heun: 100%" in err and "2/2" in err and re.search(r"\d(step/s|s/step)\]", err), err
+
+
+class SpyField(D2FVelocity):
+    """Counts the evaluations the solvers take through the raw outputs (the fused update)."""
+
+    fused = 0
+
+    def outputs(self, z, t, cond):
+        self.fused += 1
+        return super().outputs(z, t, cond)
+
+
+def test_a_converted_network_is_sampled_fused_unless_a_callback_needs_its_velocity():
+    """Without a callback every evaluation goes through the raw outputs, each network input in the network's
+    dtype; with one, the field is sampled through its velocity, which the callback receives, to the same end."""
+    schedule = Schedule.scaled_linear()
+    net = TinyNet().double()
+    field = SpyField(net, schedule, "v_prediction")
+    noise, ts = tensor((2, 3, 4, 4)), uniform_grid(3, schedule.t_min, 1.0)
+    fused = field.sample(noise.float(), ts, solver="heun")
+    assert field.fused == 6 and all(z.dtype == torch.float64 for z, _, _ in net.calls)
+    field.fused, seen = 0, []
+    plain = field.sample(noise.float(), ts, solver="heun", callback=lambda i, t, x, u: seen.append((t, x, u)))
+    assert field.fused == 0 and len(seen) == 3
+    torch.testing.assert_close(plain, fused, rtol=1e-5, atol=1e-5)
+    for t, x, u in seen:
+        torch.testing.assert_close(u, field(x, t).float())
+
+
+def test_errors_of_the_field_keep_their_type_and_name_what_it_returned():
+    class Refused(ValueError):
+        pass
+
+    def refuse(x, t):
+        raise Refused("no")
+
+    with pytest.raises(Refused, match="^no$"):
+        sample(refuse, torch.zeros(2), [0.2, 0.5])
+    with pytest.raises(ValueError, match="velocity_fn returned list for a state of shape \\(2,\\)"):
+        sample(lambda x, t: [0.0, 0.0], torch.zeros(2), [0.2, 0.5])
+
+
+def test_an_overflowing_step_names_its_scalars():
+    """h * b = 1e39 is beyond float32: x + h*b*o is inf although x and o are finite."""
+    x = torch.ones(2)
+    message = "although the inputs are finite; a=0.0, b=1.0, h=1e\\+39, g=1.0, s_next=1.0, k=0.0$"
+    with pytest.raises(ValueError, match=message):
+        ode_step(EULER, x, x, None, None, 0.0, 1.0, 1e39, 1.0, 1.0, torch.float32)
+
+
+def test_ddim_step_defaults_to_the_deterministic_step_with_the_networks_noise_prediction():
+    """eta = 0 and no clipping is the Euler step; clipped, it is DDIM's x' = (alpha' * D_c + sigma' * E) / scale(t')
+    with the network's own E = x - t*u (use_clipped_model_output unset)."""
+    x, u = tensor((2, 3), seed=1), tensor((2, 3), seed=2)
+    x_next, data = ddim_step(x, u, 0.3, 0.6)
+    torch.testing.assert_close(x_next, x + 0.3 * u, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(data, x + 0.7 * u, rtol=1e-12, atol=1e-12)
+    alpha, sigma = alpha_sigma(0.6)
+    clipped = (x + 0.7 * u).clamp(-0.5, 0.5)
+    x_next, data = ddim_step(x, u, 0.3, 0.6, clip=lambda d: d.clamp(-0.5, 0.5))
+    torch.testing.assert_close(data, clipped)
+    torch.testing.assert_close(x_next, (alpha * clipped + sigma * (x - 0.3 * u)) / scale(0.6), rtol=1e-12, atol=1e-12)

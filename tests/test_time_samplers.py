@@ -81,7 +81,7 @@ def test_sample_t_dispatch_and_errors():
     torch.testing.assert_close(sample_t("logit-normal", u(n=3), z(n=3), "v_prediction"), torch.sigmoid(z(n=3).double()))
     with pytest.raises(ValueError, match="t_sampler='beta' is not supported"):
         sample_t("beta", u(n=3), z(n=3), "epsilon")
-    with pytest.raises(ValueError, match="needs the teacher's schedule"):
+    with pytest.raises(ValueError, match="^t_sampler='diffusion-matched' needs the teacher's schedule$"):
         sample_t("diffusion-matched", u(n=3), z(n=3), "epsilon")
 
 
@@ -105,3 +105,12 @@ def test_lowest_t_is_the_low_end_of_what_each_sampler_draws(name, prediction_typ
     if name == "diffusion-matched":
         assert float(t.min()) == low
         assert low > 0 if prediction_type == "epsilon" else low == schedule.t_min
+
+
+def test_logit_normal_clamps_to_the_valid_range_at_both_ends():
+    """sigmoid(-800) and sigmoid(800) are 0 and 1 in float64: each end lands on the range's bound."""
+    for prediction_type in PREDICTION_TYPES:
+        lo, hi = valid_range(prediction_type)
+        assert logit_normal_t(torch.tensor([-800.0, 0.0, 800.0]), prediction_type).tolist() == [lo, 0.5, hi]
+    with pytest.raises(ValueError, match="^t_sampler='beta' is not supported"):
+        lowest_t("beta", "epsilon", Schedule.linear(10, 0.01, 0.3))

@@ -2,7 +2,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from d2f import D2FVelocity, Schedule, ddim_grid, diffusion_to_velocity, guidance, scale
+from d2f import D2FVelocity, Schedule, ddim_grid, diffusion_to_velocity, guidance, scale, shift_grid, uniform_grid
 from nets import TinyNet, tiny_unet
 from strategies import NAMED_SCHEDULES, tensor
 
@@ -176,3 +176,114 @@ def test_an_unaligned_field_relabels_its_state_across_step_table_gaps_as_every_f
     fused = field.sample(noise, table, solver=solver)
     plain = field.sample(noise, table, solver=solver, callback=lambda *a: None)
     torch.testing.assert_close(fused, plain, rtol=1e-12, atol=1e-12)
+
+
+class Recorder:
+    """A network that is no nn.Module: it states its dtype (as diffusers models do), returns a tuple (diffusers'
+    ``return_dict=False``) and records its inputs. Its output is tanh of the input's first ``channels`` channels,
+    in ``out_dtype`` (default: the input's)."""
+
+    def __init__(self, dtype, channels=3, out_dtype=None):
+        self.dtype, self.channels, self.out_dtype, self.calls = dtype, channels, out_dtype, []
+
+    def __call__(self, z, k, **cond):
+        self.calls.append((z, k, cond))
+        return (torch.tanh(z[:, : self.channels]).to(self.out_dtype or z.dtype),)
+
+
+def test_the_network_gets_inputs_in_its_own_dtype_and_outputs_come_back_in_float32_at_least():
+    schedule = NAMED_SCHEDULES["sd"]
+    net = Recorder(torch.float64)
+    D2FVelocity(net, schedule, "epsilon")(tensor((2, 3, 4), torch.float32), 0.5)
+    assert net.calls[-1][0].dtype == torch.float64  # its .dtype, not the state's float32
+    half = D2FVelocity(Recorder(torch.float16), schedule, "epsilon")
+    assert half.model_output(tensor((2, 3, 4), torch.float32), 0.5).dtype == torch.float32
+    dtypes = []
+
+    def plain(z, k):  # no dtype: a float64 state gives float64 inputs at every step, not only the first
+        dtypes.append(z.dtype)
+        return torch.tanh(z)
+
+    D2FVelocity(plain, schedule, "v_prediction").sample(tensor((2, 3)), uniform_grid(3, schedule.t_min, 1.0))
+    assert dtypes == [torch.float64] * 3
+
+
+def test_guided_conditioning_and_concat_reach_the_network_broadcast_and_cast():
+    """An unconditional batch of 1 is broadcast to the call's batch and cast to the call's dtype; concat
+    channels (fewer than the batch) are cast to the network input's dtype; both halves of the batched call see
+    the same concat."""
+    schedule = NAMED_SCHEDULES["sd"]
+    net = Recorder(torch.float32, channels=2)
+    null, text = tensor((1, 2, 5), seed=1), tensor((3, 2, 5), torch.float32, seed=2)
+    concat = tensor((3, 1, 4), seed=3)
+    field = D2FVelocity(net, schedule, "v_prediction", guidance_scale=2.0, uncond={"text": null}, concat=concat)
+    field(tensor((3, 2, 4), torch.float32), 0.4, text=text)
+    z, _, cond = net.calls[-1]
+    assert z.dtype == cond["text"].dtype == torch.float32 and z.shape == (6, 3, 4)
+    torch.testing.assert_close(z[:3, 2:], concat.float())
+    torch.testing.assert_close(z[3:, 2:], concat.float())
+    torch.testing.assert_close(cond["text"], torch.cat([null.float().expand(3, 2, 5), text]))
+    batch_of_2 = D2FVelocity(net, schedule, "v_prediction", 2.0, {"text": null.expand(2, 2, 5)})
+    with pytest.raises(
+        ValueError, match="uncond\\['text'\\] has shape \\(2, 2, 5\\), the call's text has \\(3, 2, 5\\)"
+    ):
+        batch_of_2(tensor((3, 2, 4)), 0.4, text=text)
+    with pytest.raises(ValueError, match="conditioning 'text' differs between uncond \\(\\{"):
+        D2FVelocity(net, schedule, "v_prediction", 2.0, {"text": {"a": 1}})(tensor((3, 2, 4)), 0.4, text=text)
+    with pytest.raises(ValueError, match="concat has shape \\(2, 1, 4\\), incompatible with x of shape \\(3, 2, 4\\)"):
+        D2FVelocity(net, schedule, "v_prediction", concat=concat[:2])(tensor((3, 2, 4)), 0.4)
+    flat = D2FVelocity(net, schedule, "v_prediction", concat=tensor((3, 1)))  # (B, C) states take (B, C') concat
+    assert flat(tensor((3, 2)), 0.4).shape == (3, 2)
+
+
+def test_a_naive_fm_field_feeds_the_raw_state_at_the_raw_time():
+    net = Recorder(torch.float64)
+    x, t = tensor((2, 3, 4)), torch.tensor([0.25, 0.75])
+    D2FVelocity(net, NAMED_SCHEDULES["sd"], "velocity", align_input=False)(x, t)
+    z, k, _ = net.calls[-1]
+    torch.testing.assert_close(z, x)
+    torch.testing.assert_close(k, t)
+
+
+def test_t_min_and_the_fields_grids():
+    """Epsilon under zero terminal SNR was never trained at tau_{T-1} = 0, so its lowest time is tau_{T-2}; a
+    field's grids start at its t_min with the shift it is given (default 3)."""
+    zero_snr, net = NAMED_SCHEDULES["sd_zero_snr"], Recorder(torch.float64)
+    assert D2FVelocity(net, zero_snr, "epsilon").t_min == zero_snr.taus[-2] > 0
+    assert D2FVelocity(net, zero_snr, "v_prediction").t_min == 0.0
+    field = D2FVelocity(net, NAMED_SCHEDULES["sd"], "v_prediction", t_min=0.2)
+    torch.testing.assert_close(field.grid("shift", 4), shift_grid(4, 3.0, 0.2, 1.0))
+    torch.testing.assert_close(field.grid("shift", 4, 2.0), shift_grid(4, 2.0, 0.2, 1.0))
+    with pytest.raises(ValueError, match="^t_min must lie in \\[0, 1\\]; got 1.5"):
+        D2FVelocity(net, NAMED_SCHEDULES["sd"], "v_prediction", t_min=1.5)
+
+
+def test_errors_of_a_call_name_the_argument_at_fault():
+    schedule = NAMED_SCHEDULES["sd"]
+    field = D2FVelocity(Recorder(torch.float32), schedule, "epsilon")
+    x = tensor((2, 3, 4), torch.float32)
+    for call in (field, field.model_output):
+        with pytest.raises(ValueError, match="t has shape \\(3,\\) but the batch has shape \\(2, 3, 4\\)"):
+            call(x, torch.full((3,), 0.5))
+    bad = x.clone()
+    bad[1, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match="^D2FVelocity: x contains NaN or inf$"):
+        field(bad, 0.5)
+
+    def huge(z, k):  # u = (x - o)/t overflows float32 at t = 0.5 from finite x and o
+        return torch.full_like(z, -3e38)
+
+    with pytest.raises(ValueError, match="^D2FVelocity: the velocity overflowed torch.float32"):
+        D2FVelocity(huge, schedule, "epsilon")(x, 0.5)
+
+    def complex_net(z, k):
+        return torch.complex(z, z)
+
+    with pytest.raises(ValueError, match="complex tensor .* at t=tensor\\(\\[0.25, 0.75\\], dtype=torch.float64\\)"):
+        D2FVelocity(complex_net, schedule, "epsilon")(x, torch.tensor([0.25, 0.75], dtype=torch.float64))
+
+
+def test_the_prediction_type_warning_points_at_the_callers_line():
+    with pytest.warns(UserWarning, match="but the schedule records 'epsilon'") as record:
+        D2FVelocity(Recorder(torch.float64), Schedule.scaled_linear(prediction_type="epsilon"), "v_prediction")
+    assert record[0].filename == __file__
