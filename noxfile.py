@@ -99,7 +99,7 @@ def lint(session: nox.Session) -> None:
 @nox.session(python="3.11")
 def mutation(session: nox.Session) -> None:
     """mutmut over the core modules, evaluation/metrics.py and the kernels' torch mirrors, with the tests that
-    exercise them (``[tool.mutmut]`` in pyproject.toml), then the score per module (docs/mutation.md). Not in CI:
+    exercise them (``[tool.mutmut]`` in pyproject.toml), then the score per module (docs/testing.md). Not in CI:
     it takes the better part of two hours on 2 cores. Results persist in ``mutants/``, so a rerun tests only the
     functions that changed; ``nox -s mutation -- "d2f.path.*"`` reruns the mutants named."""
     _install(session)

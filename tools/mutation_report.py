@@ -1,8 +1,8 @@
-"""The mutation score of each module from mutmut's results in ``mutants/`` (``nox -s mutation``, docs/mutation.md).
+"""The mutation score of each module from mutmut's results in ``mutants/`` (``nox -s mutation``, docs/testing.md).
 
-mutmut prints one total for the whole run; the issue asks for a score per module, so this reads the results it
-keeps per source file (``mutants/<path>.meta``), prints a table and writes it, with the names of the surviving
-mutants (``mutmut show NAME`` prints one's diff), to ``mutants/mutation-report.md``.
+mutmut prints one total for the whole run; this reads the results it keeps per source file
+(``mutants/<path>.meta``), prints a table and writes it, with the names of the surviving mutants (``mutmut show NAME``
+prints one's diff), to ``mutants/mutation-report.md``.
 """
 
 import json
