@@ -79,6 +79,7 @@ def test_flags_left_unset_give_the_library_defaults(monkeypatch):
     from d2f.networks.sampling import SamplingSettings
     from d2f.training import loop
     from d2f.training.config import TrainConfig
+    from d2f.training.recipes import train_miniature
 
     configs = []
     monkeypatch.setattr(loop, "train", lambda config, resume, progress: configs.append(config) or {})
@@ -90,3 +91,6 @@ def test_flags_left_unset_give_the_library_defaults(monkeypatch):
     args = parser.parse_args(["encode", "--pretrained", "p", "--data", "d", "--resolution", "8", "--out", "o"])
     for name in ("caption_column", "flip", "sample", "seed", "batch_size", "device", "cond_data"):
         assert getattr(args, name) == inspect.signature(encode).parameters[name].default, name
+    args = parser.parse_args(["miniature"])
+    for name in ("vae_steps", "unet_steps", "seed"):
+        assert getattr(args, name) == inspect.signature(train_miniature).parameters[name].default, name

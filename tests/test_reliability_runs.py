@@ -24,7 +24,7 @@ pytest.importorskip("transformers")
 
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from d2f._files import write_json  # noqa: E402
+from d2f._files import built_in_place, write_json  # noqa: E402
 from d2f.cli import main  # noqa: E402
 from d2f.data.captions import find_captions, read_captioned  # noqa: E402
 from d2f.data.encode import encode  # noqa: E402
@@ -114,6 +114,20 @@ def test_a_dead_writers_temporary_file_goes_when_its_output_is_written_again(tmp
 
 
 @pytest.mark.slow
+def test_a_folder_built_in_place_replaces_the_old_one_whole_or_leaves_it_as_it_was(tmp_path):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "old.txt").write_text("old")
+    with pytest.raises(OSError, match=r"No space left on device \(nothing written\): '.*out'"):
+        with built_in_place(folder) as tmp:
+            (tmp / "new.txt").write_text("half")
+            raise OSError(28, "No space left on device")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and [p.name for p in folder.iterdir()] == ["old.txt"]
+    with built_in_place(folder) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and [p.name for p in folder.iterdir()] == ["new.txt"]
+
+
 def test_a_run_killed_while_writing_its_latents_is_rerun_by_the_same_command(root, tmp_path, capsys):
     out = tmp_path / "run"
     argv = train_argv(root / "sd", root / "data", out)

@@ -16,7 +16,9 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +60,32 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
         raise
     fsync_dir(path.parent)
     return path
+
+
+@contextlib.contextmanager
+def built_in_place(folder: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary sibling ``.NAME.tmp-PID`` of ``folder`` to build it in; when the block ends
+    without an error, the sibling replaces ``folder`` whole: an existing one is moved aside to ``.NAME.old-PID``
+    first and removed after (a kill between the two renames leaves it there to be put back:
+    ``d2f.networks.export.remove_interrupted``). On an error the sibling is removed and ``folder`` is as it was;
+    an ``OSError`` names ``folder`` and says that nothing was written."""
+    folder = Path(folder)
+    tmp, old = (folder.parent / f".{folder.name}.{what}-{os.getpid()}" for what in ("tmp", "old"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(e.errno, f"{e.strerror} (nothing written)", str(folder)) from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    fsync_dir(folder.parent)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _discard(tmp: Path) -> None:

@@ -310,6 +310,16 @@ def _teacher_parser(sub) -> None:
     )
 
 
+def _miniature_parser(sub) -> None:
+    p = sub.add_parser(
+        "miniature", help="retrain the miniature Stable Diffusion pipeline (VAE, then UNet) on the captioned digits"
+    )
+    p.add_argument("--out", default="runs/miniature", help="a new folder: the pipeline goes to <out>/pipeline")
+    p.add_argument("--vae-steps", type=int, default=None, help="the VAE's training steps (unset: the recipe's)")
+    p.add_argument("--unet-steps", type=int, default=None, help="the UNet's training steps (unset: the recipe's)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the weights, the captions' phrasings and every draw")
+
+
 def _classifier_parser(sub) -> None:
     sub.add_parser("classifier", help="retrain the evaluation classifier (d2f/assets/mnist_classifier.*)")
 
@@ -418,6 +428,17 @@ def _teacher(args: argparse.Namespace) -> None:
     _print_json(train(teacher_config(args.out, args.max_steps, args.seed, args.resolution, args.prediction_type)))
 
 
+def _miniature(args: argparse.Namespace) -> None:
+    from ._files import write_json
+    from .evaluation.prompts import reference_scores
+    from .training.recipes import train_miniature
+
+    report = train_miniature(args.out, args.vae_steps, args.unet_steps, args.seed)
+    scores = reference_scores(Path(args.out) / "pipeline", args.seed)
+    write_json(Path(args.out) / "prompt_following.json", scores)
+    _print_json({**report, "prompt_following": scores})
+
+
 def _classifier(args: argparse.Namespace) -> None:
     from .evaluation.classifier import train_classifier
 
@@ -434,6 +455,7 @@ COMMANDS = {
     "reproduce": (_reproduce_parser, _reproduce),
     "study": (_study_parser, _study),
     "teacher": (_teacher_parser, _teacher),
+    "miniature": (_miniature_parser, _miniature),
     "classifier": (_classifier_parser, _classifier),
 }
 

@@ -41,7 +41,7 @@ import torch
 
 from .._checks import check_choice, describe
 from .._extras import require
-from .._files import read_json
+from .._files import built_in_place, read_json
 from .._versioned import Document
 from ..parametrization import DIFFUSERS_PREDICTION_TYPES, PREDICTION_TYPES
 from ..schedule import Schedule
@@ -111,43 +111,36 @@ def trained_t_min(export: Export) -> float:
 
 
 def write_export(folder: Path, unet: torch.nn.Module, schedule: Schedule, meta: dict[str, Any]) -> None:
-    """Write atomically: everything goes to a temporary sibling folder, renamed into place at the end."""
-    folder = Path(folder)
-    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    if meta["kind"] == "lora":
-        from peft.utils import get_peft_model_state_dict
-        from safetensors.torch import save_file
+    """Write atomically: everything goes to a temporary sibling folder, renamed into place at the end
+    (:func:`~d2f._files.built_in_place`)."""
+    with built_in_place(folder) as tmp:
+        if meta["kind"] == "lora":
+            from peft.utils import get_peft_model_state_dict
+            from safetensors.torch import save_file
 
-        adapter = tmp / "adapter"
-        adapter.mkdir()
-        state = dict(get_peft_model_state_dict(unet))
-        full = sorted(
-            {n.split(".")[0] for n, p in unet.named_parameters() if n.startswith(FULL_CONVS) and p.requires_grad}
-        )
-        state.update({k: v for k, v in unet.state_dict().items() if k.split(".")[0] in full})
-        # peft's own layout: keys under base_model.model., fully trained modules as modules_to_save.
-        state = {f"base_model.model.{k}": v.detach().contiguous().cpu() for k, v in state.items()}
-        save_file(state, str(adapter / "adapter_model.safetensors"))
-        lora_config(meta["lora_rank"], full or None).save_pretrained(str(adapter))
-        if meta.get("pipeline") and not full:
-            save_diffusers_lora(tmp, unet, meta["pipeline"])
-    else:
-        unet.save_pretrained(str(tmp / "unet"), safe_serialization=True)
-    (tmp / "schedule.json").write_text(json.dumps(schedule.to_dict()))
-    if meta["align_input"]:
-        from ..scheduler import D2FScheduler
+            adapter = tmp / "adapter"
+            adapter.mkdir()
+            state = dict(get_peft_model_state_dict(unet))
+            full = sorted(
+                {n.split(".")[0] for n, p in unet.named_parameters() if n.startswith(FULL_CONVS) and p.requires_grad}
+            )
+            state.update({k: v for k, v in unet.state_dict().items() if k.split(".")[0] in full})
+            # peft's own layout: keys under base_model.model., fully trained modules as modules_to_save.
+            state = {f"base_model.model.{k}": v.detach().contiguous().cpu() for k, v in state.items()}
+            save_file(state, str(adapter / "adapter_model.safetensors"))
+            lora_config(meta["lora_rank"], full or None).save_pretrained(str(adapter))
+            if meta.get("pipeline") and not full:
+                save_diffusers_lora(tmp, unet, meta["pipeline"])
+        else:
+            unet.save_pretrained(str(tmp / "unet"), safe_serialization=True)
+        (tmp / "schedule.json").write_text(json.dumps(schedule.to_dict()))
+        if meta["align_input"]:
+            from ..scheduler import D2FScheduler
 
-        config = ddim_config(schedule, meta["prediction_type"])
-        scheduler = D2FScheduler.from_config(config, flow_finetuned=flow_finetuned(meta), t_min=meta["t_min"])
-        scheduler.save_pretrained(str(tmp / "scheduler"))
-    (tmp / "d2f.json").write_text(json.dumps(EXPORT.new(**meta), indent=1))
-    old = folder.parent / f".{folder.name}.old-{os.getpid()}"
-    if folder.exists():
-        folder.rename(old)
-    tmp.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
+            config = ddim_config(schedule, meta["prediction_type"])
+            scheduler = D2FScheduler.from_config(config, flow_finetuned=flow_finetuned(meta), t_min=meta["t_min"])
+            scheduler.save_pretrained(str(tmp / "scheduler"))
+        (tmp / "d2f.json").write_text(json.dumps(EXPORT.new(**meta), indent=1))
 
 
 def save_diffusers_lora(folder: Path, unet: torch.nn.Module, pipeline: str) -> None:
