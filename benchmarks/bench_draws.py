@@ -13,7 +13,7 @@ from d2f.training.draws import draws, seed_of
 
 SHAPES = [(32, (1, 24, 24)), (32, (4, 96, 96))]
 ids = [f"{n}x{'x'.join(map(str, s))}" for n, s in SHAPES]
-CONFIG = TrainConfig(objective="d2f", seed=0)
+CONFIG = TrainConfig.teacher_task(objective="d2f", seed=0)
 SCHEDULE = Schedule.linear(1000, 1e-4, 0.02)
 
 

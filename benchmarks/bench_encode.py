@@ -1,6 +1,7 @@
-"""``d2f encode`` end to end on the tests' tiny SD and SDXL pipelines: a folder of 64 captioned PNGs to a
-latents file, pipeline loading, image decoding, fingerprints and the atomic write included. Time
-(pytest-benchmark; images per second in ``extra_info``) and the process's peak resident memory.
+"""``d2f encode`` end to end on the tests' tiny SD and SDXL pipelines, and on the shipped miniature Stable
+Diffusion with the captioned digits: a folder of 64 captioned PNGs to a latents file, pipeline loading, image
+decoding, fingerprints and the atomic write included. Time (pytest-benchmark; images per second in
+``extra_info``) and the process's peak resident memory.
 
 The pipelines are tiny (a one-block VAE, two-layer CLIP text encoders). At 32 px this measures mostly d2f's
 own work around the models (reading, cropping, tokenising, batching, writing). The tiny VAE does not
@@ -16,6 +17,7 @@ import pytest
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
+from d2f.data.digit_captions import write_digit_folder  # noqa: E402
 from d2f.data.encode import encode  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' tiny pipeline builders
@@ -34,8 +36,20 @@ def peak_gib() -> float:
 def test_encode_a_captioned_folder(benchmark, tmp_path, kind, resolution):
     pipeline = tiny_sd_pipeline(tmp_path / "pipeline", xl=kind == "sdxl")
     images = captioned_folder(tmp_path / "images", n=IMAGES, formats="jsonl")
-    out = tmp_path / "latents.safetensors"
     benchmark.group = f"d2f encode, {IMAGES} captioned images, tiny pipeline, cpu"
+    measure(benchmark, pipeline, images, resolution, tmp_path / "latents.safetensors")
+
+
+@pytest.mark.parametrize("resolution", [64, 128])
+def test_encode_the_captioned_digits_with_the_shipped_miniature(benchmark, tmp_path, resolution):
+    """What the main job encodes (there: all 5000 digits at 128 px), on the pipeline it ships."""
+    images = write_digit_folder(tmp_path / "digits", resolution, count=IMAGES)
+    benchmark.group = f"d2f encode, {IMAGES} captioned digits, shipped miniature SD, cpu"
+    measure(benchmark, "miniature", images, resolution, tmp_path / "latents.safetensors")
+
+
+def measure(benchmark, pipeline, images, resolution: int, out: Path) -> None:
+    """Five timed encodes of ``images`` (one warm-up), then images/s, peak memory and the file's size."""
     Path("/proc/self/clear_refs").write_text("5")  # resets the resident high-water mark
 
     def once():

@@ -76,7 +76,7 @@ def test_sd21_train_step(benchmark, objective, lora_rank, checkpointing):
         encoder_hidden_states=torch.randn(64, 77, 1024, generator=g),
         null_encoder_hidden_states=torch.zeros(77, 1024),
     )
-    config = TrainConfig(objective=objective, lora_rank=lora_rank, batch_size=BATCH, resolution=SIZE)
+    config = TrainConfig.teacher_task(objective=objective, lora_rank=lora_rank, batch_size=BATCH, resolution=SIZE)
     conditioning = Conditioning.plan(config, network, data)
     if lora_rank:
         add_lora(network, lora_rank, full_convs=None)

@@ -31,7 +31,7 @@ from d2f.training.loop import _micro_batch_loss  # noqa: E402
 @pytest.mark.parametrize("objective", ["d2f", "diffusion"])
 def test_train_step(benchmark, objective, lora_rank):
     torch.manual_seed(0)
-    config = TrainConfig(objective=objective, lora_rank=lora_rank, batch_size=32, resolution=24)
+    config = TrainConfig.teacher_task(objective=objective, lora_rank=lora_rank, batch_size=32, resolution=24)
     network = load_network("teacher")
     data = load_dataset("mnist", 24, 1)
     conditioning = Conditioning.plan(config, network, data)
@@ -59,7 +59,7 @@ def test_train_step_plain_diffusers(benchmark, lora_rank):
     from diffusers import DDPMScheduler
 
     torch.manual_seed(0)
-    config = TrainConfig(objective="diffusion", lora_rank=lora_rank, batch_size=32, resolution=24)
+    config = TrainConfig.teacher_task(objective="diffusion", lora_rank=lora_rank, batch_size=32, resolution=24)
     network = load_network("teacher")
     data = load_dataset("mnist", 24, 1)
     scheduler = DDPMScheduler.from_config(

@@ -57,3 +57,11 @@ def tiny_cond_unet(channels=4, cross_attention_dim=12, **config):
         attention_head_dim=2,
         **config,
     )
+
+
+def teacher_flags() -> list[str]:
+    """``d2f train``'s flags for the pixel teacher's task (``TrainConfig.teacher_task``), its default before the
+    Stable Diffusion workflow."""
+    from d2f.training.config import TEACHER_TASK
+
+    return [f"--{name}={value}" for name, value in TEACHER_TASK.items()]

@@ -51,7 +51,7 @@ def test_exports_sample_with_the_row_of_their_kind(tmp_path):
     small = dict(resolution=16, batch_size=4, max_steps=1, num_samples=2, sample_steps=1, checkpoint_every=0)
     for objective, flow in (("d2f", True), ("diffusion", False)):
         out = tmp_path / objective
-        train(TrainConfig(out=str(out), objective=objective, warmup_steps=0, **small), progress=False)
+        train(TrainConfig.teacher_task(out=str(out), objective=objective, warmup_steps=0, **small), progress=False)
         samples = sample_export(str(out / "export"), SamplingSettings(steps=2), num_samples=3)
         assert samples.settings == (
             SamplingSettings(1, "midpoint", "uniform", device=here) if flow else teacher.settings

@@ -84,7 +84,7 @@ def test_flags_left_unset_give_the_library_defaults(monkeypatch):
     configs = []
     monkeypatch.setattr(loop, "train", lambda config, resume, progress: configs.append(config) or {})
     assert main(["train"]) == 0
-    assert configs == [dataclasses.replace(TrainConfig(), out="runs/d2f-mnist")]
+    assert configs == [dataclasses.replace(TrainConfig(), out="runs/d2f-captioned-digits")]
     parser = build_parser()
     for command in ("sample", "eval"):
         assert _sampling_settings(parser.parse_args([command])) == SamplingSettings(), command

@@ -21,6 +21,7 @@ from d2f.training.checkpoint import latest_checkpoint  # noqa: E402
 from d2f.training.config import TrainConfig  # noqa: E402
 from d2f.training.lock import LOCK_NAME  # noqa: E402
 from d2f.training.loop import train  # noqa: E402
+from nets import teacher_flags  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +29,7 @@ SETTINGS = dict(
     resolution=16, batch_size=4, max_steps=4, checkpoint_every=2, warmup_steps=1, lora_rank=4, num_samples=2
 )
 SETTINGS["sample_steps"] = 1
-FLAGS = [f"--{k.replace('_', '-')}={v}" for k, v in SETTINGS.items()] + ["--no-progress"]
+FLAGS = [f"--{k.replace('_', '-')}={v}" for k, v in SETTINGS.items()] + ["--no-progress", *teacher_flags()]
 
 # Runs `d2f train` with a kill switch: argv[1] names the point, the rest are d2f's arguments.
 KILLER = """
@@ -82,7 +83,7 @@ def tensors(path):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("reference") / "run"
-    train(TrainConfig(out=str(out), **SETTINGS), progress=False)
+    train(TrainConfig.teacher_task(out=str(out), **SETTINGS), progress=False)
     return out
 
 
@@ -99,7 +100,7 @@ def test_sigkill_then_resume_is_bitwise_exact(tmp_path, reference, point, capfd)
     assert any(name.startswith(".") for name in leftovers), leftovers  # the kill did leave debris
 
     capfd.readouterr()
-    train(TrainConfig(out=str(out), **SETTINGS), resume="latest", progress=False)
+    train(TrainConfig.teacher_task(out=str(out), **SETTINGS), resume="latest", progress=False)
     assert "half-written folder(s) left by an interrupted run" in capfd.readouterr().err
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
     assert not list(out.glob(".export*"))
@@ -123,7 +124,7 @@ def test_one_run_per_out_and_no_stale_lock_after_sigkill(tmp_path):
             time.sleep(0.2)
         before = snapshot(out)
         with pytest.raises(ValueError, match=f"is in use by another d2f run \\(pid {holder.pid}\\)"):
-            train(TrainConfig(out=str(out), **SETTINGS), resume="latest", progress=False)
+            train(TrainConfig.teacher_task(out=str(out), **SETTINGS), resume="latest", progress=False)
         while latest_checkpoint(out) is None:
             assert holder.poll() is None and time.monotonic() < deadline, "the first run never checkpointed"
             time.sleep(0.2)
@@ -133,7 +134,7 @@ def test_one_run_per_out_and_no_stale_lock_after_sigkill(tmp_path):
     assert set(before) <= set(snapshot(out))  # the refused run removed nothing (the holder wrote on)
     # The kernel dropped the dead run's lock: resuming takes the folder at once.
     step = int(latest_checkpoint(out).name.split("-")[1])
-    metrics = train(TrainConfig(out=str(out), **{**SETTINGS, "max_steps": step + 1}), resume="latest", progress=False)
+    metrics = train(TrainConfig.teacher_task(out=str(out), **{**SETTINGS, "max_steps": step + 1}), resume="latest", progress=False)
     assert metrics["steps_this_run"] == 1
 
 
@@ -147,20 +148,20 @@ def test_a_run_folder_belongs_to_one_run(tmp_path):
     """A second run is refused in a folder holding any earlier run's files, checkpointed or not; a resume
     that would end before its checkpoint is refused too. Each refusal leaves the folder byte for byte."""
     out = tmp_path / "run"
-    train(TrainConfig(out=str(out), **{**SETTINGS, "checkpoint_every": 0, "max_steps": 1}), progress=False)
+    train(TrainConfig.teacher_task(out=str(out), **{**SETTINGS, "checkpoint_every": 0, "max_steps": 1}), progress=False)
     before = snapshot(out)
     assert {"config.json", "metrics.json", "zero_shot.png"} <= set(before) and not (out / "checkpoints").exists()
     with pytest.raises(ValueError, match="holds files of an earlier run .*it has no checkpoint, or choose another"):
-        train(TrainConfig(out=str(out), **{**SETTINGS, "resolution": 24}), progress=False)
+        train(TrainConfig.teacher_task(out=str(out), **{**SETTINGS, "resolution": 24}), progress=False)
     assert snapshot(out) == before
 
     out = tmp_path / "checkpointed"
-    train(TrainConfig(out=str(out), **{**SETTINGS, "max_steps": 2}), progress=False)
+    train(TrainConfig.teacher_task(out=str(out), **{**SETTINGS, "max_steps": 2}), progress=False)
     before = snapshot(out)
     with pytest.raises(ValueError, match="holds files of an earlier run .*pass --resume to continue it"):
-        train(TrainConfig(out=str(out), **SETTINGS), progress=False)
+        train(TrainConfig.teacher_task(out=str(out), **SETTINGS), progress=False)
     with pytest.raises(ValueError, match="max_steps=1 is below the step of the checkpoint resumed from .* step 2"):
-        train(TrainConfig(out=str(out), **{**SETTINGS, "max_steps": 1}), resume="latest", progress=False)
+        train(TrainConfig.teacher_task(out=str(out), **{**SETTINGS, "max_steps": 1}), resume="latest", progress=False)
     assert snapshot(out) == before
 
 

@@ -169,7 +169,7 @@ def test_the_training_step_reads_nothing_from_the_device(objective):
 
     unet = _meta_unet().train()
     schedule = Schedule.scaled_linear(prediction_type="v_prediction")
-    config = TrainConfig(objective=objective, cond_dropout=0.1)
+    config = TrainConfig.teacher_task(objective=objective, cond_dropout=0.1)
     with deferred_checks() as checks:
         noise, times, drop = draws(config, torch.arange(4), (1, 16, 16), "v_prediction", schedule, "meta")
         labels = torch.where(drop, 10, torch.zeros(4, dtype=torch.long, device="meta"))

@@ -50,7 +50,7 @@ def test_draws_depend_on_the_position_alone(objective):
     uniforms and coins exactly, the noise and times to the last bit of the vectorised float transforms
     (``log``, ``cos``, ``sigmoid`` may round a tail element otherwise); another seed draws otherwise; the coins
     follow cond_dropout."""
-    config = TrainConfig(objective=objective, seed=3, cond_dropout=0.5)
+    config = TrainConfig.teacher_task(objective=objective, seed=3, cond_dropout=0.5)
     schedule = Schedule.linear(1000, 1e-4, 0.02)
     where = torch.arange(100, 164)
     noise, times, drop = draws(config, where, (1, 4, 4), "v_prediction", schedule)
@@ -81,7 +81,7 @@ def test_a_checkpoint_from_the_earlier_draw_scheme_is_not_resumed(tmp_path):
     from d2f.training.loop import train
 
     small = dict(resolution=16, batch_size=2, max_steps=2, num_samples=2, sample_steps=1, checkpoint_every=1)
-    config = TrainConfig(out=str(tmp_path / "run"), warmup_steps=0, **small)
+    config = TrainConfig.teacher_task(out=str(tmp_path / "run"), warmup_steps=0, **small)
     train(config, progress=False)
     state_file = tmp_path / "run/checkpoints/step-00000002/state.json"
     state = json.loads(state_file.read_text())
@@ -134,7 +134,7 @@ def test_the_data_order_is_a_new_permutation_each_epoch_fixed_by_the_seed():
 def test_positions_tile_the_stream_step_by_step_micro_batch_by_micro_batch_rank_by_rank():
     """Micro-batch m of rank r at step s starts at ((s * grad_accum + m) * world + r) * batch_size:
     ((2 * 2 + 1) * 3 + 1) * 4 = 64 here."""
-    config = TrainConfig(batch_size=4, grad_accum=2)
+    config = TrainConfig.teacher_task(batch_size=4, grad_accum=2)
     assert positions(config, 2, 1, 1, 3).tolist() == [64, 65, 66, 67]
     every = [positions(config, s, m, r, 3) for s in range(3) for m in range(2) for r in range(3)]
     assert torch.cat(every).tolist() == list(range(72))

@@ -46,8 +46,8 @@ def plant(path: Path, marker: Path) -> None:
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     small = dict(resolution=16, batch_size=2, max_steps=1, num_samples=2, sample_steps=1, checkpoint_every=1)
-    train(TrainConfig(out=str(root / "full"), lora_rank=0, **small), progress=False)
-    train(TrainConfig(out=str(root / "lora"), lora_rank=4, **small), progress=False)
+    train(TrainConfig.teacher_task(out=str(root / "full"), lora_rank=0, **small), progress=False)
+    train(TrainConfig.teacher_task(out=str(root / "lora"), lora_rank=4, **small), progress=False)
     return root
 
 
@@ -160,7 +160,7 @@ def test_pickled_latents_are_refused(tmp_path, suffix):
     else:
         torch.save({"latents": torch.zeros(2, 1, 16, 16)}, data)  # a torch pickle under a safetensors name
     with pytest.raises(ValueError, match="not a readable latents file"):
-        train(TrainConfig(out=str(tmp_path / "run"), data=str(data), resolution=16), progress=False)
+        train(TrainConfig.teacher_task(out=str(tmp_path / "run"), data=str(data), resolution=16), progress=False)
     assert not (tmp_path / "pwned").exists()
 
 

@@ -17,6 +17,7 @@ from d2f.data.pairs import PAIRS, generate_pairs, load_pairs  # noqa: E402
 from d2f.networks.sampling import SamplingSettings, sample_export  # noqa: E402
 from d2f.training import loop, objectives  # noqa: E402
 from d2f.training.config import TrainConfig  # noqa: E402
+from nets import teacher_flags  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +58,7 @@ def test_reflow_feeds_the_stored_noise_to_the_network(pairs_file, tmp_path, monk
         return original(clean, noise, t, dtype=dtype)
 
     monkeypatch.setattr(objectives, "network_input", spy)
-    config = TrainConfig(
+    config = TrainConfig.teacher_task(
         out=str(tmp_path / "reflow"),
         pairs=str(pairs_file),
         resolution=16,
@@ -80,11 +81,11 @@ def test_reflow_feeds_the_stored_noise_to_the_network(pairs_file, tmp_path, monk
 
 def test_bad_pairs_are_refused(pairs_file, tmp_path, capsys):
     with pytest.raises(ValueError, match="not 'diffusion'"):
-        TrainConfig(pairs=str(pairs_file), objective="diffusion")
+        TrainConfig.teacher_task(pairs=str(pairs_file), objective="diffusion")
     with pytest.raises(ValueError, match="give data \\(and classes\\) or pairs, not both"):
-        TrainConfig(pairs=str(pairs_file), data="digits")
+        TrainConfig.teacher_task(pairs=str(pairs_file), data="digits")
     with pytest.raises(ValueError, match="pass --resolution 16"):
-        loop.train(TrainConfig(out=str(tmp_path / "r"), pairs=str(pairs_file)), progress=False)
+        loop.train(TrainConfig.teacher_task(out=str(tmp_path / "r"), pairs=str(pairs_file)), progress=False)
     with pytest.raises(ValueError, match="no such file"):
         load_pairs(tmp_path / "missing.safetensors")
     planted = tmp_path / "planted.safetensors"
@@ -117,7 +118,8 @@ def test_cli_pairs_then_reflow(tmp_path, capsys):
     pairs = tmp_path / "p.safetensors"
     assert main(["pairs", "--num-samples", "6", "--steps", "2", "--out", str(pairs)]) == 0
     assert json.loads(capsys.readouterr().out)["num_pairs"] == 6
-    args = ["train", "--pairs", str(pairs), "--resolution", "16", "--max-steps", "1", "--batch-size", "3"]
+    args = ["train", *teacher_flags(), "--pairs", str(pairs), "--resolution", "16", "--max-steps", "1"]
+    args += ["--batch-size", "3"]
     args += ["--num-samples", "2", "--sample-steps", "1", "--no-progress", "--out", str(tmp_path / "r")]
     assert main(args) == 0
     assert (tmp_path / "r" / "export" / "d2f.json").is_file()

@@ -32,6 +32,7 @@ from d2f.data.images import read_folder  # noqa: E402
 from d2f.training.config import TrainConfig  # noqa: E402
 from d2f.training.lock import LOCK_NAME  # noqa: E402
 from d2f.training.loop import train  # noqa: E402
+from nets import teacher_flags  # noqa: E402
 from pipelines import captioned_folder, tiny_sd_pipeline  # noqa: E402
 
 R = 8
@@ -337,7 +338,8 @@ sys.exit(main(sys.argv[2:]))
 def test_a_full_disk_under_a_checkpoint_is_one_line_and_leaves_no_checkpoint_folder(tmp_path):
     """100 kB: the config, the zero-shot grid and the lock fit; the checkpoint's weights (200 kB) do not."""
     out = tmp_path / "run"
-    argv = ["train", "--resolution", "16", "--batch-size", "4", "--warmup-steps", "0", "--lora-rank", "4"]
+    argv = ["train", *teacher_flags(), "--resolution", "16", "--batch-size", "4", "--warmup-steps", "0"]
+    argv += ["--lora-rank", "4"]
     argv += ["--num-samples", "2", "--sample-steps", "1", "--max-steps", "1", "--checkpoint-every", "1"]
     argv += ["--no-progress", "--out", str(out)]
     run = subprocess.run(
@@ -376,7 +378,7 @@ def narrowed(source: Path, target: Path, key: str, width: int) -> Path:
 def test_text_embeddings_of_another_width_are_refused_before_training(root, tmp_path, kind, key, width, message):
     latents = narrowed(root / f"{kind}-latents.safetensors", tmp_path / "narrow.safetensors", key, width)
     out = tmp_path / "run"
-    config = TrainConfig(out=str(out), pretrained=str(root / kind), data=str(latents), resolution=R, max_steps=1)
+    config = TrainConfig.teacher_task(out=str(out), pretrained=str(root / kind), data=str(latents), resolution=R, max_steps=1)
     with pytest.raises(ValueError, match=f"data='{latents}' holds {message}"):
         train(config.replace(lora_rank=4, batch_size=4, num_samples=2, sample_steps=1), progress=False)
     assert [p.name for p in out.iterdir()] == [LOCK_NAME]
@@ -388,7 +390,7 @@ def test_text_embeddings_without_a_token_axis_are_refused(root, tmp_path):
     tensors["null_encoder_hidden_states"] = tensors["null_encoder_hidden_states"][0].contiguous()
     latents = tmp_path / "flat.safetensors"
     save_file(tensors, str(latents))
-    config = TrainConfig(out=str(tmp_path / "run"), pretrained=str(root / "sd"), data=str(latents), resolution=R)
+    config = TrainConfig.teacher_task(out=str(tmp_path / "run"), pretrained=str(root / "sd"), data=str(latents), resolution=R)
     with pytest.raises(ValueError, match=r"encoder_hidden_states of shape \(4, 12\); .* \(samples, tokens, width\)"):
         train(config.replace(lora_rank=4, batch_size=4, max_steps=1), progress=False)
 
@@ -439,7 +441,7 @@ def test_a_run_folder_inside_its_data_folder_is_refused(root, tmp_path, which):
     for folder in (images, conditions):
         shutil.copytree(root / "data", folder, ignore=shutil.ignore_patterns("*.jsonl"))
     out = (images if which == "data" else conditions) / "runs" / "first"
-    config = TrainConfig(out=str(out), data=str(images), cond_data=str(conditions), resolution=R)
+    config = TrainConfig.teacher_task(out=str(out), data=str(images), cond_data=str(conditions), resolution=R)
     with pytest.raises(ValueError, match=f"out='{out}' lies inside {which}="):
         train(config.replace(lora_rank=4, batch_size=4, max_steps=1), progress=False)
     assert [p.name for p in out.iterdir()] == [LOCK_NAME]
@@ -473,7 +475,7 @@ def test_an_output_in_a_read_only_folder_is_refused_before_the_encode(root, tmp_
 
 def test_a_file_where_a_resumed_run_writes_its_validation_folder_is_refused_before_training(root, tmp_path):
     out = tmp_path / "run"
-    config = TrainConfig(out=str(out), pretrained=str(root / "sd"), data=str(root / "sd-latents.safetensors"))
+    config = TrainConfig.teacher_task(out=str(out), pretrained=str(root / "sd"), data=str(root / "sd-latents.safetensors"))
     config = config.replace(resolution=R, lora_rank=4, batch_size=4, num_samples=2, sample_steps=1, checkpoint_every=1)
     train(config.replace(max_steps=1), progress=False)
     (out / "validation").write_text("not a folder")

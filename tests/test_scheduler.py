@@ -455,8 +455,8 @@ def test_exports_load_with_standard_calls_and_sample_with_the_scheduler(tmp_path
     from d2f.training.loop import train
 
     small = dict(resolution=16, batch_size=4, max_steps=3, num_samples=2, sample_steps=2, warmup_steps=1)
-    train(TrainConfig(out=str(tmp_path / "lora"), lora_rank=4, **small), progress=False)
-    train(TrainConfig(out=str(tmp_path / "full"), lora_rank=0, **small), progress=False)
+    train(TrainConfig.teacher_task(out=str(tmp_path / "lora"), lora_rank=4, **small), progress=False)
+    train(TrainConfig.teacher_task(out=str(tmp_path / "full"), lora_rank=0, **small), progress=False)
     teacher = UNet2DModel.from_pretrained(teacher_path() / "unet")
     noise, labels = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([4, 9])
 

@@ -19,7 +19,7 @@ from d2f.cli import main  # noqa: E402
 from d2f.networks.teachers import teacher_path  # noqa: E402
 from d2f.training.config import TrainConfig  # noqa: E402
 from d2f.training.loop import train  # noqa: E402
-from nets import tiny_cond_unet, tiny_unet  # noqa: E402
+from nets import teacher_flags, tiny_cond_unet, tiny_unet  # noqa: E402
 
 SMALL = dict(
     resolution=16, batch_size=4, max_steps=2, num_samples=4, sample_steps=2, checkpoint_every=0, warmup_steps=1
@@ -27,7 +27,7 @@ SMALL = dict(
 
 
 def config(tmp_path, name="run", **changes):
-    return TrainConfig(**{**SMALL, "out": str(tmp_path / name), **changes})
+    return TrainConfig.teacher_task(**{**SMALL, "out": str(tmp_path / name), **changes})
 
 
 def tensors(path):
@@ -89,6 +89,7 @@ def test_resume_is_bitwise_exact(tmp_path, lora_rank):
     train(config(tmp_path, "straight", **base), progress=False)
     train(config(tmp_path, "split", **{**base, "max_steps": 3}), progress=False)
     flags = [
+        *teacher_flags(),
         "--resolution",
         "16",
         "--batch-size",
@@ -128,6 +129,7 @@ def test_resume_is_bitwise_exact(tmp_path, lora_rank):
 def test_two_process_data_parallel_matches_one_process(tmp_path):
     """accelerate launch, 2 CPU processes x batch 4 == 1 process x batch 8 (same samples, same draws)."""
     common = [
+        *teacher_flags(),
         "--max-steps",
         "2",
         "--resolution",
@@ -184,7 +186,7 @@ def test_two_process_data_parallel_matches_one_process(tmp_path):
     # gets an update whose size rounding decides, bounded by the lr of each step. Such elements are rare
     # (1 in 2304 seen on a 2-core AMD EPYC); every other element must agree tightly.
     a, b = tensors(dp_step / "trainable.safetensors"), tensors(single_step / "trainable.safetensors")
-    lr_sum = sum(TrainConfig(lora_rank=4, warmup_steps=1).lr_at(step) for step in range(2))
+    lr_sum = sum(TrainConfig.teacher_task(lora_rank=4, warmup_steps=1).lr_at(step) for step in range(2))
     loose = sum(int((~torch.isclose(a[k], b[k], rtol=1e-4, atol=1e-5)).sum()) for k in a)
     assert loose <= 1e-3 * sum(a[k].numel() for k in a), f"{loose} elements differ beyond float rounding"
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= lr_sum
@@ -268,12 +270,12 @@ def test_image_folder_counts_unreadable_files(tmp_path):
 
 def test_bad_settings_are_refused(tmp_path):
     with pytest.raises(ValueError, match="contradicts objective='diffusion'"):
-        TrainConfig(objective="diffusion", t_sampler="uniform")
+        TrainConfig.teacher_task(objective="diffusion", t_sampler="uniform")
     with pytest.raises(ValueError, match="did you mean 'max_steps'"):
         TrainConfig.from_dict({"max_step": 3})
     for lr in (0, math.inf, math.nan, True):
         with pytest.raises(ValueError, match=f"lr={lr!r} is not allowed: None .* or a number in \\(0, inf\\)"):
-            TrainConfig(lr=lr)
+            TrainConfig.teacher_task(lr=lr)
     with pytest.raises(ValueError, match="resolution=15: 15x15 samples do not fit this UNet2DModel, whose 2 down"):
         train(config(tmp_path, resolution=15), progress=False)
     assert [p.name for p in (tmp_path / "run").iterdir()] == [".d2f.lock"]  # refused before writing anything
@@ -292,13 +294,13 @@ def test_default_lr_depends_on_capacity():
     """Without --lr, LoRA and full finetuning get the lr the settings study picked for each."""
     from d2f.training.config import DEFAULT_LR_FULL, DEFAULT_LR_LORA
 
-    assert TrainConfig().resolved_lr == DEFAULT_LR_LORA
-    assert TrainConfig(lora_rank=0).resolved_lr == DEFAULT_LR_FULL != DEFAULT_LR_LORA
-    assert TrainConfig(lora_rank=0, lr=5e-4).resolved_lr == 5e-4
-    assert TrainConfig(lora_rank=0, warmup_steps=10).lr_at(4) == pytest.approx(DEFAULT_LR_FULL / 2)
-    assert TrainConfig.from_dict(TrainConfig().to_dict()).lr is None
+    assert TrainConfig.teacher_task().resolved_lr == DEFAULT_LR_LORA
+    assert TrainConfig.teacher_task(lora_rank=0).resolved_lr == DEFAULT_LR_FULL != DEFAULT_LR_LORA
+    assert TrainConfig.teacher_task(lora_rank=0, lr=5e-4).resolved_lr == 5e-4
+    assert TrainConfig.teacher_task(lora_rank=0, warmup_steps=10).lr_at(4) == pytest.approx(DEFAULT_LR_FULL / 2)
+    assert TrainConfig.from_dict(TrainConfig.teacher_task().to_dict()).lr is None
     with pytest.raises(ValueError, match="lr='fast' is not allowed: None"):
-        TrainConfig(lr="fast")
+        TrainConfig.teacher_task(lr="fast")
 
 
 def test_checkpoints_are_protected(tmp_path):
@@ -336,6 +338,7 @@ def test_cli_flags_and_sample(tmp_path, capsys):
             "-m",
             "d2f",
             "train",
+            *teacher_flags(),
             "--max-steps",
             "2",
             "--batch-size",

@@ -58,9 +58,9 @@ def test_widening_refuses_what_it_cannot_do():
     with pytest.raises(ValueError, match="cond_channels=0 must be a positive integer"):
         widen_conv_in(unet, 0, "zero")
     with pytest.raises(ValueError, match="cond_init='half' is not allowed"):
-        TrainConfig(cond_init="half")
+        TrainConfig.teacher_task(cond_init="half")
     with pytest.raises(ValueError, match="reflow pairs take no conditions"):
-        TrainConfig(cond_data="c", pairs="p")
+        TrainConfig.teacher_task(cond_data="c", pairs="p")
 
 
 def write_pairs(root, names, seed=0):
@@ -123,7 +123,7 @@ def test_a_widened_export_round_trips_and_samples_with_its_condition(tmp_path, l
     (a LoRA export trains it fully, as a peft module to save) and refuses to sample without the condition."""
     write_pairs(tmp_path, [f"{i:02d}" for i in range(6)])
     out = tmp_path / "run"
-    config = TrainConfig(
+    config = TrainConfig.teacher_task(
         out=str(out), data=str(tmp_path / "targets"), cond_data=str(tmp_path / "inputs"), lora_rank=lora_rank, **SMALL
     )
     train(config, progress=False)
@@ -157,7 +157,7 @@ def test_a_widened_export_round_trips_and_samples_with_its_condition(tmp_path, l
     # loads back onto that widened base; without conditions the run is refused by name.
     again = dict(pretrained=str(out / "export"), data=str(tmp_path / "targets"), **SMALL)
     train(
-        TrainConfig(out=str(tmp_path / "more"), cond_data=str(tmp_path / "inputs"), lora_rank=4, **again),
+        TrainConfig.teacher_task(out=str(tmp_path / "more"), cond_data=str(tmp_path / "inputs"), lora_rank=4, **again),
         progress=False,
     )
     meta = json.loads((tmp_path / "more/export/d2f.json").read_text())
@@ -165,7 +165,7 @@ def test_a_widened_export_round_trips_and_samples_with_its_condition(tmp_path, l
     assert d2f.load(tmp_path / "more/export", concat=cond).net.conv_in.weight.shape[1] == 2
     message = "takes 2 input channels, but the data gives 1 target channel.s. and no conditions; .* --cond-data"
     with pytest.raises(ValueError, match=message):
-        train(TrainConfig(out=str(tmp_path / "bare"), lora_rank=0, **again), progress=False)
+        train(TrainConfig.teacher_task(out=str(tmp_path / "bare"), lora_rank=0, **again), progress=False)
 
 
 def test_eval_task_dense_scores_depth_with_an_ensemble(tmp_path, capsys):
@@ -176,7 +176,7 @@ def test_eval_task_dense_scores_depth_with_an_ensemble(tmp_path, capsys):
     write_pairs(tmp_path, [f"{i:02d}" for i in range(6)])
     out = tmp_path / "run"
     flags = dict(data=str(tmp_path / "targets"), cond_data=str(tmp_path / "inputs"))
-    train(TrainConfig(out=str(out), lora_rank=0, **flags, **SMALL), progress=False)
+    train(TrainConfig.teacher_task(out=str(out), lora_rank=0, **flags, **SMALL), progress=False)
     argv = ["eval", "--task", "dense", "--model", str(out / "export"), "--data", flags["data"], "--steps", "2"]
     argv += ["--cond-data", flags["cond_data"], "--num-samples", "4", "--ensemble", "3"]
     argv += ["--out", str(tmp_path / "r.json")]
@@ -215,7 +215,7 @@ def test_a_pipeline_run_encodes_the_pairs_and_widens_its_unet(tmp_path):
     images = captioned_folder(tmp_path / "images", n=6)
     cond = condition_folder(images, tmp_path / "cond")
     out = tmp_path / "run"
-    config = TrainConfig(
+    config = TrainConfig.teacher_task(
         out=str(out), pretrained=str(pipeline), data=str(images), cond_data=str(cond), resolution=8, batch_size=3
     )
     train(config.replace(max_steps=2, num_samples=2, sample_steps=2, checkpoint_every=0), progress=False)

@@ -18,6 +18,7 @@ from .time_samplers import T_SAMPLERS
 def _train_parser(sub) -> None:
     from .networks.widen import COND_INITS
     from .training.config import (
+        DEFAULT_GUIDANCE,
         DEFAULT_LR_FULL,
         DEFAULT_LR_LORA,
         MIXED_PRECISION,
@@ -30,9 +31,12 @@ def _train_parser(sub) -> None:
     defaults = TrainConfig()
     p = sub.add_parser(
         "train",
-        help="finetune a diffusion UNet into a flow model (no arguments: the embedded MNIST demo)",
-        description="Finetune a diffusers UNet with Diff2Flow (or naive FM / diffusion). With no arguments: "
-        "convert the embedded MNIST teacher, show zero-shot FM samples, and LoRA-finetune it to 24x24 digits.",
+        help="finetune a diffusion UNet into a flow model (no arguments: the shipped miniature Stable Diffusion)",
+        description="Finetune a diffusers UNet with Diff2Flow (or naive FM / diffusion). With no arguments: write the "
+        "shipped digits as a captioned folder at 128 px, encode it with the shipped miniature Stable Diffusion, "
+        "LoRA-finetune its UNet with Diff2Flow, and draw samples.png and the prompt-following scores through "
+        "StableDiffusionPipeline + load_lora_weights + D2FScheduler. The pixel teacher's task (E1-E5): "
+        "--pretrained teacher --data mnist --resolution 24 --guidance 1.",
     )
 
     def setting(flag: str, help: str, **options) -> None:
@@ -41,8 +45,8 @@ def _train_parser(sub) -> None:
         p.add_argument(flag, default=getattr(defaults, dest), help=help, **options)
 
     p.add_argument("--out", default=None, help="output folder; unset: runs/<objective>-<data>")
-    setting("--pretrained", "'teacher', a d2f export or a diffusers UNet folder")
-    setting("--data", "mnist | digits | image folder | latents .safetensors/.npy")
+    setting("--pretrained", "'miniature', 'teacher', a d2f export, a diffusers UNet or pipeline folder")
+    setting("--data", "captioned-digits | mnist | digits | image folder | latents .safetensors/.npy")
     setting("--pairs", "reflow: train on a `d2f pairs` file (noise -> sample) instead of --data")
     setting(
         "--cond-data",
@@ -66,7 +70,11 @@ def _train_parser(sub) -> None:
         "d2f (Diff2Flow), fm (naive flow matching) or diffusion (the teacher's own loss)",
         choices=OBJECTIVES,
     )
-    setting("--t-sampler", "unset: logit-normal (d2f, fm)", choices=T_SAMPLERS)
+    setting(
+        "--t-sampler",
+        "unset: logit-normal (fm; d2f on v or sample networks), diffusion-matched (d2f on epsilon ones)",
+        choices=T_SAMPLERS,
+    )
     setting("--lora-rank", "0 = full finetuning", type=int)
     setting(
         "--full-convs",
@@ -119,7 +127,11 @@ def _train_parser(sub) -> None:
     )
     setting("--sample-steps", "ODE steps of the final samples", type=int)
     setting("--num-samples", "images in samples.png (from a pipeline: one per --validation-prompt instead)", type=int)
-    setting("--guidance", "classifier-free guidance of the samples", type=float)
+    setting(
+        "--guidance",
+        f"classifier-free guidance of the samples; unset: {DEFAULT_GUIDANCE:g} with a null condition, else 1",
+        type=float,
+    )
     setting(
         "--validation-prompt",
         "repeatable: sample these prompts through the base pipeline with D2FScheduler (CFG --guidance, fixed "

@@ -49,6 +49,8 @@ PHRASINGS = (
     "the number {name} in {thickness} strokes {slant}",
 )
 MEASURED_AT = 28
+# The data name under which d2f train writes these digits as a captioned folder into its run (at its resolution).
+CAPTIONED_DIGITS = "captioned-digits"
 
 
 def _at_28px(images: Tensor) -> Tensor:
@@ -130,8 +132,9 @@ def captioned_digits(resolution: int, seed: int = 0) -> CaptionedDigits:
     )
 
 
-def write_digit_folder(out: str | os.PathLike, resolution: int, seed: int = 0) -> Path:
-    """A captioned image folder of the shipped digits at ``resolution``, as ``d2f encode`` reads it: greyscale
+def write_digit_folder(out: str | os.PathLike, resolution: int, seed: int = 0, count: int | None = None) -> Path:
+    """A captioned image folder of the shipped digits (the first ``count``; None: all 5000) at ``resolution``,
+    as ``d2f encode`` reads it: greyscale
     PNGs and a ``metadata.jsonl`` with ``file_name``, ``text`` (the caption) and the measured ``digit``,
     ``thickness`` and ``slant``. Built in a temporary sibling and renamed into place, so ``out`` appears whole
     or not at all (:func:`~d2f._files.built_in_place`); an existing ``out`` is refused."""
@@ -141,7 +144,9 @@ def write_digit_folder(out: str | os.PathLike, resolution: int, seed: int = 0) -
     if out.exists():
         raise FileExistsError(17, "already exists; give a new folder", str(out))
     data = captioned_digits(resolution, seed)
-    pixels = ((data.images[:, 0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+    if count is not None and check_positive_int("count", count) > len(data.images):
+        raise ValueError(f"count={count!r} is more than the {len(data.images)} shipped digits")
+    pixels = ((data.images[:count, 0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
     with built_in_place(out) as tmp:
         lines = []
         for i, image in enumerate(pixels):

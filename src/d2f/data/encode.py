@@ -44,6 +44,7 @@ import torch
 from .._backend import device_or_default
 from .._files import output_path, write_safetensors
 from .._versioned import Document
+from ..networks.export import model_folder
 from ..networks.models import check_pipeline_folder, load_model, load_pretrained
 from .captions import Captions, Unreadable, batches, check_resolution, find_captions, flips, load_image
 from .images import IMAGE_SUFFIXES, folder_files, pair_by_stem
@@ -113,14 +114,15 @@ def _present(index: dict, name: str) -> bool:
 
 
 def find_pipeline(pretrained: str | Path, kind: str | None = None) -> tuple[Path, dict, str]:
-    """The pipeline folder (``pretrained``, or the folder above it when given its ``unet/``), its
+    """The pipeline folder (``pretrained``: a folder, ``"miniature"`` for the shipped one, or the folder above a
+    ``unet/`` given), its
     ``model_index.json`` and its kind, ``"sd"`` or ``"sdxl"``; refused unless it holds what encoding needs,
     or when ``kind`` is given and the pipeline is of the other kind."""
     from .._files import read_json
 
     if kind is not None and kind not in KINDS:
         raise ValueError(f"kind={kind!r} is not allowed: 'sd' (SD 1.x/2.x), 'sdxl' or None (the pipeline's own)")
-    folder = Path(pretrained).resolve()
+    folder = model_folder(str(pretrained)).resolve()
     if not (folder / "model_index.json").is_file() and (folder.parent / "model_index.json").is_file():
         folder = folder.parent
     if not (folder / "model_index.json").is_file():

@@ -131,7 +131,7 @@ def depth(
         name = f"{objective}/{capacity}/{init}"
         arm_started = time.perf_counter()
         for seed in seeds:
-            config = TrainConfig(
+            config = TrainConfig.teacher_task(
                 out=str(folder / name.replace("/", "-") / f"seed{seed}"),
                 data=str(data),
                 resolution=16,

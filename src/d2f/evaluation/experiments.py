@@ -106,7 +106,7 @@ def committed_run(out: str, objective: str, **settings) -> TrainConfig:
     """A training run of E2-E4 with the settings their committed results were made with: lr 1e-3 and, for the
     flow objectives, uniform t (``d2f train``'s defaults then)."""
     t_sampler = None if objective == "diffusion" else "uniform"
-    return TrainConfig(out=out, objective=objective, t_sampler=t_sampler, lr=1e-3, **settings)
+    return TrainConfig.teacher_task(out=out, objective=objective, t_sampler=t_sampler, lr=1e-3, **settings)
 
 
 def full_finetune(out: str, objective: str, max_steps: int, seed: int, **settings) -> TrainConfig:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -45,6 +46,13 @@ def evaluation_prompts() -> list[Prompt]:
         found += [Prompt(f"a {name} {s}", digit, slant=s) for s in SLANT]
         found += [Prompt(f"a {t} {name} {s}", digit, t, s) for t in THICKNESS for s in SLANT]
     return found
+
+
+def sample_prompts() -> list[Prompt]:
+    """The ten prompts of a run's ``samples.png`` (``d2f train`` on the captioned digits): digit ``d`` with the
+    ``d``-th of its evaluation prompts, so the row shows each kind of prompt (alone, a thickness, a slant, both)."""
+    prompts = evaluation_prompts()
+    return [prompts[12 * digit + digit] for digit in range(len(NAMES))]
 
 
 def grey(images: Tensor) -> Tensor:
@@ -127,3 +135,30 @@ def reference_scores(pipeline: str | os.PathLike, seed: int = 0) -> dict[str, An
     prompts = evaluation_prompts() * REFERENCE["per_prompt"]
     images = pipeline_images(pipe, prompts, REFERENCE["steps"], REFERENCE["guidance"], seed)
     return {**REFERENCE, "scheduler": type(pipe.scheduler).__name__, **prompt_following(images, prompts)}
+
+
+def export_outputs(
+    export: str | os.PathLike, out: str | os.PathLike, steps: int, guidance: float, seed: int, size: int
+):
+    """What ``d2f train`` on the captioned digits writes about its export, drawn the way a user draws it
+    (:func:`~d2f.networks.sampling.export_pipeline`: the base pipeline, ``load_lora_weights``, ``D2FScheduler``
+    with the auto solver) at ``size`` px: ``samples.png``, one image per :func:`sample_prompts` prompt, with
+    ``samples.json`` naming them; returns those names and the prompt following on :func:`evaluation_prompts`,
+    one image each, for ``metrics.json``."""
+    from .._files import write_json
+    from ..auto_sampler import auto_sampler
+    from ..figures import save_grid
+    from ..networks.sampling import export_pipeline
+
+    out = Path(out)
+    pipe = export_pipeline(export, device="cpu")
+    settings = {"steps": steps, "guidance": guidance, "seed": seed, "size": size}
+    config = pipe.scheduler.config
+    sampler = auto_sampler(steps, config.flow_finetuned)
+    settings["scheduler"] = f"D2FScheduler(solver='auto'): {sampler.solver} on the {sampler.grid} grid"
+    shown = sample_prompts()
+    save_grid(pipeline_images(pipe, shown, steps, guidance, seed, size), out / "samples.png", len(shown), upscale=1)
+    write_json(out / "samples.json", {**settings, "prompts": [p.text for p in shown]})
+    prompts = evaluation_prompts()
+    scores = prompt_following(pipeline_images(pipe, prompts, steps, guidance, seed, size), prompts)
+    return {"samples_png": "samples.png", "samples_json": "samples.json", "prompt_following": {**settings, **scores}}

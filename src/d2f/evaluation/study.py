@@ -117,7 +117,7 @@ class Study:
             return
         clear_unfinished(self.out / "zsnr-teacher")
         train(
-            TrainConfig(
+            TrainConfig.teacher_task(
                 out=str(self.out / "zsnr-teacher"),
                 objective="diffusion",
                 zero_terminal_snr=True,
@@ -175,7 +175,7 @@ class Study:
         if not (folder / "export" / "d2f.json").is_file():
             clear_unfinished(folder)
             metrics = train(
-                TrainConfig(
+                TrainConfig.teacher_task(
                     out=str(folder),
                     pretrained=self.teacher_path(cell.teacher),
                     objective=cell.objective,

@@ -46,6 +46,7 @@ from .._versioned import Document
 from ..parametrization import DIFFUSERS_PREDICTION_TYPES, PREDICTION_TYPES
 from ..schedule import Schedule
 from ..training.config import OBJECTIVES, TrainConfig
+from .miniature import pipeline_path
 from .models import FULL_CONVS, Network, check_safetensors, diffusers_unet, load_unet, lora_config
 from .teachers import teacher_path
 from .widen import widen_conv_in
@@ -202,10 +203,19 @@ def check_meta(meta: dict[str, Any], where: Path) -> None:
         raise ValueError(f"{where}: a LoRA export must name its base model")
 
 
+# The models d2f ships, by the names a run's ``pretrained`` and a LoRA export's ``base`` give them.
+SHIPPED = {"teacher": teacher_path, "miniature": pipeline_path}
+
+
+def model_folder(spec: str) -> Path:
+    """The folder ``spec`` names: a shipped model's (:data:`SHIPPED`) or the path itself."""
+    return SHIPPED[spec]() if spec in SHIPPED else Path(spec)
+
+
 def read_model(model: str | os.PathLike, name: str = "model") -> Export:
     """The export ``model`` names: ``"teacher"`` (the embedded one) or an export folder; anything else is refused
     as the argument ``name``, before a missing ``d2f.json`` is reported as an unreadable file."""
-    folder = teacher_path() if str(model) == "teacher" else Path(model)
+    folder = model_folder(str(model))
     if not (folder / "d2f.json").is_file():
         raise ValueError(f"{name}={str(model)!r}: no d2f.json there, so it is not a d2f export")
     return read_export(folder)
@@ -293,10 +303,11 @@ def load(
 
 
 def load_network(spec: str) -> Network:
-    """What a run starts from: ``teacher``, a d2f export folder (full finetune of a diffusion or d2f model),
-    a diffusers UNet folder, or a pipeline folder."""
-    folder = teacher_path() if spec == "teacher" else Path(spec)
-    source = spec if spec == "teacher" else str(folder.resolve())  # LoRA exports name their base by it
+    """What a run starts from: ``teacher`` (the embedded teacher), ``miniature`` (the shipped miniature Stable
+    Diffusion pipeline), a d2f export folder (full finetune of a diffusion or d2f model), a diffusers UNet folder,
+    or a pipeline folder."""
+    folder = model_folder(spec)
+    source = spec if spec in SHIPPED else str(folder.resolve())  # LoRA exports name their base by it
     if not (folder / "d2f.json").exists():
         return diffusers_unet(folder, spec, source)
     export = read_export(folder)

@@ -8,8 +8,10 @@ CPU, in SD 1.x's layout, for text-to-image on the shipped digits (their captions
 - **Text encoder**: a 2-layer ``CLIPTextModel`` of width 64 with fixed random weights, frozen as SD's is. Trained
   weights would need a contrastive image model to train against, which this miniature does not have; a random
   encoder already gives each caption a distinct embedding, and the UNet's cross-attention learns to read it.
-- **UNet**: a ``UNet2DConditionModel`` of (64, 128) channels with cross-attention on the text embedding at both
-  levels, trained as a diffusion model with SD 1.5's schedule and epsilon prediction (``d2f miniature``).
+- **UNet**: a ``UNet2DConditionModel`` of (64, 128) channels, 3.15 M parameters, with cross-attention on the
+  text embedding at the latent's full size and in the middle block (attention at both levels costs 23 % more
+  per step for 1.0 M more parameters), trained as a diffusion model with SD 1.5's schedule and epsilon
+  prediction (``d2f miniature``).
 - **Scheduler**: SD 1.5's ``DDIMScheduler`` configuration.
 """
 
@@ -41,8 +43,8 @@ UNET = {
     "in_channels": 4,
     "out_channels": 4,
     "block_out_channels": (64, 128),
-    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
     "layers_per_block": 1,
     "cross_attention_dim": TEXT_WIDTH,
     "attention_head_dim": 8,
@@ -152,7 +154,37 @@ def write_pipeline(folder: str | os.PathLike, vae, unet, text_encoder, tokenizer
     )
     with built_in_place(folder) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        write_bpe_files(tmp / "tokenizer")
+        prefix_text_model(tmp / "text_encoder" / "model.safetensors")
     return Path(folder)
+
+
+def prefix_text_model(file: Path) -> None:
+    """Store the text encoder's weights under ``text_model.``, as every SD checkpoint's ``CLIPTextModel`` does:
+    transformers 5 saves them without it, which transformers 4 does not match to its model and would
+    initialise at random (with a warning only)."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(file))
+    renamed = {(k if k.startswith("text_model.") else f"text_model.{k}"): v for k, v in weights.items()}
+    save_file(renamed, str(file), metadata={"format": "pt"})
+
+
+def write_bpe_files(folder: Path) -> None:
+    """``vocab.json`` and ``merges.txt`` beside a saved tokenizer's ``tokenizer.json``, from its BPE model:
+    transformers 5 saves only ``tokenizer.json``, and transformers 4's ``CLIPTokenizer`` (d2f supports 4.40 on)
+    reads these two files instead."""
+    model = json.loads((folder / "tokenizer.json").read_text())["model"]
+    merges = [pair if isinstance(pair, str) else " ".join(pair) for pair in model["merges"]]
+    (folder / "vocab.json").write_text(json.dumps(model["vocab"]))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{pair}\n" for pair in merges))
+
+
+def pipeline_path() -> Path:
+    """Where the trained miniature ships: ``d2f/assets/miniature``, a ``StableDiffusionPipeline`` folder
+    (``StableDiffusionPipeline.from_pretrained(pipeline_path())``; ``pretrained="miniature"`` in d2f), with the
+    ``recipe.json`` and ``prompt_following.json`` of the ``d2f miniature`` run that trained it."""
+    return Path(__file__).resolve().parent.parent / "assets" / "miniature"
 
 
 def components(vocab_size: int, seed: int) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from ..grids import GRIDS
 from ..schedule import Schedule
 from ..solvers import SOLVERS
 from ..velocity import D2FVelocity
-from .export import ddim_config, flow_finetuned, load, read_model
+from .export import ddim_config, flow_finetuned, load, model_folder, read_model
 from .models import check_sample_size
 
 
@@ -154,7 +154,7 @@ def text_unet_error(model: str, meta: dict) -> ValueError:
             f"{what} and conditions; d2f sample, eval and pairs give no text embeddings: d2f eval --task dense "
             "samples it (with the empty prompt, its conditions through the pipeline's VAE)"
         )
-    base = meta["base"] if meta["kind"] == "lora" else meta["train_config"]["pretrained"]
+    base = str(model_folder(meta["base"] if meta["kind"] == "lora" else meta["train_config"]["pretrained"]))
     if (Path(model) / "pytorch_lora_weights.safetensors").is_file():
         loading = f"pipe = {pipeline}.from_pretrained({base!r}); pipe.load_lora_weights({model!r})"
     else:
@@ -163,6 +163,33 @@ def text_unet_error(model: str, meta: dict) -> ValueError:
         f"{what}; d2f sample, eval and pairs give none: sample it through the pipeline with D2FScheduler (see the "
         f"README): {loading}; pipe.scheduler = D2FScheduler.from_pretrained({model!r}, subfolder='scheduler')"
     )
+
+
+def export_pipeline(model: str | os.PathLike, solver: str = "auto", device: str | torch.device | None = None):
+    """An export of a text-to-image pipeline's UNet loaded as a user loads it (the recipe of
+    :func:`text_unet_error`): the base pipeline offline from its folder without a safety checker, the LoRA through
+    ``pipe.load_lora_weights`` (a full export: its ``unet/`` in place of the base's), and ``D2FScheduler`` from the
+    export's ``scheduler/`` with ``solver``; progress bars off."""
+    import diffusers
+
+    from ..scheduler import D2FScheduler
+    from .models import load_unet
+
+    meta = read_model(model).meta
+    pipeline = meta.get("pipeline")
+    if pipeline is None or meta.get("cond_channels"):
+        raise ValueError(f"model={str(model)!r} is not an export of a text-to-image pipeline's UNet")
+    cls = getattr(diffusers, pipeline)
+    base = model_folder(meta["base"] if meta["kind"] == "lora" else meta["train_config"]["pretrained"])
+    parts = {"unet": load_unet(Path(model) / "unet")} if meta["kind"] == "full" else {}
+    if "safety_checker" in inspect.signature(cls.__init__).parameters:
+        parts["safety_checker"] = None
+    pipe = cls.from_pretrained(base, local_files_only=True, use_safetensors=True, **parts)
+    if meta["kind"] == "lora":
+        pipe.load_lora_weights(str(model))
+    pipe.scheduler = D2FScheduler.from_pretrained(str(model), subfolder="scheduler", solver=solver)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device_or_default(device))
 
 
 def check_inputs(field: D2FVelocity, model: str, meta: dict, shared: dict | None) -> None:

@@ -8,10 +8,12 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from ..data.digit_captions import CAPTIONED_DIGITS
 from ..networks.widen import COND_INITS
 from ..schedule import Schedule
 from ..time_samplers import T_SAMPLERS
 from .objectives import OBJECTIVES, trained_t_min
+from .objectives import prediction_type as objective_prediction_type
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 REPORT_TO = ("tensorboard",)  # accelerate's trackers d2f logs to
@@ -31,35 +33,61 @@ RESUMABLE_CHANGES = {
     "report_to",
 }
 DEFAULT_T_SAMPLER = "logit-normal"  # best or tied in the settings study (docs/results.md, "Choosing settings")
+# ... except for an epsilon network under d2f: logit-normal draws t down to 0.001, far below the lowest level the
+# teacher was trained at (tau_min, 0.064 on SD 1.5's schedule), where the velocity derived from epsilon divides by
+# a vanishing alpha. The miniature SD's 128 px LoRA, 200 steps: digit accuracy 0.45 with diffusion-matched t
+# against 0.20 with logit-normal (docs/results.md, "The miniature Stable Diffusion").
+DEFAULT_T_SAMPLER_EPSILON = "diffusion-matched"
 # The settings study tuned the lr per capacity; these are its picks (docs/results.md, "Choosing settings").
 DEFAULT_LR_LORA = 3e-3
 DEFAULT_LR_FULL = 1e-3
+# Classifier-free guidance of a run's samples where it has a null condition to guide by: the miniature Stable
+# Diffusion's reference scale (evaluation/prompts.py).
+DEFAULT_GUIDANCE = 3.0
+# The pixel teacher's task, d2f train's default before the Stable Diffusion workflow: the 16x16 teacher adapted to
+# 24x24 MNIST digits, samples unguided. E1-E5, depth and the study run on it (TrainConfig.teacher_task).
+TEACHER_TASK = {
+    "pretrained": "teacher",
+    "data": "mnist",
+    "resolution": 24,
+    "guidance": 1.0,
+    "max_steps": 600,
+    "batch_size": 32,
+    "sample_steps": 25,
+}
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Settings of ``d2f train`` (the CLI flags are these names with dashes)."""
+    """Settings of ``d2f train`` (the CLI flags are these names with dashes). The defaults are the main job: the
+    shipped miniature Stable Diffusion LoRA-finetuned with Diff2Flow to 128 px captioned digits."""
 
     out: str = "runs/default"
-    pretrained: str = "teacher"  # the embedded teacher, a d2f export, or a diffusers UNet folder
-    data: str = "mnist"  # mnist | digits | an image folder | a latents file (.safetensors / .npy)
+    # "miniature" (the shipped miniature Stable Diffusion), "teacher" (the embedded pixel teacher), a d2f export,
+    # a diffusers UNet folder or a pipeline folder
+    pretrained: str = "miniature"
+    # captioned-digits (the shipped digits as a captioned folder, written into the run) | mnist | digits |
+    # an image folder | a latents file (.safetensors / .npy)
+    data: str = CAPTIONED_DIGITS
     pairs: str | None = None  # reflow: a `d2f pairs` file, trained on instead of data
     # Image-to-X: each sample's condition, appended to the network input (a folder paired by name with an image
     # folder data, or a latents file of conditions); a UNet that does not take them is widened (networks/widen.py).
     cond_data: str | None = None
     cond_init: str = "zero"  # how a widened conv_in starts: zero | marigold (widen.COND_INITS)
-    resolution: int = 24  # the default task adapts the 16x16 teacher to 24x24
+    resolution: int = 128  # the main job: the miniature (trained at 64 px) at twice its size
     classes: tuple[int, ...] | None = None  # keep only these labels (mnist, digits)
     caption_column: str = "text"  # a pipeline and a captioned image folder: metadata.jsonl's caption key
     flip: bool = False  # ... and flip images at random (seeded) before encoding
     objective: str = "d2f"
-    t_sampler: str | None = None  # None: logit-normal for d2f and fm; diffusion draws integer timesteps
+    # None: logit-normal for fm and for d2f, diffusion-matched for d2f on an epsilon network (t_sampler_for);
+    # diffusion draws integer timesteps
+    t_sampler: str | None = None
     lora_rank: int = 8  # 0 = full finetuning
     # With LoRA, also train conv_in and conv_out fully (the paper's best); None: yes, except for a UNet from a
     # diffusers pipeline, whose LoRA export is in diffusers' format (LoRA weights only; models.add_lora).
     lora_full_convs: bool | None = None
-    max_steps: int = 600
-    batch_size: int = 32
+    max_steps: int = 200  # the main job's, sized to run in about 3 minutes on 2 CPU cores
+    batch_size: int = 16
     grad_accum: int = 1
     lr: float | None = None  # None: DEFAULT_LR_LORA with LoRA, DEFAULT_LR_FULL for full finetuning
     warmup_steps: int = 50
@@ -71,9 +99,9 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30 % more compute
     seed: int = 0
     checkpoint_every: int = 200  # 0 = never
-    sample_steps: int = 25
+    sample_steps: int = 10  # network calls of the run's samples (and of the main job's prompt following)
     num_samples: int = 40
-    guidance: float = 1.0
+    guidance: float | None = None  # None: DEFAULT_GUIDANCE where the run has a null condition, else 1
     validation_prompts: tuple[str, ...] | None = None  # sampled through the base pipeline every validation_every
     validation_every: int = 0  # steps; 0 = never
     report_to: str | None = None  # "tensorboard": loss, lr and validation images under <out>/logs
@@ -131,8 +159,12 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 self._fail(name, "a finite number >= 0")
-        if not isinstance(self.guidance, (int, float)) or not math.isfinite(self.guidance):
-            self._fail("guidance", "a finite number")
+        if self.guidance is not None and (
+            isinstance(self.guidance, bool)
+            or not isinstance(self.guidance, (int, float))
+            or not math.isfinite(self.guidance)
+        ):
+            self._fail("guidance", "None (the default for the data) or a finite number")
 
     def _check_types(self) -> None:
         """Labels, names and switches, each of its type."""
@@ -156,7 +188,8 @@ class TrainConfig:
                     f"pairs={self.pairs!r} (reflow) trains the straight path from each stored noise to its sample: "
                     "use objective 'd2f' (or 'fm'), not 'diffusion'"
                 )
-            if self.data != "mnist" or self.classes is not None:
+            # data left at a task's default (the main job's, or the teacher task's) is not a choice the pairs undo
+            if self.data not in (TrainConfig.data, TEACHER_TASK["data"]) or self.classes is not None:
                 raise ValueError(f"pairs={self.pairs!r} replaces data: give data (and classes) or pairs, not both")
         if self.cond_init not in COND_INITS:
             self._fail("cond_init", f"one of {COND_INITS}")
@@ -181,16 +214,21 @@ class TrainConfig:
         if self.init is not None and self.lora_rank:
             raise ValueError("init='teacher-config' trains a new model from scratch: it needs lora_rank=0")
 
-    @property
-    def resolved_t_sampler(self) -> str | None:
+    def t_sampler_for(self, prediction_type: str) -> str | None:
+        """The time sampler this run draws with for a network of ``prediction_type``: the set one, else
+        :data:`DEFAULT_T_SAMPLER`, or :data:`DEFAULT_T_SAMPLER_EPSILON` where the objective reads the output as
+        epsilon; None for diffusion (integer timesteps)."""
         if self.objective == "diffusion":
             return None
-        return self.t_sampler or DEFAULT_T_SAMPLER
+        if self.t_sampler is not None:
+            return self.t_sampler
+        epsilon = objective_prediction_type(self.objective, prediction_type) == "epsilon"
+        return DEFAULT_T_SAMPLER_EPSILON if epsilon else DEFAULT_T_SAMPLER
 
     def t_min(self, prediction_type: str, schedule: Schedule) -> float:
         """The lowest FM time this run draws for a network of ``prediction_type`` trained on ``schedule``: where
         its samples' grids start (its export's ``t_min``)."""
-        return trained_t_min(self.objective, self.resolved_t_sampler, prediction_type, schedule)
+        return trained_t_min(self.objective, self.t_sampler_for(prediction_type), prediction_type, schedule)
 
     @property
     def resolved_lr(self) -> float:
@@ -229,8 +267,28 @@ class TrainConfig:
                 values[name] = tuple(values[name])
         return cls(**values)
 
+    @classmethod
+    def teacher_task(cls, **settings: Any) -> TrainConfig:
+        """A run of the pixel teacher's task (:data:`TEACHER_TASK`), with ``settings`` on top."""
+        return cls(**{**TEACHER_TASK, **settings})
+
+    def guidance_for(self, has_null: bool) -> float:
+        """The guidance scale of the run's samples: the set one, else :data:`DEFAULT_GUIDANCE` where the run has a
+        null condition (a null class, or the empty prompt's embedding) and 1 where it has none."""
+        if self.guidance is not None:
+            return self.guidance
+        return DEFAULT_GUIDANCE if has_null else 1.0
+
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
-__all__ = ["MIXED_PRECISION", "ON_NONFINITE", "REPORT_TO", "RESUMABLE_CHANGES", "TrainConfig"]
+__all__ = [
+    "DEFAULT_GUIDANCE",
+    "MIXED_PRECISION",
+    "TEACHER_TASK",
+    "ON_NONFINITE",
+    "REPORT_TO",
+    "RESUMABLE_CHANGES",
+    "TrainConfig",
+]

@@ -142,5 +142,5 @@ def draws(
     noise = normals(key, where, NOISE, math.prod(shape), backend).reshape(len(where), *shape)
     coin, u = uniforms(key, where, UNIFORMS, 2, backend).unbind(1)
     z = normals(key, where, NORMALS, 1, backend)[:, 0]
-    times = draw_time(config.objective, config.resolved_t_sampler, u, z, prediction_type, schedule)
+    times = draw_time(config.objective, config.t_sampler_for(prediction_type), u, z, prediction_type, schedule)
     return noise, times, coin < config.cond_dropout

@@ -25,7 +25,7 @@ from .draws import draws, positions
 from .guards import check_trained, check_weights, nonfinite_report, read_step
 from .lock import run_lock
 from .objectives import objective_loss
-from .outputs import write_outputs, write_summary
+from .outputs import peak_rss_mib, stage, write_outputs, write_summary
 from .setup import Run, set_up
 
 
@@ -57,7 +57,8 @@ def train(config: TrainConfig, resume: str | None = None, progress: bool = True)
 
 
 def _train_locked(config: TrainConfig, resume: str | None, progress: bool, accelerator, started: float) -> dict:
-    run, metrics, start, losses = set_up(config, resume, progress, accelerator)
+    stages: dict[str, dict] = {}  # seconds and peak memory of each stage, for metrics.json
+    run, metrics, start, losses = set_up(config, resume, progress, accelerator, stages)
     main = accelerator.is_main_process
     bar = tqdm(range(start, config.max_steps), initial=start, total=config.max_steps, disable=not (progress and main))
     bar.set_description(f"d2f train {config.objective}")
@@ -76,19 +77,26 @@ def _train_locked(config: TrainConfig, resume: str | None, progress: bool, accel
                 state = (run.trainable, run.ema, run.optimizer, config.seed, config.to_dict(), losses)
                 save_checkpoint(Path(config.out), step + 1, *state)
     train_seconds = time.perf_counter() - train_started
+    stages["train"] = {"seconds": round(train_seconds, 2), "peak_rss_mib": peak_rss_mib()}
     check_trained(config, start, losses)
     check_weights(config, config.max_steps, run.trainable, run.ema)
     accelerator.wait_for_everyone()
 
     if main:
-        with ema_weights(run.trainable, run.ema):
+        with ema_weights(run.trainable, run.ema), stage(stages, "outputs"):
             run.network.unet.eval()
             written = write_outputs(
                 config, run.network, run.conditioning, run.data, run.validation, run.widened, accelerator.device
             )
         seconds = (train_seconds, started)
         metrics = write_summary(
-            config, metrics | written, losses, start, seconds, accelerator.num_processes, accelerator.device
+            config,
+            metrics | written | {"stages": stages},
+            losses,
+            start,
+            seconds,
+            accelerator.num_processes,
+            accelerator.device,
         )
     accelerator.wait_for_everyone()
     accelerator.end_training()

@@ -3,7 +3,9 @@ the export with its ``d2f.json``, the loss curve and ``metrics.json``."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -11,7 +13,9 @@ from typing import Any
 import torch
 
 from .._files import write_json
+from ..data.digit_captions import CAPTIONED_DIGITS
 from ..data.images import Dataset
+from ..evaluation.prompts import export_outputs
 from ..figures import save_grid, save_loss_curve
 from ..networks.export import write_export
 from ..networks.models import Network
@@ -147,12 +151,36 @@ def write_outputs(
     elif data.images.shape[1] in SHOWN_CHANNELS:
         request = SampleRequest.make(conditioning, data, config.num_samples, size, device)
         t_min = config.t_min(network.prediction_type, network.schedule)
-        field = velocity_field(network, config.objective, config.guidance, request, t_min)
+        guidance = config.guidance_for(bool(request.uncond))
+        field = velocity_field(network, config.objective, guidance, request, t_min)
         images = sample_images(field, config.objective, config.sample_steps, request, config.seed + 2, device)
         written["samples_png"] = save_images(images, out / "samples.png")
     meta = run_meta(config, network, conditioning.null_class, size[-1], data.concat, widened, data.labels is not None)
     write_export(out / "export", network.unet, network.schedule, meta)
+    if config.data == CAPTIONED_DIGITS:  # what the export draws through the pipeline, and how well it follows
+        written |= export_outputs(
+            out / "export", out, config.sample_steps, config.guidance_for(True), config.seed + 2, config.resolution
+        )
     return written
+
+
+@contextlib.contextmanager
+def stage(stages: dict[str, dict[str, float | None]], name: str):
+    """Record the block's seconds and the process's peak resident memory at its end (MiB; None where the
+    platform does not report it) as ``stages[name]``, for ``metrics.json``."""
+    started = time.perf_counter()
+    yield
+    stages[name] = {"seconds": round(time.perf_counter() - started, 2), "peak_rss_mib": peak_rss_mib()}
+
+
+def peak_rss_mib() -> float | None:
+    """The process's peak resident memory so far, in MiB (``getrusage``: KiB on Linux, bytes on macOS)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
 
 
 def write_summary(

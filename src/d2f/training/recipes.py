@@ -27,7 +27,7 @@ def teacher_config(
     if resolution not in RECIPES:
         raise ValueError(f"resolution={resolution!r} has no teacher recipe: one of {tuple(RECIPES)}")
     batch_size, default_steps = RECIPES[resolution]
-    return TrainConfig(
+    return TrainConfig.teacher_task(
         out=out,
         init="teacher-config",
         prediction_type=prediction_type,
@@ -47,7 +47,7 @@ def teacher_config(
 
 
 # The miniature Stable Diffusion (``networks/miniature.py``): its VAE and UNet steps, and the UNet's batch and lr.
-MINIATURE = {"resolution": 64, "vae_steps": 1500, "vae_batch_size": 16, "unet_steps": 3000, "unet_batch_size": 64}
+MINIATURE = {"resolution": 64, "vae_steps": 1200, "vae_batch_size": 8, "unet_steps": 2000, "unet_batch_size": 64}
 
 
 def train_miniature(

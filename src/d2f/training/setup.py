@@ -15,6 +15,7 @@ import torch
 
 from .._files import temporary_files, write_json
 from ..data.datasets import load_dataset
+from ..data.digit_captions import CAPTIONED_DIGITS, write_digit_folder
 from ..data.encode import check_encoded, check_training_latents, encode
 from ..data.images import Dataset
 from ..data.pairs import load_pairs
@@ -28,7 +29,7 @@ from .checkpoint import remove_interrupted as remove_interrupted_checkpoints
 from .conditioning import Conditioning
 from .config import TrainConfig
 from .draws import DRAWS, PREVIOUS_DRAWS, Stream
-from .outputs import zero_shot_check
+from .outputs import stage, zero_shot_check
 from .validation import Validation, pipeline_class
 
 
@@ -51,9 +52,11 @@ class Run:
     widened: str | None  # conv_in's initialisation where the run widened it
 
 
-def set_up(config: TrainConfig, resume: str | None, progress: bool, accelerator) -> tuple[Run, dict, int, list]:
-    """Everything before the first step; returns the run, the metrics so far, its first step and the losses of
-    the steps before it (a resumed run's)."""
+def set_up(
+    config: TrainConfig, resume: str | None, progress: bool, accelerator, stages: dict[str, dict]
+) -> tuple[Run, dict, int, list]:
+    """Everything before the first step, its stages timed into ``stages`` (``outputs.stage``); returns the run,
+    the metrics so far, its first step and the losses of the steps before it (a resumed run's)."""
     device, main = accelerator.device, accelerator.is_main_process
     out = Path(config.out)
     _check_out(config)
@@ -61,10 +64,12 @@ def set_up(config: TrainConfig, resume: str | None, progress: bool, accelerator)
     if main:
         _remove_interrupted(out)
     torch.manual_seed(config.seed)  # LoRA's A matrices and from-scratch weights
-    network = _network(config)
-    network.unet.to(device)
-    validation = _validation(config, network, main)
-    data = _data(config, network, accelerator, progress and main)
+    with stage(stages, "model"):
+        network = _network(config)
+        network.unet.to(device)
+        validation = _validation(config, network, main)
+    with stage(stages, "data"):  # written and encoded first where it has to be
+        data = _data(config, network, accelerator, progress and main)
     widened = _widen(config, network, data)
     _check_size(config, network, data)
     conditioning = Conditioning.plan(config, network, data)
@@ -72,7 +77,8 @@ def set_up(config: TrainConfig, resume: str | None, progress: bool, accelerator)
     if main:
         out.mkdir(parents=True, exist_ok=True)
         if not config.init and checkpoint is None:
-            metrics.update(zero_shot_check(network, conditioning, data, config, out, device))
+            with stage(stages, "zero_shot_check"):
+                metrics.update(zero_shot_check(network, conditioning, data, config, out, device))
 
     trainable = _trainable(config, network, widened)
     ema = {n: p.detach().clone() for n, p in trainable.items()}
@@ -202,17 +208,36 @@ def _data(config: TrainConfig, network: Network, accelerator, progress: bool) ->
     channels = network.unet.config.out_channels  # the target's; a widened conv_in also takes the conditions
     if config.pairs is not None:
         return load_pairs(config.pairs, (channels, config.resolution, config.resolution))
+    if config.data == CAPTIONED_DIGITS:
+        folder = _digit_folder(config, network, accelerator)
+        return load_dataset(str(_encoded(config, folder, network, accelerator, progress)), config.resolution, channels)
     if network.pipeline is not None and Path(config.data).is_dir():
-        return load_dataset(str(_encoded(config, network, accelerator, progress)), config.resolution, channels)
+        cache = _encoded(config, Path(config.data), network, accelerator, progress)
+        return load_dataset(str(cache), config.resolution, channels)
     if Path(config.data).suffix == ".safetensors" and Path(config.data).is_file():
         check_training_latents(config.data, network.source if network.pipeline else None, config.resolution)
     return load_dataset(config.data, config.resolution, channels, config.classes, config.cond_data)
 
 
-def _encoded(config: TrainConfig, network: Network, accelerator, progress: bool) -> Path:
-    """A pipeline and a captioned image folder: the run encodes the images and captions once with the pipeline's
-    own VAE and text encoders into ``<out>/latents.safetensors``, and reuses that file on resume only if the
-    data and settings are unchanged (``encode.check_encoded``)."""
+def _digit_folder(config: TrainConfig, network: Network, accelerator) -> Path:
+    """``data="captioned-digits"``: the shipped digits with their captions, written once at the run's resolution
+    into ``<out>/captioned-digits`` (``data/digit_captions.py``), for a pipeline to encode."""
+    if network.pipeline is None:
+        raise ValueError(
+            f"data={config.data!r} is a captioned image folder, which needs a text-to-image pipeline as pretrained "
+            f"(the shipped one: 'miniature'); {network.source} is not one: give it data 'mnist' or 'digits'"
+        )
+    folder = Path(config.out) / CAPTIONED_DIGITS
+    if accelerator.is_main_process and not folder.is_dir():
+        write_digit_folder(folder, config.resolution, config.seed)
+    accelerator.wait_for_everyone()
+    return folder
+
+
+def _encoded(config: TrainConfig, folder: Path, network: Network, accelerator, progress: bool) -> Path:
+    """A pipeline and a captioned image ``folder``: the run encodes the images and captions once with the
+    pipeline's own VAE and text encoders into ``<out>/latents.safetensors``, and reuses that file on resume only if
+    the data and settings are unchanged (``encode.check_encoded``)."""
     out = Path(config.out)
     cache = out / "latents.safetensors"
     settings = dict(
@@ -222,7 +247,7 @@ def _encoded(config: TrainConfig, network: Network, accelerator, progress: bool)
         out.mkdir(parents=True, exist_ok=True)
         encode(
             network.source,
-            config.data,
+            folder,
             config.resolution,
             cache,
             progress=progress,
@@ -230,7 +255,7 @@ def _encoded(config: TrainConfig, network: Network, accelerator, progress: bool)
             **settings,
         )
     accelerator.wait_for_everyone()
-    check_encoded(cache, network.source, config.data, config.resolution, **settings)
+    check_encoded(cache, network.source, folder, config.resolution, **settings)
     return cache
 
 

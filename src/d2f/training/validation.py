@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..figures import save_grid
-from ..networks.export import ddim_config
+from ..networks.export import ddim_config, model_folder
 from ..networks.models import Network, check_pipeline_folder
 from . import objectives
 from .config import TrainConfig
@@ -50,7 +50,7 @@ class Validation:
         from ..scheduler import D2FScheduler
 
         cls = pipeline_class(network)
-        folder = Path(network.source)  # the pipeline, or its unet/ folder
+        folder = model_folder(network.source)  # the pipeline, or its unet/ folder
         folder = folder if (folder / "model_index.json").is_file() else folder.parent
         # Flow objectives sample on the uniform FM grid (their best after finetuning), diffusion on DDIM's.
         grid = "ddim" if config.objective == "diffusion" else "uniform"
@@ -61,7 +61,11 @@ class Validation:
         scheduler = D2FScheduler.from_config(scheduler_config, grid=grid, t_min=t_min)
         self.pipe = _load(cls, folder, network.unet, scheduler)
         self.pipe.set_progress_bar_config(disable=True)
-        self.prompts, self.steps, self.guidance = list(config.validation_prompts), config.sample_steps, config.guidance
+        self.prompts, self.steps, self.guidance = (
+            list(config.validation_prompts),
+            config.sample_steps,
+            config.guidance_for(True),
+        )
         self.seed = config.seed + 3
 
     def to(self, device: torch.device) -> None:
