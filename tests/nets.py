@@ -64,4 +64,4 @@ def teacher_flags() -> list[str]:
     Stable Diffusion workflow."""
     from d2f.training.config import TEACHER_TASK
 
-    return [f"--{name}={value}" for name, value in TEACHER_TASK.items()]
+    return [f"--{name.replace('_', '-')}={value}" for name, value in TEACHER_TASK.items()]

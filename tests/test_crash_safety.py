@@ -29,7 +29,7 @@ SETTINGS = dict(
     resolution=16, batch_size=4, max_steps=4, checkpoint_every=2, warmup_steps=1, lora_rank=4, num_samples=2
 )
 SETTINGS["sample_steps"] = 1
-FLAGS = [f"--{k.replace('_', '-')}={v}" for k, v in SETTINGS.items()] + ["--no-progress", *teacher_flags()]
+FLAGS = [*teacher_flags(), *(f"--{k.replace('_', '-')}={v}" for k, v in SETTINGS.items()), "--no-progress"]
 
 # Runs `d2f train` with a kill switch: argv[1] names the point, the rest are d2f's arguments.
 KILLER = """

@@ -108,3 +108,15 @@ def test_the_folder_is_what_encode_reads_and_its_columns_are_the_measures(tmp_pa
     with pytest.raises(FileExistsError, match="already exists"):
         write_digit_folder(out, resolution=28)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["digits"]
+
+
+def test_a_smaller_folder_spreads_over_every_class(tmp_path):
+    """The shipped digits are sorted by class: ``count`` takes them evenly spaced, not the first ones (all zeros)."""
+    out = write_digit_folder(tmp_path / "twenty", resolution=16, count=20)
+    rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert [row["digit"] for row in rows] == [d for d in range(10) for _ in range(2)]
+    assert sorted(p.name for p in out.iterdir()) == sorted([f"{i:05d}.png" for i in range(20)] + ["metadata.jsonl"])
+    for count, message in [(0, "count=0 must be a positive integer"), (5001, "count=5001 is more than the 5000")]:
+        with pytest.raises(ValueError, match=message):
+            write_digit_folder(tmp_path / f"c{count}", resolution=16, count=count)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["twenty"]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from d2f.data.digit_captions import NAMES, write_digit_folder
+from d2f.data.digit_captions import NAMES, SLANT, THICKNESS, attributes, write_digit_folder
 from d2f.data.encode import encode, vae_images
 from d2f.evaluation.classifier import load_classifier
 from d2f.evaluation.metrics import to_input
@@ -78,9 +78,11 @@ def test_it_follows_prompts_above_the_floor(pipe):
     assert scores["thickness_accuracy"] >= THICKNESS_FLOOR, scores
 
 
-def test_each_encoded_latent_decodes_to_the_digit_its_caption_names(pipe, encoded):
-    """The latents file pairs row i's image with row i's caption: the image decoded from latent i is the digit the
-    caption of row i names, and row i's text embedding is that caption's."""
+def test_each_encoded_latent_decodes_to_what_its_caption_says(pipe, encoded):
+    """The latents file pairs row i's image with row i's caption: the image decoded from latent i is the digit
+    the caption of row i names, with the thickness and slant it names (measured as the captions were), and row
+    i's text embedding is that caption's. The digits are sorted by class, so a caption one image off names the
+    same digit nearly always, but another image's attributes."""
     tensors, rows, _ = encoded
     classifier = load_classifier()
     with torch.no_grad():
@@ -88,6 +90,10 @@ def test_each_encoded_latent_decodes_to_the_digit_its_caption_names(pipe, encode
         seen = classifier(to_input(images)).argmax(1)
     named = torch.tensor([named_digit(row["text"]) for row in rows])
     assert (seen == named).float().mean() >= 0.95
+    measured = attributes(images)
+    for name, bins, floor in (("thickness", THICKNESS, 0.85), ("slant", SLANT, 0.9)):
+        pairs = [(m, b) for m, row in zip(measured[name], rows) for b in bins if b in row["text"]]
+        assert len(pairs) > 50 and sum(m == b for m, b in pairs) / len(pairs) >= floor, (name, pairs)
     with torch.no_grad():
         states, _ = pipe.encode_prompt([r["text"] for r in rows[:8]], "cpu", 1, False)
     torch.testing.assert_close(tensors["encoder_hidden_states"][:8], states, rtol=1e-5, atol=1e-5)

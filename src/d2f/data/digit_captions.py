@@ -133,26 +133,29 @@ def captioned_digits(resolution: int, seed: int = 0) -> CaptionedDigits:
 
 
 def write_digit_folder(out: str | os.PathLike, resolution: int, seed: int = 0, count: int | None = None) -> Path:
-    """A captioned image folder of the shipped digits (the first ``count``; None: all 5000) at ``resolution``,
-    as ``d2f encode`` reads it: greyscale
+    """A captioned image folder of the shipped digits at ``resolution``, as ``d2f encode`` reads it: greyscale
     PNGs and a ``metadata.jsonl`` with ``file_name``, ``text`` (the caption) and the measured ``digit``,
-    ``thickness`` and ``slant``. Built in a temporary sibling and renamed into place, so ``out`` appears whole
-    or not at all (:func:`~d2f._files.built_in_place`); an existing ``out`` is refused."""
+    ``thickness`` and ``slant``. ``count`` digits (None: all 5000) are taken evenly spaced: the shipped digits
+    are sorted by class, so the first few hundred would all be zeros. Built in a temporary sibling and renamed
+    into place, so ``out`` appears whole or not at all (:func:`~d2f._files.built_in_place`); an existing ``out``
+    is refused."""
     from PIL import Image
 
     out = Path(out)
     if out.exists():
         raise FileExistsError(17, "already exists; give a new folder", str(out))
     data = captioned_digits(resolution, seed)
-    if count is not None and check_positive_int("count", count) > len(data.images):
-        raise ValueError(f"count={count!r} is more than the {len(data.images)} shipped digits")
-    pixels = ((data.images[:count, 0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+    n = len(data.images)
+    if count is not None and check_positive_int("count", count) > n:
+        raise ValueError(f"count={count!r} is more than the {n} shipped digits")
+    taken = range(n) if count is None else [k * n // count for k in range(count)]
+    pixels = ((data.images[:, 0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
     with built_in_place(out) as tmp:
         lines = []
-        for i, image in enumerate(pixels):
+        for i, k in enumerate(taken):
             name = f"{i:05d}.png"
-            Image.fromarray(image).save(tmp / name)
-            row = {"file_name": name, "text": data.captions[i], "digit": int(data.labels[i])}
-            lines.append(json.dumps({**row, "thickness": data.thickness[i], "slant": data.slant[i]}))
+            Image.fromarray(pixels[k]).save(tmp / name)
+            row = {"file_name": name, "text": data.captions[k], "digit": int(data.labels[k])}
+            lines.append(json.dumps({**row, "thickness": data.thickness[k], "slant": data.slant[k]}))
         (tmp / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     return out
