@@ -173,7 +173,9 @@ def prefix_text_model(file: Path) -> None:
 def write_bpe_files(folder: Path) -> None:
     """``vocab.json`` and ``merges.txt`` beside a saved tokenizer's ``tokenizer.json``, from its BPE model:
     transformers 5 saves only ``tokenizer.json``, and transformers 4's ``CLIPTokenizer`` (d2f supports 4.40 on)
-    reads these two files instead."""
+    reads these two files instead (and saves them itself)."""
+    if (folder / "vocab.json").is_file():
+        return
     model = json.loads((folder / "tokenizer.json").read_text())["model"]
     merges = [pair if isinstance(pair, str) else " ".join(pair) for pair in model["merges"]]
     (folder / "vocab.json").write_text(json.dumps(model["vocab"]))
