@@ -134,7 +134,9 @@ def test_one_run_per_out_and_no_stale_lock_after_sigkill(tmp_path):
     assert set(before) <= set(snapshot(out))  # the refused run removed nothing (the holder wrote on)
     # The kernel dropped the dead run's lock: resuming takes the folder at once.
     step = int(latest_checkpoint(out).name.split("-")[1])
-    metrics = train(TrainConfig.teacher_task(out=str(out), **{**SETTINGS, "max_steps": step + 1}), resume="latest", progress=False)
+    metrics = train(
+        TrainConfig.teacher_task(out=str(out), **{**SETTINGS, "max_steps": step + 1}), resume="latest", progress=False
+    )
     assert metrics["steps_this_run"] == 1
 
 

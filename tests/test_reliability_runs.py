@@ -378,7 +378,7 @@ def narrowed(source: Path, target: Path, key: str, width: int) -> Path:
 def test_text_embeddings_of_another_width_are_refused_before_training(root, tmp_path, kind, key, width, message):
     latents = narrowed(root / f"{kind}-latents.safetensors", tmp_path / "narrow.safetensors", key, width)
     out = tmp_path / "run"
-    config = TrainConfig.teacher_task(out=str(out), pretrained=str(root / kind), data=str(latents), resolution=R, max_steps=1)
+    config = TrainConfig(out=str(out), pretrained=str(root / kind), data=str(latents), resolution=R, max_steps=1)
     with pytest.raises(ValueError, match=f"data='{latents}' holds {message}"):
         train(config.replace(lora_rank=4, batch_size=4, num_samples=2, sample_steps=1), progress=False)
     assert [p.name for p in out.iterdir()] == [LOCK_NAME]
@@ -390,7 +390,7 @@ def test_text_embeddings_without_a_token_axis_are_refused(root, tmp_path):
     tensors["null_encoder_hidden_states"] = tensors["null_encoder_hidden_states"][0].contiguous()
     latents = tmp_path / "flat.safetensors"
     save_file(tensors, str(latents))
-    config = TrainConfig.teacher_task(out=str(tmp_path / "run"), pretrained=str(root / "sd"), data=str(latents), resolution=R)
+    config = TrainConfig(out=str(tmp_path / "run"), pretrained=str(root / "sd"), data=str(latents), resolution=R)
     with pytest.raises(ValueError, match=r"encoder_hidden_states of shape \(4, 12\); .* \(samples, tokens, width\)"):
         train(config.replace(lora_rank=4, batch_size=4, max_steps=1), progress=False)
 
@@ -475,7 +475,7 @@ def test_an_output_in_a_read_only_folder_is_refused_before_the_encode(root, tmp_
 
 def test_a_file_where_a_resumed_run_writes_its_validation_folder_is_refused_before_training(root, tmp_path):
     out = tmp_path / "run"
-    config = TrainConfig.teacher_task(out=str(out), pretrained=str(root / "sd"), data=str(root / "sd-latents.safetensors"))
+    config = TrainConfig(out=str(out), pretrained=str(root / "sd"), data=str(root / "sd-latents.safetensors"))
     config = config.replace(resolution=R, lora_rank=4, batch_size=4, num_samples=2, sample_steps=1, checkpoint_every=1)
     train(config.replace(max_steps=1), progress=False)
     (out / "validation").write_text("not a folder")

@@ -48,7 +48,9 @@ def depth(tmp_path_factory):
     """The teacher widened for one condition channel and finetuned on six 16x16 pairs (a full export)."""
     root = tmp_path_factory.mktemp("depth")
     targets, inputs = grey_images(root / "targets", 6), grey_images(root / "inputs", 6, seed=1)
-    config = TrainConfig.teacher_task(out=str(root / "run"), data=str(targets), cond_data=str(inputs), resolution=16, **SMALL)
+    config = TrainConfig.teacher_task(
+        out=str(root / "run"), data=str(targets), cond_data=str(inputs), resolution=16, **SMALL
+    )
     train(config.replace(lora_rank=0), progress=False)
     return root / "run" / "export", targets, inputs
 
@@ -61,7 +63,7 @@ def sd(tmp_path_factory):
     pipeline = tiny_sd_pipeline(root / "pipeline", prediction_type="v_prediction")
     images = captioned_folder(root / "images", n=6)
     cond = condition_folder(images, root / "cond")
-    config = TrainConfig.teacher_task(pretrained=str(pipeline), data=str(images), resolution=8, **SMALL)
+    config = TrainConfig(pretrained=str(pipeline), data=str(images), resolution=8, **SMALL)
     for name, rank, conditions in (("lora", 4, None), ("full", 0, None), ("cond", 4, str(cond))):
         train(config.replace(out=str(root / "runs" / name), lora_rank=rank, cond_data=conditions), progress=False)
     return root, pipeline, images

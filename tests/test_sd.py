@@ -45,7 +45,7 @@ def lora_run(request, tmp_path_factory):
     kind = request.param
     root = tmp_path_factory.mktemp(kind)
     pipeline, images = pipeline_and_images(root, kind)
-    config = TrainConfig.teacher_task(
+    config = TrainConfig(
         out=str(root / "run"),
         pretrained=str(pipeline),
         data=str(images),
@@ -176,7 +176,7 @@ def test_a_pipeline_run_resumes_bit_for_bit_and_a_full_one_exports_a_unet_folder
     from diffusers import UNet2DConditionModel
 
     pipeline, images = pipeline_and_images(tmp_path, "sdxl")
-    config = TrainConfig.teacher_task(pretrained=str(pipeline), data=str(images), **TINY, lora_rank=lora_rank, checkpoint_every=2)
+    config = TrainConfig(pretrained=str(pipeline), data=str(images), **TINY, lora_rank=lora_rank, checkpoint_every=2)
     train(config.replace(out=str(tmp_path / "straight"), max_steps=4), progress=False)
     train(config.replace(out=str(tmp_path / "split"), max_steps=2), progress=False)
     flags = f"--pretrained {pipeline} --data {images} --resolution 8 --batch-size 4 --warmup-steps 0 --num-samples 2"
@@ -263,7 +263,7 @@ def test_train_on_a_pipeline_and_a_captioned_folder_encodes_once(tmp_path, capsy
     pipeline = tiny_sd_pipeline(tmp_path / "pipeline", prediction_type="v_prediction")
     images = captioned_folder(tmp_path / "images", n=12, formats="jsonl")
     small = dict(resolution=8, lora_rank=4, batch_size=4, warmup_steps=0, num_samples=2, sample_steps=2)
-    config = TrainConfig.teacher_task(out=str(tmp_path / "run"), pretrained=str(pipeline), data=str(images), **small)
+    config = TrainConfig(out=str(tmp_path / "run"), pretrained=str(pipeline), data=str(images), **small)
     train(config.replace(max_steps=2, checkpoint_every=2), progress=False)
     cache = tmp_path / "run" / "latents.safetensors"
     before = cache.stat().st_mtime_ns

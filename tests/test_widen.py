@@ -215,7 +215,7 @@ def test_a_pipeline_run_encodes_the_pairs_and_widens_its_unet(tmp_path):
     images = captioned_folder(tmp_path / "images", n=6)
     cond = condition_folder(images, tmp_path / "cond")
     out = tmp_path / "run"
-    config = TrainConfig.teacher_task(
+    config = TrainConfig(
         out=str(out), pretrained=str(pipeline), data=str(images), cond_data=str(cond), resolution=8, batch_size=3
     )
     train(config.replace(max_steps=2, num_samples=2, sample_steps=2, checkpoint_every=0), progress=False)
