@@ -326,6 +326,17 @@ def test_checkpoints_are_protected(tmp_path):
     assert latest_checkpoint(tmp_path / "run") == latest
 
 
+def test_the_captioned_digits_need_a_pipeline_and_say_how_to_run_the_teacher(tmp_path):
+    """The main job's data with the pixel teacher (the main job before): refused by name, with the data it takes."""
+    with pytest.raises(
+        ValueError,
+        match=r"data='captioned-digits' is a captioned image folder, which needs a "
+        r"text-to-image pipeline as pretrained .* teacher is not one: give it data 'mnist'",
+    ):
+        train(TrainConfig(out=str(tmp_path / "run"), pretrained="teacher", max_steps=1), progress=False)
+    assert not (tmp_path / "run" / "captioned-digits").exists()
+
+
 def test_cli_flags_and_sample(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "--bogus-flag"])
