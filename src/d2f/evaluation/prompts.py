@@ -138,20 +138,27 @@ def reference_scores(pipeline: str | os.PathLike, seed: int = 0) -> dict[str, An
 
 
 def export_outputs(
-    export: str | os.PathLike, out: str | os.PathLike, steps: int, guidance: float, seed: int, size: int
+    export: str | os.PathLike,
+    out: str | os.PathLike,
+    steps: int,
+    guidance: float,
+    seed: int,
+    size: int,
+    device: str | torch.device | None = None,
 ):
     """What ``d2f train`` on the captioned digits writes about its export, drawn the way a user draws it
     (:func:`~d2f.networks.sampling.export_pipeline`: the base pipeline, ``load_lora_weights``, ``D2FScheduler``
     with the auto solver) at ``size`` px: ``samples.png``, one image per :func:`sample_prompts` prompt, with
     ``samples.json`` naming them; returns those names and the prompt following on :func:`evaluation_prompts`,
-    one image each, for ``metrics.json``."""
+    one image each, for ``metrics.json``. The pipeline runs on ``device`` (unset: CUDA when available); the
+    noise is drawn on the CPU, so each prompt starts from the same noise on any device."""
     from .._files import write_json
     from ..auto_sampler import auto_sampler
     from ..figures import save_grid
     from ..networks.sampling import export_pipeline
 
     out = Path(out)
-    pipe = export_pipeline(export, device="cpu")
+    pipe = export_pipeline(export, device=device)
     settings = {"steps": steps, "guidance": guidance, "seed": seed, "size": size}
     config = pipe.scheduler.config
     sampler = auto_sampler(steps, config.flow_finetuned)

@@ -159,7 +159,13 @@ def write_outputs(
     write_export(out / "export", network.unet, network.schedule, meta)
     if config.data == CAPTIONED_DIGITS:  # what the export draws through the pipeline, and how well it follows
         written |= export_outputs(
-            out / "export", out, config.sample_steps, config.guidance_for(True), config.seed + 2, config.resolution
+            out / "export",
+            out,
+            config.sample_steps,
+            config.guidance_for(True),
+            config.seed + 2,
+            config.resolution,
+            device,
         )
     return written
 
