@@ -554,3 +554,23 @@ def test_gradient_checkpointing_computes_the_same_update(tmp_path, monkeypatch, 
     assert runs[True].keys() == runs[False].keys()
     assert all(torch.equal(runs[True][k], runs[False][k]) for k in runs[True])
     assert calls[False] > 0 and calls[True] >= 1.5 * calls[False], calls
+
+
+def test_the_defaults_that_depend_on_the_network_and_the_data():
+    """guidance None: 3 where the run can guide (a null class or prompt), 1 where it cannot; t_sampler None:
+    diffusion-matched for d2f on an epsilon network, logit-normal otherwise; the teacher task keeps the old ones."""
+    from d2f.training.config import DEFAULT_GUIDANCE, TEACHER_TASK
+
+    config = TrainConfig()
+    assert config.guidance_for(True) == DEFAULT_GUIDANCE == 3.0 and config.guidance_for(False) == 1.0
+    assert TrainConfig(guidance=1.5).guidance_for(True) == 1.5 == TrainConfig(guidance=1.5).guidance_for(False)
+    assert config.t_sampler_for("epsilon") == "diffusion-matched"
+    assert config.t_sampler_for("v_prediction") == config.t_sampler_for("sample") == "logit-normal"
+    assert TrainConfig(objective="fm").t_sampler_for("epsilon") == "logit-normal"  # fm reads the output as velocity
+    assert TrainConfig(objective="diffusion").t_sampler_for("epsilon") is None
+    assert TrainConfig(t_sampler="uniform").t_sampler_for("epsilon") == "uniform"
+    teacher = TrainConfig.teacher_task(max_steps=7)
+    assert {k: getattr(teacher, k) for k in TEACHER_TASK} == {**TEACHER_TASK, "max_steps": 7}
+    for bad in ("3", True, float("nan")):
+        with pytest.raises(ValueError, match=r"guidance=.* is not allowed: None \(the default for the data\)"):
+            TrainConfig(guidance=bad)
