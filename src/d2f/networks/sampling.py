@@ -154,7 +154,7 @@ def text_unet_error(model: str, meta: dict) -> ValueError:
             f"{what} and conditions; d2f sample, eval and pairs give no text embeddings: d2f eval --task dense "
             "samples it (with the empty prompt, its conditions through the pipeline's VAE)"
         )
-    base = str(model_folder(meta["base"] if meta["kind"] == "lora" else meta["train_config"]["pretrained"]))
+    base = str(base_folder(meta))
     if (Path(model) / "pytorch_lora_weights.safetensors").is_file():
         loading = f"pipe = {pipeline}.from_pretrained({base!r}); pipe.load_lora_weights({model!r})"
     else:
@@ -163,6 +163,12 @@ def text_unet_error(model: str, meta: dict) -> ValueError:
         f"{what}; d2f sample, eval and pairs give none: sample it through the pipeline with D2FScheduler (see the "
         f"README): {loading}; pipe.scheduler = D2FScheduler.from_pretrained({model!r}, subfolder='scheduler')"
     )
+
+
+def base_folder(meta: dict) -> Path:
+    """The folder of the model an export of a pipeline's UNet was trained from: a LoRA's base, a full run's
+    ``pretrained`` (a shipped name resolved)."""
+    return model_folder(meta["base"] if meta["kind"] == "lora" else meta["train_config"]["pretrained"])
 
 
 def export_pipeline(model: str | os.PathLike, solver: str = "auto", device: str | torch.device | None = None):
@@ -180,7 +186,7 @@ def export_pipeline(model: str | os.PathLike, solver: str = "auto", device: str 
     if pipeline is None or meta.get("cond_channels"):
         raise ValueError(f"model={str(model)!r} is not an export of a text-to-image pipeline's UNet")
     cls = getattr(diffusers, pipeline)
-    base = model_folder(meta["base"] if meta["kind"] == "lora" else meta["train_config"]["pretrained"])
+    base = base_folder(meta)
     parts = {"unet": load_unet(Path(model) / "unet")} if meta["kind"] == "full" else {}
     if "safety_checker" in inspect.signature(cls.__init__).parameters:
         parts["safety_checker"] = None

@@ -25,7 +25,7 @@ from .draws import draws, positions
 from .guards import check_trained, check_weights, nonfinite_report, read_step
 from .lock import run_lock
 from .objectives import objective_loss
-from .outputs import peak_rss_mib, stage, write_outputs, write_summary
+from .outputs import stage, stage_record, write_outputs, write_summary
 from .setup import Run, set_up
 
 
@@ -77,7 +77,7 @@ def _train_locked(config: TrainConfig, resume: str | None, progress: bool, accel
                 state = (run.trainable, run.ema, run.optimizer, config.seed, config.to_dict(), losses)
                 save_checkpoint(Path(config.out), step + 1, *state)
     train_seconds = time.perf_counter() - train_started
-    stages["train"] = {"seconds": round(train_seconds, 2), "peak_rss_mib": peak_rss_mib()}
+    stages["train"] = stage_record(train_seconds)
     check_trained(config, start, losses)
     check_weights(config, config.max_steps, run.trainable, run.ema)
     accelerator.wait_for_everyone()

@@ -176,7 +176,12 @@ def stage(stages: dict[str, dict[str, float | None]], name: str):
     platform does not report it) as ``stages[name]``, for ``metrics.json``."""
     started = time.perf_counter()
     yield
-    stages[name] = {"seconds": round(time.perf_counter() - started, 2), "peak_rss_mib": peak_rss_mib()}
+    stages[name] = stage_record(time.perf_counter() - started)
+
+
+def stage_record(seconds: float) -> dict[str, float | None]:
+    """One stage's entry in ``metrics.json``: its seconds and the process's peak memory at its end."""
+    return {"seconds": round(seconds, 2), "peak_rss_mib": peak_rss_mib()}
 
 
 def peak_rss_mib() -> float | None:

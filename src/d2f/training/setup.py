@@ -208,12 +208,10 @@ def _data(config: TrainConfig, network: Network, accelerator, progress: bool) ->
     channels = network.unet.config.out_channels  # the target's; a widened conv_in also takes the conditions
     if config.pairs is not None:
         return load_pairs(config.pairs, (channels, config.resolution, config.resolution))
-    if config.data == CAPTIONED_DIGITS:
-        folder = _digit_folder(config, network, accelerator)
+    digits = config.data == CAPTIONED_DIGITS
+    if digits or (network.pipeline is not None and Path(config.data).is_dir()):
+        folder = _digit_folder(config, network, accelerator) if digits else Path(config.data)
         return load_dataset(str(_encoded(config, folder, network, accelerator, progress)), config.resolution, channels)
-    if network.pipeline is not None and Path(config.data).is_dir():
-        cache = _encoded(config, Path(config.data), network, accelerator, progress)
-        return load_dataset(str(cache), config.resolution, channels)
     if Path(config.data).suffix == ".safetensors" and Path(config.data).is_file():
         check_training_latents(config.data, network.source if network.pipeline else None, config.resolution)
     return load_dataset(config.data, config.resolution, channels, config.classes, config.cond_data)
