@@ -90,7 +90,7 @@ def test_eval_command_writes_a_report(tmp_path, capsys):
     report = json.loads(out.read_text())
     assert report["num_samples"] == 20 and report["resolution"] == 16
     assert (report["solver"], report["grid"], report["steps"]) == ("multistep", "uniform", 2)  # auto, resolved
-    for key in ("fid", "precision", "recall", "class_accuracy"):
+    for key in ("fid", "kid", "kid_std", "precision", "recall", "class_accuracy"):
         assert math.isfinite(report[key]), key
     assert np.isclose(json.loads(capsys.readouterr().out)["fid"], report["fid"])
 

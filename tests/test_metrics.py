@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from d2f.evaluation.metrics import class_accuracy, features, fid, precision_recall, score
+from d2f.evaluation.metrics import class_accuracy, features, fid, kid, precision_recall, score
 
 
 def points(*xs: float) -> torch.Tensor:
@@ -73,3 +73,24 @@ def test_class_accuracy_features_and_score_cover_every_batch():
         "fid": pytest.approx(fid(real, expected), rel=1e-6),
         "class_accuracy": pytest.approx(900 / 1001),
     }
+
+
+def test_kid_of_sets_with_a_hand_computed_kernel():
+    """1-D features (d = 1), k(x, y) = (xy + 1)^3: within {0, 1}, k(0, 1) = 1; within {2, 3}, k(2, 3) = 343; across,
+    k = 1, 1, 27, 64 (mean 23.25). Unbiased MMD² = 1 + 343 - 2 * 23.25 = 297.5, whichever order a subset takes."""
+    value, spread = kid(points(0, 1), points(2, 3), subsets=5)
+    assert value == pytest.approx(297.5) and spread == pytest.approx(0.0, abs=1e-9)
+    assert kid(points(2, 3), points(0, 1), subsets=1) == (pytest.approx(297.5), 0.0)  # symmetric
+
+
+def test_kid_is_unbiased_near_zero_for_one_distribution_and_grows_with_a_shift():
+    """Two draws of one Gaussian: the unbiased estimate averages to about 0 (it may go below), unlike FID's positive
+    bias; a shifted draw scores far above the spread, and the subsets see a spread."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(400, 4, generator=g), torch.randn(400, 4, generator=g)
+    same, same_spread = kid(a, b, subsets=20, subset_size=100)
+    shifted, _ = kid(a, b + 1.0, subsets=20, subset_size=100)
+    assert abs(same) < 3 * same_spread and same_spread > 0
+    assert shifted > 20 * same_spread
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        kid(points(1.0), points(1.0, 2.0))

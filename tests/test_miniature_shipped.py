@@ -153,3 +153,39 @@ def test_the_main_job_shortened_exports_a_lora_that_load_lora_weights_reads_and_
     before, after = (pipeline_images(p, prompts, 10, 3.0, seed=5) for p in (base, tuned))
     change = (after - before).abs()
     assert change.mean() > 2e-3 and change.max() > 0.1, (change.mean(), change.max())
+
+
+def test_pipeline_pairs_hold_the_pipelines_own_guided_images_their_noise_and_prompt(pipe, tmp_path):
+    """``d2f pairs --prompts``: each stored latent decodes to the image the pipeline draws, through its own call
+    path, for that prompt from the stored noise, and the stored embedding is the pipeline's for the prompt."""
+    from d2f.data.pairs import load_pairs, pipeline_pairs
+    from d2f.evaluation.prompts import Prompt
+
+    prompt = Prompt("a thick seven", 7)
+    meta = pipeline_pairs("miniature", [prompt.text], tmp_path / "p.safetensors", 3, steps=4, guidance=3.0, seed=5)
+    assert meta["scheduler"] == "DDIMScheduler" and meta["size"] == 64 and meta["guidance"] == 3.0
+    data = load_pairs(tmp_path / "p.safetensors", (4, 8, 8))
+    with torch.no_grad():
+        decoded = vae_images(pipe.vae, data.images)
+        states, _ = pipe.encode_prompt([prompt.text], "cpu", 1, False)
+    drawn = pipeline_images(pipe, [prompt] * 3, 4, 3.0, seed=6, size=64)  # image i from seed 6 + i: pair i's noise
+    assert (decoded - drawn).abs().max() < 2e-3
+    torch.testing.assert_close(data.encoder_hidden_states, states.expand(3, -1, -1))
+    assert data.noise.std() > 0.5 and not torch.equal(data.noise[0], data.noise[1])
+
+
+def test_a_reflow_lora_trains_on_pipeline_pairs_and_samples_unguided(tmp_path):
+    """The pairs train a LoRA on the pipeline's UNet (the latents' side from the VAE, not the pixels'); dropout is
+    refused by name, since the pairs hold no empty prompt; the run's outputs are drawn unguided."""
+    from d2f.data.pairs import pipeline_pairs
+    from d2f.training.config import TrainConfig
+    from d2f.training.loop import train
+
+    pairs = tmp_path / "p.safetensors"
+    pipeline_pairs("miniature", ["a handwritten two", "a thin five"], pairs, 4, steps=2, guidance=3.0)
+    settings = dict(pairs=str(pairs), resolution=64, max_steps=2, batch_size=4, checkpoint_every=0, sample_steps=1)
+    with pytest.raises(ValueError, match=r"cond_dropout=0.1 needs null_encoder_hidden_states; pairs=.*cond_dropout=0"):
+        train(TrainConfig(out=str(tmp_path / "refused"), **settings), progress=False)
+    metrics = train(TrainConfig(out=str(tmp_path / "run"), cond_dropout=0.0, **settings), progress=False)
+    assert metrics["prompt_following"]["guidance"] == 1.0 and metrics["prompt_following"]["size"] == 64
+    assert (tmp_path / "run" / "export" / "pytorch_lora_weights.safetensors").is_file()

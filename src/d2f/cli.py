@@ -232,6 +232,13 @@ def _pairs_parser(sub) -> None:
     )
     _sampling_arguments(p, num_samples=5000)
     p.set_defaults(steps=50, solver="euler", grid="uniform")
+    p.add_argument(
+        "--prompts",
+        default=None,
+        help="a captioned image folder whose captions prompt --model, a Stable Diffusion pipeline (a folder, or "
+        "'miniature'): pairs of latents drawn by the pipeline's own scheduler in --steps steps with --guidance",
+    )
+    p.add_argument("--resolution", type=int, default=None, help="with --prompts: image size (unset: the pipeline's)")
     p.add_argument("--out", required=True, help="the pairs file to write (.safetensors)")
 
 
@@ -262,7 +269,8 @@ def _reproduce_parser(sub) -> None:
     p = sub.add_parser(
         "reproduce",
         help="the paper's experiments in miniature: E1 zero-shot, E2 finetuning, E3 reflow, E4 terminal SNR, "
-        "E5 few-step samplers against diffusers' at equal network calls, depth: image-to-depth finetuning",
+        "E5 few-step samplers against diffusers' at equal network calls, depth: image-to-depth finetuning, E6: "
+        "text-to-image through the miniature Stable Diffusion (zero-shot, 128 px finetuning, reflow)",
     )
     p.add_argument("--experiment", choices=(*EXPERIMENTS, "all"), default="all", help="which experiment to run")
     p.add_argument(
@@ -270,7 +278,8 @@ def _reproduce_parser(sub) -> None:
         type=int,
         default=None,
         help="unset: 1000 for e1, e3, e4 (150 per seed at 32 and 64 px or --budget small); 300 per checkpoint "
-        "for e2; 200 per seed for e5; 500 held-out for depth",
+        "for e2; 200 per seed for e5; 500 held-out for depth; for e6, the reflow pairs (2000; its scores are on "
+        "120 fixed prompts)",
     )
     p.add_argument("--scale", type=float, default=1.0, help="multiply sample counts and training steps")
     p.add_argument("--seed", type=int, default=0, help="seeds training and sampling")
@@ -406,9 +415,37 @@ def _encode(args: argparse.Namespace) -> None:
 
 
 def _pairs(args: argparse.Namespace) -> None:
-    from .data.pairs import generate_pairs
+    from .data.pairs import generate_pairs, pipeline_pairs
 
-    meta = generate_pairs(args.model, args.out, args.num_samples, _sampling_settings(args), progress=True)
+    if args.prompts is None:
+        if args.resolution is not None:
+            raise ValueError(
+                "--resolution is for a pipeline's pairs (with --prompts); an export samples "
+                "at the resolution it was trained at"
+            )
+        meta = generate_pairs(args.model, args.out, args.num_samples, _sampling_settings(args), progress=True)
+    else:
+        from .data.captions import find_captions
+
+        exports_only = {"solver": "euler", "grid": "uniform", "shift": 3.0}  # the parser's defaults
+        ignored = [f"--{k} {getattr(args, k)}" for k, v in exports_only.items() if getattr(args, k) != v]
+        if ignored:
+            raise ValueError(
+                f"{', '.join(ignored)} set with --prompts: a pipeline's pairs are drawn by its "
+                "own scheduler (--steps and --guidance); solver, grid and shift are for d2f exports"
+            )
+        meta = pipeline_pairs(
+            args.model,
+            find_captions(args.prompts).captions,
+            args.out,
+            args.num_samples,
+            args.steps,
+            args.guidance,
+            args.resolution,
+            args.seed,
+            progress=True,
+            device=args.device,
+        )
     _print_json({"out": args.out, "num_pairs": args.num_samples, **meta})
 
 

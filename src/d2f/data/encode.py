@@ -318,12 +318,25 @@ def _check_options(batch_size, sample, out) -> Path | None:
     return output_path(out)
 
 
+def vae_factor(vae_config) -> int:
+    """Pixels per latent pixel along a side: the VAE's downsampling, 2 ** (its down blocks - 1)."""
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
+def latent_side(pretrained: str | Path, resolution: int) -> int:
+    """The latent side of ``resolution`` px images in the pipeline ``pretrained``'s VAE (read from its config)."""
+    from .._files import read_json
+
+    folder, _, _ = find_pipeline(pretrained)
+    return resolution // vae_factor(read_json(folder / "vae" / "config.json"))
+
+
 def _encoders(folder: Path, index: dict, kind: str, resolution: int, device) -> tuple[Any, _TextEncoder]:
     """The pipeline's VAE and text encoder(s), refused unless the VAE can encode at ``resolution`` the way d2f
     scales latents."""
     models = _load(folder, index, kind, device)
     vae = models["vae"]
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    factor = vae_factor(vae.config)
     if resolution % factor:
         raise ValueError(
             f"resolution={resolution} is not allowed for {folder / 'vae'}: a multiple of {factor}, the VAE's "

@@ -2,7 +2,9 @@
 
 ``d2f pairs`` writes them; ``d2f train --pairs PATH`` trains on them. A pairs file is a safetensors file
 with ``noise`` and ``sample`` ``(N, C, H, W)`` float32, optional ``labels`` ``(N,)`` int64 (the class
-each sample was drawn for), and metadata naming the format, its version and how the pairs were made.
+each sample was drawn for) or, for pairs drawn from a text-to-image pipeline (:func:`pipeline_pairs`: latents),
+``encoder_hidden_states`` ``(N, L, D)`` (the prompt each was drawn for), and metadata naming the format, its
+version and how the pairs were made.
 Reflow trains the straight path between the *stored* noise and its sample, so each pair is one draw of a
 coupling that the new model learns to follow in fewer steps (Liu et al., rectified flow).
 """
@@ -24,9 +26,11 @@ PAIRS = Document(
     "d2f.pairs",
     1,
     frozenset({"model", "steps", "solver", "grid", "shift", "guidance", "seed", "seconds"}),
-    frozenset({"device"}),  # where the pairs were sampled; files made before it was recorded lack it
+    # where the pairs were sampled (files made before it was recorded lack it); a pipeline's pairs: its
+    # scheduler, the image size and the prompts' source
+    frozenset({"device", "scheduler", "size", "prompts"}),
 )
-PAIRS_KEYS = {"noise", "sample", "labels"}
+PAIRS_KEYS = {"noise", "sample", "labels", "encoder_hidden_states"}
 
 
 def generate_pairs(
@@ -42,11 +46,8 @@ def generate_pairs(
     ``d2f sample`` (default: 50 Euler steps on the uniform grid). Returns the metadata written with the file.
     """
     settings = settings or SamplingSettings(steps=50, solver="euler", grid="uniform")
-    if not isinstance(num_pairs, int) or isinstance(num_pairs, bool) or num_pairs < 1:
-        raise ValueError(f"num_pairs={num_pairs!r} is not allowed: a positive integer")
-    if Path(out).suffix != ".safetensors":
-        raise ValueError(f"out={str(out)!r}: a pairs file is written as .safetensors")
-    out = output_path(out)
+    _check_count(num_pairs)
+    out = _check_out(out)
     started = time.perf_counter()
     images, labels, noise, _, settings = sample_export(model, settings, num_pairs, progress=progress)
     if not bool(torch.isfinite(images).all()):
@@ -55,8 +56,123 @@ def generate_pairs(
     if labels is not None:
         tensors["labels"] = labels.to(torch.int64).contiguous()
     meta = {"model": str(model), **settings.to_dict(), "seconds": round(time.perf_counter() - started, 1)}
-    document = PAIRS.new(**meta)
-    write_safetensors(out, tensors, metadata={"d2f": json.dumps(document)})
+    _write(out, tensors, meta)
+    return meta
+
+
+def _write(out: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    write_safetensors(out, tensors, metadata={"d2f": json.dumps(PAIRS.new(**meta))})
+
+
+def _check_count(num_pairs) -> None:
+    if not isinstance(num_pairs, int) or isinstance(num_pairs, bool) or num_pairs < 1:
+        raise ValueError(f"num_pairs={num_pairs!r} is not allowed: a positive integer")
+
+
+def _check_out(out) -> Path:
+    if Path(out).suffix != ".safetensors":
+        raise ValueError(f"out={str(out)!r}: a pairs file is written as .safetensors")
+    return output_path(out)
+
+
+@torch.no_grad()
+def pipeline_pairs(
+    pretrained: str | Path,
+    prompts: list[str],
+    out: str | Path,
+    num_pairs: int = 1000,
+    steps: int = 25,
+    guidance: float = 3.0,
+    size: int | None = None,
+    seed: int = 0,
+    batch: int = 40,
+    progress: bool = False,
+    device: str | torch.device | None = None,
+) -> dict:
+    """Reflow pairs from a Stable Diffusion 1.x/2.x pipeline (a folder, or ``"miniature"``), drawn as a user draws
+    images: its own scheduler, ``steps`` steps, guidance ``guidance``, at ``size`` px (unset: its UNet's). Pair
+    ``i`` is prompt ``j_i`` of ``prompts`` (``num_pairs`` of them drawn without replacement from
+    ``Generator().manual_seed(seed)``, with replacement when there are fewer prompts than pairs), its starting
+    latent noise (from ``Generator().manual_seed(seed + 1 + i)``) and the latent the pipeline carries it to (the
+    scaled latent space its encoded training data lives in), with the prompt's text embedding. The guided map is
+    what the reflow model learns, so the pairs store no empty-prompt embedding: the student is trained without
+    dropout and sampled unguided (``d2f train``'s guidance defaults to 1 for data without a null condition).
+    ``device``: where the pipeline runs (unset: CUDA when available); the noise is drawn on the CPU."""
+    import diffusers
+    from tqdm.auto import tqdm
+
+    from .._backend import device_or_default
+    from .encode import find_pipeline
+
+    _check_count(num_pairs)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError("prompts must be a non-empty list of strings")
+    out = _check_out(out)
+    folder, index, kind = find_pipeline(pretrained)
+    if kind != "sd":
+        raise ValueError(
+            f"pretrained={str(pretrained)!r} is an SDXL pipeline; pipeline pairs are built for SD 1.x/2.x (SDXL's UNet "
+            "also takes pooled text embeddings and time ids, which a pairs file does not store)"
+        )
+    started = time.perf_counter()
+    cls = getattr(diffusers, index["_class_name"])
+    pipe = cls.from_pretrained(folder, local_files_only=True, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(device_or_default(device))
+    size = size or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    side = size // pipe.vae_scale_factor
+    chooser = torch.Generator().manual_seed(seed)
+    if num_pairs <= len(prompts):
+        chosen = torch.randperm(len(prompts), generator=chooser)[:num_pairs]
+    else:
+        chosen = torch.randint(len(prompts), (num_pairs,), generator=chooser)
+    texts = [prompts[int(j)] for j in chosen]
+    channels = pipe.unet.config.in_channels
+    noise, samples, states = [], [], []
+    for start in tqdm(range(0, num_pairs, batch), desc="pairs", unit="batch", disable=not progress):
+        part = texts[start : start + batch]
+        z = torch.cat(
+            [
+                torch.randn(1, channels, side, side, generator=torch.Generator().manual_seed(seed + 1 + start + i))
+                for i in range(len(part))
+            ]
+        )
+        cond, _ = pipe.encode_prompt(part, pipe.device, 1, False)
+        # the pipeline scales the noise by init_noise_sigma itself; the coupling is the unit noise
+        result = pipe(
+            prompt_embeds=cond,
+            latents=z.to(pipe.device),
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            height=size,
+            width=size,
+            output_type="latent",
+        ).images
+        noise.append(z)
+        samples.append(result.float().cpu())
+        states.append(cond.float().cpu())
+    tensors = {
+        "noise": torch.cat(noise).contiguous(),
+        "sample": torch.cat(samples).contiguous(),
+        "encoder_hidden_states": torch.cat(states).contiguous(),
+    }
+    if not bool(torch.isfinite(tensors["sample"]).all()):
+        raise FloatingPointError(f"{pretrained} produced non-finite latents; no pairs written")
+    meta = {
+        "model": str(pretrained),
+        "steps": steps,
+        "solver": type(pipe.scheduler).__name__,
+        "grid": None,
+        "shift": None,
+        "guidance": guidance,
+        "seed": seed,
+        "scheduler": pipe.scheduler.config.get("_class_name", type(pipe.scheduler).__name__),
+        "size": size,
+        "prompts": len(prompts),
+        "device": str(pipe.device),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    _write(out, tensors, meta)
     return meta
 
 
@@ -78,8 +194,12 @@ def load_pairs(path: str | Path, shape: tuple[int, ...] | None = None) -> Datase
         raise ValueError(f"pairs={str(path)!r}: not a d2f pairs file ({e})") from e
     PAIRS.check(document, f"pairs={str(path)!r}")
     if not {"noise", "sample"} <= set(tensors) <= PAIRS_KEYS:
-        raise ValueError(f"pairs={str(path)!r}: expected keys noise, sample (and labels); found {sorted(tensors)}")
+        raise ValueError(
+            f"pairs={str(path)!r}: expected keys noise, sample (and labels or encoder_hidden_states); found "
+            f"{sorted(tensors)}"
+        )
     noise, sample, labels = tensors["noise"], tensors["sample"], tensors.get("labels")
+    states = tensors.get("encoder_hidden_states")
     if noise.shape != sample.shape or sample.ndim != 4:
         raise ValueError(
             f"pairs={str(path)!r}: noise {tuple(noise.shape)} and sample {tuple(sample.shape)} must be the "
@@ -87,15 +207,27 @@ def load_pairs(path: str | Path, shape: tuple[int, ...] | None = None) -> Datase
         )
     if labels is not None and (labels.shape != (sample.shape[0],) or labels.dtype != torch.int64):
         raise ValueError(f"pairs={str(path)!r}: labels must be int64 of shape ({sample.shape[0]},)")
-    for name, value in (("noise", noise), ("sample", sample)):
+    if states is not None and (states.ndim != 3 or states.shape[0] != sample.shape[0]):
+        raise ValueError(
+            f"pairs={str(path)!r}: encoder_hidden_states has shape {tuple(states.shape)}; one (L, D) text embedding "
+            f"per pair, ({sample.shape[0]}, L, D)"
+        )
+    for name, value in (("noise", noise), ("sample", sample), ("encoder_hidden_states", states)):
+        if value is None:
+            continue
         if not bool(torch.isfinite(value).all()):
             raise ValueError(f"pairs={str(path)!r}: {name} contains NaN or inf")
     if shape is not None and tuple(sample.shape[1:]) != tuple(shape):
         raise ValueError(
             f"pairs={str(path)!r} holds samples of shape {tuple(sample.shape[1:])}; the run needs {tuple(shape)}: "
-            f"pass --resolution {sample.shape[-1]} for pairs of this model"
+            f"pass --resolution {document.get('size') or sample.shape[-1]} for pairs of this model"
         )
-    return Dataset(images=sample.float(), labels=labels, noise=noise.float())
+    return Dataset(
+        images=sample.float(),
+        labels=labels,
+        noise=noise.float(),
+        encoder_hidden_states=None if states is None else states.float(),
+    )
 
 
-__all__ = ["generate_pairs", "load_pairs"]
+__all__ = ["generate_pairs", "load_pairs", "pipeline_pairs"]

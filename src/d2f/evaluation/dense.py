@@ -171,12 +171,12 @@ def held_out_pairs(
     """The first ``num_samples`` held-out pairs: their targets as depth, checked (:func:`check_targets`), and
     their conditions as the export takes them (through ``vae`` for a pipeline's export), of its channel count."""
     from ..data.datasets import load_dataset
-    from ..data.encode import vae_latents
+    from ..data.encode import vae_factor, vae_latents
 
     if vae is None:
         pairs = load_dataset(data, meta["resolution"], channels, cond=cond_data)
     else:
-        pixels = meta["resolution"] * 2 ** (len(vae.config.block_out_channels) - 1)
+        pixels = meta["resolution"] * vae_factor(vae.config)
         pairs = load_dataset(data, pixels, 3, cond=cond_data)
     if pairs.concat is None:
         raise ValueError(f"data={data!r} carries no conditions (no concat key); pass --cond-data")

@@ -9,7 +9,7 @@ import torch
 from ..data.images import mnist
 from ..networks.sampling import SamplingSettings, sample_export
 from .classifier import ASSET, load_classifier
-from .metrics import class_accuracy, features, fid, precision_recall
+from .metrics import class_accuracy, features, fid, kid, precision_recall
 
 
 def evaluate(model: str, settings: SamplingSettings, num_samples: int = 1000, k: int = 3) -> dict:
@@ -37,6 +37,7 @@ def evaluate(model: str, settings: SamplingSettings, num_samples: int = 1000, k:
         "num_samples": num_samples,
         "resolution": resolution,
         "fid": fid(real_features, fake_features),
+        **dict(zip(("kid", "kid_std"), kid(real_features, fake_features, seed=settings.seed))),
         "precision": precision,
         "recall": recall,
         "class_accuracy": None if labels is None else class_accuracy(classifier, images, labels),

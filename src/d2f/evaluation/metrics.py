@@ -1,4 +1,4 @@
-"""FID, precision and recall (k-NN) in the classifier's feature space, and class accuracy of samples."""
+"""FID, KID, precision and recall (k-NN) in the classifier's feature space, and class accuracy of samples."""
 
 from __future__ import annotations
 
@@ -34,6 +34,36 @@ def fid(a: torch.Tensor, b: torch.Tensor) -> float:
     root_x = _sqrt_psd(cov_x)
     cross = np.trace(_sqrt_psd(root_x @ cov_y @ root_x))
     return float(((mu_x - mu_y) ** 2).sum() + np.trace(cov_x) + np.trace(cov_y) - 2 * cross)
+
+
+def kid(
+    a: torch.Tensor, b: torch.Tensor, subsets: int = 100, subset_size: int = 1000, seed: int = 0
+) -> tuple[float, float]:
+    """Kernel inception distance (Bińkowski et al., 2018) in float64: with the cubic polynomial kernel
+    ``k(x, y) = (x·y / d + 1)^3`` on ``d``-dimensional features, the unbiased estimate of the squared MMD on
+    ``m = min(subset_size, |a|, |b|)`` samples drawn without replacement from each set,
+
+        MMD² = Σ_{i≠j} k(a_i, a_j) / (m(m-1)) + Σ_{i≠j} k(b_i, b_j) / (m(m-1)) - 2 Σ_{i,j} k(a_i, b_j) / m²,
+
+    repeated over ``subsets`` draws from ``Generator().manual_seed(seed)``. Returns the mean over the subsets and
+    their standard deviation (the error bar the paper's code and torch-fidelity report). Unlike FID it has no bias
+    that grows as the sets shrink, so rows scored on a few thousand samples can be told apart."""
+    m = min(subset_size, a.shape[0], b.shape[0])
+    if m < 2:
+        raise ValueError(f"KID needs at least 2 samples per set, got {a.shape[0]} and {b.shape[0]}")
+    if subsets < 1:
+        raise ValueError(f"subsets={subsets} is not allowed: at least 1")
+    x, y, d = a.double(), b.double(), a.shape[1]
+    generator = torch.Generator().manual_seed(seed)
+    estimates = []
+    for _ in range(subsets):
+        p = x[torch.randperm(len(x), generator=generator)[:m]]
+        q = y[torch.randperm(len(y), generator=generator)[:m]]
+        kpp, kqq, kpq = ((u @ v.T / d + 1) ** 3 for u, v in ((p, p), (q, q), (p, q)))
+        within = (kpp.sum() - kpp.diagonal().sum() + kqq.sum() - kqq.diagonal().sum()) / (m * (m - 1))
+        estimates.append(within - 2 * kpq.mean())
+    values = torch.stack(estimates)
+    return float(values.mean()), float(values.std()) if subsets > 1 else 0.0
 
 
 def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> tuple[float, float]:

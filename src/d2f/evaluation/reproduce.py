@@ -15,7 +15,7 @@ from .._files import write_json
 from ..figures import save_line_plot
 from ..training.draws import DRAWS
 
-EXPERIMENTS = ("e1", "e2", "e3", "e4", "e5", "depth")
+EXPERIMENTS = ("e1", "e2", "e3", "e4", "e5", "depth", "e6")
 FILES = {
     "e1": "zero_shot.json",
     "e2": "finetune.json",
@@ -23,6 +23,7 @@ FILES = {
     "e4": "terminal_snr.json",
     "e5": "few_step.json",
     "depth": "depth.json",
+    "e6": "text_to_image.json",
 }
 
 
@@ -66,6 +67,7 @@ def reproduce(
     from .few_step import few_step
     from .reflow import reflow
     from .terminal_snr import e4_settings, terminal_snr
+    from .text_to_image import e6
 
     if experiment != "all" and experiment not in EXPERIMENTS:
         raise ValueError(f"experiment={experiment!r} is not allowed: one of {EXPERIMENTS} or 'all'")
@@ -117,6 +119,14 @@ def reproduce(
             held_out=n(500),
             seeds=(seed, seed + 1, seed + 2),
             figure_png=folder / "depth.png",
+        ),
+        "e6": lambda: e6(
+            "runs/e6",
+            max_steps=steps(400),
+            num_pairs=n(2000),
+            reflow_steps=steps(1000),
+            seed=seed,
+            figure_png=folder / "text_to_image.png",
         ),
     }
     reports = {}

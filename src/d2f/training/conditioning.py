@@ -43,7 +43,13 @@ class Conditioning:
         if text:
             _check_text_width(config, network, data)
         if text and config.cond_dropout > 0 and data.null_encoder_hidden_states is None:
-            raise ValueError("cond_dropout > 0 needs null_encoder_hidden_states in the latents file")
+            where = (
+                f"pairs={config.pairs!r} hold no empty-prompt embedding (they follow the guided map, which the student "
+                "learns without dropout): pass cond_dropout=0"
+                if config.pairs is not None
+                else "in the latents file"
+            )
+            raise ValueError(f"cond_dropout={config.cond_dropout} needs null_encoder_hidden_states; {where}")
         added = text and unet.config.addition_embed_type == "text_time"
         if added and (data.text_embeds is None or data.time_ids is None):
             raise ValueError(

@@ -162,7 +162,8 @@ def write_outputs(
             out / "export",
             out,
             config.sample_steps,
-            config.guidance_for(True),
+            # guided where the run learnt the empty prompt (dropout); reflow pairs carry the guided map instead
+            config.guidance_for(data.null_encoder_hidden_states is not None),
             config.seed + 2,
             config.resolution,
             device,

@@ -16,7 +16,7 @@ import torch
 from .._files import temporary_files, write_json
 from ..data.datasets import load_dataset
 from ..data.digit_captions import CAPTIONED_DIGITS, write_digit_folder
-from ..data.encode import check_encoded, check_training_latents, encode
+from ..data.encode import check_encoded, check_training_latents, encode, latent_side
 from ..data.images import Dataset
 from ..data.pairs import load_pairs
 from ..networks.export import load_network
@@ -206,8 +206,9 @@ def _data(config: TrainConfig, network: Network, accelerator, progress: bool) ->
     """The run's data set: reflow pairs, a captioned folder encoded by the pipeline (:func:`_encoded`), or what
     ``load_dataset`` reads (a latents file ``d2f encode`` wrote is checked against the pipeline first)."""
     channels = network.unet.config.out_channels  # the target's; a widened conv_in also takes the conditions
-    if config.pairs is not None:
-        return load_pairs(config.pairs, (channels, config.resolution, config.resolution))
+    if config.pairs is not None:  # a pipeline's pairs are latents
+        side = latent_side(network.source, config.resolution) if network.pipeline else config.resolution
+        return load_pairs(config.pairs, (channels, side, side))
     digits = config.data == CAPTIONED_DIGITS
     if digits or (network.pipeline is not None and Path(config.data).is_dir()):
         folder = _digit_folder(config, network, accelerator) if digits else Path(config.data)
