@@ -25,7 +25,7 @@ SAMPLE = ["sample", "--model", "teacher", "--steps", "2", "--num-samples", "4"]
         (["eval", "--num-samples", "1"], "num_samples=1 is too few: precision/recall"),
         (["eval", "--num-samples", "3"], "num_samples=3 is too few: precision/recall"),
         (["eval", "--model", "{tmp}"], "no d2f.json there, so it is not a d2f export"),
-        (["pairs", "--num-samples", "0", "--out", "{tmp}/p.safetensors"], "num_pairs=0 is not allowed"),
+        (["pairs", "--num-samples", "0", "--out", "{tmp}/p.safetensors"], "num_pairs=0 must be a positive integer"),
         (["train", "--out", "{tmp}/a-file"], "File exists: '{tmp}/a-file'"),
         (["teacher", "--resolution", "24", "--out", "{tmp}/t"], "resolution=24 has no teacher recipe: one of (16,"),
         (

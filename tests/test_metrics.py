@@ -94,3 +94,9 @@ def test_kid_is_unbiased_near_zero_for_one_distribution_and_grows_with_a_shift()
     assert shifted > 20 * same_spread
     with pytest.raises(ValueError, match="at least 2 samples"):
         kid(points(1.0), points(1.0, 2.0))
+    with pytest.raises(ValueError, match="subset_size=1 is not allowed"):
+        kid(a, b, subset_size=1)
+    with pytest.raises(ValueError, match="one width"):
+        kid(a, b[:, :3])
+    with pytest.raises(ValueError, match="non-finite"):
+        kid(a, torch.cat([b[:-1], torch.full((1, 4), float("nan"))]))

@@ -157,21 +157,29 @@ def test_the_main_job_shortened_exports_a_lora_that_load_lora_weights_reads_and_
 
 def test_pipeline_pairs_hold_the_pipelines_own_guided_images_their_noise_and_prompt(pipe, tmp_path):
     """``d2f pairs --prompts``: each stored latent decodes to the image the pipeline draws, through its own call
-    path, for that prompt from the stored noise, and the stored embedding is the pipeline's for the prompt."""
+    path, from the stored noise for the prompt whose embedding is stored beside it, across batches (batch 2) and
+    with prompts drawn with replacement (5 pairs from 3 prompts)."""
     from d2f.data.pairs import load_pairs, pipeline_pairs
     from d2f.evaluation.prompts import Prompt
 
-    prompt = Prompt("a thick seven", 7)
-    meta = pipeline_pairs("miniature", [prompt.text], tmp_path / "p.safetensors", 3, steps=4, guidance=3.0, seed=5)
+    prompts = [Prompt("a thick seven", 7), Prompt("a thin two", 2), Prompt("a handwritten five", 5)]
+    out = tmp_path / "p.safetensors"
+    meta = pipeline_pairs("miniature", [p.text for p in prompts], out, 5, steps=4, guidance=3.0, seed=5, batch=2)
     assert meta["scheduler"] == "DDIMScheduler" and meta["size"] == 64 and meta["guidance"] == 3.0
-    data = load_pairs(tmp_path / "p.safetensors", (4, 8, 8))
+    data = load_pairs(out, (4, 8, 8))
     with torch.no_grad():
         decoded = vae_images(pipe.vae, data.images)
-        states, _ = pipe.encode_prompt([prompt.text], "cpu", 1, False)
-    drawn = pipeline_images(pipe, [prompt] * 3, 4, 3.0, seed=6, size=64)  # image i from seed 6 + i: pair i's noise
-    assert (decoded - drawn).abs().max() < 2e-3
-    torch.testing.assert_close(data.encoder_hidden_states, states.expand(3, -1, -1))
+        embeddings = pipe.encode_prompt([p.text for p in prompts], "cpu", 1, False)[0]
+    # which prompt each pair was drawn for, read back from its stored embedding
+    distance = (data.encoder_hidden_states[:, None] - embeddings[None]).flatten(2).abs().amax(-1)
+    chosen = distance.argmin(1)
+    assert bool((distance.amin(1) < 1e-5).all()) and len(set(chosen.tolist())) > 1
+    for i, j in enumerate(chosen.tolist()):  # pair i's noise is the first draw of seed 5 + 1 + i
+        drawn = pipeline_images(pipe, [prompts[j]], 4, 3.0, seed=6 + i, size=64)
+        assert (decoded[i] - drawn[0]).abs().max() < 2e-3, i
     assert data.noise.std() > 0.5 and not torch.equal(data.noise[0], data.noise[1])
+    with pytest.raises(ValueError, match="guidance=nan must be a finite number >= 1"):
+        pipeline_pairs("miniature", ["a two"], tmp_path / "q.safetensors", guidance=float("nan"))
 
 
 def test_a_reflow_lora_trains_on_pipeline_pairs_and_samples_unguided(tmp_path):

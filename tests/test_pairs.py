@@ -111,11 +111,15 @@ def test_bad_pairs_are_refused(pairs_file, tmp_path, capsys):
     with pytest.raises(ValueError, match="must be the same"):
         load_pairs(tmp_path / "s.st")
     assert main(["pairs", "--num-samples", "0", "--out", str(tmp_path / "p.safetensors")]) == 2
-    assert "num_pairs=0 is not allowed" in capsys.readouterr().err
+    assert "num_pairs=0 must be a positive integer" in capsys.readouterr().err
     # a pipeline's pairs are drawn by its own scheduler: d2f's sampler flags are refused by name, not ignored
     pipeline = ["pairs", "--model", "miniature", "--prompts", str(tmp_path), "--out", str(tmp_path / "p.safetensors")]
     assert main([*pipeline, "--solver", "heun"]) == 2
     assert "--solver heun set with --prompts" in capsys.readouterr().err
+    assert main([*pipeline[:1], *pipeline[3:]]) == 2  # --model left at teacher
+    assert "pass --model PIPELINE" in capsys.readouterr().err
+    assert main([*pipeline[:4], str(tmp_path / "none"), *pipeline[5:]]) == 2
+    assert "none: no such folder" in capsys.readouterr().err
     assert main(["pairs", "--resolution", "32", "--out", str(tmp_path / "p.safetensors")]) == 2
     assert "--resolution is for a pipeline's pairs" in capsys.readouterr().err
 

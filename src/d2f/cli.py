@@ -236,7 +236,8 @@ def _pairs_parser(sub) -> None:
         "--prompts",
         default=None,
         help="a captioned image folder whose captions prompt --model, a Stable Diffusion pipeline (a folder, or "
-        "'miniature'): pairs of latents drawn by the pipeline's own scheduler in --steps steps with --guidance",
+        "'miniature'): pairs of latents drawn by the pipeline's own scheduler in --steps steps with --guidance (as "
+        "given: the defaults 50 and 1 are an export's; the miniature's reference is --steps 25 --guidance 3)",
     )
     p.add_argument("--resolution", type=int, default=None, help="with --prompts: image size (unset: the pipeline's)")
     p.add_argument("--out", required=True, help="the pairs file to write (.safetensors)")
@@ -427,6 +428,13 @@ def _pairs(args: argparse.Namespace) -> None:
     else:
         from .data.captions import find_captions
 
+        if args.model == "teacher":
+            raise ValueError(
+                "--prompts draws pairs from a Stable Diffusion pipeline: pass --model PIPELINE (a folder, or "
+                "'miniature'); --model teacher is a class-conditional d2f export"
+            )
+        if not Path(args.prompts).is_dir():
+            raise ValueError(f"--prompts {args.prompts}: no such folder (a captioned image folder)")
         exports_only = {"solver": "euler", "grid": "uniform", "shift": 3.0}  # the parser's defaults
         ignored = [f"--{k} {getattr(args, k)}" for k, v in exports_only.items() if getattr(args, k) != v]
         if ignored:

@@ -324,11 +324,15 @@ def vae_factor(vae_config) -> int:
 
 
 def latent_side(pretrained: str | Path, resolution: int) -> int:
-    """The latent side of ``resolution`` px images in the pipeline ``pretrained``'s VAE (read from its config)."""
+    """The latent side of ``resolution`` px images in the pipeline ``pretrained``'s VAE (read from its config);
+    a resolution that is not a multiple of the VAE's downsampling is refused."""
     from .._files import read_json
 
     folder, _, _ = find_pipeline(pretrained)
-    return resolution // vae_factor(read_json(folder / "vae" / "config.json"))
+    factor = vae_factor(read_json(folder / "vae" / "config.json"))
+    if resolution % factor:
+        raise ValueError(f"resolution={resolution} is not allowed for {folder / 'vae'}: a multiple of {factor}")
+    return resolution // factor
 
 
 def _encoders(folder: Path, index: dict, kind: str, resolution: int, device) -> tuple[Any, _TextEncoder]:

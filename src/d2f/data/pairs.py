@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .._checks import check_positive_int, check_real
 from .._files import output_path, write_safetensors
 from .._versioned import Document
 from ..networks.sampling import SamplingSettings, sample_export
@@ -27,7 +28,7 @@ PAIRS = Document(
     1,
     frozenset({"model", "steps", "solver", "grid", "shift", "guidance", "seed", "seconds"}),
     # where the pairs were sampled (files made before it was recorded lack it); a pipeline's pairs: its
-    # scheduler, the image size and the prompts' source
+    # scheduler, the image size and how many prompts they were drawn from
     frozenset({"device", "scheduler", "size", "prompts"}),
 )
 PAIRS_KEYS = {"noise", "sample", "labels", "encoder_hidden_states"}
@@ -46,7 +47,7 @@ def generate_pairs(
     ``d2f sample`` (default: 50 Euler steps on the uniform grid). Returns the metadata written with the file.
     """
     settings = settings or SamplingSettings(steps=50, solver="euler", grid="uniform")
-    _check_count(num_pairs)
+    check_positive_int("num_pairs", num_pairs)
     out = _check_out(out)
     started = time.perf_counter()
     images, labels, noise, _, settings = sample_export(model, settings, num_pairs, progress=progress)
@@ -64,15 +65,22 @@ def _write(out: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     write_safetensors(out, tensors, metadata={"d2f": json.dumps(PAIRS.new(**meta))})
 
 
-def _check_count(num_pairs) -> None:
-    if not isinstance(num_pairs, int) or isinstance(num_pairs, bool) or num_pairs < 1:
-        raise ValueError(f"num_pairs={num_pairs!r} is not allowed: a positive integer")
-
-
 def _check_out(out) -> Path:
     if Path(out).suffix != ".safetensors":
         raise ValueError(f"out={str(out)!r}: a pairs file is written as .safetensors")
     return output_path(out)
+
+
+def image_noise(first_seed: int, n: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """``n`` noises of ``shape``, noise ``i`` the first draw of ``Generator().manual_seed(first_seed + i)`` on the
+    CPU: what a diffusers pipeline draws given one seeded generator per image (its ``randn_tensor`` draws each
+    image from its own generator), so a noise does not depend on the batch it lands in."""
+    return torch.cat(
+        [torch.randn(1, *shape, generator=torch.Generator().manual_seed(first_seed + i)) for i in range(n)]
+    )
+
+
+PIPELINE_PAIRS = ("StableDiffusionPipeline",)  # text-to-image from the UNet's latents alone
 
 
 @torch.no_grad()
@@ -89,37 +97,46 @@ def pipeline_pairs(
     progress: bool = False,
     device: str | torch.device | None = None,
 ) -> dict:
-    """Reflow pairs from a Stable Diffusion 1.x/2.x pipeline (a folder, or ``"miniature"``), drawn as a user draws
-    images: its own scheduler, ``steps`` steps, guidance ``guidance``, at ``size`` px (unset: its UNet's). Pair
-    ``i`` is prompt ``j_i`` of ``prompts`` (``num_pairs`` of them drawn without replacement from
-    ``Generator().manual_seed(seed)``, with replacement when there are fewer prompts than pairs), its starting
-    latent noise (from ``Generator().manual_seed(seed + 1 + i)``) and the latent the pipeline carries it to (the
-    scaled latent space its encoded training data lives in), with the prompt's text embedding. The guided map is
-    what the reflow model learns, so the pairs store no empty-prompt embedding: the student is trained without
-    dropout and sampled unguided (``d2f train``'s guidance defaults to 1 for data without a null condition).
-    ``device``: where the pipeline runs (unset: CUDA when available); the noise is drawn on the CPU."""
+    """Reflow pairs from a ``StableDiffusionPipeline`` folder (or ``"miniature"``), drawn as a user draws images: its
+    own scheduler, ``steps`` steps, guidance ``guidance``, at ``size`` px (unset: its UNet's). Pair ``i`` is prompt
+    ``j_i`` of ``prompts`` (``num_pairs`` of them drawn without replacement from ``Generator().manual_seed(seed)``,
+    with replacement when there are fewer prompts than pairs), its starting latent noise
+    (:func:`image_noise` from seed ``seed + 1``: pair ``i``'s generator is seeded ``seed + 1 + i``, which also
+    seeds any noise a stochastic scheduler adds) and the latent the pipeline carries it to (the scaled latent space
+    its encoded training data lives in), with the prompt's text embedding. Score a reflow model on other seeds:
+    these noises are its training data. The guided map is what the reflow model learns, so the pairs store no
+    empty-prompt embedding: the student is trained without dropout and sampled unguided (``d2f train``'s
+    guidance defaults to 1 for such data). ``device``: where the pipeline runs (unset: CUDA when available); the
+    noise is drawn on the CPU."""
     import diffusers
     from tqdm.auto import tqdm
 
     from .._backend import device_or_default
     from .encode import find_pipeline
 
-    _check_count(num_pairs)
+    for name, value in (("num_pairs", num_pairs), ("steps", steps), ("batch", batch)):
+        check_positive_int(name, value)
+    if size is not None:
+        check_positive_int("size", size)
+    check_real("guidance", guidance, "be a finite number >= 1 (1: unguided)", lambda g: g >= 1)
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise ValueError("prompts must be a non-empty list of strings")
     out = _check_out(out)
-    folder, index, kind = find_pipeline(pretrained)
-    if kind != "sd":
+    folder, index, _ = find_pipeline(pretrained)
+    if index.get("_class_name") not in PIPELINE_PAIRS:
         raise ValueError(
-            f"pretrained={str(pretrained)!r} is an SDXL pipeline; pipeline pairs are built for SD 1.x/2.x (SDXL's UNet "
-            "also takes pooled text embeddings and time ids, which a pairs file does not store)"
+            f"pretrained={str(pretrained)!r} is a {index.get('_class_name')}; pipeline pairs are drawn from "
+            f"{' or '.join(PIPELINE_PAIRS)} (an SDXL UNet also takes pooled embeddings and time ids, an inpainting or "
+            "image-to-image one an image, which a pairs file does not store)"
         )
     started = time.perf_counter()
     cls = getattr(diffusers, index["_class_name"])
-    pipe = cls.from_pretrained(folder, local_files_only=True, safety_checker=None)
+    pipe = cls.from_pretrained(folder, local_files_only=True, use_safetensors=True, safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device_or_default(device))
     size = size or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    if size % pipe.vae_scale_factor:
+        raise ValueError(f"size={size} is not allowed for {folder / 'vae'}: a multiple of {pipe.vae_scale_factor}")
     side = size // pipe.vae_scale_factor
     chooser = torch.Generator().manual_seed(seed)
     if num_pairs <= len(prompts):
@@ -127,16 +144,11 @@ def pipeline_pairs(
     else:
         chosen = torch.randint(len(prompts), (num_pairs,), generator=chooser)
     texts = [prompts[int(j)] for j in chosen]
-    channels = pipe.unet.config.in_channels
+    shape = (pipe.unet.config.in_channels, side, side)
     noise, samples, states = [], [], []
     for start in tqdm(range(0, num_pairs, batch), desc="pairs", unit="batch", disable=not progress):
         part = texts[start : start + batch]
-        z = torch.cat(
-            [
-                torch.randn(1, channels, side, side, generator=torch.Generator().manual_seed(seed + 1 + start + i))
-                for i in range(len(part))
-            ]
-        )
+        z = image_noise(seed + 1 + start, len(part), shape)
         cond, _ = pipe.encode_prompt(part, pipe.device, 1, False)
         # the pipeline scales the noise by init_noise_sigma itself; the coupling is the unit noise
         result = pipe(
@@ -146,6 +158,7 @@ def pipeline_pairs(
             guidance_scale=guidance,
             height=size,
             width=size,
+            generator=[torch.Generator().manual_seed(seed + 1 + start + i) for i in range(len(part))],
             output_type="latent",
         ).images
         noise.append(z)
@@ -166,7 +179,7 @@ def pipeline_pairs(
         "shift": None,
         "guidance": guidance,
         "seed": seed,
-        "scheduler": pipe.scheduler.config.get("_class_name", type(pipe.scheduler).__name__),
+        "scheduler": type(pipe.scheduler).__name__,
         "size": size,
         "prompts": len(prompts),
         "device": str(pipe.device),
@@ -177,7 +190,8 @@ def pipeline_pairs(
 
 
 def load_pairs(path: str | Path, shape: tuple[int, ...] | None = None) -> Dataset:
-    """A pairs file as training data: ``images`` are the samples, ``noise`` their coupled noise; with ``shape``,
+    """A pairs file as training data: ``images`` are the samples, ``noise`` their coupled noise, and
+    ``encoder_hidden_states`` each pair's prompt embedding where the pairs came from a pipeline; with ``shape``,
     refused unless each sample is of that ``(C, H, W)``."""
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file

@@ -46,13 +46,19 @@ def kid(
         MMD² = Σ_{i≠j} k(a_i, a_j) / (m(m-1)) + Σ_{i≠j} k(b_i, b_j) / (m(m-1)) - 2 Σ_{i,j} k(a_i, b_j) / m²,
 
     repeated over ``subsets`` draws from ``Generator().manual_seed(seed)``. Returns the mean over the subsets and
-    their standard deviation (the error bar the paper's code and torch-fidelity report). Unlike FID it has no bias
-    that grows as the sets shrink, so rows scored on a few thousand samples can be told apart."""
-    m = min(subset_size, a.shape[0], b.shape[0])
-    if m < 2:
+    their (population) standard deviation, the error bar torch-fidelity reports. Unlike FID it has no bias that
+    grows as the sets shrink, so rows scored on a few thousand samples can be told apart. Non-finite features are
+    refused: a NaN score would hide which images broke."""
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"KID compares feature sets of one width: got shapes {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.shape[0] < 2 or b.shape[0] < 2:
         raise ValueError(f"KID needs at least 2 samples per set, got {a.shape[0]} and {b.shape[0]}")
-    if subsets < 1:
-        raise ValueError(f"subsets={subsets} is not allowed: at least 1")
+    for name, value in (("subsets", subsets), ("subset_size", subset_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "subsets" else 2):
+            raise ValueError(f"{name}={value!r} is not allowed: an integer >= {1 if name == 'subsets' else 2}")
+    if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
+        raise ValueError("KID of non-finite features: some images gave NaN or inf features")
+    m = min(subset_size, a.shape[0], b.shape[0])
     x, y, d = a.double(), b.double(), a.shape[1]
     generator = torch.Generator().manual_seed(seed)
     estimates = []
@@ -63,7 +69,7 @@ def kid(
         within = (kpp.sum() - kpp.diagonal().sum() + kqq.sum() - kqq.diagonal().sum()) / (m * (m - 1))
         estimates.append(within - 2 * kpq.mean())
     values = torch.stack(estimates)
-    return float(values.mean()), float(values.std()) if subsets > 1 else 0.0
+    return float(values.mean()), float(values.std(correction=0))
 
 
 def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> tuple[float, float]:

@@ -57,6 +57,33 @@ def base_pipeline():
     return pipe
 
 
+def cached(file: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The result cached in ``file`` (None: none yet), refused if it was made with other ``settings``: a rerun with
+    other steps, calls or seeds must not pass off an old result as its own."""
+    if not file.is_file():
+        return None
+    result = json.loads(file.read_text())
+    if result.get("settings") != settings:
+        raise ValueError(
+            f"{file} holds a result made with settings {result.get('settings')}, not {settings}: remove "
+            f"{file.parent} or choose another out"
+        )
+    return result
+
+
+def trained_before(run: Path, config) -> bool:
+    """Whether ``run`` holds a finished run of ``config`` (its scoring stopped before it was written); a finished run
+    of other settings is refused, a run stopped part way (no checkpoints) is removed to be started again."""
+    if not (run / "metrics.json").is_file():
+        shutil.rmtree(run, ignore_errors=True)
+        return False
+    kept = json.loads((run / "config.json").read_text())
+    changed = {k: (kept.get(k), v) for k, v in config.to_dict().items() if k != "out" and kept.get(k) != v}
+    if changed:
+        raise ValueError(f"{run} holds a run with other settings ({changed}): remove it or choose another out")
+    return True
+
+
 @dataclass(frozen=True)
 class Cell:
     """One finetuning run: ``kind`` lora | full, its objective and seed."""
@@ -121,12 +148,16 @@ def pipeline_draw(pipe, flow_finetuned: bool):
 def naive_fm_draw(pipe, field, batch: int = 40):
     """Draws from a naive-FM export, which no diffusers scheduler can sample (its network reads the raw FM time
     and the unscaled state): d2f's solvers on its UNet, with the pipeline's own text encoder, per-image noise (as
+    :func:`~d2f.data.pairs.image_noise`, as
     :func:`~d2f.evaluation.prompts.pipeline_images` draws it) and VAE. auto: the table's flow-finetuned row; ddim:
     Euler on the uniform grid, the nearest a model without a diffusion schedule has."""
     from ..auto_sampler import Sampler, auto_sampler
+    from ..data.encode import vae_images
+    from ..data.pairs import image_noise
     from ..velocity import D2FVelocity
 
     side = E6_SIZE // pipe.vae_scale_factor
+    shape = (pipe.unet.config.in_channels, side, side)
 
     @torch.no_grad()
     def draw(sampler: str, calls: int, prompts: list, seed: int) -> torch.Tensor:
@@ -135,17 +166,12 @@ def naive_fm_draw(pipe, field, batch: int = 40):
         for start in range(0, len(prompts), batch):
             texts = [p.text for p in prompts[start : start + batch]]
             cond, null = pipe.encode_prompt(texts, "cpu", 1, True, [""] * len(texts))
-            noise = torch.cat(
-                [
-                    torch.randn(1, 4, side, side, generator=torch.Generator().manual_seed(seed + start + i))
-                    for i in range(len(texts))
-                ]
-            )
+            noise = image_noise(seed + start, len(texts), shape)
             guided = D2FVelocity(
                 field.net, field.schedule, "velocity", E6_GUIDANCE, {"encoder_hidden_states": null}, align_input=False
             )
             x = guided.sample(noise, guided.grid(chosen.grid, chosen.steps), chosen.solver, encoder_hidden_states=cond)
-            chunks.append(pipe.vae.decode(x / pipe.vae.config.scaling_factor).sample.float().clamp(-1, 1))
+            chunks.append(vae_images(pipe.vae, x).float())
         return torch.cat(chunks)
 
     return draw
@@ -181,10 +207,10 @@ def run_cell(work: Path, latents: Path, cell: Cell, max_steps: int, calls: tuple
     from ..training.loop import train
 
     out = work / cell.name
+    settings = {"max_steps": max_steps, "calls": list(calls)}
     done = out / "e6.json"
-    if done.is_file():
-        return json.loads(done.read_text())
-    started = time.perf_counter()
+    if (result := cached(done, settings)) is not None:
+        return result
     config = TrainConfig(
         out=str(out),
         data=str(latents),
@@ -195,8 +221,7 @@ def run_cell(work: Path, latents: Path, cell: Cell, max_steps: int, calls: tuple
         checkpoint_every=0,
         num_samples=10,
     )
-    if not (out / "metrics.json").is_file():  # else trained before the scoring was stopped
-        shutil.rmtree(out, ignore_errors=True)  # a run stopped part way (no checkpoints): started again
+    if not trained_before(out, config):
         train(config, progress=False)
     metrics = json.loads((out / "metrics.json").read_text())
     started = time.perf_counter()
@@ -214,6 +239,7 @@ def run_cell(work: Path, latents: Path, cell: Cell, max_steps: int, calls: tuple
     report = {
         **result,
         "cell": cell.name,
+        "settings": settings,
         "flow_finetuned": flow,
         "final_loss": metrics["final_loss"],
         "seconds_per_step": metrics["seconds_per_step"],
@@ -227,9 +253,9 @@ def run_cell(work: Path, latents: Path, cell: Cell, max_steps: int, calls: tuple
 def base_cell(work: Path, calls: tuple[int, ...], seed: int = 0) -> dict[str, Any]:
     """The miniature unfinetuned at 128 px (zero-shot at the new resolution), scored like a run."""
     out = work / "base"
-    done = out / "e6.json"
-    if done.is_file():
-        return json.loads(done.read_text())
+    settings = {"calls": list(calls), "seed": seed}
+    if (result := cached(out / "e6.json", settings)) is not None:
+        return result
     started = time.perf_counter()
     pipe = base_pipeline()
     result = score(pipeline_draw(pipe, False), calls, seed, _reference())
@@ -238,10 +264,11 @@ def base_cell(work: Path, calls: tuple[int, ...], seed: int = 0) -> dict[str, An
     report = {
         **result,
         "cell": "base",
+        "settings": settings,
         "flow_finetuned": False,
         "score_seconds": round(time.perf_counter() - started, 1),
     }
-    write_json(done, report)
+    write_json(out / "e6.json", report)
     return report
 
 
@@ -286,6 +313,8 @@ def text_to_image(
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
+    from ..training.config import TrainConfig
+
     started = time.perf_counter()
     work = Path(out)
     work.mkdir(parents=True, exist_ok=True)
@@ -298,17 +327,17 @@ def text_to_image(
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(workers, context, _start_worker, (threads,)) as pool:
         futures = [pool.submit(_run, job) for job in jobs]
-        base = base_cell(work, calls)
+        base = base_cell(work, calls, seeds[0])
         runs = [f.result() for f in futures]
     return {
-        "zero_shot": zero_shot_equality(),
+        "zero_shot": zero_shot_equality(seeds[0]),
         "base": base,
         "cells": runs,
         "settings": {
             "size": E6_SIZE,
             "guidance": E6_GUIDANCE,
             "max_steps": max_steps,
-            "batch_size": 16,
+            "batch_size": TrainConfig.batch_size,
             "seeds": list(seeds),
             "full_seeds": list(full_seeds),
             "prompts": len(evaluation_prompts()),
@@ -320,6 +349,7 @@ def text_to_image(
 E6_REFLOW_CALLS = (1, 2)
 BASE_CALLS = (1, 2, 3, 4)
 REFLOW_SIZE = 64  # the miniature's own size: reflow straightens the base's map, not a new resolution's
+REFLOW_SCORING_SEED = 10**6  # far above any pair's noise seed (pipeline_pairs seeds pair i with seed + 1 + i)
 
 
 def _scores_at(pipe, calls: int, guidance: float, seed: int, reference) -> dict[str, Any]:
@@ -386,45 +416,49 @@ def reflow(
 
     started = time.perf_counter()
     work = Path(out)
-    if (work / "e6.json").is_file():
-        return json.loads((work / "e6.json").read_text())
+    settings = {"num_pairs": num_pairs, "pair_steps": pair_steps, "max_steps": max_steps, "seed": seed}
+    if (result := cached(work / "e6.json", settings)) is not None:
+        return result
     work.mkdir(parents=True, exist_ok=True)
     reference = real_features(load_classifier(), REFLOW_SIZE)
     pairs = work / "pairs.safetensors"
-    if not pairs.is_file():
+    made = {"num_pairs": num_pairs, "steps": pair_steps, "seed": seed}
+    if cached(work / "pairs.json", made) is None:
         folder = work / f"captioned-digits-{REFLOW_SIZE}"
         if not folder.is_dir():
             write_digit_folder(folder, REFLOW_SIZE)
-        pair_meta = pipeline_pairs(
-            pipeline_path(), find_captions(folder).captions, pairs, num_pairs, pair_steps, E6_GUIDANCE, seed=seed
-        )
-        write_json(work / "pairs.json", pair_meta)
+        captions = find_captions(folder).captions
+        meta = pipeline_pairs(pipeline_path(), captions, pairs, num_pairs, pair_steps, E6_GUIDANCE, seed=seed)
+        write_json(work / "pairs.json", {**meta, "settings": made})
     pair_meta = json.loads((work / "pairs.json").read_text())
     run = work / "reflow"
-    if not (run / "metrics.json").is_file():
-        shutil.rmtree(run, ignore_errors=True)
-        config = TrainConfig(
-            out=str(run),
-            pairs=str(pairs),
-            resolution=REFLOW_SIZE,
-            max_steps=max_steps,
-            seed=seed,
-            checkpoint_every=0,
-            num_samples=10,
-            sample_steps=E6_REFLOW_CALLS[0],
-            cond_dropout=0.0,
-        )
+    config = TrainConfig(
+        out=str(run),
+        pairs=str(pairs),
+        resolution=REFLOW_SIZE,
+        max_steps=max_steps,
+        seed=seed,
+        checkpoint_every=0,
+        num_samples=10,
+        sample_steps=E6_REFLOW_CALLS[0],
+        cond_dropout=0.0,
+    )
+    if not trained_before(run, config):
         train(config, progress=False)
     metrics = json.loads((run / "metrics.json").read_text())
     pipe = export_pipeline(run / "export", device="cpu")
-    student = {str(n): _scores_at(pipe, n, 1.0, seed, reference) for n in E6_REFLOW_CALLS}
-    shown = pipeline_images(pipe, sample_prompts(), E6_REFLOW_CALLS[0], 1.0, seed, REFLOW_SIZE)
+    # the pairs' noises are seeds seed + 1 ... seed + num_pairs: the scores are drawn from noise the student never saw
+    scoring = REFLOW_SCORING_SEED + seed
+    student = {str(n): _scores_at(pipe, n, 1.0, scoring, reference) for n in E6_REFLOW_CALLS}
+    shown = pipeline_images(pipe, sample_prompts(), E6_REFLOW_CALLS[0], 1.0, scoring, REFLOW_SIZE)
     torch.save(shown, work / "e6_shown.pt")
     report = {
+        "settings": settings,
+        "scoring_seed": scoring,
         "pairs": pair_meta,
         "train": {k: metrics[k] for k in ("final_loss", "seconds_per_step", "seconds_total")},
         "reflow_auto": student,
-        "base": base_few_step(seed, reference),
+        "base": base_few_step(scoring, reference),
         "size": REFLOW_SIZE,
         "guidance": {"base": E6_GUIDANCE, "reflow": 1.0},
         "seconds": round(time.perf_counter() - started, 1),

@@ -64,7 +64,7 @@ class Validation:
         self.prompts, self.steps, self.guidance = (
             list(config.validation_prompts),
             config.sample_steps,
-            config.guidance_for(True),
+            config.guidance_for(config.pairs is None),  # a pipeline's reflow pairs hold no empty prompt
         )
         self.seed = config.seed + 3
 
