@@ -30,6 +30,8 @@ def test_a_naive_fm_cell_trains_and_scores_through_the_pipelines_encoder_and_vae
     assert shown.shape == (len(sample_prompts()), 3, 128, 128) and shown.abs().max() <= 1
     assert json.loads((tmp_path / cell.name / "e6.json").read_text()) == report
     assert run_cell(tmp_path, tmp_path / "missing", cell, max_steps=2, calls=(1,)) == report  # cached, not rerun
+    with pytest.raises(ValueError, match="made with settings .*'max_steps': 2.*not .*'max_steps': 3"):
+        run_cell(tmp_path, tmp_path / "missing", cell, max_steps=3, calls=(1,))
 
 
 def _scores(digit, fid):
