@@ -4,10 +4,9 @@ the summary and the pick of the base's best scheduler on scores whose answer is 
 import json
 
 import pytest
-import torch
 
 from d2f.evaluation.prompts import evaluation_prompts, sample_prompts
-from d2f.evaluation.text_to_image import Cell, best_base, run_cell, summarize
+from d2f.evaluation.text_to_image import Cell, best_base, load_shown, run_cell, summarize
 
 
 @pytest.mark.slow
@@ -26,7 +25,7 @@ def test_a_naive_fm_cell_trains_and_scores_through_the_pipelines_encoder_and_vae
         scores = report["scores"][sampler]["1"]
         assert scores["n"] == len(evaluation_prompts()) and 0 <= scores["digit_accuracy"] <= 1
         assert scores["fid"] > 0
-    shown = torch.load(tmp_path / cell.name / "e6_shown.pt")
+    shown = load_shown(tmp_path / cell.name)
     assert shown.shape == (len(sample_prompts()), 3, 128, 128) and shown.abs().max() <= 1
     assert json.loads((tmp_path / cell.name / "e6.json").read_text()) == report
     assert run_cell(tmp_path, tmp_path / "missing", cell, max_steps=2, calls=(1,)) == report  # cached, not rerun

@@ -2,8 +2,8 @@
 
 Default scale (one seed, 2-core CPU, measured): E1 5.3 min, E2 28.5 min, E3, E4 and E5 as stated in the
 README; E4 at 64 and 32 px (``resolution``, 3 seeds) 44.8 and 27.7 min on one core, at 16 px on their
-budget (``budget='small'``) 6.0 min; E6 about 1 h 40 min in two worker processes (docs/results.md). ``scale`` multiplies the sample counts and the training steps; the
-committed results are scale 1.
+budget (``budget='small'``) 6.0 min; E6 about 1 h 40 min in two worker processes (docs/results.md).
+``scale`` multiplies the sample counts and the training steps; the committed results are scale 1.
 The training runs go to ``runs/`` (not committed), the scores and figures to ``out``.
 """
 

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from .._files import write_json
+from .._files import write_json, write_safetensors
 from .prompts import evaluation_prompts, pipeline_images, prompt_following, real_features, sample_prompts
 
 E6_SIZE = 128
@@ -55,6 +55,19 @@ def base_pipeline():
     pipe = StableDiffusionPipeline.from_pretrained(pipeline_path(), local_files_only=True, safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+SHOWN = "e6_shown.safetensors"  # a run's row of the figure
+
+
+def save_shown(images: torch.Tensor, folder: Path) -> None:
+    write_safetensors(folder / SHOWN, {"images": images.contiguous()})
+
+
+def load_shown(folder: Path) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / SHOWN))["images"]
 
 
 def cached(file: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
@@ -201,7 +214,7 @@ def _reference():
 
 def run_cell(work: Path, latents: Path, cell: Cell, max_steps: int, calls: tuple[int, ...]) -> dict[str, Any]:
     """Train ``cell`` (``d2f train --pretrained miniature --data LATENTS --resolution 128 ...``) and score its
-    export through the pipeline; cached in its run folder as ``e6.json`` and ``e6_shown.pt``."""
+    export through the pipeline; cached in its run folder as ``e6.json`` and ``e6_shown.safetensors``."""
     from ..networks.sampling import export_pipeline
     from ..training.config import TrainConfig
     from ..training.loop import train
@@ -235,7 +248,7 @@ def run_cell(work: Path, latents: Path, cell: Cell, max_steps: int, calls: tuple
         flow = bool(pipe.scheduler.config.flow_finetuned)
         draw = pipeline_draw(pipe, flow)
     result = score(draw, calls, cell.seed, _reference())
-    torch.save(result.pop("shown"), out / "e6_shown.pt")
+    save_shown(result.pop("shown"), out)
     report = {
         **result,
         "cell": cell.name,
@@ -260,7 +273,7 @@ def base_cell(work: Path, calls: tuple[int, ...], seed: int = 0) -> dict[str, An
     pipe = base_pipeline()
     result = score(pipeline_draw(pipe, False), calls, seed, _reference())
     out.mkdir(parents=True, exist_ok=True)
-    torch.save(result.pop("shown"), out / "e6_shown.pt")
+    save_shown(result.pop("shown"), out)
     report = {
         **result,
         "cell": "base",
@@ -451,7 +464,7 @@ def reflow(
     scoring = REFLOW_SCORING_SEED + seed
     student = {str(n): _scores_at(pipe, n, 1.0, scoring, reference) for n in E6_REFLOW_CALLS}
     shown = pipeline_images(pipe, sample_prompts(), E6_REFLOW_CALLS[0], 1.0, scoring, REFLOW_SIZE)
-    torch.save(shown, work / "e6_shown.pt")
+    save_shown(shown, work)
     report = {
         "settings": settings,
         "scoring_seed": scoring,
@@ -508,8 +521,8 @@ def save_figure(work: Path, reflow_work: Path, rows: list[str], path: Path) -> N
     (64 px, shown at twice its size), columns the ten :func:`sample_prompts` prompts."""
     from ..figures import save_grid
 
-    shown = [torch.load(work / row / "e6_shown.pt") for row in rows]
-    student = torch.load(reflow_work / "e6_shown.pt")
+    shown = [load_shown(work / row) for row in rows]
+    student = load_shown(reflow_work)
     shown.append(torch.nn.functional.interpolate(student, scale_factor=E6_SIZE // REFLOW_SIZE, mode="nearest"))
     save_grid(torch.cat(shown), path, len(sample_prompts()), upscale=1)
 
