@@ -160,10 +160,10 @@ def pipeline_draw(pipe, flow_finetuned: bool):
 
 def naive_fm_draw(pipe, field, batch: int = 40):
     """Draws from a naive-FM export, which no diffusers scheduler can sample (its network reads the raw FM time
-    and the unscaled state): d2f's solvers on its UNet, with the pipeline's own text encoder, per-image noise (as
-    :func:`~d2f.data.pairs.image_noise`, as
-    :func:`~d2f.evaluation.prompts.pipeline_images` draws it) and VAE. auto: the table's flow-finetuned row; ddim:
-    Euler on the uniform grid, the nearest a model without a diffusion schedule has."""
+    and the unscaled state): d2f's solvers on its UNet, with the pipeline's own text encoder and VAE and the noise
+    :func:`~d2f.evaluation.prompts.pipeline_images` gets (:func:`~d2f.data.pairs.image_noise`), guided by the empty
+    prompt. auto: the table's flow-finetuned row; ddim: Euler on the uniform grid, the nearest a model without a
+    diffusion schedule has."""
     from ..auto_sampler import Sampler, auto_sampler
     from ..data.encode import vae_images
     from ..data.pairs import image_noise
@@ -171,19 +171,22 @@ def naive_fm_draw(pipe, field, batch: int = 40):
 
     side = E6_SIZE // pipe.vae_scale_factor
     shape = (pipe.unet.config.in_channels, side, side)
+    with torch.no_grad():
+        null = pipe.encode_prompt([""], "cpu", 1, False)[0]  # one row; guidance expands it to the batch
+    guided = D2FVelocity(
+        field.net, field.schedule, "velocity", E6_GUIDANCE, {"encoder_hidden_states": null}, align_input=False
+    )
 
     @torch.no_grad()
     def draw(sampler: str, calls: int, prompts: list, seed: int) -> torch.Tensor:
         chosen = auto_sampler(calls, True) if sampler == "auto" else Sampler("euler", "uniform", calls)
+        ts = guided.grid(chosen.grid, chosen.steps)
         chunks = []
         for start in range(0, len(prompts), batch):
             texts = [p.text for p in prompts[start : start + batch]]
-            cond, null = pipe.encode_prompt(texts, "cpu", 1, True, [""] * len(texts))
+            cond = pipe.encode_prompt(texts, "cpu", 1, False)[0]
             noise = image_noise(seed + start, len(texts), shape)
-            guided = D2FVelocity(
-                field.net, field.schedule, "velocity", E6_GUIDANCE, {"encoder_hidden_states": null}, align_input=False
-            )
-            x = guided.sample(noise, guided.grid(chosen.grid, chosen.steps), chosen.solver, encoder_hidden_states=cond)
+            x = guided.sample(noise, ts, chosen.solver, encoder_hidden_states=cond)
             chunks.append(vae_images(pipe.vae, x).float())
         return torch.cat(chunks)
 
@@ -206,10 +209,18 @@ def score(draw, calls: tuple[int, ...], seed: int, reference) -> dict[str, Any]:
     return {"scores": scores, "shown": draw("auto", SHOWN_CALLS, sample_prompts(), seed)}
 
 
-def _reference():
+def scored(out: Path, settings: dict[str, Any], draw, calls: tuple[int, ...], seed: int, **fields) -> dict[str, Any]:
+    """:func:`score` of ``draw``, its figure row saved and the report (with ``settings`` and ``fields``) cached in
+    ``out``."""
     from .classifier import load_classifier
 
-    return real_features(load_classifier(), E6_SIZE)
+    started = time.perf_counter()
+    result = score(draw, calls, seed, real_features(load_classifier(), E6_SIZE))
+    out.mkdir(parents=True, exist_ok=True)
+    save_shown(result.pop("shown"), out)
+    report = {**result, "settings": settings, **fields, "score_seconds": round(time.perf_counter() - started, 1)}
+    write_json(out / "e6.json", report)
+    return report
 
 
 def run_cell(work: Path, latents: Path, cell: Cell, max_steps: int, calls: tuple[int, ...]) -> dict[str, Any]:
@@ -221,8 +232,7 @@ def run_cell(work: Path, latents: Path, cell: Cell, max_steps: int, calls: tuple
 
     out = work / cell.name
     settings = {"max_steps": max_steps, "calls": list(calls)}
-    done = out / "e6.json"
-    if (result := cached(done, settings)) is not None:
+    if (result := cached(out / "e6.json", settings)) is not None:
         return result
     config = TrainConfig(
         out=str(out),
@@ -237,7 +247,6 @@ def run_cell(work: Path, latents: Path, cell: Cell, max_steps: int, calls: tuple
     if not trained_before(out, config):
         train(config, progress=False)
     metrics = json.loads((out / "metrics.json").read_text())
-    started = time.perf_counter()
     if cell.objective == "fm":
         from ..networks.export import load
 
@@ -247,20 +256,18 @@ def run_cell(work: Path, latents: Path, cell: Cell, max_steps: int, calls: tuple
         pipe = export_pipeline(out / "export", device="cpu")
         flow = bool(pipe.scheduler.config.flow_finetuned)
         draw = pipeline_draw(pipe, flow)
-    result = score(draw, calls, cell.seed, _reference())
-    save_shown(result.pop("shown"), out)
-    report = {
-        **result,
-        "cell": cell.name,
-        "settings": settings,
-        "flow_finetuned": flow,
-        "final_loss": metrics["final_loss"],
-        "seconds_per_step": metrics["seconds_per_step"],
-        "train_seconds": metrics["seconds_total"],
-        "score_seconds": round(time.perf_counter() - started, 1),
-    }
-    write_json(done, report)
-    return report
+    return scored(
+        out,
+        settings,
+        draw,
+        calls,
+        cell.seed,
+        cell=cell.name,
+        flow_finetuned=flow,
+        final_loss=metrics["final_loss"],
+        seconds_per_step=metrics["seconds_per_step"],
+        train_seconds=metrics["seconds_total"],
+    )
 
 
 def base_cell(work: Path, calls: tuple[int, ...], seed: int = 0) -> dict[str, Any]:
@@ -269,20 +276,7 @@ def base_cell(work: Path, calls: tuple[int, ...], seed: int = 0) -> dict[str, An
     settings = {"calls": list(calls), "seed": seed}
     if (result := cached(out / "e6.json", settings)) is not None:
         return result
-    started = time.perf_counter()
-    pipe = base_pipeline()
-    result = score(pipeline_draw(pipe, False), calls, seed, _reference())
-    out.mkdir(parents=True, exist_ok=True)
-    save_shown(result.pop("shown"), out)
-    report = {
-        **result,
-        "cell": "base",
-        "settings": settings,
-        "flow_finetuned": False,
-        "score_seconds": round(time.perf_counter() - started, 1),
-    }
-    write_json(out / "e6.json", report)
-    return report
+    return scored(out, settings, pipeline_draw(base_pipeline(), False), calls, seed, cell="base", flow_finetuned=False)
 
 
 def zero_shot_equality(seed: int = 0, steps: int = 25) -> dict[str, Any]:
