@@ -6,6 +6,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("safetensors")
 
@@ -216,16 +218,18 @@ def test_teacher_architecture_adds_a_level_per_doubling():
 def test_e5_few_step_in_miniature_counts_network_calls_honestly(tmp_path, monkeypatch):
     """E5 end to end at toy scale: every row at each NFE it reaches exactly, one score per seed, a chosen
     setting per diffusers scheduler, and a figure per model. The NFE each cell is filed under is the number of
-    times the UNet was really called for it (counted through its forward; one batch per cell here)."""
+    times the UNet was really called for it (counted through its forward; one batch per cell here). A rerun
+    reads every cell from its file without calling the UNet, and a rerun with other settings is refused."""
     from diffusers import UNet2DModel
 
     from d2f.evaluation import few_step as e5
     from d2f.evaluation.few_step import CONVERTED, DIFFUSERS, FINETUNED_ROWS, TEACHER_ROWS, few_step
 
-    forward, calls, filed = UNet2DModel.forward, {"now": 0, "last": None}, []
+    forward, calls, filed = UNet2DModel.forward, {"now": 0, "all": 0, "last": None}, []
 
     def counted_forward(self, *args, **kwargs):
         calls["now"] += 1
+        calls["all"] += 1
         return forward(self, *args, **kwargs)
 
     def counted(images):
@@ -239,6 +243,7 @@ def test_e5_few_step_in_miniature_counts_network_calls_honestly(tmp_path, monkey
 
     def add(cells, nfe, scores):
         filed.append((nfe, calls["last"]))
+        calls["last"] = None  # a cell read from its file would file None
         return add_cell(cells, nfe, scores)
 
     add_cell = e5._add
@@ -246,18 +251,9 @@ def test_e5_few_step_in_miniature_counts_network_calls_honestly(tmp_path, monkey
     monkeypatch.setattr(e5, "_diffusers_images", counted(e5._diffusers_images))
     monkeypatch.setattr(e5, "_d2f_images", counted(e5._d2f_images))
     monkeypatch.setattr(e5, "_add", add)
-    report = few_step(
-        str(tmp_path / "e5"),
-        num_samples=20,
-        nfe=(1, 2, 3),
-        finetuned_nfe=(1, 2),
-        seeds=(0, 1),
-        finetune_steps=2,
-        reflow_pairs=40,
-        reflow_pair_steps=2,
-        reflow_steps=2,
-        plot_png=tmp_path / "e5.png",
-    )
+    monkeypatch.setattr(e5, "TIMED_NFE", 2)
+    toy = dict(num_samples=20, nfe=(1, 2, 3), seeds=(0, 1), finetune_steps=2, reflow_pairs=40, reflow_pair_steps=2)
+    report = few_step(str(tmp_path / "e5"), reflow_steps=2, plot_png=tmp_path / "e5.png", **toy)
     assert len(filed) > 20 and all(nfe == counted_calls for nfe, counted_calls in filed), filed
     teacher = report["models"]["teacher"]["rows"]
     for model in CONVERTED:
@@ -269,15 +265,23 @@ def test_e5_few_step_in_miniature_counts_network_calls_honestly(tmp_path, monkey
         rows = report["models"][model]["rows"]
         if model not in CONVERTED:
             assert set(rows) == {f"d2f:{s}/{g}" for s, g in FINETUNED_ROWS}
-            assert set(rows["d2f:multistep/shift"]["cells"]) == {"1", "2"}
-        for cells in (row["cells"] for row in rows.values()):
-            assert all(len(cell["fid"]) == 2 and all(math.isfinite(v) for v in cell["fid"]) for cell in cells.values())
+            assert set(rows["d2f:multistep/shift"]["cells"]) == {"1", "2", "3"}
+        for row in rows.values():
+            for cell in row["cells"].values():
+                assert all(len(cell[key]) == 2 and all(map(math.isfinite, cell[key])) for key in ("fid", "kid"))
+            assert ("samples_per_second" in row) == ("2" in row["cells"])
+        ranked = report["models"][model]["separations"]["2"]["ranked"]
+        assert set(ranked) == {name for name, row in rows.items() if "2" in row["cells"]}
     # d2f's two-stage steps cost 2 calls on the teacher (its velocity is singular nowhere); diffusers' Heun
     # evaluates 2n - 1 times (its last step is Euler).
     assert set(teacher["d2f:heun/uniform"]["cells"]) == set(teacher["d2f:midpoint/uniform"]["cells"]) == {"2"}
     assert set(teacher["diffusers:heun"]["cells"]) == {"1", "3"}
-    assert set(teacher["d2f:multistep/uniform"]["cells"]) == {"1", "2", "3"}
-    # At one call every first-order start is Euler: d2f's multistep and Euler give the same samples.
+    assert set(teacher["d2f:multistep/uniform"]["cells"]) == set(teacher["d2f:ab3/uniform"]["cells"]) == {"1", "2", "3"}
+    # At one call every first-order start is Euler: d2f's multistep and Euler give the same samples; AB3's first
+    # two steps are multistep's.
+    for calls_made in ("1", "2"):
+        multistep, ab3 = (teacher[f"d2f:{s}/uniform"]["cells"][calls_made]["fid"] for s in ("multistep", "ab3"))
+        assert multistep == pytest.approx(ab3, rel=1e-5)
     one_call = teacher["d2f:multistep/uniform"]["cells"]["1"], teacher["d2f:euler/uniform"]["cells"]["1"]
     assert one_call[0]["fid"] == pytest.approx(one_call[1]["fid"], rel=1e-6)
     for model in CONVERTED:  # each teacher's own calibration picks its diffusers settings
@@ -286,7 +290,52 @@ def test_e5_few_step_in_miniature_counts_network_calls_honestly(tmp_path, monkey
             if name.startswith("diffusers:"):
                 tried = candidates[name.split(":")[1]]
                 assert row["settings"] == min(tried, key=lambda c: c["fid"])["settings"]
-    assert set(report["seconds_by_part"]) == {"train_and_calibrate", *CONVERTED, "e2_d2f_lora", "e3_reflow"}
+    assert set(report["seconds_by_part"]) == {"load_and_train", *CONVERTED, "e2_d2f_lora", "e3_reflow"}
+
+    _assert_a_rerun_reads_every_cell_back(tmp_path / "e5", toy, report, calls)
+
+
+def _assert_a_rerun_reads_every_cell_back(out, toy, report, calls):
+    from d2f.evaluation.few_step import few_step
+
+    before = calls["all"]
+    again = few_step(str(out), reflow_steps=2, **toy)
+    assert again["models"] == report["models"] and calls["all"] == before  # every cell read back, none drawn
+    with pytest.raises(ValueError, match="holds a result made with settings .*'num_samples': 20"):
+        few_step(str(out), reflow_steps=2, **{**toy, "num_samples": 30})
+    with pytest.raises(ValueError, match="models: 'teacher_v' is not allowed"):
+        few_step(str(out), models=("teacher_v",))
+
+
+def test_e5_separations_rank_rows_and_name_only_differences_beyond_the_seed_spread():
+    from d2f.evaluation.few_step import separations
+
+    rows = {
+        "a": {"cells": {"4": {"kid": [1.0, 2.0, 3.0]}}},
+        "b": {"cells": {"4": {"kid": [4.0, 5.0, 6.0]}, "6": {"kid": [1.0, 1.0, 1.0]}}},
+        "c": {"cells": {"4": {"kid": [2.5, 3.5, 4.5]}}},  # overlaps both
+    }
+    result = separations(rows)
+    assert result["4"] == {"ranked": ["a", "c", "b"], "beats_beyond_seed_spread": {"a": ["b"], "c": [], "b": []}}
+    assert result["6"] == {"ranked": ["b"], "beats_beyond_seed_spread": {"b": []}}
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.floats(1e-3, 0.5), st.floats(1e-3, 0.5), st.floats(1e-3, 0.5), st.floats(0.0, 0.4))
+def test_adams_bashforth_weights_match_their_closed_forms(h, h1, h2, t0):
+    """docs/conventions.md §5: one node is Euler, two are multistep's ``(1 + k, -k)`` with ``k = h / (2 h_1)``,
+    three are AB3's variable-step weights."""
+    from d2f.evaluation.few_step import adams_bashforth_weights
+
+    assert adams_bashforth_weights([t0], t0, t0 + h) == pytest.approx([1.0])
+    k = h / (2 * h1)
+    assert adams_bashforth_weights([t0, t0 - h1], t0, t0 + h) == pytest.approx([1 + k, -k], rel=1e-9, abs=1e-9)
+    w0 = (h**2 / 3 + (2 * h1 + h2) * h / 2 + h1 * (h1 + h2)) / (h1 * (h1 + h2))
+    w1 = -(h**2 / 3 + (h1 + h2) * h / 2) / (h1 * h2)
+    w2 = (h**2 / 3 + h1 * h / 2) / ((h1 + h2) * h2)
+    got = adams_bashforth_weights([t0, t0 - h1, t0 - h1 - h2], t0, t0 + h)
+    assert got == pytest.approx([w0, w1, w2], rel=1e-7, abs=1e-7) and sum(got) == pytest.approx(1.0)
+    assert adams_bashforth_weights([0.5, 0.4, 0.3], 0.5, 0.6) == pytest.approx([23 / 12, -16 / 12, 5 / 12])
 
 
 def test_depth_experiment_in_miniature(tmp_path):

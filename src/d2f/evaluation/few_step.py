@@ -23,11 +23,17 @@ against ``num_samples`` of them, and the class accuracy of ``d2f eval``'s classi
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
+import math
 import time
 from pathlib import Path
 
 import torch
+from numpy.polynomial import polynomial as P
 
+from .._files import write_json
 from ..data.images import mnist
 from ..figures import save_line_plot
 from ..networks.export import ddim_config, load
@@ -36,16 +42,19 @@ from ..networks.teachers import teacher_path
 from ..solvers import stage_times
 from ..training.loop import train
 from ..velocity import D2FVelocity
+from .cache import cached, trained_before
 from .classifier import load_classifier
 from .experiments import finetune_run
-from .metrics import class_accuracy, features, fid, precision_recall
+from .metrics import class_accuracy, features, fid, kid, precision_recall
 from .reflow import train_reflow
 
-E5_NFE = (1, 2, 3, 4, 6, 8, 10, 15, 25)  # the teachers' rows, diffusers' included
+E5_NFE = (1, 2, 3, 4, 6, 8, 10)  # every model's: NFE <= 10, where the samplers differ
 CONVERTED = ("teacher", "teacher_epsilon")  # the teachers as converted, zero-shot: v-prediction and epsilon
-FINETUNED_NFE = (1, 2, 3, 4, 6, 8, 10)
+FINETUNED = ("e2_d2f_lora", "e3_reflow")  # finetuned as flows, here
+E5_MODELS = (*CONVERTED, *FINETUNED)
 E5_SEEDS = (0, 1, 2)
 CALIBRATION_NFE = (6, 5)  # the first one a scheduler reaches exactly (Heun reaches odd counts only)
+TIMED_NFE = 4  # each row's samples per second are measured here
 
 # diffusers' few-step advice: trailing timesteps (Lin et al., "Common diffusion noise schedules and sample
 # steps are flawed") or Karras sigmas where the scheduler has them; lower_order_final for the multistep ones.
@@ -66,10 +75,17 @@ DIFFUSERS = {
         tuple({"algorithm_type": "sde-dpmsolver++", "solver_order": 2, **_MULTISTEP, **s} for s in _SPACINGS),
     ),
     "unipc_bh2": ("UniPCMultistepScheduler", tuple({"solver_type": "bh2", **_MULTISTEP, **s} for s in _SPACINGS)),
+    "deis": ("DEISMultistepScheduler", tuple({"solver_order": 2, **_MULTISTEP, **s} for s in _SPACINGS)),
+    # SA-Solver as diffusers ships it: predictor and corrector of order 2, stochastic (its default tau) between
+    # timesteps 200 and 800, its noise drawn from the seed's generator.
+    "sa_solver": ("SASolverScheduler", tuple({**_MULTISTEP, **s} for s in _SPACINGS)),
     "euler": ("EulerDiscreteScheduler", _SPACINGS),
     "heun": ("HeunDiscreteScheduler", _SPACINGS),
 }
-FINETUNED_ROWS = tuple((solver, grid) for grid in ("uniform", "shift") for solver in ("euler", "midpoint", "multistep"))
+# d2f's candidates: its solvers, and Adams-Bashforth 3 (``ab3``, a candidate of this experiment only).
+FINETUNED_ROWS = tuple(
+    (solver, grid) for grid in ("uniform", "shift") for solver in ("euler", "midpoint", "multistep", "ab3")
+)
 TEACHER_ROWS = (("heun", "uniform"), *FINETUNED_ROWS)
 
 
@@ -78,9 +94,40 @@ def d2f_grid(field: D2FVelocity, grid: str, steps: int, shift: float = 3.0) -> t
 
 
 def d2f_calls(field: D2FVelocity, solver: str, grid: str, steps: int, shift: float = 3.0) -> int:
-    """Network calls of ``steps`` steps of ``solver`` on ``grid`` (``d2f.solvers.stage_times``)."""
+    """Network calls of ``steps`` steps of ``solver`` on ``grid`` (``d2f.solvers.stage_times``; AB3 calls once per
+    step, at its start)."""
     ts = d2f_grid(field, grid, steps, shift).tolist()
-    return sum(len(stage_times(solver, a, b, field.singular_times)) for a, b in zip(ts, ts[1:]))
+    one_call = "multistep" if solver == "ab3" else solver
+    return sum(len(stage_times(one_call, a, b, field.singular_times)) for a, b in zip(ts, ts[1:]))
+
+
+def adams_bashforth_weights(nodes: list[float], t0: float, t1: float) -> list[float]:
+    """The weights ``w_j`` of ``x' = x + h * sum_j w_j * u(t_j)`` that integrate, over ``[t0, t1]`` (``h = t1 - t0``),
+    the polynomial through the velocities at ``nodes`` (``t0`` first, then the earlier evaluations):
+    ``w_j = (1/h) * integral of L_j`` with ``L_j`` the Lagrange basis polynomial of node ``j``. One node is Euler, two
+    are ``d2f.solvers``' multistep (Adams-Bashforth 2) and three Adams-Bashforth 3 (docs/conventions.md §5)."""
+    h = t1 - t0
+    weights = []
+    for j, node in enumerate(nodes):
+        others = [m - t0 for i, m in enumerate(nodes) if i != j]  # in tau = t - t0, which keeps the powers small
+        basis = P.polyfromroots(others) / math.prod(node - t0 - m for m in others)
+        integral = P.polyint(basis)
+        weights.append(float(P.polyval(h, integral) - P.polyval(0.0, integral)) / h)
+    return weights
+
+
+@torch.no_grad()
+def ab3_sample(field: D2FVelocity, noise: torch.Tensor, ts: torch.Tensor, **cond) -> torch.Tensor:
+    """Adams-Bashforth 3 from ``noise`` over the 1-D grid ``ts``, one network call per step: Euler on the first
+    step and Adams-Bashforth 2 on the second, while the history fills (``D2FVelocity.sample``'s start)."""
+    times = ts.tolist()
+    x = noise.float() / field.input_scale(times[0])
+    history: list[tuple[float, torch.Tensor]] = []  # (t, u), the newest first
+    for t0, t1 in zip(times, times[1:]):
+        history = [(t0, field(x, t0, **cond)), *history[:2]]
+        weights = adams_bashforth_weights([t for t, _ in history], t0, t1)
+        x = x + (t1 - t0) * sum(w * u for w, (_, u) in zip(weights, history))
+    return x
 
 
 def diffusers_scheduler(name: str, settings: dict, teacher: D2FVelocity):
@@ -124,8 +171,11 @@ class Scorer:
     def score(self, images: torch.Tensor) -> dict[str, float]:
         fake = features(self.classifier, images)
         precision, recall = precision_recall(self.real_subset, fake)
+        kid_mean, kid_std = kid(self.real, fake, seed=self.seed)
         return {
             "fid": fid(self.real, fake),
+            "kid": kid_mean,
+            "kid_std": kid_std,
             "precision": precision,
             "recall": recall,
             "class_accuracy": class_accuracy(self.classifier, images, self.labels),
@@ -133,7 +183,7 @@ class Scorer:
 
 
 def _diffusers_images(name, settings, teacher, scorer: Scorer, steps: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(2000 + scorer.seed)  # the SDE scheduler's noise, per seed
+    generator = torch.Generator().manual_seed(2000 + scorer.seed)  # the stochastic schedulers' noise, per seed
 
     def run(noise, labels):
         scheduler = diffusers_scheduler(name, settings, teacher)
@@ -143,11 +193,41 @@ def _diffusers_images(name, settings, teacher, scorer: Scorer, steps: int) -> to
 
 
 def _d2f_images(field: D2FVelocity, solver: str, ts: torch.Tensor, scorer: Scorer) -> torch.Tensor:
+    if solver == "ab3":
+        return scorer.batches(lambda noise, labels: ab3_sample(field, noise, ts, class_labels=labels))
     return scorer.batches(lambda noise, labels: field.sample(noise, ts, solver=solver, class_labels=labels))
 
 
-def _calibrate(teacher: D2FVelocity, scorer: Scorer) -> tuple[dict, dict]:
-    """Each scheduler's candidates at the calibration NFE: the chosen settings and every candidate's FID."""
+class Cells:
+    """Every cell of one model, scored once and kept in ``folder`` (``<row>/nfe<N>-seed<S>.json``, beside the
+    settings it was made with), so that a stopped run resumes and a rerun scores only what is new."""
+
+    def __init__(self, folder: Path, model_settings: dict, num_samples: int):
+        self.folder, self.model_settings, self.num_samples = folder, model_settings, num_samples
+
+    def get(self, row: str, sampler: dict, nfe: int, scorer: Scorer, draw) -> dict:
+        """The cell of ``row`` (``sampler``: its settings and step count) at ``nfe`` for the scorer's seed:
+        ``{"scores", "seconds"}``, with ``seconds`` the time ``draw()`` took to sample."""
+        tag = hashlib.sha1(json.dumps(sampler, sort_keys=True).encode()).hexdigest()[:8]
+        file = self.folder / f"{row.replace(':', '-').replace('/', '-')}-{tag}" / f"nfe{nfe}-seed{scorer.seed}.json"
+        settings = {"model": self.model_settings, "num_samples": self.num_samples, "row": row, **sampler}
+        if (kept := cached(file, settings)) is not None:
+            return kept
+        started = time.perf_counter()
+        images = draw()
+        cell = {
+            "settings": settings,
+            "seconds": round(time.perf_counter() - started, 2),
+            "scores": scorer.score(images),
+        }
+        file.parent.mkdir(parents=True, exist_ok=True)
+        write_json(file, cell)
+        return cell
+
+
+def _calibrate(teacher: D2FVelocity, scorer: Scorer, cells: Cells) -> tuple[dict, dict]:
+    """Each scheduler's candidates at the calibration NFE: the chosen settings (the lowest FID) and every
+    candidate's FID and KID. The chosen candidate's cell is its row's cell at that NFE."""
     chosen, report = {}, {}
     for name, (_, candidates) in DIFFUSERS.items():
         tried = []
@@ -155,8 +235,14 @@ def _calibrate(teacher: D2FVelocity, scorer: Scorer) -> tuple[dict, dict]:
             row = (name, settings, teacher)
             nfe = next(c for c in CALIBRATION_NFE if steps_for(c, diffusers_calls, *row))
             steps = steps_for(nfe, diffusers_calls, *row)
-            images = _diffusers_images(name, settings, teacher, scorer, steps)
-            tried.append({"settings": settings, "nfe": nfe, "fid": scorer.score(images)["fid"]})
+            cell = cells.get(
+                f"diffusers:{name}",
+                {"settings": settings, "steps": steps},
+                nfe,
+                scorer,
+                functools.partial(_diffusers_images, name, settings, teacher, scorer, steps),
+            )
+            tried.append({"settings": settings, "nfe": nfe, **{k: cell["scores"][k] for k in ("fid", "kid")}})
         report[name] = tried
         chosen[name] = min(tried, key=lambda row: row["fid"])["settings"]
     return chosen, report
@@ -168,12 +254,71 @@ def _add(cells: dict, nfe: int, scores: dict) -> None:
         cell[key].append(value)
 
 
+def separations(rows: dict, metric: str = "kid") -> dict:
+    """Per NFE, the rows ranked by their mean ``metric`` over seeds, and for each row the rows it beats beyond the
+    seed spread: every seed of it scores lower than every seed of the other."""
+    result = {}
+    nfes = sorted({n for row in rows.values() for n in row["cells"]}, key=int)
+    for nfe in nfes:
+        scored = {name: row["cells"][nfe][metric] for name, row in rows.items() if nfe in row["cells"]}
+        ranked = sorted(scored, key=lambda name: sum(scored[name]) / len(scored[name]))
+        beats = {a: [b for b in ranked if max(scored[a]) < min(scored[b])] for a in ranked}
+        result[nfe] = {"ranked": ranked, "beats_beyond_seed_spread": beats}
+    return result
+
+
+def _draws(model: str, field: D2FVelocity, chosen: dict, nfe: int, scorer: Scorer):
+    """``(row, sampler, draw)`` for every row of ``model`` that reaches ``nfe`` exactly: ``sampler`` its settings
+    (diffusers') and step count, ``draw()`` its samples on the scorer's seed."""
+    for name, settings in chosen.items():
+        if (steps := steps_for(nfe, diffusers_calls, name, settings, field)) is not None:
+            draw = functools.partial(_diffusers_images, name, settings, field, scorer, steps)
+            yield f"diffusers:{name}", {"settings": settings, "steps": steps}, draw
+    for solver, grid in TEACHER_ROWS if model in CONVERTED else FINETUNED_ROWS:
+        if (steps := steps_for(nfe, d2f_calls, field, solver, grid)) is not None:
+            draw = functools.partial(_d2f_images, field, solver, d2f_grid(field, grid, steps), scorer)
+            yield f"d2f:{solver}/{grid}", {"steps": steps}, draw
+
+
+def _models(out: str, names: tuple[str, ...], seed: int, finetune_steps, reflow_pairs, reflow_pair_steps, reflow_steps):
+    """``{model: (field, resolution, settings)}`` for ``names``: the teachers, and the finetunes trained here
+    (once: a finished run is used again)."""
+    models = {}
+    for name in names:
+        if name in CONVERTED:
+            path = "teacher" if name == "teacher" else str(teacher_path(prediction_type="epsilon"))
+            models[name] = (load(path), 16, {"model": name})
+        elif name == "e2_d2f_lora":
+            config = finetune_run(out, "lora", "d2f", seed, finetune_steps, finetune_steps)
+            if not trained_before(Path(config.out), config):
+                train(config, progress=False)
+            models[name] = (load(str(Path(config.out) / "export")), 24, {"train": config.to_dict()})
+        else:
+            work = Path(out) / "e3"
+            settings = {"pairs": reflow_pairs, "pair_steps": reflow_pair_steps, "steps": reflow_steps, "seed": seed}
+            if (made := cached(work / "e5_reflow.json", settings)) is None:
+                config, metrics, pair_meta = train_reflow(
+                    str(work), reflow_pairs, reflow_pair_steps, reflow_steps, seed
+                )
+                made = {
+                    "settings": settings,
+                    "train": {
+                        **config.to_dict(),  # its "pairs" is the file; the generation's record is beside it
+                        "pair_generation": pair_meta,
+                        "seconds_train": metrics["seconds_train"],
+                    },
+                }
+                write_json(work / "e5_reflow.json", made)
+            models[name] = (load(str(Path(made["train"]["out"]) / "export")), 16, {"train": made["train"]})
+    return models
+
+
 def few_step(
     out: str = "runs/e5",
-    num_samples: int = 200,
+    num_samples: int = 2000,
     nfe: tuple[int, ...] = E5_NFE,
-    finetuned_nfe: tuple[int, ...] = FINETUNED_NFE,
     seeds: tuple[int, ...] = E5_SEEDS,
+    models: tuple[str, ...] = E5_MODELS,
     finetune_steps: int = 600,
     reflow_pairs: int = 2000,
     reflow_pair_steps: int = 25,
@@ -181,53 +326,47 @@ def few_step(
     plot_png: Path | None = None,
 ) -> dict:
     """E5. Returns ``{"models": {model: {"resolution", "rows": {row: {"settings"?, "cells": {nfe: {metric:
-    [one per seed]}}}}}}, "calibration": ..., ...}``; ``plot_png`` gets FID against NFE per model
-    (``<stem>_<model>.png``: the mean over seeds, the seed range shaded)."""
+    [one per seed]}}, "samples_per_second": at TIMED_NFE}}, "separations": ...}}, "calibration": ..., ...}``.
+
+    Each cell is kept under ``out/cells`` as it is scored (:class:`Cells`): a stopped run resumes, and ``models``
+    picks the models to score now. The NFE are taken in the order of ``nfe``, each over every seed and row, so the
+    first ones are whole when a run stops. ``plot_png`` gets FID against NFE per model (``<stem>_<model>.png``: the
+    mean over seeds, the seed range shaded)."""
+    for name in models:
+        if name not in E5_MODELS:
+            raise ValueError(f"models: {name!r} is not allowed: each one of {E5_MODELS}")
     started = time.perf_counter()
     classifier = load_classifier()
-    finetune = finetune_run(out, "lora", "d2f", seeds[0], finetune_steps, finetune_steps)
-    train(finetune, progress=False)
-    reflow_config, reflow_metrics, pair_meta = train_reflow(
-        str(Path(out) / "e3"), reflow_pairs, reflow_pair_steps, reflow_steps, seeds[0]
-    )
-    models = {
-        "teacher": (load("teacher"), 16),
-        "teacher_epsilon": (load(str(teacher_path(prediction_type="epsilon"))), 16),
-        "e2_d2f_lora": (load(str(Path(finetune.out) / "export")), 24),
-        "e3_reflow": (load(str(Path(reflow_config.out) / "export")), 16),
-    }
-    calibration_scorer = Scorer(classifier, 16, num_samples, seeds[0])
-    chosen, calibration = {}, {}
-    for model in CONVERTED:
-        chosen[model], calibration[model] = _calibrate(models[model][0], calibration_scorer)
+    loaded = _models(out, models, seeds[0], finetune_steps, reflow_pairs, reflow_pair_steps, reflow_steps)
     report: dict = {"models": {}}
-    seconds = {"train_and_calibrate": round(time.perf_counter() - started, 1)}
-    for model, (field, resolution) in models.items():
+    seconds = {"load_and_train": round(time.perf_counter() - started, 1)}
+    chosen, calibration = {}, {}
+    for model, (field, resolution, model_settings) in loaded.items():
         model_started = time.perf_counter()
+        cells = Cells(Path(out) / "cells" / model, model_settings, num_samples)
+        scorers = {seed: Scorer(classifier, resolution, num_samples, seed) for seed in seeds}
+        if model in CONVERTED:
+            chosen[model], calibration[model] = _calibrate(field, scorers[seeds[0]], cells)
         rows: dict = {}
-        d2f_rows, targets = (TEACHER_ROWS, nfe) if model in CONVERTED else (FINETUNED_ROWS, finetuned_nfe)
-        for seed in seeds:
-            scorer = (
-                calibration_scorer
-                if (seed, resolution) == (seeds[0], 16)
-                else Scorer(classifier, resolution, num_samples, seed)
-            )
-            for name, settings in chosen.get(model, {}).items():
-                row = rows.setdefault(f"diffusers:{name}", {"settings": settings, "cells": {}})
-                for target in targets:
-                    steps = steps_for(target, diffusers_calls, name, settings, field)
-                    if steps is not None:
-                        images = _diffusers_images(name, settings, field, scorer, steps)
-                        _add(row["cells"], target, scorer.score(images))
-            for solver, grid in d2f_rows:
-                row = rows.setdefault(f"d2f:{solver}/{grid}", {"cells": {}})
-                for target in targets:
-                    steps = steps_for(target, d2f_calls, field, solver, grid)
-                    if steps is not None:
-                        ts = d2f_grid(field, grid, steps)
-                        _add(row["cells"], target, scorer.score(_d2f_images(field, solver, ts, scorer)))
+        for target in nfe:
+            for scorer in scorers.values():
+                for name, sampler, draw in _draws(model, field, chosen.get(model, {}), target, scorer):
+                    shown = {key: value for key, value in sampler.items() if key != "steps"}  # steps vary by NFE
+                    row = rows.setdefault(name, {**shown, "cells": {}, "seconds": {}})
+                    cell = cells.get(name, sampler, target, scorer, draw)
+                    _add(row["cells"], target, cell["scores"])
+                    row["seconds"].setdefault(str(target), []).append(cell["seconds"])
+        for row in rows.values():
+            timed = row.pop("seconds").get(str(TIMED_NFE))
+            if timed:
+                row["samples_per_second"] = round(num_samples * len(timed) / sum(timed), 1)
         seconds[model] = round(time.perf_counter() - model_started, 1)
-        report["models"][model] = {"resolution": resolution, "nfe": list(targets), "rows": rows}
+        report["models"][model] = {
+            "resolution": resolution,
+            "nfe": sorted(nfe),
+            "rows": rows,
+            "separations": separations(rows),
+        }
         if plot_png is not None:
             plot_fid(rows, model, plot_png.with_name(f"{plot_png.stem}_{model}{plot_png.suffix}"))
     report.update(
@@ -239,16 +378,12 @@ def few_step(
                 "seed": seeds[0],
                 "candidates": calibration,
             },
-            "train": {
-                "e2_d2f_lora": finetune.to_dict(),
-                "e3_reflow": {
-                    **reflow_config.to_dict(),  # its "pairs" is the file; the generation's record is beside it
-                    "pair_generation": pair_meta,
-                    "seconds_train": reflow_metrics["seconds_train"],
-                },
-            },
-            "reference": "FID in the evaluation classifier's features against the 5000 real digits at the model's "
-            "resolution; precision/recall (k=3) against num_samples of them",
+            "train": {model: settings for model, (_, _, settings) in loaded.items() if model not in CONVERTED},
+            "reference": "FID and KID (cubic kernel, mean and std over 100 subsets of 1000) in the evaluation "
+            "classifier's features against the 5000 real digits at the model's resolution; precision/recall (k=3) "
+            "against num_samples of them",
+            "samples_per_second": f"num_samples per second of sampling (scoring excluded) at NFE {TIMED_NFE}, "
+            "the mean over seeds, as measured when each cell was scored",
             "seconds": round(time.perf_counter() - started, 1),
             "seconds_by_part": seconds,
         }

@@ -107,7 +107,7 @@ def reproduce(
         ),
         "e5": lambda: few_step(
             "runs/e5",
-            num_samples=n(200),
+            num_samples=n(2000),
             seeds=(seed, seed + 1, seed + 2),
             finetune_steps=steps(600),
             reflow_steps=steps(300),

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ from typing import Any
 import torch
 
 from .._files import write_json, write_safetensors
+from .cache import cached, trained_before
 from .prompts import evaluation_prompts, pipeline_images, prompt_following, real_features, sample_prompts
 
 E6_SIZE = 128
@@ -68,33 +68,6 @@ def load_shown(folder: Path) -> torch.Tensor:
     from safetensors.torch import load_file
 
     return load_file(str(folder / SHOWN))["images"]
-
-
-def cached(file: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
-    """The result cached in ``file`` (None: none yet), refused if it was made with other ``settings``: a rerun with
-    other steps, calls or seeds must not pass off an old result as its own."""
-    if not file.is_file():
-        return None
-    result = json.loads(file.read_text())
-    if result.get("settings") != settings:
-        raise ValueError(
-            f"{file} holds a result made with settings {result.get('settings')}, not {settings}: remove "
-            f"{file.parent} or choose another out"
-        )
-    return result
-
-
-def trained_before(run: Path, config) -> bool:
-    """Whether ``run`` holds a finished run of ``config`` (its scoring stopped before it was written); a finished run
-    of other settings is refused, a run stopped part way (no checkpoints) is removed to be started again."""
-    if not (run / "metrics.json").is_file():
-        shutil.rmtree(run, ignore_errors=True)
-        return False
-    kept = json.loads((run / "config.json").read_text())
-    changed = {k: (kept.get(k), v) for k, v in config.to_dict().items() if k != "out" and kept.get(k) != v}
-    if changed:
-        raise ValueError(f"{run} holds a run with other settings ({changed}): remove it or choose another out")
-    return True
 
 
 @dataclass(frozen=True)
