@@ -307,6 +307,43 @@ def _assert_a_rerun_reads_every_cell_back(out, toy, report, calls):
         few_step(str(out), models=("teacher_v",))
 
 
+def test_e5_on_the_miniature_pipeline_files_each_cell_under_the_unet_calls_it_made(tmp_path, monkeypatch):
+    """The pipeline comparison at toy scale (4 prompts): every diffusers scheduler at its calibrated spacing and
+    every D2FScheduler row, each cell filed under the number of batched UNet calls its images really took (one
+    batch of 4 prompts here), one score per seed, KID and prompt following in each."""
+    from diffusers import UNet2DConditionModel
+
+    from d2f.evaluation import few_step as e5
+
+    forward, calls, drawn = UNet2DConditionModel.forward, {"now": 0}, []
+
+    def counted_forward(self, *args, **kwargs):
+        calls["now"] += 1
+        return forward(self, *args, **kwargs)
+
+    def counted_draw(self, pipe, steps):
+        calls["now"] = 0
+        images = draw(self, pipe, steps)
+        scheduler = pipe.scheduler
+        drawn.append((len(scheduler.timesteps), calls["now"]))
+        return images
+
+    draw = e5.PipelineScorer.draw
+    monkeypatch.setattr(UNet2DConditionModel, "forward", counted_forward)
+    monkeypatch.setattr(e5.PipelineScorer, "draw", counted_draw)
+    report = e5.pipeline_few_step(str(tmp_path), nfe=(2, 3), seeds=(0, 1), num_prompts=4)
+    assert drawn and all(listed == made for listed, made in drawn), drawn
+    rows = report["rows"]
+    assert set(rows) == {f"diffusers:{n}" for n in e5.DIFFUSERS} | {
+        f"d2f:{s}/{g}" for s, g in e5.TEACHER_ROWS if s != "ab3"
+    }
+    assert set(rows["d2f:midpoint/uniform"]["cells"]) == {"2"} and set(rows["diffusers:heun"]["cells"]) == {"3"}
+    for row in rows.values():
+        for cell in row["cells"].values():
+            assert len(cell["kid"]) == len(cell["digit_accuracy"]) == 2 and cell["n"] == [4, 4]
+    assert report["separations"]["2"]["ranked"][0] in rows
+
+
 def test_e5_separations_rank_rows_and_name_only_differences_beyond_the_seed_spread():
     from d2f.evaluation.few_step import separations
 

@@ -279,7 +279,7 @@ def _reproduce_parser(sub) -> None:
         type=int,
         default=None,
         help="unset: 1000 for e1, e3, e4 (150 per seed at 32 and 64 px or --budget small); 300 per checkpoint "
-        "for e2; 200 per seed for e5; 500 held-out for depth; for e6, the reflow pairs (2000; its scores are on "
+        "for e2; 2000 per seed for e5; 500 held-out for depth; for e6, the reflow pairs (2000; its scores are on "
         "120 fixed prompts)",
     )
     p.add_argument("--scale", type=float, default=1.0, help="multiply sample counts and training steps")

@@ -46,7 +46,9 @@ from .cache import cached, trained_before
 from .classifier import load_classifier
 from .experiments import finetune_run
 from .metrics import class_accuracy, features, fid, kid, precision_recall
+from .prompts import evaluation_prompts, grey, pipeline_images, prompt_following, real_features
 from .reflow import train_reflow
+from .text_to_image import base_pipeline
 
 E5_NFE = (1, 2, 3, 4, 6, 8, 10)  # every model's: NFE <= 10, where the samplers differ
 CONVERTED = ("teacher", "teacher_epsilon")  # the teachers as converted, zero-shot: v-prediction and epsilon
@@ -267,6 +269,43 @@ def separations(rows: dict, metric: str = "kid") -> dict:
     return result
 
 
+# The tie rule's order: where rows are within the seed spread of each other, the first here is kept. One network
+# call per step before two, no history before history, the uniform grid before the shift grid (one setting less).
+SIMPLICITY = tuple(
+    f"d2f:{solver}/{grid}"
+    for solver in ("euler", "multistep", "midpoint", "heun", "ab3")
+    for grid in ("uniform", "shift")
+)
+
+
+def auto_table(report: dict, metric: str = "kid") -> dict[str, dict[str, str]]:
+    """The sampler ``solver="auto"`` should take, per kind of model (``converted``: E5's teachers zero-shot;
+    ``flow_finetuned``: its finetunes) and NFE, from E5's ``report``: of d2f's rows at that NFE, those that no
+    d2f row beats beyond the seed spread (:func:`separations`) on any model of the kind, the simplest
+    (``SIMPLICITY``). Where no row is unbeaten on every model, the one with the lowest mean rank."""
+    table: dict[str, dict[str, str]] = {}
+    for kind, names in (("converted", CONVERTED), ("flow_finetuned", FINETUNED)):
+        models = [report["models"][name] for name in names if name in report["models"]]
+        nfes = sorted({n for model in models for row in model["rows"].values() for n in row["cells"]}, key=int)
+        for nfe in nfes:
+            cells = [
+                {
+                    r: row["cells"][nfe][metric]
+                    for r, row in m["rows"].items()
+                    if r.startswith("d2f:") and nfe in row["cells"]
+                }
+                for m in models
+            ]
+            rows = [r for r in SIMPLICITY if all(r in scored for scored in cells)]
+            if not rows:
+                continue
+            unbeaten = [r for r in rows if not any(max(s[a]) < min(s[r]) for s in cells for a in s)]
+            mean = {r: sum(sum(s[r]) / len(s[r]) for s in cells) for r in rows}
+            ranks = {r: sum(sorted(rows, key=lambda q, s=s: sum(s[q])).index(r) for s in cells) for r in rows}
+            table.setdefault(kind, {})[nfe] = unbeaten[0] if unbeaten else min(rows, key=lambda r: (ranks[r], mean[r]))
+    return table
+
+
 def _draws(model: str, field: D2FVelocity, chosen: dict, nfe: int, scorer: Scorer):
     """``(row, sampler, draw)`` for every row of ``model`` that reaches ``nfe`` exactly: ``sampler`` its settings
     (diffusers') and step count, ``draw()`` its samples on the scorer's seed."""
@@ -389,6 +428,102 @@ def few_step(
         }
     )
     return report
+
+
+PIPELINE_NFE = (2, 3, 4, 5, 6, 7, 8, 9, 10)
+PIPELINE_GUIDANCE = 3.0
+PIPELINE_SEED = 3 * 10**6  # image i of seed s starts from seed PIPELINE_SEED + 1000 * s + i: apart from E6's
+
+
+class PipelineScorer:
+    """One seed of the pipeline comparison: one image per evaluation prompt, image ``i`` from
+    ``PIPELINE_SEED + 1000 * seed + i``'s noise, scored by prompt following and by KID against the real digits."""
+
+    def __init__(self, classifier, reference: torch.Tensor, seed: int, num_prompts: int | None = None):
+        self.classifier, self.reference, self.seed = classifier, reference, seed
+        self.prompts = evaluation_prompts()[:num_prompts]
+
+    def draw(self, pipe, steps: int) -> torch.Tensor:
+        return pipeline_images(pipe, self.prompts, steps, PIPELINE_GUIDANCE, PIPELINE_SEED + 1000 * self.seed)
+
+    def score(self, images: torch.Tensor) -> dict:
+        kid_mean, kid_std = kid(self.reference, features(self.classifier, grey(images)), seed=self.seed)
+        return {
+            **prompt_following(images, self.prompts, self.classifier, self.reference),
+            "kid": kid_mean,
+            "kid_std": kid_std,
+        }
+
+
+def pipeline_few_step(
+    out: str = "runs/e5",
+    nfe: tuple[int, ...] = PIPELINE_NFE,
+    seeds: tuple[int, ...] = E5_SEEDS,
+    num_prompts: int | None = None,
+) -> dict:
+    """E5 on the shipped miniature Stable Diffusion, zero-shot through ``StableDiffusionPipeline`` at its own 64 px
+    and guidance 3: ``D2FScheduler`` with each of d2f's rows on the teachers (AB3 is no solver of it) against
+    E5's diffusers schedulers, each at the spacing with the lowest FID at the calibration NFE (first seed), as on
+    the teachers. NFE is ``len(scheduler.timesteps)``: each is one batched UNet call of the prompt and the empty
+    prompt. ``num_prompts``: the first so many evaluation prompts (unset: all 120). Returns ``{"rows": {row:
+    {"settings", "cells": {nfe: {score: [one per seed]}}}}, "separations", "calibration", ...}``; cells are kept
+    under ``out/cells/pipeline`` as for the teachers."""
+    import diffusers
+
+    from ..scheduler import D2FScheduler
+
+    started = time.perf_counter()
+    classifier = load_classifier()
+    pipe = base_pipeline()
+    own = dict(pipe.scheduler.config)
+    reference = real_features(classifier, pipe.unet.config.sample_size * pipe.vae_scale_factor)
+    scorers = [PipelineScorer(classifier, reference, seed, num_prompts) for seed in seeds]
+    model = {"model": "miniature", "guidance": PIPELINE_GUIDANCE}
+    cells = Cells(Path(out) / "cells" / "pipeline", model, len(scorers[0].prompts))
+
+    def scheduler(name: str, settings: dict):
+        if name.startswith("d2f:"):
+            return D2FScheduler.from_config(own, **settings)
+        return getattr(diffusers, DIFFUSERS[name][0]).from_config({**own, **settings})
+
+    def calls(name: str, settings: dict, steps: int) -> int:
+        chosen = scheduler(name, settings)
+        chosen.set_timesteps(steps)
+        return len(chosen.timesteps)
+
+    def cell(name: str, settings: dict, target: int, scorer: PipelineScorer) -> dict | None:
+        if (steps := steps_for(target, calls, name, settings)) is None:
+            return None
+        pipe.scheduler = scheduler(name, settings)
+        draw = functools.partial(scorer.draw, pipe, steps)
+        return cells.get(name, {"settings": settings, "steps": steps}, target, scorer, draw)
+
+    calibration, rows = {}, {}
+    for name, (_, candidates) in DIFFUSERS.items():
+        target = next(c for c in CALIBRATION_NFE if all(steps_for(c, calls, name, s) for s in candidates))
+        tried = [
+            {"settings": s, "nfe": target, "fid": cell(name, s, target, scorers[0])["scores"]["fid"]}
+            for s in candidates
+        ]
+        calibration[name] = tried
+        rows[f"diffusers:{name}"] = {"settings": min(tried, key=lambda c: c["fid"])["settings"], "cells": {}}
+    for solver, grid in TEACHER_ROWS:
+        if solver != "ab3":
+            rows[f"d2f:{solver}/{grid}"] = {"settings": {"solver": solver, "grid": grid}, "cells": {}}
+    for target in nfe:
+        for scorer in scorers:
+            for name, row in rows.items():
+                if (kept := cell(name.removeprefix("diffusers:"), row["settings"], target, scorer)) is not None:
+                    _add(row["cells"], target, kept["scores"])
+    return {
+        "rows": rows,
+        "separations": separations(rows),
+        "calibration": {"nfe_first_reachable_of": list(CALIBRATION_NFE), "seed": seeds[0], "candidates": calibration},
+        "seeds": list(seeds),
+        "images_per_seed": len(scorers[0].prompts),
+        "guidance": PIPELINE_GUIDANCE,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
 
 
 def plot_fid(rows: dict, model: str, path: Path) -> None:
