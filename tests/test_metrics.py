@@ -69,8 +69,11 @@ def test_class_accuracy_features_and_score_cover_every_batch():
     expected = values[:, None].expand(-1, 2).float()
     torch.testing.assert_close(features(classifier, images, batch=300), expected)
     real = corners(1, 2).float()
+    kid_mean, kid_std = kid(real, expected)
     assert score(classifier, real, images, labels) == {
         "fid": pytest.approx(fid(real, expected), rel=1e-6),
+        "kid": pytest.approx(kid_mean, rel=1e-6),
+        "kid_std": pytest.approx(kid_std, rel=1e-6),
         "class_accuracy": pytest.approx(900 / 1001),
     }
 

@@ -46,7 +46,7 @@ from .cache import cached, trained_before
 from .classifier import load_classifier
 from .experiments import finetune_run
 from .metrics import class_accuracy, features, fid, kid, precision_recall
-from .prompts import evaluation_prompts, grey, pipeline_images, prompt_following, real_features
+from .prompts import evaluation_prompts, pipeline_images, prompt_following, real_features
 from .reflow import train_reflow
 from .text_to_image import base_pipeline
 
@@ -447,12 +447,7 @@ class PipelineScorer:
         return pipeline_images(pipe, self.prompts, steps, PIPELINE_GUIDANCE, PIPELINE_SEED + 1000 * self.seed)
 
     def score(self, images: torch.Tensor) -> dict:
-        kid_mean, kid_std = kid(self.reference, features(self.classifier, grey(images)), seed=self.seed)
-        return {
-            **prompt_following(images, self.prompts, self.classifier, self.reference),
-            "kid": kid_mean,
-            "kid_std": kid_std,
-        }
+        return prompt_following(images, self.prompts, self.classifier, self.reference)
 
 
 def pipeline_few_step(

@@ -95,8 +95,13 @@ def class_accuracy(classifier: LeNet, images: torch.Tensor, labels: torch.Tensor
 
 
 def score(classifier: LeNet, real_features: torch.Tensor, images: torch.Tensor, labels: torch.Tensor) -> dict:
-    """The experiments' cell: FID against ``real_features`` and the classifier's accuracy on ``labels``."""
+    """The experiments' cell: FID and KID (its mean and standard deviation over subsets) against ``real_features``,
+    and the classifier's accuracy on ``labels``."""
+    fake = features(classifier, images)
+    kid_mean, kid_std = kid(real_features, fake)
     return {
-        "fid": fid(real_features, features(classifier, images)),
+        "fid": fid(real_features, fake),
+        "kid": kid_mean,
+        "kid_std": kid_std,
         "class_accuracy": class_accuracy(classifier, images, labels),
     }

@@ -23,7 +23,7 @@ from torch import Tensor
 from ..data.digit_captions import NAMES, SLANT, THICKNESS, attributes
 from ..data.images import mnist
 from .classifier import LeNet, load_classifier
-from .metrics import class_accuracy, features, fid
+from .metrics import class_accuracy, features, fid, kid
 
 
 @dataclass(frozen=True)
@@ -71,8 +71,9 @@ def prompt_following(
     images: Tensor, prompts: Sequence[Prompt], classifier: LeNet | None = None, reference: Tensor | None = None
 ) -> dict[str, float | int]:
     """The three scores of ``images`` (``(N, C, H, W)`` in [-1, 1]) drawn from ``prompts`` (one each): digit
-    accuracy, thickness and slant accuracy (``None`` where no prompt names the attribute) and FID against
-    ``reference`` features (default: :func:`real_features` at the images' resolution)."""
+    accuracy, thickness and slant accuracy (``None`` where no prompt names the attribute), and FID and KID (with its
+    standard deviation over subsets) against ``reference`` features (default: :func:`real_features` at the images'
+    resolution)."""
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} images for {len(prompts)} prompts: one prompt per image")
     classifier = classifier if classifier is not None else load_classifier()
@@ -86,7 +87,9 @@ def prompt_following(
         pairs = [(m, getattr(p, name)) for m, p in zip(measured[name], prompts) if getattr(p, name) is not None]
         scores[f"{name}_n"] = len(pairs)
         scores[f"{name}_accuracy"] = sum(m == asked for m, asked in pairs) / len(pairs) if pairs else None
-    scores["fid"] = fid(reference, features(classifier, images))
+    fake = features(classifier, images)
+    scores["fid"] = fid(reference, fake)
+    scores["kid"], scores["kid_std"] = kid(reference, fake)
     return scores
 
 
