@@ -225,32 +225,22 @@ def test_e5_few_step_in_miniature_counts_network_calls_honestly(tmp_path, monkey
     from d2f.evaluation import few_step as e5
     from d2f.evaluation.few_step import CONVERTED, DIFFUSERS, FINETUNED_ROWS, TEACHER_ROWS, few_step
 
-    forward, calls, filed = UNet2DModel.forward, {"now": 0, "all": 0, "last": None}, []
+    forward, calls, filed = UNet2DModel.forward, {"now": 0, "all": 0}, []
 
     def counted_forward(self, *args, **kwargs):
         calls["now"] += 1
         calls["all"] += 1
         return forward(self, *args, **kwargs)
 
-    def counted(images):
-        def run(*args):
-            calls["now"] = 0
-            out = images(*args)
-            calls["last"] = calls["now"]
-            return out
+    def counted_get(self, row, sampler, nfe, scorer, draw):
+        calls["now"] = 0
+        cell = get(self, row, sampler, nfe, scorer, draw)
+        filed.append((nfe, calls["now"]))  # a cell read from its file would file 0 calls
+        return cell
 
-        return run
-
-    def add(cells, nfe, scores):
-        filed.append((nfe, calls["last"]))
-        calls["last"] = None  # a cell read from its file would file None
-        return add_cell(cells, nfe, scores)
-
-    add_cell = e5._add
+    get = e5.Cells.get
     monkeypatch.setattr(UNet2DModel, "forward", counted_forward)
-    monkeypatch.setattr(e5, "_diffusers_images", counted(e5._diffusers_images))
-    monkeypatch.setattr(e5, "_d2f_images", counted(e5._d2f_images))
-    monkeypatch.setattr(e5, "_add", add)
+    monkeypatch.setattr(e5.Cells, "get", counted_get)
     monkeypatch.setattr(e5, "TIMED_NFE", 2)
     toy = dict(num_samples=20, nfe=(1, 2, 3), seeds=(0, 1), finetune_steps=2, reflow_pairs=40, reflow_pair_steps=2)
     report = few_step(str(tmp_path / "e5"), reflow_steps=2, plot_png=tmp_path / "e5.png", **toy)
@@ -301,6 +291,11 @@ def _assert_a_rerun_reads_every_cell_back(out, toy, report, calls):
     before = calls["all"]
     again = few_step(str(out), reflow_steps=2, **toy)
     assert again["models"] == report["models"] and calls["all"] == before  # every cell read back, none drawn
+    listed = few_step(str(out), reflow_steps=2, scored_only=True, **{**toy, "nfe": (1, 2, 3, 4)})
+    assert listed["models"] == report["models"] and calls["all"] == before  # NFE 4 was never scored: left out
+    fresh = out.parent / "fresh"
+    assert few_step(str(fresh), scored_only=True, **toy)["models"] == {} and calls["all"] == before
+    assert not (fresh / "lora-d2f-seed0").exists()  # nothing scored, nothing trained
     with pytest.raises(ValueError, match="holds a result made with settings .*'num_samples': 20"):
         few_step(str(out), reflow_steps=2, **{**toy, "num_samples": 30})
     with pytest.raises(ValueError, match="models: 'teacher_v' is not allowed"):
@@ -342,6 +337,10 @@ def test_e5_on_the_miniature_pipeline_files_each_cell_under_the_unet_calls_it_ma
         for cell in row["cells"].values():
             assert len(cell["kid"]) == len(cell["digit_accuracy"]) == 2 and cell["n"] == [4, 4]
     assert report["separations"]["2"]["ranked"][0] in rows
+    before = len(drawn)
+    again = e5.pipeline_few_step(str(tmp_path), nfe=(2, 3, 4), seeds=(0, 1), num_prompts=4, scored_only=True)
+    assert again["rows"] == rows and len(drawn) == before  # read back; NFE 4 was never scored, so left out
+    assert e5.pipeline_few_step(str(tmp_path / "fresh"), num_prompts=4, scored_only=True) is None
 
 
 def test_e5_separations_rank_rows_and_name_only_differences_beyond_the_seed_spread():

@@ -184,7 +184,7 @@ class Scorer:
         }
 
 
-def _diffusers_images(name, settings, teacher, scorer: Scorer, steps: int) -> torch.Tensor:
+def _diffusers_images(name, settings, teacher, steps: int, scorer: Scorer) -> torch.Tensor:
     generator = torch.Generator().manual_seed(2000 + scorer.seed)  # the stochastic schedulers' noise, per seed
 
     def run(noise, labels):
@@ -207,13 +207,14 @@ class Cells:
     def __init__(self, folder: Path, model_settings: dict, num_samples: int):
         self.folder, self.model_settings, self.num_samples = folder, model_settings, num_samples
 
-    def get(self, row: str, sampler: dict, nfe: int, scorer: Scorer, draw) -> dict:
+    def get(self, row: str, sampler: dict, nfe: int, scorer: Scorer, draw) -> dict | None:
         """The cell of ``row`` (``sampler``: its settings and step count) at ``nfe`` for the scorer's seed:
-        ``{"scores", "seconds"}``, with ``seconds`` the time ``draw()`` took to sample."""
+        ``{"scores", "seconds"}``, with ``seconds`` the time ``draw()`` took to sample. ``draw=None``: only a cell
+        scored before, else None."""
         tag = hashlib.sha1(json.dumps(sampler, sort_keys=True).encode()).hexdigest()[:8]
         file = self.folder / f"{row.replace(':', '-').replace('/', '-')}-{tag}" / f"nfe{nfe}-seed{scorer.seed}.json"
         settings = {"model": self.model_settings, "num_samples": self.num_samples, "row": row, **sampler}
-        if (kept := cached(file, settings)) is not None:
+        if (kept := cached(file, settings)) is not None or draw is None:
             return kept
         started = time.perf_counter()
         images = draw()
@@ -227,9 +228,10 @@ class Cells:
         return cell
 
 
-def _calibrate(teacher: D2FVelocity, scorer: Scorer, cells: Cells) -> tuple[dict, dict]:
+def _calibrate(teacher: D2FVelocity, scorer: Scorer, cells: Cells, scored_only: bool) -> tuple[dict, dict] | None:
     """Each scheduler's candidates at the calibration NFE: the chosen settings (the lowest FID) and every
-    candidate's FID and KID. The chosen candidate's cell is its row's cell at that NFE."""
+    candidate's FID and KID. The chosen candidate's cell is its row's cell at that NFE. ``scored_only``: None
+    unless every candidate was scored before."""
     chosen, report = {}, {}
     for name, (_, candidates) in DIFFUSERS.items():
         tried = []
@@ -237,13 +239,11 @@ def _calibrate(teacher: D2FVelocity, scorer: Scorer, cells: Cells) -> tuple[dict
             row = (name, settings, teacher)
             nfe = next(c for c in CALIBRATION_NFE if steps_for(c, diffusers_calls, *row))
             steps = steps_for(nfe, diffusers_calls, *row)
-            cell = cells.get(
-                f"diffusers:{name}",
-                {"settings": settings, "steps": steps},
-                nfe,
-                scorer,
-                functools.partial(_diffusers_images, name, settings, teacher, scorer, steps),
-            )
+            draw = None if scored_only else functools.partial(_diffusers_images, name, settings, teacher, steps, scorer)
+            if (
+                cell := cells.get(f"diffusers:{name}", {"settings": settings, "steps": steps}, nfe, scorer, draw)
+            ) is None:
+                return None
             tried.append({"settings": settings, "nfe": nfe, **{k: cell["scores"][k] for k in ("fid", "kid")}})
         report[name] = tried
         chosen[name] = min(tried, key=lambda row: row["fid"])["settings"]
@@ -306,22 +306,22 @@ def auto_table(report: dict, metric: str = "kid") -> dict[str, dict[str, str]]:
     return table
 
 
-def _draws(model: str, field: D2FVelocity, chosen: dict, nfe: int, scorer: Scorer):
+def _draws(model: str, field: D2FVelocity, chosen: dict, nfe: int):
     """``(row, sampler, draw)`` for every row of ``model`` that reaches ``nfe`` exactly: ``sampler`` its settings
-    (diffusers') and step count, ``draw()`` its samples on the scorer's seed."""
+    (diffusers') and step count, ``draw(scorer)`` its samples on the scorer's seed."""
     for name, settings in chosen.items():
         if (steps := steps_for(nfe, diffusers_calls, name, settings, field)) is not None:
-            draw = functools.partial(_diffusers_images, name, settings, field, scorer, steps)
+            draw = functools.partial(_diffusers_images, name, settings, field, steps)
             yield f"diffusers:{name}", {"settings": settings, "steps": steps}, draw
     for solver, grid in TEACHER_ROWS if model in CONVERTED else FINETUNED_ROWS:
         if (steps := steps_for(nfe, d2f_calls, field, solver, grid)) is not None:
-            draw = functools.partial(_d2f_images, field, solver, d2f_grid(field, grid, steps), scorer)
-            yield f"d2f:{solver}/{grid}", {"steps": steps}, draw
+            ts = d2f_grid(field, grid, steps)
+            yield f"d2f:{solver}/{grid}", {"steps": steps}, functools.partial(_d2f_images, field, solver, ts)
 
 
-def _models(out: str, names: tuple[str, ...], seed: int, finetune_steps, reflow_pairs, reflow_pair_steps, reflow_steps):
+def _models(out: str, names, seed: int, finetune_steps, reflow_pairs, reflow_pair_steps, reflow_steps, scored_only):
     """``{model: (field, resolution, settings)}`` for ``names``: the teachers, and the finetunes trained here
-    (once: a finished run is used again)."""
+    (once: a finished run is used again; ``scored_only``: a finetune not finished is left out, and left alone)."""
     models = {}
     for name in names:
         if name in CONVERTED:
@@ -329,6 +329,8 @@ def _models(out: str, names: tuple[str, ...], seed: int, finetune_steps, reflow_
             models[name] = (load(path), 16, {"model": name})
         elif name == "e2_d2f_lora":
             config = finetune_run(out, "lora", "d2f", seed, finetune_steps, finetune_steps)
+            if scored_only and not (Path(config.out) / "metrics.json").is_file():
+                continue
             if not trained_before(Path(config.out), config):
                 train(config, progress=False)
             models[name] = (load(str(Path(config.out) / "export")), 24, {"train": config.to_dict()})
@@ -336,6 +338,8 @@ def _models(out: str, names: tuple[str, ...], seed: int, finetune_steps, reflow_
             work = Path(out) / "e3"
             settings = {"pairs": reflow_pairs, "pair_steps": reflow_pair_steps, "steps": reflow_steps, "seed": seed}
             if (made := cached(work / "e5_reflow.json", settings)) is None:
+                if scored_only:
+                    continue
                 config, metrics, pair_meta = train_reflow(
                     str(work), reflow_pairs, reflow_pair_steps, reflow_steps, seed
                 )
@@ -363,20 +367,23 @@ def few_step(
     reflow_pair_steps: int = 25,
     reflow_steps: int = 300,
     plot_png: Path | None = None,
+    scored_only: bool = False,
 ) -> dict:
     """E5. Returns ``{"models": {model: {"resolution", "rows": {row: {"settings"?, "cells": {nfe: {metric:
     [one per seed]}}, "samples_per_second": at TIMED_NFE}}, "separations": ...}}, "calibration": ..., ...}``.
 
     Each cell is kept under ``out/cells`` as it is scored (:class:`Cells`): a stopped run resumes, and ``models``
-    picks the models to score now. The NFE are taken in the order of ``nfe``, each over every seed and row, so the
-    first ones are whole when a run stops. ``plot_png`` gets FID against NFE per model (``<stem>_<model>.png``: the
-    mean over seeds, the seed range shaded)."""
+    picks the models to score now. The NFE are taken in the order of ``nfe``, each over every row and seed, so the
+    first ones are whole when a run stops. ``scored_only``: score nothing new, report the cells scored before on
+    every seed (a run in progress, or one stopped; a teacher whose calibration is not whole is left out).
+    ``plot_png`` gets FID against NFE per model (``<stem>_<model>.png``: the mean over seeds, the seed range
+    shaded)."""
     for name in models:
         if name not in E5_MODELS:
             raise ValueError(f"models: {name!r} is not allowed: each one of {E5_MODELS}")
     started = time.perf_counter()
     classifier = load_classifier()
-    loaded = _models(out, models, seeds[0], finetune_steps, reflow_pairs, reflow_pair_steps, reflow_steps)
+    loaded = _models(out, models, seeds[0], finetune_steps, reflow_pairs, reflow_pair_steps, reflow_steps, scored_only)
     report: dict = {"models": {}}
     seconds = {"load_and_train": round(time.perf_counter() - started, 1)}
     chosen, calibration = {}, {}
@@ -385,16 +392,23 @@ def few_step(
         cells = Cells(Path(out) / "cells" / model, model_settings, num_samples)
         scorers = {seed: Scorer(classifier, resolution, num_samples, seed) for seed in seeds}
         if model in CONVERTED:
-            chosen[model], calibration[model] = _calibrate(field, scorers[seeds[0]], cells)
+            if (calibrated := _calibrate(field, scorers[seeds[0]], cells, scored_only)) is None:
+                continue
+            chosen[model], calibration[model] = calibrated
         rows: dict = {}
         for target in nfe:
-            for scorer in scorers.values():
-                for name, sampler, draw in _draws(model, field, chosen.get(model, {}), target, scorer):
-                    shown = {key: value for key, value in sampler.items() if key != "steps"}  # steps vary by NFE
-                    row = rows.setdefault(name, {**shown, "cells": {}, "seconds": {}})
-                    cell = cells.get(name, sampler, target, scorer, draw)
+            for name, sampler, draw in _draws(model, field, chosen.get(model, {}), target):
+                kept = [
+                    cells.get(name, sampler, target, scorer, None if scored_only else functools.partial(draw, scorer))
+                    for scorer in scorers.values()
+                ]
+                if None in kept:
+                    continue
+                shown = {key: value for key, value in sampler.items() if key != "steps"}  # steps vary by NFE
+                row = rows.setdefault(name, {**shown, "cells": {}, "seconds": {}})
+                for cell in kept:
                     _add(row["cells"], target, cell["scores"])
-                    row["seconds"].setdefault(str(target), []).append(cell["seconds"])
+                row["seconds"][str(target)] = [cell["seconds"] for cell in kept]
         for row in rows.values():
             timed = row.pop("seconds").get(str(TIMED_NFE))
             if timed:
@@ -402,7 +416,7 @@ def few_step(
         seconds[model] = round(time.perf_counter() - model_started, 1)
         report["models"][model] = {
             "resolution": resolution,
-            "nfe": sorted(nfe),
+            "nfe": sorted({int(n) for row in rows.values() for n in row["cells"]}),
             "rows": rows,
             "separations": separations(rows),
         }
@@ -456,14 +470,16 @@ def pipeline_few_step(
     nfe: tuple[int, ...] = PIPELINE_NFE,
     seeds: tuple[int, ...] = E5_SEEDS,
     num_prompts: int | None = None,
-) -> dict:
+    scored_only: bool = False,
+) -> dict | None:
     """E5 on the shipped miniature Stable Diffusion, zero-shot through ``StableDiffusionPipeline`` at its own 64 px
     and guidance 3: ``D2FScheduler`` with each of d2f's rows on the teachers (AB3 is no solver of it) against
     E5's diffusers schedulers, each at the spacing with the lowest FID at the calibration NFE (first seed), as on
     the teachers. NFE is ``len(scheduler.timesteps)``: each is one batched UNet call of the prompt and the empty
     prompt. ``num_prompts``: the first so many evaluation prompts (unset: all 120). Returns ``{"rows": {row:
     {"settings", "cells": {nfe: {score: [one per seed]}}}}, "separations", "calibration", ...}``; cells are kept
-    under ``out/cells/pipeline`` as for the teachers."""
+    under ``out/cells/pipeline`` as for the teachers. ``scored_only`` as for :func:`few_step` (None while the
+    calibration is not whole)."""
     import diffusers
 
     from ..scheduler import D2FScheduler
@@ -491,26 +507,28 @@ def pipeline_few_step(
         if (steps := steps_for(target, calls, name, settings)) is None:
             return None
         pipe.scheduler = scheduler(name, settings)
-        draw = functools.partial(scorer.draw, pipe, steps)
+        draw = None if scored_only else functools.partial(scorer.draw, pipe, steps)
         return cells.get(name, {"settings": settings, "steps": steps}, target, scorer, draw)
 
     calibration, rows = {}, {}
     for name, (_, candidates) in DIFFUSERS.items():
         target = next(c for c in CALIBRATION_NFE if all(steps_for(c, calls, name, s) for s in candidates))
-        tried = [
-            {"settings": s, "nfe": target, "fid": cell(name, s, target, scorers[0])["scores"]["fid"]}
-            for s in candidates
-        ]
+        kept = [cell(name, s, target, scorers[0]) for s in candidates]
+        if None in kept:
+            return None
+        tried = [{"settings": s, "nfe": target, "fid": c["scores"]["fid"]} for s, c in zip(candidates, kept)]
         calibration[name] = tried
         rows[f"diffusers:{name}"] = {"settings": min(tried, key=lambda c: c["fid"])["settings"], "cells": {}}
     for solver, grid in TEACHER_ROWS:
         if solver != "ab3":
             rows[f"d2f:{solver}/{grid}"] = {"settings": {"solver": solver, "grid": grid}, "cells": {}}
     for target in nfe:
-        for scorer in scorers:
-            for name, row in rows.items():
-                if (kept := cell(name.removeprefix("diffusers:"), row["settings"], target, scorer)) is not None:
-                    _add(row["cells"], target, kept["scores"])
+        for name, row in rows.items():
+            kept = [cell(name.removeprefix("diffusers:"), row["settings"], target, scorer) for scorer in scorers]
+            if None not in kept:  # reached exactly, and scored on every seed
+                for one in kept:
+                    _add(row["cells"], target, one["scores"])
+    rows = {name: row for name, row in rows.items() if row["cells"]}
     return {
         "rows": rows,
         "separations": separations(rows),
