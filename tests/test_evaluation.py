@@ -356,6 +356,36 @@ def test_e5_separations_rank_rows_and_name_only_differences_beyond_the_seed_spre
     assert result["6"] == {"ranked": ["b"], "beats_beyond_seed_spread": {"b": []}}
 
 
+def test_e5_auto_table_keeps_the_simplest_row_no_row_beats_and_weighs_the_pipeline_with_the_teachers():
+    from d2f.evaluation.few_step import auto_table
+
+    def model(**rows):
+        return {"rows": {f"d2f:{name.replace('_', '/')}": {"cells": cells} for name, cells in rows.items()}}
+
+    teacher = model(
+        euler_uniform={"2": {"kid": [10.0, 11.0, 12.0]}, "4": {"kid": [1.0, 2.0, 3.0]}},
+        multistep_uniform={"2": {"kid": [1.0, 2.0, 3.0]}, "4": {"kid": [4.0, 5.0, 6.0]}},
+        multistep_shift={"2": {"kid": [0.0, 0.5, 1.0]}, "4": {"kid": [0.0, 0.1, 0.2]}},
+        ab3_uniform={"2": {"kid": [-9.0, -9.0, -9.0]}},  # a candidate of E5 only: never taken, never a rival
+    )
+    reflow = model(euler_uniform={"2": {"kid": [3.0, 3.0, 3.0]}}, midpoint_uniform={"2": {"kid": [1.0, 1.0, 1.0]}})
+    report = {"models": {"teacher": teacher, "e3_reflow": reflow}}
+    # NFE 2: multistep on either grid is unbeaten (the seeds overlap at 1.0), the uniform grid is simpler; NFE 4:
+    # Euler is beaten by the shift grid only.
+    assert auto_table(report) == {
+        "converted": {"2": "d2f:multistep/uniform", "4": "d2f:multistep/shift"},
+        "flow_finetuned": {"2": "d2f:midpoint/uniform"},
+    }
+    # The pipeline reverses NFE 4: now every row is beaten on one model; the lowest summed rank wins (shift: 0 on
+    # the teacher + 1 on the pipeline; uniform multistep: 2 + 0; Euler: 1 + 2).
+    report["pipeline"] = model(
+        euler_uniform={"4": {"kid": [9.0, 9.0, 9.0]}},
+        multistep_uniform={"4": {"kid": [1.0, 1.0, 1.0]}},
+        multistep_shift={"4": {"kid": [5.0, 5.0, 5.0]}},
+    )
+    assert auto_table(report)["converted"] == {"2": "d2f:multistep/uniform", "4": "d2f:multistep/shift"}
+
+
 @settings(max_examples=50, deadline=None)
 @given(st.floats(1e-3, 0.5), st.floats(1e-3, 0.5), st.floats(1e-3, 0.5), st.floats(0.0, 0.4))
 def test_adams_bashforth_weights_match_their_closed_forms(h, h1, h2, t0):

@@ -269,40 +269,44 @@ def separations(rows: dict, metric: str = "kid") -> dict:
     return result
 
 
-# The tie rule's order: where rows are within the seed spread of each other, the first here is kept. One network
-# call per step before two, no history before history, the uniform grid before the shift grid (one setting less).
+# The rows solver="auto" can take (AB3 is no solver of d2f's), in the tie rule's order: where rows are within the
+# seed spread of each other, the first here is kept. One network call per step before two, no history before
+# history, the uniform grid before the shift grid (one setting less).
 SIMPLICITY = tuple(
-    f"d2f:{solver}/{grid}"
-    for solver in ("euler", "multistep", "midpoint", "heun", "ab3")
-    for grid in ("uniform", "shift")
+    f"d2f:{solver}/{grid}" for solver in ("euler", "multistep", "midpoint", "heun") for grid in ("uniform", "shift")
 )
 
 
 def auto_table(report: dict, metric: str = "kid") -> dict[str, dict[str, str]]:
-    """The sampler ``solver="auto"`` should take, per kind of model (``converted``: E5's teachers zero-shot;
-    ``flow_finetuned``: its finetunes) and NFE, from E5's ``report``: of d2f's rows at that NFE, those that no
-    d2f row beats beyond the seed spread (:func:`separations`) on any model of the kind, the simplest
-    (``SIMPLICITY``). Where no row is unbeaten on every model, the one with the lowest mean rank."""
+    """The row ``solver="auto"`` should take, per kind of model and NFE, from E5's ``report``: ``converted`` weighs
+    the teachers zero-shot and the miniature Stable Diffusion (``report["pipeline"]``, where present),
+    ``flow_finetuned`` the finetunes. Of the ``SIMPLICITY`` rows that every model measured at that NFE has, those
+    that no other of them beats beyond the seed spread (every seed lower; :func:`separations`) on any of those
+    models, the simplest; where none is unbeaten on every model, the one with the lowest rank by the mean, summed
+    over the models."""
     table: dict[str, dict[str, str]] = {}
     for kind, names in (("converted", CONVERTED), ("flow_finetuned", FINETUNED)):
         models = [report["models"][name] for name in names if name in report["models"]]
+        if kind == "converted" and report.get("pipeline"):
+            models.append(report["pipeline"])
         nfes = sorted({n for model in models for row in model["rows"].values() for n in row["cells"]}, key=int)
         for nfe in nfes:
-            cells = [
+            measured = [
                 {
-                    r: row["cells"][nfe][metric]
-                    for r, row in m["rows"].items()
-                    if r.startswith("d2f:") and nfe in row["cells"]
+                    r: m["rows"][r]["cells"][nfe][metric]
+                    for r in SIMPLICITY
+                    if nfe in m["rows"].get(r, {}).get("cells", {})
                 }
                 for m in models
             ]
-            rows = [r for r in SIMPLICITY if all(r in scored for scored in cells)]
+            measured = [scores for scores in measured if scores]
+            rows = [r for r in SIMPLICITY if all(r in scores for scores in measured)]
             if not rows:
                 continue
-            unbeaten = [r for r in rows if not any(max(s[a]) < min(s[r]) for s in cells for a in s)]
-            mean = {r: sum(sum(s[r]) / len(s[r]) for s in cells) for r in rows}
-            ranks = {r: sum(sorted(rows, key=lambda q, s=s: sum(s[q])).index(r) for s in cells) for r in rows}
-            table.setdefault(kind, {})[nfe] = unbeaten[0] if unbeaten else min(rows, key=lambda r: (ranks[r], mean[r]))
+            beaten = {r for r in rows for s in measured if any(max(s[a]) < min(s[r]) for a in rows)}
+            rank = {r: sum(sorted(rows, key=lambda q, s=s: sum(s[q])).index(r) for s in measured) for r in rows}
+            unbeaten = [r for r in rows if r not in beaten]
+            table.setdefault(kind, {})[nfe] = unbeaten[0] if unbeaten else min(rows, key=rank.get)
     return table
 
 
@@ -409,13 +413,16 @@ def few_step(
                 for cell in kept:
                     _add(row["cells"], target, cell["scores"])
                 row["seconds"][str(target)] = [cell["seconds"] for cell in kept]
+        sampled = 0.0  # the rows' sampling time, whenever their cells were scored
         for row in rows.values():
-            timed = row.pop("seconds").get(str(TIMED_NFE))
-            if timed:
-                row["samples_per_second"] = round(num_samples / min(timed), 1)
+            timed = row.pop("seconds")
+            sampled += sum(map(sum, timed.values()))
+            if str(TIMED_NFE) in timed:
+                row["samples_per_second"] = round(num_samples / min(timed[str(TIMED_NFE)]), 1)
         seconds[model] = round(time.perf_counter() - model_started, 1)
         report["models"][model] = {
             "resolution": resolution,
+            "seconds_sampling": round(sampled, 1),
             "nfe": sorted({int(n) for row in rows.values() for n in row["cells"]}),
             "rows": rows,
             "separations": separations(rows),
