@@ -369,9 +369,10 @@ def test_e5_auto_table_keeps_the_simplest_row_no_row_beats_and_weighs_the_pipeli
         ab3_uniform={"2": {"kid": [-9.0, -9.0, -9.0]}},  # a candidate of E5 only: never taken, never a rival
     )
     reflow = model(euler_uniform={"2": {"kid": [3.0, 3.0, 3.0]}}, midpoint_uniform={"2": {"kid": [1.0, 1.0, 1.0]}})
-    report = {"models": {"teacher": teacher, "e3_reflow": reflow}}
-    # NFE 2: multistep on either grid is unbeaten (the seeds overlap at 1.0), the uniform grid is simpler; NFE 4:
-    # Euler is beaten by the shift grid only.
+    lora = model(euler_uniform={"2": {"kid": [1.0, 1.0, 1.0]}}, midpoint_uniform={"2": {"kid": [1.0, 1.0, 1.0]}})
+    report = {"models": {"teacher": teacher, "e2_d2f_lora": lora, "e3_reflow": reflow}}
+    # NFE 2: multistep on either grid is unbeaten (the seeds overlap at 1.0), the uniform grid is simpler; Euler ties
+    # midpoint on the finetune but is beaten on the reflow model. NFE 4: Euler is beaten by the shift grid only.
     assert auto_table(report) == {
         "converted": {"2": "d2f:multistep/uniform", "4": "d2f:multistep/shift"},
         "flow_finetuned": {"2": "d2f:midpoint/uniform"},
