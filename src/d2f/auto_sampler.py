@@ -1,22 +1,26 @@
 """``solver="auto"``: the sampler that E5 measured best for a budget of network calls.
 
 The budget ``nfe`` is the number of network calls per sample (a step count for one-call solvers; guidance's
-batched pair counts once). E5 (``d2f reproduce --experiment e5``, ``docs/results.md``) scored every d2f solver and
-grid, and diffusers' schedulers, at equal calls with KID on 2000 samples and three seeds: on the two teachers as
-converted (zero-shot: the embedded v-prediction one and its epsilon twin), and on a d2f LoRA finetune and a reflow
-model. ``evaluation.few_step.auto_table`` reads the table below off that report: at each measured budget, of the
-d2f rows that no other d2f row beats beyond the seed spread on any model of the kind, the simplest.
+batched pair counts once). E5 (``d2f reproduce --experiment e5``, ``docs/results.md``) scores d2f's solvers and
+grids, and diffusers' schedulers, at equal calls: on the teachers as converted (zero-shot) and the miniature
+Stable Diffusion for the left-hand column, on a d2f LoRA finetune and a reflow model for the right-hand one.
+Where its 2000-sample report (KID, three seeds) has measured a budget, ``evaluation.few_step.auto_table`` reads
+the row off it: of the d2f rows that no other beats beyond the seed spread on any model of the kind, the
+simplest. The other budgets keep the choice of the earlier 200-sample run (FID).
 
 =================  ==========================================  ==========================================
 network calls      converted diffusion network                 network finetuned as a flow (d2f, reflow)
 =================  ==========================================  ==========================================
-{table}
+1                  Euler (one step)                            Euler (one step)
+2                  multistep, uniform grid, 2 steps            midpoint, one step
+3 and more         multistep, uniform grid                     multistep, shift grid
 =================  ==========================================  ==========================================
 
 A budget E5 did not measure takes the row of the nearest measured budget below it; a two-call solver (midpoint)
 on an odd budget gives way to multistep on the same grid. Multistep's first step is Euler, so at one call every
 row is one Euler step from where the network was trained (``D2FVelocity.t_min``; both grids start there). The
-table was measured on MNIST-scale models; the miniature Stable Diffusion's comparison is in ``docs/results.md``.
+left-hand column holds on the miniature Stable Diffusion at 2 calls; at 4 and 6 diffusers' DDIM and
+DPM-Solver++ 3M sample it better (``docs/results.md``, E5).
 """
 
 from __future__ import annotations
@@ -27,11 +31,14 @@ from ._checks import check_positive_int
 
 AUTO = "auto"
 
-# (solver, grid) at each budget E5 measured, for converted (False) and flow-finetuned (True) networks:
-# evaluation.few_step.auto_table of results/few_step.json (tests/test_auto_sampler.py holds them equal).
+# (solver, grid) at each budget E5 measured, for converted (False) and flow-finetuned (True) networks. Where the
+# 2000-sample report (results/few_step.json) has measured a budget, evaluation.few_step.auto_table of it; the
+# others keep the 200-sample run's choice (results/few_step_200_samples.json). tests/test_auto_sampler.py holds
+# the table to both.
+_CONVERTED, _FLOW = ("multistep", "uniform"), ("multistep", "shift")
 TABLE: dict[bool, dict[int, tuple[str, str]]] = {
-    False: {1: ("multistep", "uniform"), 2: ("multistep", "uniform"), 3: ("multistep", "uniform")},
-    True: {1: ("multistep", "shift"), 2: ("midpoint", "uniform"), 3: ("multistep", "shift")},
+    False: {1: _CONVERTED, 2: _CONVERTED, 3: _CONVERTED, 4: _CONVERTED, 6: _CONVERTED, 8: _CONVERTED, 10: _CONVERTED},
+    True: {1: _FLOW, 2: ("midpoint", "uniform"), 3: _FLOW, 4: _FLOW, 6: _FLOW, 8: _FLOW, 10: _FLOW},
 }
 TWO_CALLS = ("midpoint", "heun")
 
