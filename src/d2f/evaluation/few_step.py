@@ -37,6 +37,7 @@ from .._files import write_json
 from ..data.images import mnist
 from ..figures import save_line_plot
 from ..networks.export import ddim_config, load
+from ..networks.miniature import base_pipeline
 from ..networks.sampling import scheduler_loop
 from ..networks.teachers import teacher_path
 from ..solvers import stage_times
@@ -48,7 +49,6 @@ from .experiments import finetune_run
 from .metrics import class_accuracy, features, fid, kid, precision_recall
 from .prompts import evaluation_prompts, pipeline_images, prompt_following, real_features
 from .reflow import train_reflow
-from .text_to_image import base_pipeline
 
 E5_NFE = (1, 2, 3, 4, 6, 8, 10)  # every model's: NFE <= 10, where the samplers differ
 CONVERTED = ("teacher", "teacher_epsilon")  # the teachers as converted, zero-shot: v-prediction and epsilon

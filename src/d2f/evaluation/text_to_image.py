@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from .._files import write_json, write_safetensors
+from ..networks.miniature import base_pipeline
 from .cache import cached, trained_before
 from .prompts import evaluation_prompts, pipeline_images, prompt_following, real_features, sample_prompts
 
@@ -44,17 +45,6 @@ E6_GUIDANCE = 3.0
 E6_OBJECTIVES = ("d2f", "diffusion", "fm")
 E6_FULL = ("d2f", "diffusion")
 SHOWN_CALLS = 10  # the figure's samples: every method at 10 calls of its auto sampler
-
-
-def base_pipeline():
-    """The shipped miniature as ``StableDiffusionPipeline`` loads it offline, progress bars off."""
-    from diffusers import StableDiffusionPipeline
-
-    from ..networks.miniature import pipeline_path
-
-    pipe = StableDiffusionPipeline.from_pretrained(pipeline_path(), local_files_only=True, safety_checker=None)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 SHOWN = "e6_shown.safetensors"  # a run's row of the figure

@@ -189,6 +189,15 @@ def pipeline_path() -> Path:
     return Path(__file__).resolve().parent.parent / "assets" / "miniature"
 
 
+def base_pipeline():
+    """The shipped miniature as ``StableDiffusionPipeline`` loads it offline, progress bars off."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(pipeline_path(), local_files_only=True, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def components(vocab_size: int, seed: int) -> dict[str, Any]:
     """Fresh VAE and UNet of the miniature's architecture and its text encoder, seeded."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
