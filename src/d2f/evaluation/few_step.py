@@ -202,19 +202,21 @@ def _d2f_images(field: D2FVelocity, solver: str, ts: torch.Tensor, scorer: Score
 
 class Cells:
     """Every cell of one model, scored once and kept in ``folder`` (``<row>/nfe<N>-seed<S>.json``, beside the
-    settings it was made with), so that a stopped run resumes and a rerun scores only what is new."""
+    settings it was made with), so that a stopped run resumes and a rerun scores only what is new. ``scored_only``:
+    cells are read, never drawn."""
 
-    def __init__(self, folder: Path, model_settings: dict, num_samples: int):
+    def __init__(self, folder: Path, model_settings: dict, num_samples: int, scored_only: bool = False):
         self.folder, self.model_settings, self.num_samples = folder, model_settings, num_samples
+        self.scored_only = scored_only
 
     def get(self, row: str, sampler: dict, nfe: int, scorer: Scorer, draw) -> dict | None:
         """The cell of ``row`` (``sampler``: its settings and step count) at ``nfe`` for the scorer's seed:
-        ``{"scores", "seconds"}``, with ``seconds`` the time ``draw()`` took to sample. ``draw=None``: only a cell
-        scored before, else None."""
+        ``{"scores", "seconds"}``, with ``seconds`` the time ``draw()`` took to sample; with ``scored_only``, None
+        where it was not scored before."""
         tag = hashlib.sha1(json.dumps(sampler, sort_keys=True).encode()).hexdigest()[:8]
         file = self.folder / f"{row.replace(':', '-').replace('/', '-')}-{tag}" / f"nfe{nfe}-seed{scorer.seed}.json"
         settings = {"model": self.model_settings, "num_samples": self.num_samples, "row": row, **sampler}
-        if (kept := cached(file, settings)) is not None or draw is None:
+        if (kept := cached(file, settings)) is not None or self.scored_only:
             return kept
         started = time.perf_counter()
         images = draw()
@@ -228,10 +230,10 @@ class Cells:
         return cell
 
 
-def _calibrate(teacher: D2FVelocity, scorer: Scorer, cells: Cells, scored_only: bool) -> tuple[dict, dict] | None:
+def _calibrate(teacher: D2FVelocity, scorer: Scorer, cells: Cells) -> tuple[dict, dict] | None:
     """Each scheduler's candidates at the calibration NFE: the chosen settings (the lowest FID) and every
-    candidate's FID and KID. The chosen candidate's cell is its row's cell at that NFE. ``scored_only``: None
-    unless every candidate was scored before."""
+    candidate's FID and KID. The chosen candidate's cell is its row's cell at that NFE. None while a candidate is
+    not scored (``cells.scored_only``)."""
     chosen, report = {}, {}
     for name, (_, candidates) in DIFFUSERS.items():
         tried = []
@@ -239,7 +241,7 @@ def _calibrate(teacher: D2FVelocity, scorer: Scorer, cells: Cells, scored_only: 
             row = (name, settings, teacher)
             nfe = next(c for c in CALIBRATION_NFE if steps_for(c, diffusers_calls, *row))
             steps = steps_for(nfe, diffusers_calls, *row)
-            draw = None if scored_only else functools.partial(_diffusers_images, name, settings, teacher, steps, scorer)
+            draw = functools.partial(_diffusers_images, name, settings, teacher, steps, scorer)
             if (
                 cell := cells.get(f"diffusers:{name}", {"settings": settings, "steps": steps}, nfe, scorer, draw)
             ) is None:
@@ -256,15 +258,21 @@ def _add(cells: dict, nfe: int, scores: dict) -> None:
         cell[key].append(value)
 
 
+def beyond_spread(better: list[float], worse: list[float]) -> bool:
+    """Whether ``better`` beats ``worse`` beyond the seed spread: every seed of it scores lower than every seed of
+    the other."""
+    return max(better) < min(worse)
+
+
 def separations(rows: dict, metric: str = "kid") -> dict:
     """Per NFE, the rows ranked by their mean ``metric`` over seeds, and for each row the rows it beats beyond the
-    seed spread: every seed of it scores lower than every seed of the other."""
+    seed spread (:func:`beyond_spread`)."""
     result = {}
     nfes = sorted({n for row in rows.values() for n in row["cells"]}, key=int)
     for nfe in nfes:
         scored = {name: row["cells"][nfe][metric] for name, row in rows.items() if nfe in row["cells"]}
         ranked = sorted(scored, key=lambda name: sum(scored[name]) / len(scored[name]))
-        beats = {a: [b for b in ranked if max(scored[a]) < min(scored[b])] for a in ranked}
+        beats = {a: [b for b in ranked if beyond_spread(scored[a], scored[b])] for a in ranked}
         result[nfe] = {"ranked": ranked, "beats_beyond_seed_spread": beats}
     return result
 
@@ -281,7 +289,7 @@ def auto_table(report: dict, metric: str = "kid") -> dict[str, dict[str, str]]:
     """The row ``solver="auto"`` should take, per kind of model and NFE, from E5's ``report``: ``converted`` weighs
     the teachers zero-shot and the miniature Stable Diffusion (``report["pipeline"]``, where present),
     ``flow_finetuned`` the finetunes. Of the ``SIMPLICITY`` rows that every model measured at that NFE has, those
-    that no other of them beats beyond the seed spread (every seed lower; :func:`separations`) on any of those
+    that no other of them beats beyond the seed spread (:func:`beyond_spread`) on any of those
     models, the simplest; where none is unbeaten on every model, the one with the lowest rank by the mean, summed
     over the models."""
     table: dict[str, dict[str, str]] = {}
@@ -303,7 +311,7 @@ def auto_table(report: dict, metric: str = "kid") -> dict[str, dict[str, str]]:
             rows = [r for r in SIMPLICITY if all(r in scores for scores in measured)]
             if not rows:
                 continue
-            beaten = {r for r in rows for s in measured if any(max(s[a]) < min(s[r]) for a in rows)}
+            beaten = {r for r in rows for s in measured if any(beyond_spread(s[a], s[r]) for a in rows)}
             rank = {r: sum(sorted(rows, key=lambda q, s=s: sum(s[q])).index(r) for s in measured) for r in rows}
             unbeaten = [r for r in rows if r not in beaten]
             table.setdefault(kind, {})[nfe] = unbeaten[0] if unbeaten else min(rows, key=rank.get)
@@ -393,17 +401,17 @@ def few_step(
     chosen, calibration = {}, {}
     for model, (field, resolution, model_settings) in loaded.items():
         model_started = time.perf_counter()
-        cells = Cells(Path(out) / "cells" / model, model_settings, num_samples)
+        cells = Cells(Path(out) / "cells" / model, model_settings, num_samples, scored_only)
         scorers = {seed: Scorer(classifier, resolution, num_samples, seed) for seed in seeds}
         if model in CONVERTED:
-            if (calibrated := _calibrate(field, scorers[seeds[0]], cells, scored_only)) is None:
+            if (calibrated := _calibrate(field, scorers[seeds[0]], cells)) is None:
                 continue
             chosen[model], calibration[model] = calibrated
         rows: dict = {}
         for target in nfe:
             for name, sampler, draw in _draws(model, field, chosen.get(model, {}), target):
                 kept = [
-                    cells.get(name, sampler, target, scorer, None if scored_only else functools.partial(draw, scorer))
+                    cells.get(name, sampler, target, scorer, functools.partial(draw, scorer))
                     for scorer in scorers.values()
                 ]
                 if None in kept:
@@ -498,7 +506,7 @@ def pipeline_few_step(
     reference = real_features(classifier, pipe.unet.config.sample_size * pipe.vae_scale_factor)
     scorers = [PipelineScorer(classifier, reference, seed, num_prompts) for seed in seeds]
     model = {"model": "miniature", "guidance": PIPELINE_GUIDANCE}
-    cells = Cells(Path(out) / "cells" / "pipeline", model, len(scorers[0].prompts))
+    cells = Cells(Path(out) / "cells" / "pipeline", model, len(scorers[0].prompts), scored_only)
 
     def scheduler(name: str, settings: dict):
         if name.startswith("d2f:"):
@@ -514,7 +522,7 @@ def pipeline_few_step(
         if (steps := steps_for(target, calls, name, settings)) is None:
             return None
         pipe.scheduler = scheduler(name, settings)
-        draw = None if scored_only else functools.partial(scorer.draw, pipe, steps)
+        draw = functools.partial(scorer.draw, pipe, steps)
         return cells.get(name, {"settings": settings, "steps": steps}, target, scorer, draw)
 
     calibration, rows = {}, {}
