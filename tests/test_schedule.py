@@ -227,6 +227,24 @@ def test_bad_betas_and_times_are_refused():
             make(0)
 
 
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: Schedule.linear(beta_start="0.1"), "beta_start='0.1' must be a number in (0, 1)"),
+        (lambda: Schedule.linear(beta_end=math.nan), "beta_end=nan must be a number in (0, 1)"),
+        (lambda: Schedule.scaled_linear(beta_end=1.0), "beta_end=1.0 must be a number in (0, 1)"),
+        (lambda: Schedule.scaled_linear(beta_start=0), "beta_start=0 must be a number in (0, 1)"),
+        # min(beta, nan) is beta: a NaN cap would otherwise vanish
+        (lambda: Schedule.cosine(max_beta=math.nan), "max_beta=nan must be a number in (0, 1]"),
+        (lambda: Schedule.cosine(max_beta=2.0), "max_beta=2.0 must be a number in (0, 1]"),
+        (lambda: Schedule.from_diffusers({"beta_schedule": "linear", "beta_start": "1e-4"}), "beta_start='1e-4'"),
+    ],
+)
+def test_constructor_numbers_are_refused_by_name(make, message):
+    with pytest.raises(ValueError, match="^" + re.escape(message)):
+        make()
+
+
 def test_constructors_defaults_and_what_a_schedule_keeps():
     """The constructors' defaults are diffusers' (1000 steps, no zero terminal SNR); the prediction type survives
     every way a schedule is rebuilt, and it is part of equality, as the table is."""

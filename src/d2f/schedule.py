@@ -23,6 +23,7 @@ from ._checks import (
     check_bool,
     check_choice,
     check_positive_int,
+    check_real,
     describe,
     time_dtype,
 )
@@ -64,6 +65,14 @@ def _checked_betas(betas: Any, name: str) -> np.ndarray:
             f"{name} must be in (0, 1), the last one may be 1 (zero terminal SNR); {name}[{k}]={float(b[k])!r}"
         )
     return b
+
+
+def _beta_end_points(beta_start: object, beta_end: object) -> tuple[float, float]:
+    """The end points of a linear or scaled-linear table, each a number in (0, 1)."""
+    return tuple(
+        check_real(name, value, "be a number in (0, 1)", lambda b: 0 < b < 1)
+        for name, value in (("beta_start", beta_start), ("beta_end", beta_end))
+    )
 
 
 def _cosine_betas(num_train_timesteps: int, max_beta: float) -> np.ndarray:
@@ -143,6 +152,7 @@ class Schedule:
     ) -> Schedule:
         """DDPM's linear betas (diffusers ``linear``)."""
         T = check_positive_int("num_train_timesteps", num_train_timesteps)
+        beta_start, beta_end = _beta_end_points(beta_start, beta_end)
         return cls._finish(np.linspace(beta_start, beta_end, T), zero_terminal_snr, prediction_type)
 
     @classmethod
@@ -159,6 +169,7 @@ class Schedule:
         LDM calls this ``linear``; diffusers calls it ``scaled_linear``.
         """
         T = check_positive_int("num_train_timesteps", num_train_timesteps)
+        beta_start, beta_end = _beta_end_points(beta_start, beta_end)
         betas = np.linspace(math.sqrt(beta_start), math.sqrt(beta_end), T) ** 2
         return cls._finish(betas, zero_terminal_snr, prediction_type)
 
@@ -172,6 +183,8 @@ class Schedule:
     ) -> Schedule:
         """The cosine schedule (diffusers ``squaredcos_cap_v2``)."""
         T = check_positive_int("num_train_timesteps", num_train_timesteps)
+        # min(beta, nan) is beta in Python, so an unchecked NaN cap would be dropped without a word
+        max_beta = check_real("max_beta", max_beta, "be a number in (0, 1]", lambda b: 0 < b <= 1)
         return cls._finish(_cosine_betas(T, max_beta), zero_terminal_snr, prediction_type)
 
     @classmethod
@@ -246,8 +259,8 @@ class Schedule:
         make = cls.linear if schedule == "linear" else cls.scaled_linear
         return make(
             T,
-            float(config.get("beta_start", 0.0001)),
-            float(config.get("beta_end", 0.02)),
+            config.get("beta_start", 0.0001),
+            config.get("beta_end", 0.02),
             zero_terminal_snr=zero_snr,
             prediction_type=prediction_type,
         )
