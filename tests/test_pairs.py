@@ -116,6 +116,9 @@ def test_bad_pairs_are_refused(pairs_file, tmp_path, capsys):
     pipeline = ["pairs", "--model", "miniature", "--prompts", str(tmp_path), "--out", str(tmp_path / "p.safetensors")]
     assert main([*pipeline, "--solver", "heun"]) == 2
     assert "--solver heun set with --prompts" in capsys.readouterr().err
+    # even when a flag names the sampler an export's pairs would take by default
+    assert main([*pipeline, "--solver", "euler", "--grid", "uniform", "--shift", "3"]) == 2
+    assert "--solver euler, --grid uniform, --shift 3.0 set with --prompts" in capsys.readouterr().err
     assert main([*pipeline[:1], *pipeline[3:]]) == 2  # --model left at teacher
     assert "pass --model PIPELINE" in capsys.readouterr().err
     assert main([*pipeline[:4], str(tmp_path / "none"), *pipeline[5:]]) == 2
@@ -127,7 +130,14 @@ def test_bad_pairs_are_refused(pairs_file, tmp_path, capsys):
 def test_cli_pairs_then_reflow(tmp_path, capsys):
     pairs = tmp_path / "p.safetensors"
     assert main(["pairs", "--num-samples", "6", "--steps", "2", "--out", str(pairs)]) == 0
-    assert json.loads(capsys.readouterr().out)["num_pairs"] == 6
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["num_pairs"] == 6
+    # unset sampler flags stand for the export's pairs sampler
+    assert {key: printed[key] for key in ("solver", "grid", "shift")} == {
+        "solver": "euler",
+        "grid": "uniform",
+        "shift": 3.0,
+    }
     args = ["train", *teacher_flags(), "--pairs", str(pairs), "--resolution", "16", "--max-steps", "1"]
     args += ["--batch-size", "3"]
     args += ["--num-samples", "2", "--sample-steps", "1", "--no-progress", "--out", str(tmp_path / "r")]

@@ -178,11 +178,18 @@ def _encode_parser(sub) -> None:
     p.add_argument("--device", default=None, help="where the VAE and text encoders run; unset: cuda if available")
 
 
-def _sampling_arguments(p: argparse.ArgumentParser, num_samples: int) -> None:
-    """The flags of ``d2f.networks.sampling.SamplingSettings`` that ``d2f sample``, ``eval`` and ``pairs`` share."""
+def _sampling_arguments(p: argparse.ArgumentParser, num_samples: int, sampler: dict | None = None) -> None:
+    """The flags of ``d2f.networks.sampling.SamplingSettings`` that ``d2f sample``, ``eval`` and ``pairs`` share.
+    ``sampler``: the solver, grid and shift an unset flag stands for; the flags then default to None, so that a
+    caller can tell one that was given."""
     from .auto_sampler import AUTO
     from .grids import GRIDS
     from .solvers import SOLVERS
+
+    def sampler_flag(name: str, value: object, help: str, **kind) -> None:
+        if sampler is not None:
+            value, help = None, f"{help}; unset: {sampler[name]}"
+        p.add_argument(f"--{name}", default=value, help=help, **kind)
 
     p.add_argument("--model", default="teacher", help="a d2f export folder, or 'teacher'")
     p.add_argument(
@@ -191,19 +198,19 @@ def _sampling_arguments(p: argparse.ArgumentParser, num_samples: int) -> None:
         default=25,
         help="network calls with --solver auto; else ODE steps (network calls: twice that for heun/midpoint)",
     )
-    p.add_argument(
-        "--solver",
+    sampler_flag(
+        "solver",
+        AUTO,
+        "the ODE solver; auto: E5's best for --steps network calls and this model (see d2f.auto_sampler)",
         choices=(*SOLVERS, AUTO),
-        default=AUTO,
-        help="the ODE solver; auto: E5's best for --steps network calls and this model (see d2f.auto_sampler)",
     )
-    p.add_argument(
-        "--grid",
+    sampler_flag(
+        "grid",
+        AUTO,
+        "uniform in t, ddim (DDIM's own), shift; auto: the table's with --solver auto, else uniform",
         choices=(*GRIDS, AUTO),
-        default=AUTO,
-        help="uniform in t, ddim (DDIM's own), shift; auto: the table's with --solver auto, else uniform",
     )
-    p.add_argument("--shift", type=float, default=3.0, help="with --grid shift")
+    sampler_flag("shift", 3.0, "with --grid shift", type=float)
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
     p.add_argument("--num-samples", type=int, default=num_samples, help="images to generate")
     p.add_argument("--seed", type=int, default=0, help="seeds the starting noise (drawn on the CPU)")
@@ -224,20 +231,24 @@ def _sample_parser(sub) -> None:
     p.add_argument("--out", default="grid.png", help="the PNG to write")
 
 
+_EXPORT_PAIRS = {"solver": "euler", "grid": "uniform", "shift": 3.0}  # d2f pairs' sampler for an export
+
+
 def _pairs_parser(sub) -> None:
     p = sub.add_parser(
         "pairs",
         help="sample noise -> image pairs from an export, for reflow (d2f train --pairs)",
         description="Sample an export with many ODE steps and store each image with the noise it came from.",
     )
-    _sampling_arguments(p, num_samples=5000)
-    p.set_defaults(steps=50, solver="euler", grid="uniform")
+    _sampling_arguments(p, num_samples=5000, sampler=_EXPORT_PAIRS)
+    p.set_defaults(steps=50)
     p.add_argument(
         "--prompts",
         default=None,
         help="a captioned image folder whose captions prompt --model, a Stable Diffusion pipeline (a folder, or "
         "'miniature'): pairs of latents drawn by the pipeline's own scheduler in --steps steps with --guidance (as "
-        "given: the defaults 50 and 1 are an export's; the miniature's reference is --steps 25 --guidance 3)",
+        "given: the defaults 50 and 1 are an export's; the miniature's reference is --steps 25 --guidance 3); "
+        "--solver, --grid and --shift are refused with it",
     )
     p.add_argument("--resolution", type=int, default=None, help="with --prompts: image size (unset: the pipeline's)")
     p.add_argument("--out", required=True, help="the pairs file to write (.safetensors)")
@@ -424,6 +435,9 @@ def _pairs(args: argparse.Namespace) -> None:
                 "--resolution is for a pipeline's pairs (with --prompts); an export samples "
                 "at the resolution it was trained at"
             )
+        for name, default in _EXPORT_PAIRS.items():
+            if getattr(args, name) is None:
+                setattr(args, name, default)
         meta = generate_pairs(args.model, args.out, args.num_samples, _sampling_settings(args), progress=True)
     else:
         from .data.captions import find_captions
@@ -435,8 +449,7 @@ def _pairs(args: argparse.Namespace) -> None:
             )
         if not Path(args.prompts).is_dir():
             raise ValueError(f"--prompts {args.prompts}: no such folder (a captioned image folder)")
-        exports_only = {"solver": "euler", "grid": "uniform", "shift": 3.0}  # the parser's defaults
-        ignored = [f"--{k} {getattr(args, k)}" for k, v in exports_only.items() if getattr(args, k) != v]
+        ignored = [f"--{name} {getattr(args, name)}" for name in _EXPORT_PAIRS if getattr(args, name) is not None]
         if ignored:
             raise ValueError(
                 f"{', '.join(ignored)} set with --prompts: a pipeline's pairs are drawn by its "
