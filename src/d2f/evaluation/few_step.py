@@ -6,9 +6,11 @@ Rows, each at every NFE (network calls per sample) of its model's list that it r
   settings diffusers documents for few steps, several candidates each; the candidate with the lowest FID at
   the calibration NFE (first seed) is the row, and every candidate's calibration FID is in the JSON (DDIM's
   own rule, ``{}``, is the DDIM-equivalent grid: d2f's Euler on ``grid="ddim"`` gives its samples);
-- ``d2f:<solver>/<grid>``, d2f's FM solvers on the uniform and shift grids: on the converted teacher
-  (zero-shot, ``TEACHER_ROWS``, at ``nfe``), and on an E2-style d2f LoRA finetune (24 px) and an E3-style
-  reflow model (16 px), both trained here under ``out`` (``FINETUNED_ROWS``, at ``finetuned_nfe``).
+- ``d2f:<solver>/<grid>``, d2f's FM solvers on the uniform and shift grids: on the converted teachers
+  (zero-shot, ``TEACHER_ROWS``), and on an E2-style d2f LoRA finetune (24 px) and an E3-style reflow model
+  (16 px), both trained here under ``out`` (``FINETUNED_ROWS``). The converted teachers also take midpoint and
+  multistep on DDIM's own grid (leading spacing, offset 1, ending at data), where DDIM itself (Euler on it)
+  is strong.
 
 The finetuned models skip Heun, and every model skips Heun on the shift grid and a grid calibrated to the
 model's velocity (steps placed where it changes fastest): all were measured in the first E5 run (commit
@@ -88,7 +90,7 @@ DIFFUSERS = {
 FINETUNED_ROWS = tuple(
     (solver, grid) for grid in ("uniform", "shift") for solver in ("euler", "midpoint", "multistep", "ab3")
 )
-TEACHER_ROWS = (("heun", "uniform"), *FINETUNED_ROWS)
+TEACHER_ROWS = (("heun", "uniform"), *FINETUNED_ROWS, ("midpoint", "ddim"), ("multistep", "ddim"))
 
 
 def d2f_grid(field: D2FVelocity, grid: str, steps: int, shift: float = 3.0) -> torch.Tensor:
@@ -279,9 +281,12 @@ def separations(rows: dict, metric: str = "kid") -> dict:
 
 # The rows solver="auto" can take (AB3 is no solver of d2f's), in the tie rule's order: where rows are within the
 # seed spread of each other, the first here is kept. One network call per step before two, no history before
-# history, the uniform grid before the shift grid (one setting less).
+# history, the uniform grid before the shift grid (one setting less), both before DDIM's grid (a step rule
+# read off the network's diffusion schedule, for converted networks only).
 SIMPLICITY = tuple(
-    f"d2f:{solver}/{grid}" for solver in ("euler", "multistep", "midpoint", "heun") for grid in ("uniform", "shift")
+    f"d2f:{solver}/{grid}"
+    for solver in ("euler", "multistep", "midpoint", "heun")
+    for grid in ("uniform", "shift", "ddim")
 )
 
 
