@@ -232,26 +232,37 @@ class Cells:
         return cell
 
 
-def _calibrate(teacher: D2FVelocity, scorer: Scorer, cells: Cells) -> tuple[dict, dict] | None:
-    """Each scheduler's candidates at the calibration NFE: the chosen settings (the lowest FID) and every
-    candidate's FID and KID. The chosen candidate's cell is its row's cell at that NFE. None while a candidate is
-    not scored (``cells.scored_only``)."""
+def calibrate(reaches, cell) -> tuple[dict, dict] | None:
+    """Each ``DIFFUSERS`` scheduler's settings: of its candidates, the one with the lowest FID at the first
+    ``CALIBRATION_NFE`` that every candidate reaches exactly (``reaches(name, settings, nfe)``), each scored by
+    ``cell(name, settings, nfe)`` (its :class:`Cells` cell, which is then its row's cell at that NFE). Returns
+    the chosen settings per scheduler and every candidate's FID and KID; None while a candidate is not scored
+    (``Cells.scored_only``)."""
     chosen, report = {}, {}
     for name, (_, candidates) in DIFFUSERS.items():
+        nfe = next(c for c in CALIBRATION_NFE if all(reaches(name, settings, c) for settings in candidates))
         tried = []
         for settings in candidates:
-            row = (name, settings, teacher)
-            nfe = next(c for c in CALIBRATION_NFE if steps_for(c, diffusers_calls, *row))
-            steps = steps_for(nfe, diffusers_calls, *row)
-            draw = functools.partial(_diffusers_images, name, settings, teacher, steps, scorer)
-            if (
-                cell := cells.get(f"diffusers:{name}", {"settings": settings, "steps": steps}, nfe, scorer, draw)
-            ) is None:
+            if (scored := cell(name, settings, nfe)) is None:
                 return None
-            tried.append({"settings": settings, "nfe": nfe, **{k: cell["scores"][k] for k in ("fid", "kid")}})
+            tried.append({"settings": settings, "nfe": nfe, **{k: scored["scores"][k] for k in ("fid", "kid")}})
         report[name] = tried
         chosen[name] = min(tried, key=lambda row: row["fid"])["settings"]
     return chosen, report
+
+
+def _calibrate(teacher: D2FVelocity, scorer: Scorer, cells: Cells) -> tuple[dict, dict] | None:
+    """:func:`calibrate` on a teacher, on ``scorer``'s seed."""
+
+    def cell(name: str, settings: dict, nfe: int) -> dict | None:
+        steps = steps_for(nfe, diffusers_calls, name, settings, teacher)
+        draw = functools.partial(_diffusers_images, name, settings, teacher, steps, scorer)
+        return cells.get(f"diffusers:{name}", {"settings": settings, "steps": steps}, nfe, scorer, draw)
+
+    def reaches(name: str, settings: dict, nfe: int) -> bool:
+        return steps_for(nfe, diffusers_calls, name, settings, teacher) is not None
+
+    return calibrate(reaches, cell)
 
 
 def _add(cells: dict, nfe: int, scores: dict) -> None:
@@ -530,15 +541,14 @@ def pipeline_few_step(
         draw = functools.partial(scorer.draw, pipe, steps)
         return cells.get(name, {"settings": settings, "steps": steps}, target, scorer, draw)
 
-    calibration, rows = {}, {}
-    for name, (_, candidates) in DIFFUSERS.items():
-        target = next(c for c in CALIBRATION_NFE if all(steps_for(c, calls, name, s) for s in candidates))
-        kept = [cell(name, s, target, scorers[0]) for s in candidates]
-        if None in kept:
-            return None
-        tried = [{"settings": s, "nfe": target, "fid": c["scores"]["fid"]} for s, c in zip(candidates, kept)]
-        calibration[name] = tried
-        rows[f"diffusers:{name}"] = {"settings": min(tried, key=lambda c: c["fid"])["settings"], "cells": {}}
+    calibrated = calibrate(
+        lambda name, settings, nfe: steps_for(nfe, calls, name, settings) is not None,
+        lambda name, settings, nfe: cell(name, settings, nfe, scorers[0]),
+    )
+    if calibrated is None:
+        return None
+    chosen, calibration = calibrated
+    rows = {f"diffusers:{name}": {"settings": settings, "cells": {}} for name, settings in chosen.items()}
     for solver, grid in TEACHER_ROWS:
         if solver != "ab3":
             rows[f"d2f:{solver}/{grid}"] = {"settings": {"solver": solver, "grid": grid}, "cells": {}}
