@@ -166,7 +166,7 @@ def test_pipeline_pairs_hold_the_pipelines_own_guided_images_their_noise_and_pro
     out = tmp_path / "p.safetensors"
     meta = pipeline_pairs("miniature", [p.text for p in prompts], out, 5, steps=4, guidance=3.0, seed=5, batch=2)
     assert meta["scheduler"] == "DDIMScheduler" and meta["size"] == 64 and meta["guidance"] == 3.0
-    data = load_pairs(out, (4, 8, 8))
+    data = load_pairs(out, (4, 8, 8), "miniature")
     with torch.no_grad():
         decoded = vae_images(pipe.vae, data.images)
         embeddings = pipe.encode_prompt([p.text for p in prompts], "cpu", 1, False)[0]
@@ -180,6 +180,31 @@ def test_pipeline_pairs_hold_the_pipelines_own_guided_images_their_noise_and_pro
     assert data.noise.std() > 0.5 and not torch.equal(data.noise[0], data.noise[1])
     with pytest.raises(ValueError, match="guidance=nan must be a finite number >= 1"):
         pipeline_pairs("miniature", ["a two"], tmp_path / "q.safetensors", guidance=float("nan"))
+
+
+def test_pipeline_pairs_train_only_the_pipeline_whose_encoders_drew_them(tmp_path):
+    """A pipeline's pairs are latents and embeddings in its VAE's and text encoder's spaces: loading them for another
+    pipeline, for no pipeline, or without the record of the encoders (an earlier d2f's file) is refused by name."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from d2f.data.pairs import load_pairs, pipeline_pairs
+    from pipelines import tiny_sd_pipeline
+
+    pairs = tmp_path / "p.safetensors"
+    pipeline_pairs("miniature", ["a thin two"], pairs, 2, steps=1, guidance=3.0)
+    assert load_pairs(pairs, (4, 8, 8), "miniature").encoder_hidden_states.shape[0] == 2
+    with pytest.raises(ValueError, match="were drawn by miniature: latents and text embeddings, which train that"):
+        load_pairs(pairs, (4, 8, 8))
+    other = tiny_sd_pipeline(tmp_path / "other")
+    with pytest.raises(ValueError, match=r"whose VAE and text encoder differ from those of pretrained='.*other'"):
+        load_pairs(pairs, None, other)
+    with safe_open(str(pairs), "pt") as f:
+        document = json.loads(f.metadata()["d2f"])
+    del document["pretrained_fingerprint"]
+    save_file(load_file(str(pairs)), str(tmp_path / "old.safetensors"), {"d2f": json.dumps(document)})
+    with pytest.raises(ValueError, match="with an earlier d2f, which did not record that pipeline's encoders"):
+        load_pairs(tmp_path / "old.safetensors", (4, 8, 8), "miniature")
 
 
 def test_a_reflow_lora_trains_on_pipeline_pairs_and_samples_unguided(tmp_path):

@@ -596,7 +596,7 @@ def _identity(
         "sample": sample,
         "seed": seed,
         "data_fingerprint": fingerprint(captions.folder, tuple(captions.used)),
-        "pretrained_fingerprint": _pipeline_fingerprint(folder, kind),
+        "pretrained_fingerprint": encoders_fingerprint(folder, kind),
     }
 
 
@@ -663,7 +663,9 @@ def _file_digest(path: Path) -> bytes:
     return file_digest.digest()
 
 
-def _pipeline_fingerprint(folder: Path, kind: str) -> str:
+def encoders_fingerprint(folder: Path, kind: str) -> str:
+    """The :func:`content_fingerprint` of what decides a latent and a text embedding of the pipeline ``folder`` of
+    ``kind``: its index and :data:`NEEDS` (the VAE, the text encoders and their tokenizers)."""
     return content_fingerprint(folder, ("model_index.json", *NEEDS[kind]))
 
 
@@ -741,7 +743,7 @@ def check_training_latents(path: str | Path, pretrained: str | Path | None, reso
     if pretrained is not None:
         _check_fingerprint(path, document)
         folder, _, kind = find_pipeline(pretrained)
-        if document["pretrained_fingerprint"] != _pipeline_fingerprint(folder, kind):
+        if document["pretrained_fingerprint"] != encoders_fingerprint(folder, kind):
             raise ValueError(
                 f"{path} was encoded by the VAE and text encoders of {document['pretrained']}, which differ from "
                 f"those of pretrained={str(pretrained)!r}; encode the data with the pipeline being trained"
@@ -755,6 +757,7 @@ __all__ = [
     "check_training_latents",
     "content_fingerprint",
     "encode",
+    "encoders_fingerprint",
     "find_pipeline",
     "fingerprint",
     "read_encoded",

@@ -28,8 +28,8 @@ PAIRS = Document(
     1,
     frozenset({"model", "steps", "solver", "grid", "shift", "guidance", "seed", "seconds"}),
     # where the pairs were sampled (files made before it was recorded lack it); a pipeline's pairs: its
-    # scheduler, the image size and how many prompts they were drawn from
-    frozenset({"device", "scheduler", "size", "prompts"}),
+    # scheduler, the image size, how many prompts they were drawn from and the fingerprint of its encoders
+    frozenset({"device", "scheduler", "size", "prompts", "pretrained_fingerprint"}),
 )
 PAIRS_KEYS = {"noise", "sample", "labels", "encoder_hidden_states"}
 
@@ -112,7 +112,7 @@ def pipeline_pairs(
     from tqdm.auto import tqdm
 
     from .._backend import device_or_default
-    from .encode import find_pipeline
+    from .encode import encoders_fingerprint, find_pipeline
 
     for name, value in (("num_pairs", num_pairs), ("steps", steps), ("batch", batch)):
         check_positive_int(name, value)
@@ -122,7 +122,7 @@ def pipeline_pairs(
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise ValueError("prompts must be a non-empty list of strings")
     out = _check_out(out)
-    folder, index, _ = find_pipeline(pretrained)
+    folder, index, kind = find_pipeline(pretrained)
     if index.get("_class_name") not in PIPELINE_PAIRS:
         raise ValueError(
             f"pretrained={str(pretrained)!r} is a {index.get('_class_name')}; pipeline pairs are drawn from "
@@ -182,6 +182,7 @@ def pipeline_pairs(
         "scheduler": type(pipe.scheduler).__name__,
         "size": size,
         "prompts": len(prompts),
+        "pretrained_fingerprint": encoders_fingerprint(folder, kind),
         "device": str(pipe.device),
         "seconds": round(time.perf_counter() - started, 1),
     }
@@ -189,10 +190,12 @@ def pipeline_pairs(
     return meta
 
 
-def load_pairs(path: str | Path, shape: tuple[int, ...] | None = None) -> Dataset:
+def load_pairs(path: str | Path, shape: tuple[int, ...] | None = None, pretrained: str | Path | None = None) -> Dataset:
     """A pairs file as training data: ``images`` are the samples, ``noise`` their coupled noise, and
     ``encoder_hidden_states`` each pair's prompt embedding where the pairs came from a pipeline; with ``shape``,
-    refused unless each sample is of that ``(C, H, W)``."""
+    refused unless each sample is of that ``(C, H, W)``. A pipeline's pairs are latents and text embeddings in its
+    encoders' spaces, so they train only the pipeline ``pretrained`` whose VAE and text encoder drew them
+    (``encoders_fingerprint``); an export's pairs train no pipeline."""
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
@@ -236,12 +239,35 @@ def load_pairs(path: str | Path, shape: tuple[int, ...] | None = None) -> Datase
             f"pairs={str(path)!r} holds samples of shape {tuple(sample.shape[1:])}; the run needs {tuple(shape)}: "
             f"pass --resolution {document.get('size') or sample.shape[-1]} for pairs of this model"
         )
+    if states is not None or pretrained is not None:
+        _check_drawn_by(path, document, states is not None, pretrained)
     return Dataset(
         images=sample.float(),
         labels=labels,
         noise=noise.float(),
         encoder_hidden_states=None if states is None else states.float(),
     )
+
+
+def _check_drawn_by(path: Path, document: dict, from_pipeline: bool, pretrained: str | Path | None) -> None:
+    from .encode import encoders_fingerprint, find_pipeline
+
+    drawn = f"pairs={str(path)!r} were drawn by {document['model']}"
+    if pretrained is None:
+        raise ValueError(f"{drawn}: latents and text embeddings, which train that pipeline (--pretrained PIPELINE)")
+    if not from_pipeline:
+        raise ValueError(f"{drawn}, an export, whose images are no latents of pretrained={str(pretrained)!r}")
+    if "pretrained_fingerprint" not in document:
+        raise ValueError(
+            f"{drawn} with an earlier d2f, which did not record that pipeline's encoders; draw them again "
+            "(d2f pairs --prompts)"
+        )
+    folder, _, kind = find_pipeline(pretrained)
+    if document["pretrained_fingerprint"] != encoders_fingerprint(folder, kind):
+        raise ValueError(
+            f"{drawn}, whose VAE and text encoder differ from those of pretrained={str(pretrained)!r}; draw the "
+            "pairs with the pipeline being trained"
+        )
 
 
 __all__ = ["generate_pairs", "load_pairs", "pipeline_pairs"]

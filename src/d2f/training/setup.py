@@ -208,7 +208,7 @@ def _data(config: TrainConfig, network: Network, accelerator, progress: bool) ->
     channels = network.unet.config.out_channels  # the target's; a widened conv_in also takes the conditions
     if config.pairs is not None:  # a pipeline's pairs are latents
         side = latent_side(network.source, config.resolution) if network.pipeline else config.resolution
-        return load_pairs(config.pairs, (channels, side, side))
+        return load_pairs(config.pairs, (channels, side, side), network.source if network.pipeline else None)
     digits = config.data == CAPTIONED_DIGITS
     if digits or (network.pipeline is not None and Path(config.data).is_dir()):
         folder = _digit_folder(config, network, accelerator) if digits else Path(config.data)
