@@ -379,8 +379,9 @@ def test_e5_auto_table_keeps_the_simplest_row_no_row_beats_and_weighs_the_pipeli
     }
     # The pipeline reverses NFE 4: now every row is beaten on one model; the lowest summed rank wins (shift: 0 on
     # the teacher + 1 on the pipeline; uniform multistep: 2 + 0; Euler: 1 + 2).
+    # An NFE the pipeline alone measured (6) enters no table: there the teachers' budget below it holds.
     report["pipeline"] = model(
-        euler_uniform={"4": {"kid": [9.0, 9.0, 9.0]}},
+        euler_uniform={"4": {"kid": [9.0, 9.0, 9.0]}, "6": {"kid": [0.0, 0.0, 0.0]}},
         multistep_uniform={"4": {"kid": [1.0, 1.0, 1.0]}},
         multistep_shift={"4": {"kid": [5.0, 5.0, 5.0]}},
     )

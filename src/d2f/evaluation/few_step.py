@@ -304,16 +304,18 @@ SIMPLICITY = tuple(
 def auto_table(report: dict, metric: str = "kid") -> dict[str, dict[str, str]]:
     """The row ``solver="auto"`` should take, per kind of model and NFE, from E5's ``report``: ``converted`` weighs
     the teachers zero-shot and the miniature Stable Diffusion (``report["pipeline"]``, where present),
-    ``flow_finetuned`` the finetunes. Of the ``SIMPLICITY`` rows that every model measured at that NFE has, those
+    ``flow_finetuned`` the finetunes; an NFE enters the table where a model of the report's ``models`` was
+    measured at it (the pipeline alone decides none, since it is one epsilon network of latents where the
+    teachers are networks of pixels). Of the ``SIMPLICITY`` rows that every model measured at that NFE has, those
     that no other of them beats beyond the seed spread (:func:`beyond_spread`) on any of those
     models, the simplest; where none is unbeaten on every model, the one with the lowest rank by the mean, summed
     over the models."""
     table: dict[str, dict[str, str]] = {}
     for kind, names in (("converted", CONVERTED), ("flow_finetuned", FINETUNED)):
         models = [report["models"][name] for name in names if name in report["models"]]
+        nfes = sorted({n for model in models for row in model["rows"].values() for n in row["cells"]}, key=int)
         if kind == "converted" and report.get("pipeline"):
             models.append(report["pipeline"])
-        nfes = sorted({n for model in models for row in model["rows"].values() for n in row["cells"]}, key=int)
         for nfe in nfes:
             measured = [
                 {
