@@ -9,8 +9,7 @@ Rows, each at every NFE (network calls per sample) of its model's list that it r
 - ``d2f:<solver>/<grid>``, d2f's FM solvers on the uniform and shift grids: on the converted teachers
   (zero-shot, ``TEACHER_ROWS``), and on an E2-style d2f LoRA finetune (24 px) and an E3-style reflow model
   (16 px), both trained here under ``out`` (``FINETUNED_ROWS``). The converted teachers also take midpoint and
-  multistep on DDIM's own grid (leading spacing, offset 1, ending at data), where DDIM itself (Euler on it)
-  is strong.
+  multistep on the grid of DDIM's own rule (leading spacing, offset 1, ending at data), on which Euler is DDIM.
 
 The finetuned models skip Heun, and every model skips Heun on the shift grid and a grid calibrated to the
 model's velocity (steps placed where it changes fastest): all were measured in the first E5 run (commit
