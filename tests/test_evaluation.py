@@ -286,13 +286,18 @@ def test_e5_few_step_in_miniature_counts_network_calls_honestly(tmp_path, monkey
 
 
 def _assert_a_rerun_reads_every_cell_back(out, toy, report, calls):
-    from d2f.evaluation.few_step import few_step
+    from d2f.evaluation.few_step import few_step, wall_time
 
     before = calls["all"]
     again = few_step(str(out), reflow_steps=2, **toy)
     assert again["models"] == report["models"] and calls["all"] == before  # every cell read back, none drawn
     listed = few_step(str(out), reflow_steps=2, scored_only=True, **{**toy, "nfe": (1, 2, 3, 4)})
     assert listed["models"] == report["models"] and calls["all"] == before  # NFE 4 was never scored: left out
+    # The wall time adds up the two runs that drew (or read) cells; the scored_only report is no run.
+    runs = wall_time(str(out))["runs"]
+    assert [run["part"] for run in runs] == ["few_step", "few_step"] and runs[0]["nfe"] == [1, 2, 3]
+    assert runs[0]["seconds"] >= report["seconds"] - 1 and runs[1]["seconds"] < runs[0]["seconds"]
+    assert wall_time(str(out))["seconds"] == pytest.approx(sum(run["seconds"] for run in runs), abs=0.2)
     fresh = out.parent / "fresh"
     assert few_step(str(fresh), scored_only=True, **toy)["models"] == {} and calls["all"] == before
     assert not (fresh / "lora-d2f-seed0").exists()  # nothing scored, nothing trained
@@ -340,7 +345,12 @@ def test_e5_on_the_miniature_pipeline_files_each_cell_under_the_unet_calls_it_ma
     before = len(drawn)
     again = e5.pipeline_few_step(str(tmp_path), nfe=(2, 3, 4), seeds=(0, 1), num_prompts=4, scored_only=True)
     assert again["rows"] == rows and len(drawn) == before  # read back; NFE 4 was never scored, so left out
+    assert [(run["part"], run["nfe"]) for run in e5.wall_time(str(tmp_path))["runs"]] == [("pipeline", [2, 3])]
     assert e5.pipeline_few_step(str(tmp_path / "fresh"), num_prompts=4, scored_only=True) is None
+    # The whole experiment's report of a folder with no cells: nothing scored, no table, no run.
+    whole = e5.e5(str(tmp_path / "fresh"), scored_only=True)
+    assert (whole["models"], whole["pipeline"], whole["auto_table"]) == ({}, None, {})
+    assert whole["wall_time"] == {"runs": [], "seconds": 0}
 
 
 def test_e5_separations_rank_rows_and_name_only_differences_beyond_the_seed_spread():

@@ -231,6 +231,31 @@ class Cells:
         return cell
 
 
+RUNS = "runs.jsonl"  # under E5's folder: one line per run that drew cells, so the wall time survives resumes
+
+
+def _record_run(out: str, part: str, started: float, **asked) -> None:
+    """Append one run of ``part`` (``few_step`` or ``pipeline``) to ``out/runs.jsonl``: when it started, its wall
+    seconds and what it was asked. One line, written whole by one call."""
+    line = {
+        "part": part,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        "seconds": round(time.time() - started, 1),
+        **asked,
+    }
+    Path(out).mkdir(parents=True, exist_ok=True)
+    with open(Path(out) / RUNS, "a") as log:
+        log.write(json.dumps(line) + "\n")
+
+
+def wall_time(out: str) -> dict:
+    """E5's wall time: every run ``out/runs.jsonl`` lists (training, calibration and scoring included; a report
+    that only reads cells is no run) and their sum in seconds."""
+    path = Path(out) / RUNS
+    runs = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    return {"runs": runs, "seconds": round(sum(run["seconds"] for run in runs), 1)}
+
+
 def calibrate(reaches, cell) -> tuple[dict, dict] | None:
     """Each ``DIFFUSERS`` scheduler's settings: of its candidates, the one with the lowest FID at the first
     ``CALIBRATION_NFE`` that every candidate reaches exactly (``reaches(name, settings, nfe)``), each scored by
@@ -410,7 +435,7 @@ def few_step(
     for name in models:
         if name not in E5_MODELS:
             raise ValueError(f"models: {name!r} is not allowed: each one of {E5_MODELS}")
-    started = time.perf_counter()
+    started, started_wall = time.perf_counter(), time.time()
     classifier = load_classifier()
     loaded = _models(out, models, seeds[0], finetune_steps, reflow_pairs, reflow_pair_steps, reflow_steps, scored_only)
     report: dict = {"models": {}}
@@ -474,6 +499,8 @@ def few_step(
             "seconds_by_part": seconds,
         }
     )
+    if not scored_only:
+        _record_run(out, "few_step", started_wall, models=list(models), nfe=list(nfe), num_samples=num_samples)
     return report
 
 
@@ -516,7 +543,7 @@ def pipeline_few_step(
 
     from ..scheduler import D2FScheduler
 
-    started = time.perf_counter()
+    started, started_wall = time.perf_counter(), time.time()
     classifier = load_classifier()
     pipe = base_pipeline()
     own = dict(pipe.scheduler.config)
@@ -560,6 +587,8 @@ def pipeline_few_step(
                 for one in kept:
                     _add(row["cells"], target, one["scores"])
     rows = {name: row for name, row in rows.items() if row["cells"]}
+    if not scored_only:
+        _record_run(out, "pipeline", started_wall, nfe=list(nfe), seeds=list(seeds))
     return {
         "rows": rows,
         "separations": separations(rows),
@@ -569,6 +598,17 @@ def pipeline_few_step(
         "guidance": PIPELINE_GUIDANCE,
         "seconds": round(time.perf_counter() - started, 1),
     }
+
+
+def e5(out: str = "runs/e5", seeds: tuple[int, ...] = E5_SEEDS, scored_only: bool = False, **settings) -> dict:
+    """E5 whole: :func:`few_step` (``settings`` as it takes them), the pipeline comparison on the same seeds
+    (``report["pipeline"]``), the auto table they give (:func:`auto_table`) and the experiment's wall time over
+    every run that drew its cells (:func:`wall_time`). ``scored_only``: the report of the cells scored so far."""
+    report = few_step(out, seeds=seeds, scored_only=scored_only, **settings)
+    report["pipeline"] = pipeline_few_step(out, seeds=seeds, scored_only=scored_only)
+    report["auto_table"] = auto_table(report)
+    report["wall_time"] = wall_time(out)
+    return report
 
 
 def plot_fid(rows: dict, model: str, path: Path) -> None:

@@ -64,7 +64,7 @@ def reproduce(
     ``full``); the other experiments have theirs fixed."""
     from .depth import depth
     from .experiments import finetune, zero_shot
-    from .few_step import few_step, pipeline_few_step
+    from .few_step import e5
     from .reflow import reflow
     from .terminal_snr import e4_settings, terminal_snr
     from .text_to_image import e6
@@ -105,17 +105,14 @@ def reproduce(
             resolution=e4_resolution,
             budget=e4_budget,
         ),
-        "e5": lambda: {
-            **few_step(
-                "runs/e5",
-                num_samples=n(2000),
-                seeds=(seed, seed + 1, seed + 2),
-                finetune_steps=steps(600),
-                reflow_steps=steps(300),
-                plot_png=folder / "few_step_fid.png",
-            ),
-            "pipeline": pipeline_few_step("runs/e5", seeds=(seed, seed + 1, seed + 2)),
-        },
+        "e5": lambda: e5(
+            "runs/e5",
+            seeds=(seed, seed + 1, seed + 2),
+            num_samples=n(2000),
+            finetune_steps=steps(600),
+            reflow_steps=steps(300),
+            plot_png=folder / "few_step_fid.png",
+        ),
         "depth": lambda: depth(
             "runs/depth",
             steps=steps(300),
