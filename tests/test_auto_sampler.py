@@ -20,10 +20,11 @@ E5, E5_200 = RESULTS / "few_step.json", RESULTS / "few_step_200_samples.json"
 
 
 def test_the_table():
-    assert auto_sampler(1, False) == Sampler("multistep", "uniform", 1)  # its first step is Euler
-    assert auto_sampler(1, True) == Sampler("multistep", "shift", 1)  # one step of either grid: the same
+    assert auto_sampler(1, False) == auto_sampler(1, True) == Sampler("euler", "uniform", 1)
     assert auto_sampler(2, False) == Sampler("multistep", "uniform", 2)
     assert auto_sampler(2, True) == Sampler("midpoint", "uniform", 1)  # one step, two calls
+    assert auto_sampler(4, False) == Sampler("midpoint", "uniform", 2)
+    assert auto_sampler(5, False) == Sampler("multistep", "uniform", 5)  # 4's midpoint takes no odd budget
     assert auto_sampler(7, False) == Sampler("multistep", "uniform", 7)
     assert auto_sampler(7, True) == Sampler("multistep", "shift", 7)
     assert auto_sampler(11, False) == Sampler("multistep", "uniform", 11)  # above 10: 10's row
