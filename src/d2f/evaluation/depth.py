@@ -9,8 +9,8 @@ Runs. From the embedded teacher, its ``conv_in`` widened for the digit (``cond_i
 d2f to pick the default), on 4500 digits; 500 held-out digits are scored. Objectives d2f, diffusion and naive FM,
 LoRA 8 (conv_in trained fully) and full, at the study's tuned lr; and the reference every generative depth
 method is compared with, the teacher finetuned as a plain regression network (the digit in, depth out, MSE, its
-timestep fixed at the data end). Each generative model samples with ``d2f sample``'s default (``solver="auto"``:
-d2f's multistep solver; midpoint at 2 calls after flow finetuning) at 1, 2, 4 and 10 network calls; scores are
+timestep fixed at the data end). Each generative model samples with ``d2f sample``'s default (``solver="auto"``,
+the row of ``d2f.auto_sampler``'s table for its kind) at 1, 2, 4 and 10 network calls; scores are
 AbsRel, RMSE and delta1 after scale-and-shift alignment (:mod:`d2f.evaluation.dense`), per training seed.
 """
 
