@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from numpy.polynomial import polynomial as P
 
-from .._files import write_json
+from .._files import write_atomic, write_json
 from ..data.images import mnist
 from ..figures import save_line_plot
 from ..networks.export import ddim_config, load
@@ -235,17 +235,18 @@ RUNS = "runs.jsonl"  # under E5's folder: one line per run that drew cells, so t
 
 
 def _record_run(out: str, part: str, started: float, **asked) -> None:
-    """Append one run of ``part`` (``few_step`` or ``pipeline``) to ``out/runs.jsonl``: when it started, its wall
-    seconds and what it was asked. One line, written whole by one call."""
+    """Add one run of ``part`` (``few_step`` or ``pipeline``) to ``out/runs.jsonl``: when it started, its wall
+    seconds and what it was asked. The file is rewritten whole (``write_atomic``), so a crash leaves no half line."""
     line = {
         "part": part,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         "seconds": round(time.time() - started, 1),
         **asked,
     }
-    Path(out).mkdir(parents=True, exist_ok=True)
-    with open(Path(out) / RUNS, "a") as log:
-        log.write(json.dumps(line) + "\n")
+    path = Path(out) / RUNS
+    path.parent.mkdir(parents=True, exist_ok=True)
+    before = path.read_text() if path.is_file() else ""
+    write_atomic(path, before + json.dumps(line) + "\n")
 
 
 def wall_time(out: str) -> dict:
