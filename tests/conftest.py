@@ -1,4 +1,6 @@
+import json
 import os
+from pathlib import Path
 
 # The Triton interpreter must be chosen before any kernel module is imported.
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -19,9 +21,21 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 def pytest_collection_modifyitems(config, items):
     """``@pytest.mark.gpu`` is the one way a test says it needs CUDA: it skips here without it, and
     ``benchmarks/gpu.sh`` selects every such test with ``-m gpu``."""
+    if "MUTANT_UNDER_TEST" in os.environ:
+        _fastest_first(items)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA (marked gpu)")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def _fastest_first(items):
+    """In a mutation run (``nox -s mutation``, run from ``mutants/``), order the tests by the durations mutmut
+    measured: it stops a mutant's run at the first failure, and hands its tests over in no particular order, so
+    a mutant that a quick test kills would otherwise often wait for slow ones first."""
+    stats = Path("mutmut-stats.json")
+    if stats.is_file():
+        duration = json.loads(stats.read_text())["duration_by_test"]
+        items.sort(key=lambda item: duration.get(item.nodeid, float("inf")))

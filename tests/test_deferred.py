@@ -64,6 +64,20 @@ def test_each_check_raises_the_same_error_later_inside_a_scope(case):
     assert str(later.value) == str(at_once.value)
 
 
+def test_a_deferred_step_check_names_its_input_as_it_was_when_the_step_ran():
+    """Inside a scope the step's inputs may be overwritten before the read (a captured graph reuses its buffers),
+    so ode_step takes each input's flag when it runs: a NaN output, since overwritten, is still the one named."""
+    with pytest.raises(NonFiniteError) as at_once:
+        _step("torch", o_u=torch.full((2, 3, 8), NAN))
+    o_u = torch.full((2, 3, 8), NAN)
+    with deferred_checks() as checks:
+        _step("torch", o_u=o_u)
+        o_u.zero_()
+        with pytest.raises(NonFiniteError) as later:
+            checks.read()
+    assert str(later.value) == str(at_once.value)
+
+
 def test_the_first_failed_check_in_call_order_is_raised_and_the_queue_empties():
     with deferred_checks() as checks:
         d2f.align(torch.randn(2, 3), 0.5)  # passes

@@ -131,6 +131,8 @@ def test_bad_arguments_are_refused():
         fm_loss(x, x, x, 0.5, "epsilon", weight=torch.tensor([1.0, -1.0]))
     with pytest.raises(ValueError, match="weight has shape \\(3,\\)"):
         fm_loss(x, x, x, 0.5, "epsilon", weight=torch.ones(3))
+    with pytest.raises(ValueError, match="^t has shape \\(3,\\) but the batch has shape \\(2, 3\\)"):
+        fm_loss(x, x, x, torch.full((3,), 0.5), "epsilon")
     with pytest.raises(ValueError, match="noise has shape \\(2, 4\\) but model_output has shape \\(2, 3\\)"):
         fm_loss(x, x, tensor((2, 4)), 0.5, "epsilon")
 

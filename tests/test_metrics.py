@@ -2,6 +2,7 @@
 test_evaluation.py)."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -95,11 +96,58 @@ def test_kid_is_unbiased_near_zero_for_one_distribution_and_grows_with_a_shift()
     shifted, _ = kid(a, b + 1.0, subsets=20, subset_size=100)
     assert abs(same) < 3 * same_spread and same_spread > 0
     assert shifted > 20 * same_spread
-    with pytest.raises(ValueError, match="at least 2 samples"):
-        kid(points(1.0), points(1.0, 2.0))
-    with pytest.raises(ValueError, match="subset_size=1 is not allowed"):
-        kid(a, b, subset_size=1)
-    with pytest.raises(ValueError, match="one width"):
-        kid(a, b[:, :3])
-    with pytest.raises(ValueError, match="non-finite"):
-        kid(a, torch.cat([b[:-1], torch.full((1, 4), float("nan"))]))
+
+
+def test_kid_in_two_dimensions_on_sets_of_unequal_size():
+    """d = 2, k(x, y) = (x·y / 2 + 1)^3; a = {(1, 1), (2, 0)}, b = three copies of (0, 1), so m = 2 and every subset
+    of b is the same pair. Within a, k = (2 / 2 + 1)^3 = 8; within b, (1 / 2 + 1)^3 = 3.375; across, 3.375 and 1
+    (mean 2.1875). MMD² = 8 + 3.375 - 2 * 2.1875 = 7, in either order (the smaller set may be either)."""
+    a = torch.tensor([[1.0, 1.0], [2.0, 0.0]], dtype=torch.float64)
+    b = torch.tensor([[0.0, 1.0]] * 3, dtype=torch.float64)
+    assert kid(a, b, subsets=3) == (pytest.approx(7.0), pytest.approx(0.0, abs=1e-12))
+    assert kid(b, a, subsets=3) == (pytest.approx(7.0), pytest.approx(0.0, abs=1e-12))
+
+
+def test_kid_draws_its_subsets_from_its_own_seed_and_defaults_to_torch_fidelitys_protocol():
+    """The subsets come from ``seed`` alone, whatever the global generator's state; the defaults are torch-fidelity's
+    (100 subsets of at most 1000, seed 0), which only sets of more than 1000 samples tell apart."""
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(60, 3, generator=g), torch.randn(60, 3, generator=g) + 0.5
+    torch.manual_seed(0)
+    first = kid(a, b, subsets=4, subset_size=10, seed=7)
+    torch.manual_seed(1)
+    assert kid(a, b, subsets=4, subset_size=10, seed=7) == first
+    assert kid(a, b, subsets=4, subset_size=10, seed=8) != first
+    big_a, big_b = torch.randn(1002, 2, generator=g), torch.randn(1002, 2, generator=g)
+    protocol = kid(big_a, big_b, subsets=100, subset_size=1000, seed=0)
+    assert kid(big_a, big_b) == protocol
+    assert protocol not in (
+        kid(big_a, big_b, subsets=101),
+        kid(big_a, big_b, subset_size=1001),
+        kid(big_a, big_b, seed=1),
+    )
+
+
+def test_kid_refuses_what_it_cannot_score_by_name():
+    a = torch.zeros(4, 2, dtype=torch.float64)
+    cases = [
+        ((torch.zeros(1, 4), torch.zeros(3, 4)), {}, "KID needs at least 2 samples per set, got 1 and 3"),
+        ((torch.zeros(3, 4), torch.zeros(1, 4)), {}, "KID needs at least 2 samples per set, got 3 and 1"),
+        ((torch.zeros(4), torch.zeros(4, 4)), {}, "KID compares feature sets of one width: got shapes (4,) and (4, 4)"),
+        ((torch.zeros(4, 4), torch.zeros(4)), {}, "KID compares feature sets of one width: got shapes (4, 4) and (4,)"),
+        ((a, a[:, :1]), {}, "KID compares feature sets of one width: got shapes (4, 2) and (4, 1)"),
+        ((a, a), {"subsets": 0}, "subsets=0 is not allowed: an integer >= 1"),
+        ((a, a), {"subsets": True}, "subsets=True is not allowed: an integer >= 1"),
+        ((a, a), {"subsets": 2.0}, "subsets=2.0 is not allowed: an integer >= 1"),
+        ((a, a), {"subset_size": 1}, "subset_size=1 is not allowed: an integer >= 2"),
+        ((a, a), {"subset_size": True}, "subset_size=True is not allowed: an integer >= 2"),
+        (
+            (a, torch.cat([a[:-1], torch.full((1, 2), float("nan"), dtype=torch.float64)])),
+            {},
+            "KID of non-finite features: some images gave NaN or inf features",
+        ),
+    ]
+    for args, kwargs, message in cases:
+        with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+            kid(*args, **kwargs)
+    assert kid(a, a, subsets=1, subset_size=2) == (0.0, 0.0)  # the smallest subsets allowed

@@ -98,6 +98,9 @@ def test_from_diffusers_trained_betas_and_constructors_agree():
     assert Schedule.from_betas(betas) == Schedule.linear()
     sd = Schedule.from_diffusers({"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012})
     assert sd == Schedule.scaled_linear()
+    # a VP table with sigma keys beside it (Euler's config, written by hand without trained_betas) is still a VP table
+    euler = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "sigma_max": None}
+    assert Schedule.from_diffusers(euler) == Schedule.scaled_linear()
 
 
 @pytest.mark.parametrize(
@@ -106,6 +109,7 @@ def test_from_diffusers_trained_betas_and_constructors_agree():
         ({"_class_name": "KarrasVeScheduler", "sigma_min": 0.02, "sigma_max": 100}, "KarrasVeScheduler"),
         ({"_class_name": "ScoreSdeVeScheduler", "sigma_max": 1348.0}, "ScoreSdeVeScheduler"),
         ({"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0}, "already flow matching"),
+        ({"_class_name": "FlowMatchEulerDiscreteScheduler"}, "already flow matching"),  # by its name alone
         ({"beta_schedule": "scaled_linear", "use_karras_sigmas": True}, "use_karras_sigmas"),
         ({"beta_schedule": "sigmoid"}, "beta_schedule='sigmoid'"),
         ({"beta_schedule": "linear", "prediction_type": "flow"}, "prediction_type='flow'"),
@@ -237,6 +241,7 @@ def test_bad_betas_and_times_are_refused():
         # min(beta, nan) is beta: a NaN cap would otherwise vanish
         (lambda: Schedule.cosine(max_beta=math.nan), "max_beta=nan must be a number in (0, 1]"),
         (lambda: Schedule.cosine(max_beta=2.0), "max_beta=2.0 must be a number in (0, 1]"),
+        (lambda: Schedule.cosine(max_beta=0.0), "max_beta=0.0 must be a number in (0, 1]"),
         (lambda: Schedule.from_diffusers({"beta_schedule": "linear", "beta_start": "1e-4"}), "beta_start='1e-4'"),
     ],
 )
@@ -250,6 +255,7 @@ def test_constructors_defaults_and_what_a_schedule_keeps():
     every way a schedule is rebuilt, and it is part of equality, as the table is."""
     assert Schedule.cosine() == Schedule.from_diffusers({"beta_schedule": "squaredcos_cap_v2"})
     assert Schedule.cosine().num_train_timesteps == 1000 and not Schedule.cosine().zero_terminal_snr
+    assert Schedule.cosine(max_beta=1.0).alphas_cumprod[-1] == 0  # the cap's closed end: a last beta of 1 is kept
     v = Schedule.linear(prediction_type="v_prediction")
     assert Schedule.from_alphas_cumprod(v.alphas_cumprod, "v_prediction") == v
     assert Schedule.from_dict(json.loads(json.dumps(v.to_dict()))) == v

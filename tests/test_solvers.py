@@ -204,6 +204,18 @@ def test_a_plain_field_is_sampled_differentiably(solver):
     torch.testing.assert_close(x0.grad, torch.full_like(x0, factor), rtol=1e-12, atol=0)
 
 
+def test_a_differentiable_step_gives_what_the_fused_one_gives_in_the_same_dtypes():
+    """Through an input that requires grad the step takes plain autograd ops; its state (float32) and network
+    input (float16 here, the network's dtype) match the fused path's, dtype and value."""
+    g = torch.Generator().manual_seed(0)
+    x, o_u = torch.randn(2, 3, 8, generator=g), torch.randn(2, 3, 8, generator=g)
+    fused = ode_step(EULER, x, o_u, None, None, 0.5, -1.0, 0.1, 1.0, 2.0, torch.float16, "torch")
+    graph = ode_step(EULER, x.requires_grad_(True), o_u, None, None, 0.5, -1.0, 0.1, 1.0, 2.0, torch.float16, "torch")
+    assert [v.dtype for v in graph] == [v.dtype for v in fused] == [torch.float32, torch.float16]
+    for a, b in zip(graph, fused):
+        torch.testing.assert_close(a.detach(), b, rtol=1e-6, atol=1e-6)
+
+
 def test_a_zero_dimensional_state():
     def field(x, t):
         return t * x
@@ -346,3 +358,13 @@ def test_ddim_step_defaults_to_the_deterministic_step_with_the_networks_noise_pr
     x_next, data = ddim_step(x, u, 0.3, 0.6, clip=lambda d: d.clamp(-0.5, 0.5))
     torch.testing.assert_close(data, clipped)
     torch.testing.assert_close(x_next, (alpha * clipped + sigma * (x - 0.3 * u)) / scale(0.6), rtol=1e-12, atol=1e-12)
+
+
+def test_ddim_steps_noise_takes_the_states_dtype():
+    """A float32 state stays float32 whatever the noise's dtype: the noise is added in the state's dtype."""
+    x, u = tensor((2, 3), seed=1).float(), tensor((2, 3), seed=2).float()
+    noise = tensor((2, 3), seed=3)  # float64
+    x_next, data = ddim_step(x, u, 0.3, 0.6, eta=0.5, noise=noise)
+    assert x_next.dtype == data.dtype == torch.float32
+    wide, _ = ddim_step(x.double(), u.double(), 0.3, 0.6, eta=0.5, noise=noise)
+    torch.testing.assert_close(x_next, wide.float(), rtol=1e-5, atol=1e-5)

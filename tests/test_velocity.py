@@ -1,3 +1,5 @@
+from types import SimpleNamespace
+
 import pytest
 import torch
 from diffusers import DDIMScheduler
@@ -149,6 +151,31 @@ def test_bad_arguments_are_refused():
         eps.sample(tensor((1, 3, 4, 4)), ddim_grid(NAMED_SCHEDULES["sd_zero_snr"], 10, "trailing"))
     with pytest.raises(ValueError, match="the network returned shape \\(2, 1, 4, 4\\), expected \\(2, 3, 4, 4\\)"):
         D2FVelocity(TinyNet(out_channels=1).double(), schedule, "epsilon")(tensor((2, 3, 4, 4)), 0.5)
+
+
+class Returns(torch.nn.Module):
+    """TinyNet whose output is handed back through ``wrap``, as networks other than a plain module return it."""
+
+    def __init__(self, wrap):
+        super().__init__()
+        self.net, self.wrap = TinyNet().double(), wrap
+
+    def forward(self, z, k):
+        return self.wrap(self.net(z, k))
+
+
+def test_a_network_may_return_a_tensor_an_object_with_sample_or_a_tuple_led_by_a_tensor():
+    """diffusers' models return an object with ``.sample``, or a tuple with ``return_dict=False``; anything else
+    is refused, naming its type."""
+    schedule, z = NAMED_SCHEDULES["sd"], tensor((2, 3, 4, 4))
+    want = D2FVelocity(Returns(lambda out: out), schedule, "epsilon")(z, 0.5)
+    for wrap in (lambda out: SimpleNamespace(sample=out), lambda out: (out,), lambda out: [out, "extra"]):
+        torch.testing.assert_close(D2FVelocity(Returns(wrap), schedule, "epsilon")(z, 0.5), want)
+    for wrap, name in ((lambda out: (), "tuple"), (lambda out: ("text", out), "tuple"), (lambda out: {0: out}, "dict")):
+        with pytest.raises(
+            ValueError, match=f"^the network returned {name}; expected a tensor or an object with .sample$"
+        ):
+            D2FVelocity(Returns(wrap), schedule, "epsilon")(z, 0.5)
 
 
 def test_quickstart_example_runs_and_matches_ddim(capsys):

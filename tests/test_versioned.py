@@ -7,7 +7,13 @@ import pytest
 
 from d2f._versioned import Document
 
-DOC = Document("d2f.example", 1, frozenset({"steps"}), frozenset({"flag"}), {"steps": (int,), "flag": (bool, int)})
+DOC = Document(
+    "d2f.example",
+    1,
+    frozenset({"steps"}),
+    frozenset({"flag", "note"}),
+    {"steps": (int,), "flag": (bool, int), "note": (str, type(None))},
+)
 
 
 def test_a_bool_where_an_int_is_wanted_is_refused_by_name(tmp_path):
@@ -19,6 +25,12 @@ def test_a_bool_where_an_int_is_wanted_is_refused_by_name(tmp_path):
     file.write_text(json.dumps({"format": "d2f.example", "version": 1, "steps": False}))
     with pytest.raises(ValueError, match=rf"^{file}: steps=False is a bool; expected int$"):
         DOC.read(file)
+
+
+def test_a_value_of_none_of_several_types_is_refused_naming_them_all():
+    with pytest.raises(ValueError, match=r"^d2f.example document: note=3 is a int; expected str or null$"):
+        DOC.new(steps=1, note=3)
+    assert DOC.new(steps=1, note=None)["note"] is None
 
 
 def test_a_key_that_allows_bool_takes_it_and_ints_pass():
