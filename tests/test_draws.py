@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from d2f.schedule import Schedule
-from d2f.training.config import TrainConfig
+from d2f.training.config import DEFAULT_T_SAMPLER, DEFAULT_T_SAMPLER_EPSILON, TrainConfig
 from d2f.training.draws import Stream, draws, normals, philox, positions, seed_of, uniforms
 
 # Random123's known-answer vectors for Philox4x32-10 (counter words, 64-bit key, output words).
@@ -70,6 +70,23 @@ def test_draws_depend_on_the_position_alone(objective):
         assert times.dtype == torch.int64 and int(times.min()) >= 0 and int(times.max()) < 1000
     else:
         assert times.dtype == torch.float64 and float(times.min()) > 0 and float(times.max()) < 1
+
+
+def test_an_epsilon_networks_times_come_from_its_own_default_sampler():
+    """With no t_sampler set, the run draws the times of an epsilon network from DEFAULT_T_SAMPLER_EPSILON and
+    those of any other from DEFAULT_T_SAMPLER (TrainConfig.t_sampler_for): the same uniforms, another law."""
+    config, schedule, where = (
+        TrainConfig.teacher_task(objective="d2f", seed=3),
+        Schedule.scaled_linear(),
+        torch.arange(64),
+    )
+
+    def times(prediction_type, t_sampler=None):
+        return draws(config.replace(t_sampler=t_sampler), where, (1, 2, 2), prediction_type, schedule)[1]
+
+    assert torch.equal(times("epsilon"), times("epsilon", DEFAULT_T_SAMPLER_EPSILON))
+    assert torch.equal(times("v_prediction"), times("v_prediction", DEFAULT_T_SAMPLER))
+    assert not torch.equal(times("epsilon"), times("epsilon", DEFAULT_T_SAMPLER))
 
 
 def test_a_checkpoint_from_the_earlier_draw_scheme_is_not_resumed(tmp_path):

@@ -315,6 +315,10 @@ REFUSED = {
         r"^timesteps must be network timesteps \(a number, list, array or tensor\), got None$",
         lambda: D2FScheduler().add_noise(X, O, None),
     ),
+    "add_noise's timesteps='late'": (
+        r"^timesteps must be network timesteps \(a number, list, array or tensor\), got 'late'$",
+        lambda: D2FScheduler().add_noise(X, O, "late"),
+    ),
     "add_noise's timesteps a bool tensor": (
         r"^timesteps must be a number or a tensor of numbers, got dtype torch.bool$",
         lambda: D2FScheduler().add_noise(X, O, torch.tensor([True, False])),

@@ -6,7 +6,17 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from d2f import D2FVelocity, NonFiniteError, Schedule, alpha_sigma, diffusion_to_velocity, sample, scale, uniform_grid
+from d2f import (
+    D2FVelocity,
+    NonFiniteError,
+    Schedule,
+    alpha_sigma,
+    diffusion_to_velocity,
+    sample,
+    scale,
+    target_velocity,
+    uniform_grid,
+)
 from d2f.grids import grid_steps
 from d2f.parametrization import SINGULAR_TIMES
 from d2f.solvers import EULER, SOLVERS, ddim_step, ode_step, stage_times
@@ -272,6 +282,17 @@ def test_every_sampler_path_names_a_nonfinite_model_output(solver, path, callbac
         else:
             sample(lambda x, t, **c: field(x, t, **c), noise, ts, **options, **cond)
     assert net.calls == sum(evaluations)
+
+
+def test_a_velocity_functions_own_nonfinite_error_keeps_its_tensors_name():
+    """A d2f function inside a user's velocity function names its own argument; the sampler adds the step."""
+
+    def velocity(x, t):
+        return target_velocity(torch.full_like(x, math.nan), x)
+
+    message = r"^sample: step 1 of 2 \(euler, t 0.25 -> 0.625\): data contains NaN or inf$"
+    with pytest.raises(NonFiniteError, match=message):
+        sample(velocity, torch.randn(2, 3), uniform_grid(2, 0.25, 1.0), solver="euler")
 
 
 def test_the_velocity_itself_names_a_nonfinite_model_output():

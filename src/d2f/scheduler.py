@@ -456,7 +456,8 @@ class D2FScheduler(SchedulerMixin, ConfigMixin):
         return diffusion_target(sample, noise, alpha, sigma, "v_prediction").to(sample.dtype)
 
     def _fm_time(self, timesteps: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
-        """The FM times of network ``timesteps``: one, or one per sample of ``batch``."""
+        """The FM times of network ``timesteps``: one, or one per sample of ``batch`` (whose batch dimension the
+        caller has checked)."""
         try:
             k = torch.as_tensor(timesteps)
         except (TypeError, ValueError, RuntimeError) as error:  # None, a string: torch's message names no argument
@@ -464,9 +465,9 @@ class D2FScheduler(SchedulerMixin, ConfigMixin):
                 f"timesteps must be network timesteps (a number, list, array or tensor), got {describe(timesteps)}"
             ) from error
         as_scalars(k.reshape(-1), name="timesteps")  # refuses complex, bool and grad, which fm_time would name k
-        if k.numel() != 1 and (batch.ndim < 1 or k.numel() != batch.shape[0]):
+        if k.numel() not in (1, batch.shape[0]):
             raise ValueError(
-                f"timesteps has {k.numel()} entries but the batch has {batch.shape[0] if batch.ndim else 1} samples; "
+                f"timesteps has {k.numel()} entries but the batch has {batch.shape[0]} samples; "
                 "give one timestep, or one per sample"
             )
         return self.schedule.fm_time(k.reshape(-1).double().cpu())
