@@ -139,13 +139,15 @@ def test_bad_arguments_are_refused():
     net = TinyNet().double()
     with pytest.raises(ValueError, match="guidance_scale=3.0 needs uncond"):
         D2FVelocity(net, schedule, "epsilon", guidance_scale=3.0)
-    with pytest.raises(ValueError, match="schedule must be a d2f.Schedule"):
+    with pytest.raises(ValueError, match="^schedule must be a d2f.Schedule, got str$"):
         D2FVelocity(net, "sd", "epsilon")
     with pytest.raises(ValueError, match="prediction_type='x0' is not supported"):
         D2FVelocity(net, schedule, "x0")
     v = D2FVelocity(net, schedule, "epsilon", guidance_scale=2.0, uncond={"label": torch.zeros(1)})
     with pytest.raises(ValueError, match="same conditioning keys"):
         v(tensor((2, 3, 4, 4)), 0.5)
+    with pytest.raises(ValueError, match="^t must be a float or a tensor, got bool$"):  # the solvers' field protocol
+        v.outputs(tensor((2, 3, 4, 4)), True, {"label": torch.ones(2)})
     eps = D2FVelocity(net, NAMED_SCHEDULES["sd_zero_snr"], "epsilon")
     with pytest.raises(ValueError, match="step 0 starts at t=0.0, where velocity_fn is singular"):
         eps.sample(tensor((1, 3, 4, 4)), ddim_grid(NAMED_SCHEDULES["sd_zero_snr"], 10, "trailing"))

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ._checks import as_time, check_bool, check_choice, check_positive_int, check_real, describe
 from .parametrization import check_prediction_type
-from .schedule import Schedule
+from .schedule import Schedule, check_schedule
 from .time_samplers import lowest_t
 
 SPACINGS = ("leading", "trailing", "linspace")
@@ -118,8 +118,7 @@ def ddim_grid(
     The sampler returns the FM state ``x`` at the last time; DDIM's output latent is
     ``scale(ts[-1]) * x`` (equal to ``x`` when ``set_alpha_to_one=True``, since ``scale(1) = 1``).
     """
-    if not isinstance(schedule, Schedule):
-        raise ValueError(f"schedule must be a d2f.Schedule, got {type(schedule).__name__}")
+    check_schedule(schedule)
     T = schedule.num_train_timesteps
     n = check_positive_int("n", n)
     if n > T:
@@ -171,8 +170,7 @@ def sampling_grid(
     """
     check_choice("grid", grid, GRIDS)
     check_prediction_type(prediction_type)
-    if not isinstance(schedule, Schedule):
-        raise ValueError(f"schedule must be a d2f.Schedule, got {type(schedule).__name__}")
+    check_schedule(schedule)
     if grid == "ddim":
         if prediction_type == "velocity":
             raise ValueError("grid='ddim' needs a converted model; a naive-FM model samples on grid='uniform'")

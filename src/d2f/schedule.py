@@ -377,3 +377,10 @@ class Schedule:
             f"Schedule(num_train_timesteps={self.num_train_timesteps}, t_min={self.t_min:.6g}, "
             f"zero_terminal_snr={self.zero_terminal_snr}, prediction_type={self._prediction_type!r})"
         )
+
+
+def check_schedule(schedule: object) -> Schedule:
+    """``schedule``, refused by its type unless it is a :class:`Schedule` (a scheduler or a schedule's name is not)."""
+    if not isinstance(schedule, Schedule):
+        raise ValueError(f"schedule must be a d2f.Schedule, got {type(schedule).__name__}")
+    return schedule

@@ -36,7 +36,7 @@ from .parametrization import (
     velocity_coefficients_checked,
 )
 from .path import align_checked, scale
-from .schedule import Schedule
+from .schedule import Schedule, check_schedule
 from .solvers import Outputs, sample
 from .time_samplers import lowest_t
 
@@ -156,8 +156,7 @@ class D2FVelocity:
     ):
         if not callable(net):
             raise ValueError(f"net must be callable, got {type(net).__name__}")
-        if not isinstance(schedule, Schedule):
-            raise ValueError(f"schedule must be a d2f.Schedule, got {type(schedule).__name__}")
+        check_schedule(schedule)
         check_prediction_type(prediction_type)
         _warn_of_another_prediction_type(schedule, prediction_type)
         check_real("guidance_scale", guidance_scale, "be a finite number")
