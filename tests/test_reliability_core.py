@@ -291,6 +291,10 @@ REFUSED = {
         r"^timestep '801' is not one of this scheduler's timesteps",
         lambda: ready().step(O, "801", X),
     ),
+    "step's timestep an empty tensor": (
+        r"^timestep tensor\(\[\], dtype=torch.float32\) is not one of this scheduler's timesteps",
+        lambda: ready().step(O, torch.tensor([]), X),
+    ),
     "step's timestep two different ones": (
         r"^timestep tensor\(\[\S+, \S+\], dtype=torch.float32\) is not one of this scheduler's timesteps",
         lambda: (lambda s: s.step(O, s.timesteps[:2], X))(ready()),

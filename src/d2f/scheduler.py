@@ -296,10 +296,10 @@ class D2FScheduler(SchedulerMixin, ConfigMixin):
         pipeline starting there starts the step, the second match (as diffusers' Heun scheduler takes it)."""
         try:
             k = torch.as_tensor(timestep, dtype=torch.float32).cpu().reshape(-1)
-        except (TypeError, ValueError, RuntimeError):  # None or a string: no timestep
-            k = torch.empty(0)
-        one = k.numel() > 0 and bool((k == k[0]).all())
-        matches = (self.timesteps.cpu() == k[0]).nonzero().reshape(-1).tolist() if one else []
+            one = bool((k == k[0]).all())
+            matches = (self.timesteps.cpu() == k[0]).nonzero().reshape(-1).tolist() if one else []
+        except (TypeError, ValueError, RuntimeError, IndexError):  # None, a string or an empty tensor: no timestep
+            matches = []
         if not matches:
             raise ValueError(
                 f"timestep {describe(timestep)} is not one of this scheduler's timesteps (a number, or a tensor "
