@@ -348,7 +348,7 @@ class D2FScheduler(SchedulerMixin, ConfigMixin):
         check_same_shape(model_output=model_output, sample=sample)  # errors in the pipeline's names, not x
         evaluation = self._current(timestep)
         t0, t1 = self._steps[evaluation.step]
-        h, c = t1 - t0, PREDICTOR_FRACTION.get(self._solver, 1.0)
+        h = t1 - t0
         x = sample.to(compute_dtype(sample)) / float(scale(evaluation.t))
         u = diffusion_to_velocity(model_output, x, evaluation.t, self.config.prediction_type)
         next_index = self._step_index + 1
@@ -374,10 +374,14 @@ class D2FScheduler(SchedulerMixin, ConfigMixin):
         elif predictor:  # the pipeline evaluates the network at x + c*h*u next
             self._first = (x, u)
             s_mid = float(scale(self._evaluations[next_index].t))
-            _, prev = ode_step(PREDICT, x, u, None, None, 0.0, 1.0, h, 1.0, s_mid, sample.dtype, c=c)
+            _, prev = ode_step(
+                PREDICT, x, u, None, None, 0.0, 1.0, h, 1.0, s_mid, sample.dtype, c=PREDICTOR_FRACTION[self._solver]
+            )
         elif evaluation.stage == 1:
             x0, u1 = self._first
-            _, prev = ode_step(CORRECT, x0, u, None, u1, 0.0, 1.0, h, 1.0, s_end, sample.dtype, c=c)
+            _, prev = ode_step(
+                CORRECT, x0, u, None, u1, 0.0, 1.0, h, 1.0, s_end, sample.dtype, c=PREDICTOR_FRACTION[self._solver]
+            )
             self._first = None
         elif self._solver == "multistep":  # Euler on the first step (and where the pipeline began)
             u_prev, k = multistep_history(self._previous, h)

@@ -359,7 +359,7 @@ def integrate(field: Field, x: Tensor, z: Tensor, steps, solver: str, cond, call
     """The one loop of every solver: state ``x`` and its network input ``z`` from the first step's start to
     the last step's end. A step evaluates the field at each of its :func:`stage_times`: once for Euler (and
     for Heun on a step ending at a singular time), twice for the two-stage solvers."""
-    c, end, z_dtype = PREDICTOR_FRACTION.get(solver, 1.0), steps[0][0], field.input_dtype(x)
+    end, z_dtype = steps[0][0], field.input_dtype(x)
     previous = None  # multistep: the velocity and size of the step before
     with deferred_checks() as checks:  # no host synchronisation inside the loop; read once after it
         for i, (t0, t1) in enumerate(tqdm(steps, disable=not progress, desc=f"d2f {solver}", unit="step")):
@@ -377,6 +377,7 @@ def integrate(field: Field, x: Tensor, z: Tensor, steps, solver: str, cond, call
                 elif len(times) == 1:
                     x, z = _step(EULER, field, x, out, None, h, t1, z_dtype, backend)
                 else:
+                    c = PREDICTOR_FRACTION[solver]
                     u1, z_p = _step(PREDICT, field, x, out, None, h, times[1], z_dtype, backend, c)
                     out_p = field.outputs(z_p, times[1], cond)
                     x, z = _step(CORRECT, field, x, out_p, u1, h, t1, z_dtype, backend, c)
