@@ -135,7 +135,10 @@ def test_sampling_grid_names_the_grids():
     assert torch.equal(sampling_grid("ddim", 5, s, "epsilon"), ddim_grid(s, 5, "leading", 1, True))
     rule = dict(spacing="trailing", steps_offset=0, set_alpha_to_one=False)
     assert torch.equal(sampling_grid("ddim", 3, s, "epsilon", **rule), ddim_grid(s, 3, "trailing", 0, False))
-    with pytest.raises(ValueError, match="grid='ddim' needs a converted model"):
+    with pytest.raises(
+        ValueError, match="^grid='ddim' needs a converted model; a naive-FM model samples on grid='uniform'$"
+    ):
         sampling_grid("ddim", 5, s, "velocity")
+    assert torch.equal(sampling_grid("shift", 4, s, "v_prediction", t_start=0.3), shift_grid(4, 3.0, 0.3))  # SD3's
     with pytest.raises(ValueError, match="grid='karras' is not supported"):
         sampling_grid("karras", 5, s, "epsilon")

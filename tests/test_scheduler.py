@@ -164,14 +164,27 @@ def test_bad_configs_are_refused():
     with pytest.raises(ValueError, match="grid='karras' is not supported"):
         D2FScheduler(grid="karras")
     zero_snr_eps = D2FScheduler(**SD_SCHEDULE, rescale_betas_zero_snr=True, timestep_spacing="trailing")
-    with pytest.raises(ValueError, match="no velocity"):
+    with pytest.raises(ValueError, match=r"^the grid starts at t=0.0, where prediction_type='epsilon' has no velocity"):
         zero_snr_eps.set_timesteps(10)
     scheduler = D2FScheduler(**SD_SCHEDULE)
-    with pytest.raises(ValueError, match="call set_timesteps"):
+    with pytest.raises(ValueError, match=r"^call set_timesteps\(num_inference_steps\) before sampling$"):
         scheduler.step(torch.zeros(1, 1), 0, torch.zeros(1, 1))
     scheduler.set_timesteps(5)
     with pytest.raises(ValueError, match="not one of this scheduler's timesteps"):
         scheduler.step(torch.zeros(1, 1), 3.5, torch.zeros(1, 1))
+    for k in scheduler.timesteps:
+        scheduler.step(torch.zeros(1, 1), k, torch.zeros(1, 1))
+    with pytest.raises(ValueError, match=r"^step\(\) was called more often than set_timesteps planned$"):
+        scheduler.step(torch.zeros(1, 1), scheduler.timesteps[-1], torch.zeros(1, 1))
+
+
+def test_step_returns_both_samples_in_the_samples_dtype():
+    """The step works in float32 for a float16 latent; the pipeline gets both results back in float16."""
+    scheduler = D2FScheduler(**SD_SCHEDULE)
+    scheduler.set_timesteps(4)
+    x = torch.randn(1, 4, 8, 8).half()
+    out = scheduler.step(torch.randn_like(x), scheduler.timesteps[0], x)
+    assert out.prev_sample.dtype == out.pred_original_sample.dtype == torch.float16
 
 
 BOOLEAN_KEYS = ("clip_sample", "set_alpha_to_one", "thresholding", "rescale_betas_zero_snr")

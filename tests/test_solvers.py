@@ -19,7 +19,7 @@ from d2f import (
 )
 from d2f.grids import grid_steps
 from d2f.parametrization import SINGULAR_TIMES
-from d2f.solvers import EULER, SOLVERS, ddim_step, ode_step, stage_times
+from d2f.solvers import EULER, MULTISTEP, SOLVERS, ddim_step, ode_step, stage_times
 from nets import TinyNet
 from strategies import tensor
 from test_parametrization import gaussian_oracle
@@ -379,6 +379,13 @@ def test_ddim_step_defaults_to_the_deterministic_step_with_the_networks_noise_pr
     x_next, data = ddim_step(x, u, 0.3, 0.6, clip=lambda d: d.clamp(-0.5, 0.5))
     torch.testing.assert_close(data, clipped)
     torch.testing.assert_close(x_next, (alpha * clipped + sigma * (x - 0.3 * u)) / scale(0.6), rtol=1e-12, atol=1e-12)
+
+
+def test_a_multistep_step_weighing_a_missing_previous_velocity_is_refused():
+    x = torch.randn(2, 3)
+    message = r"^ode_step: k=0.5 weighs the previous velocity u1, which is None; the first step has k=0$"
+    with pytest.raises(ValueError, match=message):
+        ode_step(MULTISTEP, x, x, None, None, 1.0, -1.0, 0.1, 1.0, 1.0, torch.float32, "torch", k=0.5)
 
 
 def test_ddim_steps_noise_takes_the_states_dtype():
