@@ -285,6 +285,16 @@ def test_dtypes_of_the_time_map():
     assert s.fm_time(3).dtype == torch.float64
 
 
+def test_diffusers_builds_the_same_schedule_from_diffusers_config():
+    """Of 500 steps, not diffusers' default 1000: its set_timesteps spaces the grid by num_train_timesteps."""
+    from diffusers import DDIMScheduler
+
+    s = Schedule.linear(500, 1e-4, 0.02, prediction_type="v_prediction")
+    scheduler = DDIMScheduler.from_config(s.diffusers_config())
+    assert scheduler.config.num_train_timesteps == 500 and scheduler.config.prediction_type == "v_prediction"
+    np.testing.assert_allclose(scheduler.alphas_cumprod.double().numpy(), s.alphas_cumprod, rtol=1e-6)
+
+
 @given(schedules, st.sampled_from([None, "epsilon", "v_prediction", "sample"]))
 def test_diffusers_config_is_the_inverse_of_from_diffusers(s, prediction_type):
     """Through ``trained_betas``: each ``1 - beta_k = ab_k / ab_{k-1}`` comes back with an absolute error of a

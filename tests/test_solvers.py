@@ -388,6 +388,24 @@ def test_a_multistep_step_weighing_a_missing_previous_velocity_is_refused():
         ode_step(MULTISTEP, x, x, None, None, 1.0, -1.0, 0.1, 1.0, 1.0, torch.float32, "torch", k=0.5)
 
 
+def test_a_step_overflow_names_the_dtypes_it_overflowed():
+    x = torch.full((2, 3), 6e4)
+    message = (
+        r"^ode_step: the step overflowed \(its result is not representable in torch.float32, or the next network "
+        r"input in torch.float16\) although the inputs are finite; a=0.0, b=1.0, h=0.5, g=1.0, s_next=2.0, k=0.0$"
+    )
+    with pytest.raises(ValueError, match=message):
+        ode_step(EULER, x, x, None, None, 0.0, 1.0, 0.5, 1.0, 2.0, torch.float16, "torch")
+
+
+@pytest.mark.parametrize("wide", ["x", "o_u"])
+def test_triton_refuses_a_float64_state_or_output(wide):
+    x, o = torch.randn(2, 3, dtype=torch.float64 if wide == "x" else torch.float32), torch.randn(2, 3)
+    o = o.double() if wide == "o_u" else o
+    with pytest.raises(ValueError, match="^backend='triton' does not run float64 inputs"):
+        ode_step(EULER, x, o, None, None, 0.0, 1.0, 0.5, 1.0, 1.0, torch.float32, "triton")
+
+
 def test_ddim_steps_noise_takes_the_states_dtype():
     """A float32 state stays float32 whatever the noise's dtype: the noise is added in the state's dtype."""
     x, u = tensor((2, 3), seed=1).float(), tensor((2, 3), seed=2).float()

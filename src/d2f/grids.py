@@ -83,7 +83,7 @@ def shift_grid(n: int, shift: float, t_start: float = 0.0, t_end: float = 1.0) -
     return t
 
 
-def ddim_timesteps(num_train_timesteps: int, n: int, spacing: str = "leading", steps_offset: int = 0) -> np.ndarray:
+def ddim_timesteps(num_train_timesteps: int, n: int, spacing: str, steps_offset: int) -> np.ndarray:
     """The integer timesteps diffusers' ``DDIMScheduler.set_timesteps(n)`` lists, in its order."""
     T = num_train_timesteps
     if spacing == "linspace":
