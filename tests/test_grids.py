@@ -100,6 +100,8 @@ def test_ddim_grid_errors():
     s = NAMED_SCHEDULES["sd"]
     with pytest.raises(ValueError, match="n=1001 cannot exceed"):
         ddim_grid(s, 1001)
+    with pytest.raises(ValueError, match="^n=0 must be a positive integer$"):
+        ddim_grid(s, 0)
     with pytest.raises(ValueError, match="spacing='middle' is not supported"):
         ddim_grid(s, 10, "middle")
     with pytest.raises(ValueError, match="steps_offset=-1"):
