@@ -173,6 +173,24 @@ def test_velocity_to_diffusion_checks_t_against_the_batch_and_names_an_overflow(
         velocity_to_diffusion(-big, big, 0.5, "epsilon")  # x - t*u = 4.5e38
 
 
+def test_diffusion_to_velocity_names_an_overflow_and_works_in_the_wider_dtype():
+    big = torch.full((2, 3), 1e30)
+    message = (
+        r"^diffusion_to_velocity: the velocity overflowed torch.float32 \(largest finite value 3.4028e\+38\) although "
+        r"the inputs are finite; prediction_type='epsilon' scales by up to 1e\+12, at t=1e-12"
+    )
+    with pytest.raises(ValueError, match=message):
+        diffusion_to_velocity(big, big, 1e-12, "epsilon")
+    narrow, wide = tensor((2, 3), torch.float32), tensor((2, 3), torch.float64)
+    for output, x in ((narrow, wide), (wide, narrow)):  # float64 either side: float64 work and result
+        u = diffusion_to_velocity(output, x, 0.3, "epsilon")
+        assert u.dtype == torch.float64
+        want = (
+            x.double() - output.double()
+        ) / 0.3  # epsilon: data = (x - (1-t)*eps)/t, so u = data - eps = (x - eps)/t
+        torch.testing.assert_close(u, want, rtol=1e-12, atol=1e-12)
+
+
 def test_diffusion_targets_are_what_each_type_predicts():
     data, noise = tensor((2, 3), seed=1), tensor((2, 3), seed=2)
     alpha, sigma = torch.tensor([0.6, 0.8], dtype=torch.float64), torch.tensor([0.8, 0.6], dtype=torch.float64)
