@@ -101,6 +101,10 @@ def test_from_diffusers_trained_betas_and_constructors_agree():
     # a VP table with sigma keys beside it (Euler's config, written by hand without trained_betas) is still a VP table
     euler = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "sigma_max": None}
     assert Schedule.from_diffusers(euler) == Schedule.scaled_linear()
+    assert (
+        Schedule.from_diffusers({"trained_betas": betas.tolist(), "shift": 1.0}) == Schedule.linear()
+    )  # so is a table
+    assert Schedule.from_diffusers({}) == Schedule.linear()  # diffusers' defaults: linear, 1000 steps, 1e-4 to 0.02
 
 
 @pytest.mark.parametrize(
@@ -111,6 +115,13 @@ def test_from_diffusers_trained_betas_and_constructors_agree():
         ({"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0}, "already flow matching"),
         ({"_class_name": "FlowMatchEulerDiscreteScheduler"}, "already flow matching"),  # by its name alone
         ({"beta_schedule": "scaled_linear", "use_karras_sigmas": True}, "use_karras_sigmas"),
+        (
+            {"beta_schedule": "linear", "use_exponential_sigmas": True},
+            "^scheduler 'dict' sets use_exponential_sigmas=True",
+        ),
+        ({"beta_schedule": "linear", "use_beta_sigmas": True}, "^scheduler 'dict' sets use_beta_sigmas=True"),
+        ({"shift": 3.0}, "^scheduler 'dict' has no VP alphas_cumprod table"),  # a config's shift: flow matching
+        ({"trained_betas": [0.1, 0.2], "num_train_timesteps": 0}, "^num_train_timesteps=0 must be a positive integer"),
         ({"beta_schedule": "sigmoid"}, "beta_schedule='sigmoid'"),
         ({"beta_schedule": "linear", "prediction_type": "flow"}, "prediction_type='flow'"),
     ],
