@@ -105,6 +105,7 @@ def test_from_diffusers_trained_betas_and_constructors_agree():
         Schedule.from_diffusers({"trained_betas": betas.tolist(), "shift": 1.0}) == Schedule.linear()
     )  # so is a table
     assert Schedule.from_diffusers({}) == Schedule.linear()  # diffusers' defaults: linear, 1000 steps, 1e-4 to 0.02
+    assert Schedule.from_diffusers({"num_train_timesteps": 500}) == Schedule.linear(500)
 
 
 @pytest.mark.parametrize(
