@@ -106,6 +106,9 @@ def test_from_diffusers_trained_betas_and_constructors_agree():
     )  # so is a table
     assert Schedule.from_diffusers({}) == Schedule.linear()  # diffusers' defaults: linear, 1000 steps, 1e-4 to 0.02
     assert Schedule.from_diffusers({"num_train_timesteps": 500}) == Schedule.linear(500)
+    assert Schedule.from_diffusers(
+        {"beta_schedule": "squaredcos_cap_v2", "num_train_timesteps": 500}
+    ) == Schedule.cosine(500)
 
 
 @pytest.mark.parametrize(
