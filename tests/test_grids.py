@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from d2f import Schedule, ddim_grid, sampling_grid, shift_grid, uniform_grid
+from d2f.grids import grid_steps
 from strategies import NAMED_SCHEDULES
 
 
@@ -148,3 +149,18 @@ def test_sampling_grid_names_the_grids():
     assert torch.equal(sampling_grid("shift", 4, s, "v_prediction", t_start=0.3), shift_grid(4, 3.0, 0.3))  # SD3's
     with pytest.raises(ValueError, match="grid='karras' is not supported"):
         sampling_grid("karras", 5, s, "epsilon")
+
+
+def test_grid_steps_takes_a_table_of_one_step_and_names_what_it_refuses():
+    assert grid_steps(torch.tensor([[0.2, 0.5]], dtype=torch.float64)) == [(0.2, 0.5)]
+    cases = [
+        (torch.empty(0, 2), "ts must be a 1-D grid of >= 2 times or an (n, 2) table of steps, got shape (0, 2)"),
+        ([0.5, 1.5], "ts must lie in [0, 1], got tensor([0.5, 1.5], dtype=torch.float64)"),
+        (
+            torch.tensor([0.0, 1.0], dtype=torch.complex64),
+            "ts must be real, got tensor([0j, (1+0j)], dtype=torch.complex64)",
+        ),
+    ]
+    for ts, message in cases:
+        with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+            grid_steps(ts)
