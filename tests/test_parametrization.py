@@ -185,9 +185,8 @@ def test_diffusion_to_velocity_names_an_overflow_and_works_in_the_wider_dtype():
     for output, x in ((narrow, wide), (wide, narrow)):  # float64 either side: float64 work and result
         u = diffusion_to_velocity(output, x, 0.3, "epsilon")
         assert u.dtype == torch.float64
-        want = (
-            x.double() - output.double()
-        ) / 0.3  # epsilon: data = (x - (1-t)*eps)/t, so u = data - eps = (x - eps)/t
+        # epsilon: data = (x - (1-t)*eps)/t, so u = data - eps = (x - eps)/t
+        want = (x.double() - output.double()) / 0.3
         torch.testing.assert_close(u, want, rtol=1e-12, atol=1e-12)
 
 
