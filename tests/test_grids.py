@@ -157,6 +157,11 @@ def test_grid_steps_takes_a_table_of_one_step_and_names_what_it_refuses():
         (torch.empty(0, 2), "ts must be a 1-D grid of >= 2 times or an (n, 2) table of steps, got shape (0, 2)"),
         ([0.5, 1.5], "ts must lie in [0, 1], got tensor([0.5, 1.5], dtype=torch.float64)"),
         (
+            [0.5, 0.5],
+            "ts must be strictly monotone (all steps the same direction, none empty), got "
+            "tensor([0.5, 0.5], dtype=torch.float64)",
+        ),
+        (
             torch.tensor([0.0, 1.0], dtype=torch.complex64),
             "ts must be real, got tensor([0j, (1+0j)], dtype=torch.complex64)",
         ),

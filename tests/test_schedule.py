@@ -142,6 +142,20 @@ def test_dict_round_trip_through_json_is_exact(s):
     assert np.array_equal(again.alphas_cumprod, s.alphas_cumprod)
 
 
+def test_a_schedule_names_an_unknown_prediction_type():
+    with pytest.raises(ValueError, match="^prediction_type='x0' is not supported; allowed: "):
+        Schedule([0.9, 0.5], "x0")
+
+
+def test_the_table_is_a_float64_copy_of_what_was_given():
+    narrow = np.array([0.9, 0.5, 0.1], dtype=np.float32)
+    assert Schedule(narrow).alphas_cumprod.dtype == np.float64
+    given = np.array([0.9, 0.5, 0.1])
+    s = Schedule(given)
+    given[0] = 0.95  # the caller's array stays theirs: writable, and not the schedule's table
+    assert s.alphas_cumprod[0] == 0.9
+
+
 @pytest.mark.parametrize(
     "mutate, message",
     [
@@ -162,9 +176,10 @@ def test_from_dict_refuses_foreign_dicts(mutate, message):
 @pytest.mark.parametrize(
     "table, message",
     [
-        ([0.9, 0.95, 0.5], "strictly decreasing; alphas_cumprod\\[0\\]"),
-        ([1.0, 0.5], "lie in \\[0, 1\\)"),
-        ([0.9, -0.1], "lie in \\[0, 1\\)"),
+        ([0.9, 0.95, 0.5], "strictly decreasing; alphas_cumprod\\[0\\]=0.9 <= alphas_cumprod\\[1\\]=0.95$"),
+        ([0.9, 0.5, 0.5, 0.1], "strictly decreasing; alphas_cumprod\\[1\\]=0.5 <= alphas_cumprod\\[2\\]=0.5$"),
+        ([1.0, 0.5, 0.2], "lie in \\[0, 1\\) .*; got first=1.0, last=0.2$"),
+        ([0.9, 0.5, -0.1], "lie in \\[0, 1\\) .*; got first=0.9, last=-0.1$"),
         ([0.9, math.nan], "finite; entry 1"),
         ([[0.9, 0.5]], "1-D"),
         ([], "non-empty"),

@@ -103,14 +103,14 @@ class Schedule:
         if ac[0] >= 1 or ac[-1] < 0:
             raise ValueError(
                 f"alphas_cumprod must lie in [0, 1) (alphabar_0 < 1, only the last entry may be 0); "
-                f"got first={ac[0]!r}, last={ac[-1]!r}"
+                f"got first={float(ac[0])!r}, last={float(ac[-1])!r}"
             )
         steps = np.diff(ac)
         if np.any(steps >= 0):
             k = int(np.argmax(steps >= 0))
             raise ValueError(
-                f"alphas_cumprod must be strictly decreasing; alphas_cumprod[{k}]={ac[k]!r} <= "
-                f"alphas_cumprod[{k + 1}]={ac[k + 1]!r}"
+                f"alphas_cumprod must be strictly decreasing; alphas_cumprod[{k}]={float(ac[k])!r} <= "
+                f"alphas_cumprod[{k + 1}]={float(ac[k + 1])!r}"
             )
         if prediction_type is not None:
             check_choice("prediction_type", prediction_type, DIFFUSERS_PREDICTION_TYPES)
