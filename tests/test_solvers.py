@@ -400,8 +400,7 @@ def test_a_step_overflow_names_the_dtypes_it_overflowed():
 
 @pytest.mark.parametrize("wide", ["x", "o_u"])
 def test_triton_refuses_a_float64_state_or_output(wide):
-    x, o = torch.randn(2, 3, dtype=torch.float64 if wide == "x" else torch.float32), torch.randn(2, 3)
-    o = o.double() if wide == "o_u" else o
+    x, o = (torch.randn(2, 3, dtype=torch.float64 if name == wide else torch.float32) for name in ("x", "o_u"))
     with pytest.raises(ValueError, match="^backend='triton' does not run float64 inputs"):
         ode_step(EULER, x, o, None, None, 0.0, 1.0, 0.5, 1.0, 1.0, torch.float32, "triton")
 
