@@ -248,16 +248,18 @@ def test_fused_euler_on_the_ddim_grid_is_diffusers_ddim(grid):
     torch.testing.assert_close(d2f.scale(float(ts.reshape(-1)[-1])) * fused, z, rtol=1e-4, atol=1e-4)
 
 
-def test_dispatch():
+def test_dispatch(monkeypatch):
     cpu = torch.zeros(2)
     assert not use_triton("auto", cpu)  # auto uses Triton on CUDA only
     assert not use_triton("torch", cpu)
     if os.environ.get("TRITON_INTERPRET") == "1":
         assert use_triton("triton", cpu)
-    else:  # on a CUDA host the suite compiles for real, and a CPU tensor cannot run a kernel
-        with pytest.raises(ValueError, match="TRITON_INTERPRET"):
-            use_triton("triton", cpu)
-    with pytest.raises(ValueError, match="backend='triton' does not run float64"):
+    # Without the interpreter (the variable is read at each call) a CPU tensor cannot run a kernel.
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match=r"^backend='triton' needs CUDA tensors; got a tensor on cpu \(set TRITON_"):
+        use_triton("triton", cpu)
+    message = "^backend='triton' does not run float64 inputs; use backend='torch' or 'auto'$"
+    with pytest.raises(ValueError, match=message):
         use_triton("triton", cpu.double())
     with pytest.raises(ValueError, match="backend='cuda' is not supported"):
         use_triton("cuda", cpu)
