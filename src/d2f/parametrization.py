@@ -144,9 +144,10 @@ def output_coefficients_checked(tt: Tensor, prediction_type: str) -> tuple[Tenso
 
 
 def affine_combination(a: Tensor, b: Tensor, x: Tensor, y: Tensor) -> Tensor:
-    """``a*x + b*y`` with per-sample ``a``, ``b``, computed in at least float32."""
+    """``a*x + b*y`` with per-sample ``a``, ``b`` (on ``x``'s device, as ``as_time`` puts them), computed in at
+    least float32."""
     dtype = compute_dtype(x, y)
-    return per_sample(a.to(x.device, dtype), x) * x.to(dtype) + per_sample(b.to(x.device, dtype), x) * y.to(dtype)
+    return per_sample(a.to(dtype), x) * x.to(dtype) + per_sample(b.to(dtype), x) * y.to(dtype)
 
 
 def diffusion_to_velocity(model_output: Tensor, x: Tensor, t: TimeLike, prediction_type: str) -> Tensor:
