@@ -64,3 +64,9 @@ def test_the_schedulers_timesteps_are_on_the_device_asked_for():
     scheduler = D2FScheduler()
     scheduler.set_timesteps(4, device=META)
     assert scheduler.timesteps.device == META
+
+
+@pytest.mark.parametrize("method", ["add_noise", "get_velocity"])
+def test_the_schedulers_training_targets_take_host_timesteps(method):
+    x = on_meta(2, 3, 4, 4)
+    computed_on_meta(lambda: getattr(D2FScheduler(), method)(x, x, torch.tensor([10, 500])))
