@@ -100,7 +100,7 @@ def lint(session: nox.Session) -> None:
 def mutation(session: nox.Session) -> None:
     """mutmut over the core modules, evaluation/metrics.py and the kernels' torch mirrors, with the tests that
     exercise them (``[tool.mutmut]`` in pyproject.toml), then the score per module (docs/testing.md). Not in CI:
-    on 2 cores the 4996 mutants took 146 minutes, in three sittings. Results persist in ``mutants/``,
+    on 2 cores the 4996 mutants took 144 minutes, in three sittings. Results persist in ``mutants/``,
     so a rerun tests only the functions that changed; ``nox -s mutation -- "d2f.path.*"`` reruns the mutants named."""
     _install(session)
     session.install(*TORCH, "mutmut==3.8.1")
